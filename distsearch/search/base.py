@@ -1,0 +1,87 @@
+"""The Searcher interface: one bilevel search algorithm over a supernet.
+
+`step(train_batch, val_batch)` does one architecture update and one weight update and
+returns its metrics as detached 0-dim tensors (no host sync inside a step: the runner
+converts them to floats once per logging interval). `state_dict()` covers everything a
+resumed search needs to continue exactly: weights, alphas, optimisers, schedulers, RNG.
+Algorithms only: no config, storage or TensorBoard here (see ../shared/DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from search_spaces import Genotype
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(dim=1) == y).float().mean()
+
+
+def rng_state(device: torch.device | str) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device | str) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], torch.device(device))
+
+
+class Searcher(ABC):
+    """Base class: owns the supernet, its two optimisers and the weight-lr scheduler."""
+
+    model: nn.Module
+    w_optimizer: torch.optim.Optimizer
+    a_optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    @abstractmethod
+    def step(self, train_batch: Batch, val_batch: Batch) -> dict[str, torch.Tensor]:
+        """One architecture step and one weight step; metrics as detached 0-dim tensors."""
+
+    def genotype(self) -> Genotype:
+        return self.model.derive()
+
+    def end_epoch(self) -> None:
+        """Called by the runner after each epoch (steps the lr schedule)."""
+        self.scheduler.step()
+
+    def learning_rates(self) -> dict[str, float]:
+        return {"lr/weights": self.w_optimizer.param_groups[0]["lr"], "lr/arch": self.a_optimizer.param_groups[0]["lr"]}
+
+    def extra_state(self) -> dict[str, Any]:
+        """Subclasses with more modules or optimisers (LeaSE's audience) add them here."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        device = next(self.model.parameters()).device
+        return {
+            "model": self.model.state_dict(),
+            "w_optimizer": self.w_optimizer.state_dict(),
+            "a_optimizer": self.a_optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(device),
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = next(self.model.parameters()).device
+        self.model.load_state_dict(state["model"])
+        self.w_optimizer.load_state_dict(state["w_optimizer"])
+        self.a_optimizer.load_state_dict(state["a_optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"], device)
+        self.load_extra_state(state.get("extra", {}))

@@ -1,0 +1,82 @@
+"""DARTS search (Liu et al., ICLR 2019, Algorithm 1), first and second order.
+
+Each step: (1) architecture update on a validation batch with the first-order gradient
+grad_a L_val(w, a) or the one-step unrolled hypergradient of search/hypergrad.py;
+(2) weight update on a training batch, by SGD (or, when given, an adversarial-training
+strategy from robust/training.py: `strategy.step(model, x, y, optimizer)`).
+Subclasses change only `arch_objective` (DSRNA) or the whole arch step (LeaSE).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from search_spaces import Supernet
+
+from .base import Batch, Searcher, accuracy
+from .hypergrad import assign_grads, first_order_arch_grad, unrolled_arch_grad
+
+
+class DartsSearcher(Searcher):
+    def __init__(self, model: Supernet, *, epochs: int, order: str = "first", w_lr: float = 0.025,
+                 w_lr_min: float = 0.001, w_momentum: float = 0.9, w_weight_decay: float = 3e-4,
+                 grad_clip: float = 5.0, arch_lr: float = 3e-4, arch_betas: tuple[float, float] = (0.5, 0.999),
+                 arch_weight_decay: float = 1e-3, fd_r: float = 0.01, weight_strategy: Any = None):
+        if order not in ("first", "second"):
+            raise ValueError(f"algorithm.order: {order!r} is not one of 'first', 'second'")
+        self.model, self.order, self.grad_clip, self.fd_r = model, order, grad_clip, fd_r
+        self.w_weight_decay = w_weight_decay
+        self.weight_strategy = weight_strategy
+        self.w_optimizer = torch.optim.SGD(model.weight_parameters(), lr=w_lr, momentum=w_momentum,
+                                           weight_decay=w_weight_decay, foreach=True)
+        self.a_optimizer = torch.optim.Adam(model.arch_parameters(), lr=arch_lr, betas=arch_betas,
+                                            weight_decay=arch_weight_decay, foreach=True)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_optimizer, epochs, eta_min=w_lr_min)
+
+    # -- the architecture objective: L_val here; DSRNA subtracts gamma * R ------------------
+    def arch_objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = self.model(x)
+        return F.cross_entropy(logits, y), {"val_acc": accuracy(logits, y).detach()}
+
+    def arch_step(self, train_batch: Batch, val_batch: Batch) -> dict[str, torch.Tensor]:
+        (xt, yt), (xv, yv) = train_batch, val_batch
+        arch, weights = self.model.arch_parameters(), self.model.weight_parameters()
+        metrics: dict[str, torch.Tensor] = {}
+
+        def val_loss() -> torch.Tensor:
+            loss, m = self.arch_objective(xv, yv)
+            metrics.update(m)
+            return loss
+
+        self.a_optimizer.zero_grad(set_to_none=True)
+        if self.order == "second":
+            xi = self.w_optimizer.param_groups[0]["lr"]
+            train_loss = lambda: F.cross_entropy(self.model(xt), yt)
+            grads, lv = unrolled_arch_grad(arch, weights, train_loss, val_loss, xi, self.w_weight_decay, self.fd_r)
+        else:
+            grads, lv = first_order_arch_grad(arch, val_loss)
+        assign_grads(arch, grads)
+        self.a_optimizer.step()
+        metrics["val_loss"] = lv
+        return metrics
+
+    def weight_step(self, train_batch: Batch) -> dict[str, torch.Tensor]:
+        x, y = train_batch
+        self.w_optimizer.zero_grad(set_to_none=True)
+        if self.weight_strategy is not None:
+            out = self.weight_strategy.step(self.model, x, y, self.w_optimizer)
+            return {f"train_{k}" if not k.startswith("train") else k: v for k, v in out.items()}
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.weight_parameters(), self.grad_clip, foreach=True)
+        self.w_optimizer.step()
+        return {"train_loss": loss.detach(), "train_acc": accuracy(logits, y).detach()}
+
+    def step(self, train_batch: Batch, val_batch: Batch) -> dict[str, torch.Tensor]:
+        metrics = self.arch_step(train_batch, val_batch)
+        metrics.update(self.weight_step(train_batch))
+        return metrics

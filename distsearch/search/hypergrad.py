@@ -1,0 +1,78 @@
+"""One-step unrolled hypergradient (DARTS, Liu et al. 2019, eqs. 6-8), written once for
+DARTS, LeaSE and DSRNA.
+
+With w' = w - xi * (grad_w L_tr(w, a) + wd * w), the architecture gradient is
+    grad_a L_val(w', a) - xi * grad^2_{a,w} L_tr(w, a) . grad_w' L_val(w', a)      (eq. 7)
+and the mixed second derivative times the vector v = grad_w' L_val(w', a) is taken by
+central finite differences (eq. 8):
+    (grad_a L_tr(w+, a) - grad_a L_tr(w-, a)) / (2R),   w+- = w +- R v,  R = r / ||v||.
+The loss closures are re-evaluated at the current (temporarily modified) weights, so any
+objective works: DSRNA passes L_val - gamma * R, LeaSE composes these pieces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+Loss = Callable[[], torch.Tensor]
+
+
+def _grads(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    gs = torch.autograd.grad(loss, list(params), allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
+
+
+@torch.no_grad()
+def _copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    torch._foreach_copy_(list(dst), list(src))
+
+
+def finite_diff_hvp(arch: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], loss: Loss,
+                    v: Sequence[torch.Tensor], r: float = 0.01) -> list[torch.Tensor]:
+    """grad^2_{a,w} loss . v by central differences on w (eq. 8); weights restored bitwise."""
+    backup = [w.detach().clone() for w in weights]
+    R = r / torch.cat([x.reshape(-1) for x in v]).norm().clamp_min(1e-12)
+    with torch.no_grad():
+        torch._foreach_add_(list(weights), [R * x for x in v])
+    g_pos = _grads(loss(), arch)
+    with torch.no_grad():
+        torch._foreach_add_(list(weights), [-2 * R * x for x in v])
+    g_neg = _grads(loss(), arch)
+    _copy_(weights, backup)
+    return [(gp - gn) / (2 * R) for gp, gn in zip(g_pos, g_neg)]
+
+
+def virtual_step(weights: Sequence[torch.Tensor], train_loss: Loss, xi: float, weight_decay: float = 0.0) -> list[torch.Tensor]:
+    """Move the weights in place to w' = w - xi (grad L_tr + wd w); returns the backup of w."""
+    g = _grads(train_loss(), weights)
+    backup = [w.detach().clone() for w in weights]
+    with torch.no_grad():
+        for w, gi in zip(weights, g):
+            w.sub_(xi * (gi + weight_decay * w))
+    return backup
+
+
+def unrolled_arch_grad(arch: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], train_loss: Loss,
+                       val_loss: Loss, xi: float, weight_decay: float = 0.0,
+                       r: float = 0.01) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Second-order DARTS gradient of val_loss w.r.t. arch (eq. 7). Returns (grads, L_val(w'))."""
+    backup = virtual_step(weights, train_loss, xi, weight_decay)
+    lv = val_loss()
+    g = _grads(lv, list(arch) + list(weights))
+    d_arch, d_w = g[: len(arch)], g[len(arch):]
+    _copy_(weights, backup)
+    hv = finite_diff_hvp(arch, weights, train_loss, d_w, r)
+    return [da - xi * h for da, h in zip(d_arch, hv)], lv.detach()
+
+
+def first_order_arch_grad(arch: Sequence[torch.Tensor], val_loss: Loss) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """First-order DARTS: grad_a L_val(w, a) at the current weights."""
+    lv = val_loss()
+    return _grads(lv, arch), lv.detach()
+
+
+def assign_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+    for p, g in zip(params, grads):
+        p.grad = g.detach()

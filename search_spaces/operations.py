@@ -1,0 +1,132 @@
+"""The eight DARTS candidate operations (Liu et al., ICLR 2019, section 3 / appendix A).
+
+Every op is built from plain torch primitives (ReLU, Conv2d, BatchNorm2d, pools) in
+`nn.Sequential` form, plus three small structural modules (`Zero`, `Identity`,
+`FactorizedReduce`), so bound propagation (distsearch/robust/bounds.py) can walk any op
+without special knowledge of it. Ops take dtype and memory format from their input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRIMITIVES: tuple[str, ...] = (
+    "none",
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "skip_connect",
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+)
+
+
+class Zero(nn.Module):
+    """The 'none' op: zeros of the output shape (stride 2 halves height and width)."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            return x.mul(0.0)
+        return x[:, :, :: self.stride, :: self.stride].mul(0.0)
+
+
+class Identity(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class Shift(nn.Module):
+    """Shift by one pixel right/down with zero padding, keeping the size (x[i+1, j+1])."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
+
+
+class FactorizedReduce(nn.Module):
+    """Halve the resolution with two offset stride-2 1x1 convs, concatenated, then BN.
+
+    Unlike the reference code, the second path pads before shifting, so odd sizes (7x7 on
+    MNIST after two reductions) work too.
+    """
+
+    def __init__(self, C_in: int, C_out: int, affine: bool = True):
+        super().__init__()
+        assert C_out % 2 == 0, "FactorizedReduce needs an even number of output channels"
+        self.relu = nn.ReLU(inplace=False)
+        self.shift = Shift()
+        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
+        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
+        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(x)
+        out = torch.cat([self.conv_1(x), self.conv_2(self.shift(x))], dim=1)
+        return self.bn(out)
+
+
+def relu_conv_bn(C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool = True) -> nn.Sequential:
+    return nn.Sequential(
+        nn.ReLU(inplace=False),
+        nn.Conv2d(C_in, C_out, kernel, stride=stride, padding=padding, bias=False),
+        nn.BatchNorm2d(C_out, affine=affine),
+    )
+
+
+def dil_conv(C_in: int, C_out: int, kernel: int, stride: int, padding: int, dilation: int, affine: bool = True) -> nn.Sequential:
+    return nn.Sequential(
+        nn.ReLU(inplace=False),
+        nn.Conv2d(C_in, C_in, kernel, stride, padding, dilation=dilation, groups=C_in, bias=False),
+        nn.Conv2d(C_in, C_out, 1, bias=False),
+        nn.BatchNorm2d(C_out, affine=affine),
+    )
+
+
+def sep_conv(C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool = True) -> nn.Sequential:
+    """Two stacked depthwise-separable convs (the DARTS SepConv), flattened into one Sequential."""
+    return nn.Sequential(
+        *dil_conv(C_in, C_in, kernel, stride, padding, 1, affine),
+        *dil_conv(C_in, C_out, kernel, 1, padding, 1, affine),
+    )
+
+
+def _pool(kind: str, C: int, stride: int, affine: bool, bn: bool) -> nn.Module:
+    pool = (
+        nn.MaxPool2d(3, stride=stride, padding=1)
+        if kind == "max"
+        else nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)
+    )
+    # In the search space DARTS follows each pool by a parameter-free BN so its scale
+    # matches the convolutions' (model_search.py, MixedOp).
+    return nn.Sequential(pool, nn.BatchNorm2d(C, affine=False)) if bn else nn.Sequential(pool)
+
+
+OpFactory = Callable[[int, int, bool, bool], nn.Module]
+
+# name -> factory(C, stride, affine, search): `search` adds the pool BN of the supernet.
+OPS: dict[str, OpFactory] = {
+    "none": lambda C, stride, affine, search: Zero(stride),
+    "max_pool_3x3": lambda C, stride, affine, search: _pool("max", C, stride, affine, search),
+    "avg_pool_3x3": lambda C, stride, affine, search: _pool("avg", C, stride, affine, search),
+    "skip_connect": lambda C, stride, affine, search: (
+        Identity() if stride == 1 else FactorizedReduce(C, C, affine)
+    ),
+    "sep_conv_3x3": lambda C, stride, affine, search: sep_conv(C, C, 3, stride, 1, affine),
+    "sep_conv_5x5": lambda C, stride, affine, search: sep_conv(C, C, 5, stride, 2, affine),
+    "dil_conv_3x3": lambda C, stride, affine, search: dil_conv(C, C, 3, stride, 2, 2, affine),
+    "dil_conv_5x5": lambda C, stride, affine, search: dil_conv(C, C, 5, stride, 4, 2, affine),
+}
+
+
+def make_op(name: str, C: int, stride: int, affine: bool = True, search: bool = False) -> nn.Module:
+    if name not in OPS:
+        raise ValueError(f"unknown op {name!r}; known ops: {', '.join(OPS)}")
+    return OPS[name](C, stride, affine, search)
