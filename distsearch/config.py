@@ -1,0 +1,204 @@
+"""The experiment schema: one typed, validated config for data, search space, algorithm,
+optimisers, epochs, seed, device, storage and monitoring. Unknown keys are rejected and
+every bad value becomes one line naming the field (`format_validation_error`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from search_spaces import PRIMITIVES
+
+from .errors import UsageError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(Strict):
+    n: int = Field(512, gt=0)
+    channels: int = Field(1, gt=0)
+    image_size: int = Field(16, ge=4)
+    num_classes: int = Field(4, ge=2)
+    noise: float = Field(0.15, ge=0)
+
+
+class DataConfig(Strict):
+    name: Literal["mnist5k", "digits", "synthetic", "mnist", "cifar10"] = "mnist5k"
+    root: str = "./data"
+    download: bool = False
+    train_portion: float = Field(0.5, gt=0, lt=1)
+    batch_size: int = Field(64, gt=0)
+    eval_batch_size: int = Field(256, gt=0)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    subset: int | None = Field(None, gt=0, description="use only the first N training examples")
+    augment: bool = False
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+
+class SpaceConfig(Strict):
+    C: int = Field(16, gt=0, description="initial channels")
+    layers: int = Field(8, gt=0, description="number of cells")
+    nodes: int = Field(4, gt=0, description="intermediate nodes per cell")
+    stem_multiplier: int = Field(3, gt=0)
+    ops: list[str] = list(PRIMITIVES)
+
+    @field_validator("ops")
+    @classmethod
+    def _ops_known(cls, ops: list[str]) -> list[str]:
+        bad = [o for o in ops if o not in PRIMITIVES]
+        if bad:
+            raise ValueError(f"unknown op(s) {bad}; allowed: {', '.join(PRIMITIVES)}")
+        if not [o for o in ops if o != "none"] or len(set(ops)) != len(ops):
+            raise ValueError("ops must be distinct and contain at least one op other than 'none'")
+        return ops
+
+
+class OptimConfig(Strict):
+    w_lr: float = Field(0.025, gt=0)
+    w_lr_min: float = Field(0.001, ge=0)
+    w_momentum: float = Field(0.9, ge=0, lt=1)
+    w_weight_decay: float = Field(3e-4, ge=0)
+    grad_clip: float = Field(5.0, gt=0)
+    arch_lr: float = Field(3e-4, gt=0)
+    arch_betas: tuple[float, float] = (0.5, 0.999)
+    arch_weight_decay: float = Field(1e-3, ge=0)
+
+
+class WeightATConfig(Strict):
+    """Adversarial training for the search's weight step (robust/training.py strategies)."""
+
+    strategy: str = "standard"
+    eps: float = Field(0.1, ge=0)
+    kwargs: dict[str, Any] = {}
+
+
+class DartsConfig(Strict):
+    name: Literal["darts"] = "darts"
+    order: Literal["first", "second"] = "first"
+
+
+class LeaseConfig(Strict):
+    name: Literal["lease"] = "lease"
+    order: Literal["first", "second"] = "first"
+    gamma: float = Field(1.0, ge=0)
+    audience: str = "small_cnn"
+    objective: Literal["prediction", "label"] = "prediction"
+    weighting: Literal["delta", "abs_delta", "abs_delta_plus_one"] = "delta"
+    eps: float = Field(8 / 255, ge=0)
+    attack_steps: int = Field(7, ge=1)
+    attack_step_size: float = Field(2 / 255, gt=0)
+    norm: Literal["linf", "l2"] = "linf"
+    first_order: bool = True
+    audience_lr: float = Field(0.025, gt=0)
+    disjoint_data: bool = False
+
+
+class DsrnaConfig(Strict):
+    name: Literal["dsrna"] = "dsrna"
+    order: Literal["first", "second"] = "first"
+    variant: Literal["jacobian", "certified", "combined"] = "jacobian"
+    gamma: float = Field(0.01, ge=0)
+    eps: float = Field(0.1, ge=0)
+    norm: Literal["linf", "l2"] = "linf"
+    bound: Literal["ibp", "crown"] = "ibp"
+    projections: int = Field(0, ge=0, description="0 = exact Jacobian, else random projections")
+
+
+AlgorithmConfig = Annotated[DartsConfig | LeaseConfig | DsrnaConfig, Field(discriminator="name")]
+
+
+class StorageConfig(Strict):
+    uri: str = "runs/search"
+    keep: int = Field(3, ge=1, description="checkpoints kept")
+    every_n_steps: int = Field(0, ge=0, description="also checkpoint every N steps (0: epoch ends only)")
+
+
+class MonitorConfig(Strict):
+    tensorboard: bool = True
+    images_every: int = Field(1, ge=1, description="epochs between image summaries")
+    log_every: int = Field(10, ge=1, description="steps between scalar summaries")
+    progress: bool = True
+
+
+class SearchConfig(Strict):
+    name: str = "search"
+    seed: int = 0
+    epochs: int = Field(50, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    deterministic: bool = True
+    threads: int | None = Field(None, gt=0, description="torch intra-op threads (None: torch default)")
+    data: DataConfig = DataConfig()
+    space: SpaceConfig = SpaceConfig()
+    algorithm: AlgorithmConfig = DartsConfig()
+    optim: OptimConfig = OptimConfig()
+    weight_at: WeightATConfig | None = None
+    storage: StorageConfig = StorageConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    tune: dict[str, Any] | None = Field(None, description="Ray Tune section (distsearch run)")
+
+
+def format_validation_error(err: ValidationError, prefix: str = "config") -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("darts", "lease", "dsrna")))
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key (remove it or check its spelling)"
+    elif e["type"] == "union_tag_invalid":
+        msg = "must be one of 'darts', 'lease', 'dsrna'"
+    elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+        msg = f"{msg} (got {e['input']!r})"
+    extra = f" ({len(err.errors()) - 1} more error(s))" if len(err.errors()) > 1 else ""
+    return f"{prefix} error: {loc or '<root>'}: {msg}{extra}"
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides (values parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise UsageError(f"--set {item!r}: expected key=value, e.g. --set epochs=3")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise UsageError(f"--set {key}: {p!r} is not a section")
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config: no such file {str(p)!r}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config: {p} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"--config: {p} must hold a mapping of config keys")
+    return raw
+
+
+def parse_config(raw: dict[str, Any]) -> SearchConfig:
+    try:
+        return SearchConfig.model_validate(raw)
+    except ValidationError as e:
+        raise UsageError(format_validation_error(e)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> SearchConfig:
+    return parse_config(apply_overrides(read_yaml(path), overrides or []))
