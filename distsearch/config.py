@@ -97,6 +97,7 @@ class LeaseConfig(Strict):
     first_order: bool = True
     audience_lr: float = Field(0.025, gt=0)
     disjoint_data: bool = False
+    fd_r: float = Field(0.01, gt=0, description="finite-difference step of the Hessian-vector products (DARTS r)")
 
 
 class DsrnaConfig(Strict):
@@ -108,6 +109,9 @@ class DsrnaConfig(Strict):
     norm: Literal["linf", "l2"] = "linf"
     bound: Literal["ibp", "crown"] = "ibp"
     projections: int = Field(0, ge=0, description="0 = exact Jacobian, else random projections")
+    bn_stats: Literal["batch", "running"] = Field(
+        "batch", description="BN statistics while computing R: the clean val batch's, or the running ones"
+    )
 
 
 AlgorithmConfig = Annotated[DartsConfig | LeaseConfig | DsrnaConfig, Field(discriminator="name")]

@@ -75,7 +75,9 @@ class Genotype:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        """Pretty JSON with one key per line (edges stay on that line)."""
+        lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in self.to_dict().items()]
+        return "{\n" + ",\n".join(lines) + "\n}"
 
     @classmethod
     def from_dict(cls, d: Any, ops: tuple[str, ...] = PRIMITIVES) -> Genotype:

@@ -2,5 +2,9 @@
 
 from .base import Searcher
 from .darts import DartsSearcher
+from .dsrna import DsrnaSearcher
+from .lease import LeaseSearcher
 
-__all__ = ["DartsSearcher", "Searcher"]
+SEARCHERS: dict[str, type[Searcher]] = {"darts": DartsSearcher, "lease": LeaseSearcher, "dsrna": DsrnaSearcher}
+
+__all__ = ["SEARCHERS", "DartsSearcher", "DsrnaSearcher", "LeaseSearcher", "Searcher"]

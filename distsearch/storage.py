@@ -1,0 +1,189 @@
+"""Checkpoints and results on any fsspec URI (local paths, file://, memory://, s3://, gs://).
+
+Layout under a store's root:
+    config.json                       the resolved config of the run
+    checkpoints/ckpt-<step>/          state.pt (torch.save), meta.json, MANIFEST.json
+    genotype.json, result.json        written when the search ends
+    tb/                               TensorBoard event files (mirrored for remote stores)
+Every file is written atomically (temp file + rename locally; one PUT on object stores) and
+a checkpoint exists only once its MANIFEST.json (sha256 and size of each file) is written,
+last. A checkpoint whose files do not match their manifest is reported and skipped, and the
+previous one is used. Tensors are read with torch.load(weights_only=True) only: nothing
+from storage is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+import torch
+
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+MANIFEST = "MANIFEST.json"
+CKPT_DIR = "checkpoints"
+
+
+class CorruptCheckpoint(RuntimeError):
+    pass
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _step_of(name: str) -> int:
+    return int(name.rsplit("-", 1)[-1])
+
+
+class Store:
+    def __init__(self, uri: str, **storage_options: Any):
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(uri, **storage_options)
+        except (ValueError, ImportError) as e:
+            raise UsageError(f"storage.uri: cannot open {uri!r} ({e}); use a local path, file://, s3:// or gs://") from None
+        self.uri = uri
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.is_local = protocol in ("file", "local")
+        self.root = self.root.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri!r})"
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts) if parts else self.root
+
+    @property
+    def local_root(self) -> str | None:
+        return self.root if self.is_local else None
+
+    # -- bytes and JSON ---------------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        path = self.path(rel)
+        parent = posixpath.dirname(path)
+        if self.is_local:
+            os.makedirs(parent, exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)  # a single PUT: atomic on object stores
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def exists(self, rel: str = "") -> bool:
+        return self.fs.exists(self.path(rel)) if rel else self.fs.exists(self.root)
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def upload_dir(self, local_dir: str, rel: str) -> None:
+        """Copy every file of a local folder under `rel` (used to mirror TensorBoard files)."""
+        for dirpath, _, files in os.walk(local_dir):
+            for name in files:
+                full = os.path.join(dirpath, name)
+                sub = os.path.relpath(full, local_dir).replace(os.sep, "/")
+                with open(full, "rb") as f:
+                    self.write_bytes(posixpath.join(rel, sub), f.read())
+
+    def check_writable(self) -> None:
+        """Fail early (before any work) when the store cannot be written."""
+        probe = f".probe-{uuid.uuid4().hex}"
+        try:
+            self.write_bytes(probe, b"ok")
+            self.fs.rm(self.path(probe))
+        except Exception as e:  # noqa: BLE001 - any backend error means "not usable"
+            raise UsageError(f"storage.uri: cannot write to {self.uri!r} ({type(e).__name__}: {e})") from None
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int | None = None) -> str:
+        name = f"ckpt-{step:010d}"
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        files = {"state.pt": buf.getvalue(), "meta.json": json.dumps(meta, indent=2, sort_keys=True).encode()}
+        rel = posixpath.join(CKPT_DIR, name)
+        for fname, data in files.items():
+            self.write_bytes(posixpath.join(rel, fname), data)
+        manifest = {"step": step, "files": {k: {"sha256": _sha256(v), "size": len(v)} for k, v in files.items()}}
+        self.write_json(posixpath.join(rel, MANIFEST), manifest)  # the commit point
+        if keep:
+            self.prune(keep)
+        return name
+
+    def list_checkpoints(self) -> list[str]:
+        """Committed checkpoints (those with a manifest), oldest first."""
+        base = self.path(CKPT_DIR)
+        if not self.fs.exists(base):
+            return []
+        names = []
+        for p in self.fs.ls(base, detail=False):
+            name = posixpath.basename(p.rstrip("/"))
+            if name.startswith("ckpt-") and self.fs.exists(posixpath.join(p, MANIFEST)):
+                names.append(name)
+        return sorted(names, key=_step_of)
+
+    def _verified_files(self, name: str) -> dict[str, bytes]:
+        rel = posixpath.join(CKPT_DIR, name)
+        try:
+            manifest = self.read_json(posixpath.join(rel, MANIFEST))
+        except (OSError, ValueError) as e:
+            raise CorruptCheckpoint(f"{name}: unreadable manifest ({e})") from None
+        out = {}
+        for fname, info in manifest["files"].items():
+            try:
+                data = self.read_bytes(posixpath.join(rel, fname))
+            except (OSError, FileNotFoundError):
+                raise CorruptCheckpoint(f"{name}: {fname} is missing") from None
+            if len(data) != info["size"]:
+                raise CorruptCheckpoint(f"{name}: {fname} is truncated ({len(data)} of {info['size']} bytes)")
+            if _sha256(data) != info["sha256"]:
+                raise CorruptCheckpoint(f"{name}: {fname} does not match its sha256")
+            out[fname] = data
+        return out
+
+    def load_checkpoint(self, name: str, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+        files = self._verified_files(name)
+        state = torch.load(io.BytesIO(files["state.pt"]), map_location=map_location, weights_only=True)
+        return state, json.loads(files["meta.json"])
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+        """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
+        for name in reversed(self.list_checkpoints()):
+            try:
+                state, meta = self.load_checkpoint(name, map_location)
+            except CorruptCheckpoint as e:
+                log.warning("skipping corrupt checkpoint %s", e)
+                continue
+            return name, state, meta
+        return None
+
+    def latest(self) -> str | None:
+        for name in reversed(self.list_checkpoints()):
+            try:
+                self._verified_files(name)
+                return name
+            except CorruptCheckpoint as e:
+                log.warning("skipping corrupt checkpoint %s", e)
+        return None
+
+    def prune(self, keep: int) -> None:
+        for name in self.list_checkpoints()[:-keep]:
+            rel = self.path(CKPT_DIR, name)
+            self.fs.rm(posixpath.join(rel, MANIFEST))  # uncommit first, then remove the rest
+            self.fs.rm(rel, recursive=True)

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny configs (a few channels, 2-3 cells, small images) for fast tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def tiny_raw(uri: str, **over) -> dict:
+    """A raw config dict for a seconds-long search on synthetic 8x8 data."""
+    raw = {
+        "name": "tiny",
+        "seed": 0,
+        "epochs": 2,
+        "device": "cpu",
+        "threads": 1,
+        "data": {"name": "synthetic", "batch_size": 16, "eval_batch_size": 64,
+                 "synthetic": {"n": 160, "channels": 1, "image_size": 8, "num_classes": 3}},
+        "space": {"C": 2, "layers": 2, "nodes": 2},
+        "optim": {"arch_lr": 0.01},
+        "algorithm": {"name": "darts", "order": "first"},
+        "storage": {"uri": uri},
+        "monitor": {"progress": False, "log_every": 1},
+    }
+    for k, v in over.items():
+        node = raw
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return raw
+
+
+@pytest.fixture
+def tiny_config():
+    from distsearch.config import parse_config
+
+    def make(uri: str, **over):
+        return parse_config(tiny_raw(uri, **over))
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,89 @@
+import json
+
+import pytest
+import torch
+
+from search_spaces import PRIMITIVES, Genotype, GenotypeError, Network, Supernet, num_edges
+from search_spaces.operations import make_op
+
+
+@pytest.mark.parametrize("shape,layers", [((1, 28, 28), 3), ((3, 32, 32), 3), ((1, 8, 8), 2)])
+def test_supernet_shapes(shape, layers):
+    m = Supernet(shape[0], 10, C=2, layers=layers, nodes=2, image_size=shape[-1])
+    out = m(torch.rand(2, *shape))
+    assert out.shape == (2, 10)
+    assert m.alphas_normal.shape == (num_edges(2), len(PRIMITIVES))
+
+
+def test_arch_and_weight_parameters_are_disjoint_and_complete():
+    m = Supernet(1, 10, C=2, layers=2, nodes=2)
+    arch, weights = m.arch_parameters(), m.weight_parameters()
+    ids_a, ids_w = {id(p) for p in arch}, {id(p) for p in weights}
+    assert not ids_a & ids_w
+    assert ids_a | ids_w == {id(p) for p in m.parameters()}
+    assert len(arch) == 2
+
+
+@pytest.mark.parametrize("name", PRIMITIVES)
+@pytest.mark.parametrize("stride,size", [(1, 7), (2, 7), (2, 8)])
+def test_every_op_keeps_channels_and_halves_on_stride_2(name, stride, size):
+    op = make_op(name, 4, stride, search=True)
+    out = op(torch.rand(2, 4, size, size))
+    assert out.shape == (2, 4, (size + 1) // 2 if stride == 2 else size, (size + 1) // 2 if stride == 2 else size)
+
+
+def test_derive_follows_the_darts_rule():
+    ops = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")
+    m = Supernet(1, 10, C=2, layers=2, nodes=2, ops=ops)
+    with torch.no_grad():
+        a = torch.zeros(num_edges(2), len(ops))
+        # node 0 (edges 0,1): edge 1 prefers sep_conv strongly, edge 0 skip; 'none' is huge but excluded
+        a[0] = torch.tensor([9.0, 0.0, 2.0, 0.0])
+        a[1] = torch.tensor([9.0, 0.0, 0.0, 3.0])
+        # node 1 (edges 2,3,4): strongest inputs are 4 (max_pool) and 2 (sep_conv)
+        a[2] = torch.tensor([0.0, 0.0, 0.0, 1.5])
+        a[3] = torch.tensor([0.0, 0.5, 0.0, 0.0])
+        a[4] = torch.tensor([0.0, 2.5, 0.0, 0.0])
+        m.alphas_normal.copy_(a)
+        m.alphas_reduce.copy_(a.flip(1))
+    g = m.derive()
+    assert g.normal == (("skip_connect", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("max_pool_3x3", 2))
+    assert g.normal_concat == (2, 3)
+    assert all(op != "none" for op, _ in g.reduce)
+
+
+def test_genotype_json_round_trip_and_network():
+    g = Supernet(1, 10, C=2, layers=3, nodes=3).derive()
+    again = Genotype.from_json(g.to_json())
+    assert again == g
+    assert json.loads(g.to_json())["normal_concat"] == [2, 3, 4]
+    net = Network(again, in_channels=1, num_classes=10, C=4, layers=3, auxiliary=True, drop_path_prob=0.2)
+    net.train()
+    assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10) and net.aux_logits.shape == (2, 10)
+    net.eval()
+    assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10) and net.aux_logits is None
+
+
+GOOD = {"normal": [["sep_conv_3x3", 0], ["skip_connect", 1]], "normal_concat": [2],
+        "reduce": [["max_pool_3x3", 0], ["avg_pool_3x3", 1]], "reduce_concat": [2]}
+
+
+@pytest.mark.parametrize("patch,match", [
+    ({"normal": [["conv_9x9", 0], ["skip_connect", 1]]}, r"normal\[0\]: unknown op 'conv_9x9'"),
+    ({"normal": [["none", 0], ["skip_connect", 1]]}, r"unknown op 'none'"),
+    ({"reduce": [["max_pool_3x3", 0], ["avg_pool_3x3", 2]]}, r"reduce\[1\]: input 2 is not an earlier node"),
+    ({"normal": [["sep_conv_3x3", 0]]}, r"2 edges per node"),
+    ({"normal_concat": [5]}, r"normal_concat"),
+    ({"extra": 1}, r"unknown \['extra'\]"),
+])
+def test_bad_genotypes_are_rejected_with_the_field(patch, match):
+    with pytest.raises(GenotypeError, match=match):
+        Genotype.from_dict({**GOOD, **patch})
+    Genotype.from_dict(GOOD)  # the unpatched one is fine
+
+
+def test_bad_space_rejected():
+    with pytest.raises(ValueError, match="space.ops"):
+        Supernet(ops=("none", "conv_9x9"))
+    with pytest.raises(ValueError, match="image_size"):
+        Supernet(layers=8, image_size=2)
