@@ -1,0 +1,109 @@
+"""Search-step throughput and memory (issue: foundation, LeaSE and DSRNA benchmarks).
+
+Times `Searcher.step` on a DARTS supernet (defaults: B=64, C=16, 8 cells, 3x32x32, 10
+classes, the DARTS paper's CIFAR size) for each algorithm asked, always beside a DARTS
+first-order baseline measured in the same process, and prints JSON: ms/step, images/s,
+peak memory (CUDA) and each algorithm's ratio to the baseline. Fast-path switches:
+--channels-last and --bf16 (autocast).
+
+    python benchmarks/search_step.py --algorithm darts darts2 lease dsrna-jacobian dsrna-certified
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+
+import torch
+
+from distsearch.search import SEARCHERS
+from search_spaces import Supernet
+
+OPT = dict(w_lr=0.025, w_lr_min=0.001, w_momentum=0.9, w_weight_decay=3e-4, grad_clip=5.0, arch_lr=3e-4,
+           arch_betas=(0.5, 0.999), arch_weight_decay=1e-3)
+ALGORITHMS = {
+    "darts": ("darts", dict(order="first")),
+    "darts2": ("darts", dict(order="second")),
+    "lease": ("lease", dict(order="first")),
+    "dsrna-jacobian": ("dsrna", dict(variant="jacobian")),
+    "dsrna-certified": ("dsrna", dict(variant="certified")),
+}
+
+
+def make(algo: str, args: argparse.Namespace, device: torch.device):
+    name, kw = ALGORITHMS[algo]
+    if name not in SEARCHERS:
+        raise SystemExit(f"--algorithm {algo}: '{name}' is not registered in distsearch.search.SEARCHERS")
+    model = Supernet(args.channels, args.classes, C=args.C, layers=args.layers, nodes=args.nodes).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    extra = dict(in_channels=args.channels, num_classes=args.classes) if name == "lease" else {}
+    return SEARCHERS[name](model, epochs=50, **OPT, **kw, **extra)
+
+
+def bench(algo: str, args: argparse.Namespace, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    searcher = make(algo, args, device)
+    shape = (args.batch, args.channels, args.size, args.size)
+    batches = [(torch.rand(shape, device=device), torch.randint(args.classes, (args.batch,), device=device))
+               for _ in range(2)]
+    if args.channels_last:
+        batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with amp:
+        for _ in range(args.warmup):
+            searcher.step(*batches)
+        sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            metrics = searcher.step(*batches)
+        sync()
+    ms = (time.perf_counter() - t0) / args.steps * 1000
+    out = {"algorithm": algo, "ms_per_step": round(ms, 2), "images_per_s": round(args.batch / ms * 1000, 1),
+           "metrics": {k: round(float(v), 4) for k, v in metrics.items()}}
+    if device.type == "cuda":
+        out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    del searcher
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--algorithm", nargs="+", default=["darts", "darts2"], choices=list(ALGORITHMS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--C", type=int, default=16)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--nodes", type=int, default=4)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--bf16", action="store_true")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    results = [bench("darts", args, device)]
+    base = results[0]["ms_per_step"]
+    for algo in args.algorithm:
+        if algo != "darts":
+            results.append(bench(algo, args, device))
+    for r in results:
+        r["ratio_to_darts_first_order"] = round(r["ms_per_step"] / base, 3)
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "config": vars(args), "results": results}
+    print(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()

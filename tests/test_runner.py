@@ -1,0 +1,87 @@
+"""run_search end to end on tiny synthetic searches: exact resume, corrupt checkpoints, TensorBoard."""
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from distsearch.runner import Interrupted, run_search
+from distsearch.storage import Store
+
+
+def _final_state(store: Store) -> dict:
+    _, state, _ = store.load_latest()
+    return state["searcher"]["model"]
+
+
+def _assert_same_model(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("order,stop_at", [("first", 3), ("second", 6)])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_config, order, stop_at):
+    straight = Store(str(tmp_path / "straight"))
+    r1 = run_search(tiny_config(straight.uri, **{"algorithm.order": order}), straight)
+
+    cfg = tiny_config(str(tmp_path / "resumed"), **{"algorithm.order": order, "storage.every_n_steps": 2})
+    resumed = Store(cfg.storage.uri)
+    with pytest.raises(Interrupted):
+        run_search(cfg, resumed, stop_after_steps=stop_at)  # mid-epoch (4 steps per epoch)
+    assert resumed.list_checkpoints(), "a mid-epoch checkpoint exists"
+    r2 = run_search(cfg, resumed)
+
+    assert r1.genotype == r2.genotype and r1.steps == r2.steps
+    _assert_same_model(_final_state(straight), _final_state(resumed))
+    assert r1.history[-1]["val/loss"] == r2.history[-1]["val/loss"]
+    assert resumed.read_json("genotype.json") == r1.genotype.to_dict()
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path, tiny_config):
+    straight = Store(str(tmp_path / "a"))
+    run_search(tiny_config(straight.uri, epochs=3), straight)
+    cfg = tiny_config(str(tmp_path / "b"), epochs=3)
+    store = Store(cfg.storage.uri)
+    with pytest.raises(Interrupted):
+        run_search(cfg, store, stop_after_steps=10)  # epochs 1 and 2 checkpointed at steps 4, 8
+    newest = store.path(f"checkpoints/{store.list_checkpoints()[-1]}/state.pt")
+    data = store.fs.cat_file(newest)
+    store.fs.pipe_file(newest, data[: len(data) - 7])  # truncated
+    run_search(cfg, store)  # resumes from step 4 and redoes epoch 2
+    _assert_same_model(_final_state(straight), _final_state(store))
+
+
+def test_resume_refuses_a_store_with_another_config(tmp_path, tiny_config):
+    from distsearch.errors import UsageError
+
+    store = Store(str(tmp_path / "x"))
+    run_search(tiny_config(store.uri, epochs=1), store)
+    with pytest.raises(UsageError, match="different 'space'"):
+        run_search(tiny_config(store.uri, epochs=1, **{"space.C": 4}), store)
+
+
+def test_tensorboard_files_read_back(tmp_path, tiny_config):
+    store = Store(str(tmp_path / "tb"))
+    run_search(tiny_config(store.uri, epochs=2), store)
+    acc = EventAccumulator(store.path("tb"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("train/train_loss", "train/train_acc", "val/loss", "val/acc", "lr/weights", "lr/arch",
+                "alpha/entropy_normal", "alpha/entropy_reduce", "step/val_loss"):
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in acc.Scalars("val/acc")] == [1, 2]
+    for tag in ("alpha/normal", "alpha/reduce", "cells/normal", "cells/reduce"):
+        assert tag in tags["images"], tag
+        assert acc.Images(tag)[-1].width > 100
+    assert any("genotype" in t for t in tags["tensors"])
+
+
+def test_remote_store_mirrors_tensorboard(tiny_config):
+    import uuid
+
+    cfg = tiny_config(f"memory://tb-{uuid.uuid4().hex}/run", epochs=1)
+    store = Store(cfg.storage.uri)
+    run_search(cfg, store)
+    files = store.fs.find(store.path("tb"))
+    assert any("tfevents" in f for f in files)
+    assert store.exists("genotype.json") and store.list_checkpoints()

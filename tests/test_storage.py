@@ -1,0 +1,87 @@
+import io
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from distsearch.errors import UsageError
+from distsearch.storage import Store
+
+
+@pytest.fixture(params=["memory", "local"])
+def store(request, tmp_path):
+    if request.param == "memory":
+        import uuid
+
+        return Store(f"memory://test-{uuid.uuid4().hex}/run")
+    return Store(str(tmp_path / "run"))
+
+
+def test_checkpoints_commit_list_latest_and_prune(store):
+    for step in (5, 10, 15, 20):
+        store.save_checkpoint(step, {"w": torch.full((3,), float(step))}, {"step": step}, keep=3)
+    assert store.list_checkpoints() == ["ckpt-0000000010", "ckpt-0000000015", "ckpt-0000000020"]
+    name, state, meta = store.load_latest()
+    assert name == "ckpt-0000000020" and meta == {"step": 20} and torch.equal(state["w"], torch.full((3,), 20.0))
+    manifest = store.read_json("checkpoints/ckpt-0000000020/MANIFEST.json")
+    assert set(manifest["files"]) == {"state.pt", "meta.json"} and len(manifest["files"]["state.pt"]["sha256"]) == 64
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_corrupt_or_truncated_checkpoint_falls_back_to_previous(store, damage, caplog):
+    store.save_checkpoint(1, {"w": torch.ones(100)}, {"step": 1})
+    store.save_checkpoint(2, {"w": torch.ones(100) * 2}, {"step": 2})
+    path = store.path("checkpoints/ckpt-0000000002/state.pt")
+    data = store.fs.cat_file(path)
+    if damage == "flip":
+        data = data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:]
+        store.fs.pipe_file(path, data)
+    elif damage == "truncate":
+        store.fs.pipe_file(path, data[: len(data) // 2])
+    else:
+        store.fs.rm(path)
+    name, state, _ = store.load_latest()
+    assert name == "ckpt-0000000001" and torch.equal(state["w"], torch.ones(100))
+    assert store.latest() == "ckpt-0000000001"
+    assert "ckpt-0000000002" in caplog.text
+
+
+def test_uncommitted_checkpoint_is_invisible(store):
+    store.save_checkpoint(1, {"w": torch.ones(1)}, {})
+    store.write_bytes("checkpoints/ckpt-0000000002/state.pt", b"partial")  # crashed before its manifest
+    assert store.list_checkpoints() == ["ckpt-0000000001"]
+
+
+def test_never_unpickles_arbitrary_objects(store):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    store.save_checkpoint(1, {"w": torch.ones(1)}, {})
+    buf = io.BytesIO()
+    torch.save({"w": Evil()}, buf, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    data = buf.getvalue()
+    import hashlib
+
+    store.write_bytes("checkpoints/ckpt-0000000002/state.pt", data)
+    store.write_bytes("checkpoints/ckpt-0000000002/meta.json", b"{}")
+    store.write_json("checkpoints/ckpt-0000000002/MANIFEST.json", {"step": 2, "files": {
+        "state.pt": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)},
+        "meta.json": {"sha256": hashlib.sha256(b"{}").hexdigest(), "size": 2}}})
+    with pytest.raises(pickle.UnpicklingError):
+        store.load_checkpoint("ckpt-0000000002")
+
+
+def test_json_and_atomic_local_writes_leave_no_temp_files(tmp_path):
+    s = Store(f"file://{tmp_path}/x")
+    s.write_json("a/b.json", {"k": [1, 2]})
+    assert s.read_json("a/b.json") == {"k": [1, 2]}
+    assert os.listdir(tmp_path / "x" / "a") == ["b.json"]
+    assert json.loads((tmp_path / "x" / "a" / "b.json").read_text()) == {"k": [1, 2]}
+
+
+def test_unknown_protocol_is_a_usage_error():
+    with pytest.raises(UsageError, match="storage.uri"):
+        Store("nosuchproto://bucket/x")
