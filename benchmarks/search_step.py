@@ -21,8 +21,16 @@ import torch
 from distsearch.search import SEARCHERS
 from search_spaces import Supernet
 
-OPT = dict(w_lr=0.025, w_lr_min=0.001, w_momentum=0.9, w_weight_decay=3e-4, grad_clip=5.0, arch_lr=3e-4,
-           arch_betas=(0.5, 0.999), arch_weight_decay=1e-3)
+OPT = dict(
+    w_lr=0.025,
+    w_lr_min=0.001,
+    w_momentum=0.9,
+    w_weight_decay=3e-4,
+    grad_clip=5.0,
+    arch_lr=3e-4,
+    arch_betas=(0.5, 0.999),
+    arch_weight_decay=1e-3,
+)
 ALGORITHMS = {
     "darts": ("darts", dict(order="first")),
     "darts2": ("darts", dict(order="second")),
@@ -47,8 +55,9 @@ def bench(algo: str, args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(0)
     searcher = make(algo, args, device)
     shape = (args.batch, args.channels, args.size, args.size)
-    batches = [(torch.rand(shape, device=device), torch.randint(args.classes, (args.batch,), device=device))
-               for _ in range(2)]
+    batches = [
+        (torch.rand(shape, device=device), torch.randint(args.classes, (args.batch,), device=device)) for _ in range(2)
+    ]
     if args.channels_last:
         batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
@@ -64,8 +73,12 @@ def bench(algo: str, args: argparse.Namespace, device: torch.device) -> dict:
             metrics = searcher.step(*batches)
         sync()
     ms = (time.perf_counter() - t0) / args.steps * 1000
-    out = {"algorithm": algo, "ms_per_step": round(ms, 2), "images_per_s": round(args.batch / ms * 1000, 1),
-           "metrics": {k: round(float(v), 4) for k, v in metrics.items()}}
+    out = {
+        "algorithm": algo,
+        "ms_per_step": round(ms, 2),
+        "images_per_s": round(args.batch / ms * 1000, 1),
+        "metrics": {k: round(float(v), 4) for k, v in metrics.items()},
+    }
     if device.type == "cuda":
         out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     del searcher
@@ -100,8 +113,12 @@ def main() -> None:
             results.append(bench(algo, args, device))
     for r in results:
         r["ratio_to_darts_first_order"] = round(r["ms_per_step"] / base, 3)
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "config": vars(args), "results": results}
+    info = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "config": vars(args),
+        "results": results,
+    }
     print(json.dumps(info, indent=2))
 
 

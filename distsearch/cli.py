@@ -14,12 +14,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .data import DataError
-from .errors import UsageError
 from search_spaces import GenotypeError
 
+from .data import DataError
+from .errors import UsageError
+
 # Modules with `register(subparsers)`; each adds its commands with set_defaults(func=...).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("distsearch.distributed.cli",)
 
 
 class Parser(argparse.ArgumentParser):
@@ -29,16 +30,24 @@ class Parser(argparse.ArgumentParser):
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="experiment YAML (see launch/configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set epochs=3 --set space.C=8 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set epochs=3 --set space.C=8 (repeatable)",
+    )
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    print(f"ok: {cfg.name}: {cfg.algorithm.name} on {cfg.data.name}, {cfg.epochs} epochs, "
-          f"C={cfg.space.C} layers={cfg.space.layers} nodes={cfg.space.nodes}, storage {cfg.storage.uri}")
+    print(
+        f"ok: {cfg.name}: {cfg.algorithm.name} on {cfg.data.name}, {cfg.epochs} epochs, "
+        f"C={cfg.space.C} layers={cfg.space.layers} nodes={cfg.space.nodes}, storage {cfg.storage.uri}"
+    )
     return 0
 
 
@@ -51,8 +60,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     store = Store(cfg.storage.uri)
     if store.list_checkpoints() and not args.resume:
-        raise UsageError(f"--out: {cfg.storage.uri} already holds a search; pass --resume to continue it "
-                         "or choose another --out")
+        raise UsageError(
+            f"--out: {cfg.storage.uri} already holds a search; pass --resume to continue it or choose another --out"
+        )
     store.check_writable()
     result = run_search(cfg, store)
     print(f"genotype ({result.epochs} epochs, val acc {result.metrics.get('val/acc', float('nan')):.4f}):")

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from search_spaces import PRIMITIVES
 
+from .distributed.schema import TuneConfig  # the typed `tune:` section (pure pydantic, no ray)
 from .errors import UsageError
 
 
@@ -97,6 +98,9 @@ class LeaseConfig(Strict):
     first_order: bool = True
     audience_lr: float = Field(0.025, gt=0)
     disjoint_data: bool = False
+    fresh_explanations: bool = Field(
+        False, description="stage 3 on a second attack at the updated weights (default: the hypergradient's delta)"
+    )
     fd_r: float = Field(0.01, gt=0, description="finite-difference step of the Hessian-vector products (DARTS r)")
 
 
@@ -144,7 +148,16 @@ class SearchConfig(Strict):
     weight_at: WeightATConfig | None = None
     storage: StorageConfig = StorageConfig()
     monitor: MonitorConfig = MonitorConfig()
-    tune: dict[str, Any] | None = Field(None, description="Ray Tune section (distsearch run)")
+    tune: TuneConfig | None = Field(None, description="Ray Tune section (distsearch run): distributed/schema.py")
+
+    @field_validator("tune")
+    @classmethod
+    def _tune_paths_exist(cls, tune: TuneConfig | None, info: ValidationInfo) -> TuneConfig | None:
+        if tune is not None:  # every sampled key path and value must give a valid config
+            tune.check_paths(
+                {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in info.data.items()}
+            )
+        return tune
 
 
 def format_validation_error(err: ValidationError, prefix: str = "config") -> str:

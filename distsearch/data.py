@@ -57,8 +57,15 @@ def _digits(seed: int, test_fraction: float) -> DataSplits:
     return _holdout(d.images.reshape(-1, 1, 8, 8) / 16.0, d.target, seed, test_fraction, 10)
 
 
-def synthetic(n: int = 512, channels: int = 1, image_size: int = 16, num_classes: int = 4, seed: int = 0,
-              noise: float = 0.15, test_fraction: float = 0.2) -> DataSplits:
+def synthetic(
+    n: int = 512,
+    channels: int = 1,
+    image_size: int = 16,
+    num_classes: int = 4,
+    seed: int = 0,
+    noise: float = 0.15,
+    test_fraction: float = 0.2,
+) -> DataSplits:
     """Each class is a fixed random smooth template; samples are template + Gaussian noise, clipped."""
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(num_classes, channels, 4, 4, generator=g)
@@ -93,8 +100,16 @@ def _torchvision(name: str, root: str, download: bool) -> DataSplits:
 DATASETS = ("mnist5k", "digits", "synthetic", "mnist", "cifar10")
 
 
-def load_dataset(name: str, *, root: str = "./data", download: bool = False, seed: int = 0,
-                 test_fraction: float = 0.2, subset: int | None = None, synthetic_kwargs: dict | None = None) -> DataSplits:
+def load_dataset(
+    name: str,
+    *,
+    root: str = "./data",
+    download: bool = False,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    subset: int | None = None,
+    synthetic_kwargs: dict | None = None,
+) -> DataSplits:
     if name == "mnist5k":
         d = _mnist5k(seed, test_fraction)
     elif name == "digits":
@@ -106,8 +121,13 @@ def load_dataset(name: str, *, root: str = "./data", download: bool = False, see
     else:
         raise DataError(f"data.name: unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     if subset:
-        d = DataSplits(d.x_train[:subset], d.y_train[:subset], d.x_test[: max(1, subset // 4)],
-                       d.y_test[: max(1, subset // 4)], d.num_classes)
+        d = DataSplits(
+            d.x_train[:subset],
+            d.y_train[:subset],
+            d.x_test[: max(1, subset // 4)],
+            d.y_test[: max(1, subset // 4)],
+            d.num_classes,
+        )
     return d
 
 
@@ -126,7 +146,7 @@ def augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     dx, dy = torch.randint(0, 2 * pad + 1, (2, n), generator=g)
     flip = torch.rand(n, generator=g) < 0.5
-    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
     out[flip] = out[flip].flip(-1)
     return out
 
@@ -138,8 +158,16 @@ class BatchStream:
     dropped (static shapes). Keep one stream for the whole search: a persistent iterator,
     not a fresh iter() per step."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor, batch_size: int, seed: int,
-                 device: torch.device | str = "cpu", augment: bool = False):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        indices: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        device: torch.device | str = "cpu",
+        augment: bool = False,
+    ):
         if batch_size > len(indices):
             raise DataError(f"data.batch_size: {batch_size} is larger than the split ({len(indices)} examples)")
         self.x, self.y, self.indices, self.batch_size = x, y, indices, batch_size
@@ -162,7 +190,7 @@ class BatchStream:
         if self.pos >= self.batches_per_pass:
             self.passes, self.pos = self.passes + 1, 0
             self._perm = self._permutation()
-        idx = self._perm[self.pos * self.batch_size:(self.pos + 1) * self.batch_size]
+        idx = self._perm[self.pos * self.batch_size : (self.pos + 1) * self.batch_size]
         x = self.x[idx]
         if self.augment:
             g = torch.Generator().manual_seed(self.seed * 7919 + self.passes * 100_003 + self.pos)
@@ -180,4 +208,4 @@ class BatchStream:
 
 def eval_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device | str):
     for i in range(0, len(x), batch_size):
-        yield x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        yield x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)

@@ -52,15 +52,33 @@ def draw_cell(genotype: Genotype, reduce: bool = False) -> Figure:
         (x0, y0), (x1, y1) = pos[j], pos[2 + k // 2]
         c = colours(ops.index(op) % 10)
         rad = 0.25 if j == 2 + k // 2 - 1 else 0.1 * (k % 2 * 2 - 1)
-        ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
-                    arrowprops=dict(arrowstyle="->", color=c, lw=1.5, connectionstyle=f"arc3,rad={rad}"))
-        ax.text((x0 + x1) / 2, (y0 + y1) / 2 + rad * 0.3, op, fontsize=7, color=c, ha="center",
-                bbox=dict(facecolor="white", edgecolor="none", alpha=0.7, pad=0.5))
+        ax.annotate(
+            "",
+            xy=(x1, y1),
+            xytext=(x0, y0),
+            arrowprops=dict(arrowstyle="->", color=c, lw=1.5, connectionstyle=f"arc3,rad={rad}"),
+        )
+        ax.text(
+            (x0 + x1) / 2,
+            (y0 + y1) / 2 + rad * 0.3,
+            op,
+            fontsize=7,
+            color=c,
+            ha="center",
+            bbox=dict(facecolor="white", edgecolor="none", alpha=0.7, pad=0.5),
+        )
     for n in concat:
         ax.annotate("", xy=out, xytext=pos[n], arrowprops=dict(arrowstyle="->", color="grey", lw=0.8, ls="--"))
     for n, (x, y) in pos.items():
-        ax.text(x, y, names[n], ha="center", va="center", fontsize=9,
-                bbox=dict(boxstyle="round", facecolor="lightblue" if n < 2 else "wheat"))
+        ax.text(
+            x,
+            y,
+            names[n],
+            ha="center",
+            va="center",
+            fontsize=9,
+            bbox=dict(boxstyle="round", facecolor="lightblue" if n < 2 else "wheat"),
+        )
     ax.text(*out, "c_{k}", ha="center", va="center", fontsize=9, bbox=dict(boxstyle="round", facecolor="palegreen"))
     ax.set_xlim(-0.5, nodes + 1.5)
     ax.set_ylim(-0.1, 1.1)

@@ -67,15 +67,30 @@ def setup_torch(cfg: SearchConfig) -> torch.device:
 
 def build_data(cfg: SearchConfig) -> DataSplits:
     d = cfg.data
-    return load_dataset(d.name, root=d.root, download=d.download, seed=cfg.seed, test_fraction=d.test_fraction,
-                        subset=d.subset, synthetic_kwargs=d.synthetic.model_dump())
+    return load_dataset(
+        d.name,
+        root=d.root,
+        download=d.download,
+        seed=cfg.seed,
+        test_fraction=d.test_fraction,
+        subset=d.subset,
+        synthetic_kwargs=d.synthetic.model_dump(),
+    )
 
 
 def build_supernet(cfg: SearchConfig, data: DataSplits) -> Supernet:
     s = cfg.space
     try:
-        return Supernet(data.in_channels, data.num_classes, C=s.C, layers=s.layers, nodes=s.nodes,
-                        stem_multiplier=s.stem_multiplier, ops=tuple(s.ops), image_size=data.image_size)
+        return Supernet(
+            data.in_channels,
+            data.num_classes,
+            C=s.C,
+            layers=s.layers,
+            nodes=s.nodes,
+            stem_multiplier=s.stem_multiplier,
+            ops=tuple(s.ops),
+            image_size=data.image_size,
+        )
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -101,8 +116,9 @@ def build_searcher(cfg: SearchConfig, model: Supernet, data: DataSplits) -> Sear
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-             device: torch.device) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device
+) -> dict[str, float]:
     was_training = model.training
     model.eval()
     loss = torch.zeros((), device=device)
@@ -121,12 +137,19 @@ def check_store_matches(store: Store, cfg: SearchConfig) -> None:
     old, new = store.read_json("config.json"), cfg.model_dump(mode="json")
     for key in STRUCTURAL:
         if old.get(key) != new.get(key):
-            raise UsageError(f"storage.uri: {store.uri} holds a search with a different '{key}' section; "
-                             "resume with the same config or choose another --out")
+            raise UsageError(
+                f"storage.uri: {store.uri} holds a search with a different '{key}' section; "
+                "resume with the same config or choose another --out"
+            )
 
 
-def run_search(cfg: SearchConfig, store: Store, monitor: Monitor | None = None, on_epoch: EpochHook | None = None,
-               stop_after_steps: int | None = None) -> SearchResult:
+def run_search(
+    cfg: SearchConfig,
+    store: Store,
+    monitor: Monitor | None = None,
+    on_epoch: EpochHook | None = None,
+    stop_after_steps: int | None = None,
+) -> SearchResult:
     """Run (or resume) one search to `cfg.epochs`; returns the derived genotype and metrics."""
     device = setup_torch(cfg)
     data = build_data(cfg)
@@ -156,16 +179,32 @@ def run_search(cfg: SearchConfig, store: Store, monitor: Monitor | None = None, 
         monitor = Monitor(store, cfg.monitor.tensorboard, purge_step=step or None)
 
     def checkpoint(epoch_done: int) -> str:
-        state = {"searcher": searcher.state_dict(), "train_stream": train.state_dict(),
-                 "val_stream": val.state_dict(), "sums": sums}
-        meta = {"epoch": epoch_done, "global_step": step, "history": history, "genotype": searcher.genotype().to_dict(),
-                "steps_per_epoch": steps_per_epoch, "epochs": cfg.epochs}
+        state = {
+            "searcher": searcher.state_dict(),
+            "train_stream": train.state_dict(),
+            "val_stream": val.state_dict(),
+            "sums": sums,
+        }
+        meta = {
+            "epoch": epoch_done,
+            "global_step": step,
+            "history": history,
+            "genotype": searcher.genotype().to_dict(),
+            "steps_per_epoch": steps_per_epoch,
+            "epochs": cfg.epochs,
+        }
         name = store.save_checkpoint(step, state, meta, keep=cfg.storage.keep)
         monitor.sync()
         return name
 
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=step, disable=not cfg.monitor.progress,
-               desc=f"{cfg.algorithm.name} search", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.epochs * steps_per_epoch,
+        initial=step,
+        disable=not cfg.monitor.progress,
+        desc=f"{cfg.algorithm.name} search",
+        unit="step",
+        dynamic_ncols=True,
+    )
     try:
         while epoch < cfg.epochs:
             model.train()
@@ -190,8 +229,16 @@ def run_search(cfg: SearchConfig, store: Store, monitor: Monitor | None = None, 
             sums = {}
             val_eval = evaluate(model, data.x_train[val_idx], data.y_train[val_idx], cfg.data.eval_batch_size, device)
             test_eval = evaluate(model, data.x_test, data.y_test, cfg.data.eval_batch_size, device)
-            record.update({"val/loss": val_eval["loss"], "val/acc": val_eval["acc"], "test/loss": test_eval["loss"],
-                           "test/acc": test_eval["acc"], "epoch": epoch, "time/epoch_s": time.time() - t0})
+            record.update(
+                {
+                    "val/loss": val_eval["loss"],
+                    "val/acc": val_eval["acc"],
+                    "test/loss": test_eval["loss"],
+                    "test/acc": test_eval["acc"],
+                    "epoch": epoch,
+                    "time/epoch_s": time.time() - t0,
+                }
+            )
             record.update(searcher.learning_rates())
             history.append(record)
             monitor.scalars({k: v for k, v in record.items() if k != "epoch"}, epoch)

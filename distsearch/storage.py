@@ -50,7 +50,9 @@ class Store:
         try:
             self.fs, self.root = fsspec.core.url_to_fs(uri, **storage_options)
         except (ValueError, ImportError) as e:
-            raise UsageError(f"storage.uri: cannot open {uri!r} ({e}); use a local path, file://, s3:// or gs://") from None
+            raise UsageError(
+                f"storage.uri: cannot open {uri!r} ({e}); use a local path, file://, s3:// or gs://"
+            ) from None
         self.uri = uri
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.is_local = protocol in ("file", "local")
@@ -157,12 +159,16 @@ class Store:
             out[fname] = data
         return out
 
-    def load_checkpoint(self, name: str, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    def load_checkpoint(
+        self, name: str, map_location: str | torch.device = "cpu"
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         files = self._verified_files(name)
         state = torch.load(io.BytesIO(files["state.pt"]), map_location=map_location, weights_only=True)
         return state, json.loads(files["meta.json"])
 
-    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+    def load_latest(
+        self, map_location: str | torch.device = "cpu"
+    ) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
         """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
         for name in reversed(self.list_checkpoints()):
             try:

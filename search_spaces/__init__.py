@@ -7,6 +7,16 @@ from .network import Network
 from .operations import OPS, PRIMITIVES, make_op
 
 __all__ = [
-    "OPS", "PRIMITIVES", "Genotype", "GenotypeError", "MixedOp", "Network", "SearchCell", "Supernet",
-    "derive_cell", "make_op", "num_edges", "reduction_layers",
+    "OPS",
+    "PRIMITIVES",
+    "Genotype",
+    "GenotypeError",
+    "MixedOp",
+    "Network",
+    "SearchCell",
+    "Supernet",
+    "derive_cell",
+    "make_op",
+    "num_edges",
+    "reduction_layers",
 ]

@@ -27,11 +27,22 @@ class MixedOp(nn.Module):
 
 
 class SearchCell(nn.Module):
-    def __init__(self, nodes: int, multiplier: int, C_pp: int, C_p: int, C: int,
-                 reduction: bool, reduction_prev: bool, ops: tuple[str, ...]):
+    def __init__(
+        self,
+        nodes: int,
+        multiplier: int,
+        C_pp: int,
+        C_p: int,
+        C: int,
+        reduction: bool,
+        reduction_prev: bool,
+        ops: tuple[str, ...],
+    ):
         super().__init__()
         self.reduction, self.nodes, self.multiplier = reduction, nodes, multiplier
-        self.preprocess0 = FactorizedReduce(C_pp, C, affine=False) if reduction_prev else relu_conv_bn(C_pp, C, 1, 1, 0, affine=False)
+        self.preprocess0 = (
+            FactorizedReduce(C_pp, C, affine=False) if reduction_prev else relu_conv_bn(C_pp, C, 1, 1, 0, affine=False)
+        )
         self.preprocess1 = relu_conv_bn(C_p, C, 1, 1, 0, affine=False)
         self.edges = nn.ModuleList()
         for i in range(nodes):
@@ -46,7 +57,7 @@ class SearchCell(nn.Module):
             s = sum(self.edges[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
             offset += len(states)
             states.append(s)
-        return torch.cat(states[-self.multiplier:], dim=1)
+        return torch.cat(states[-self.multiplier :], dim=1)
 
 
 def reduction_layers(layers: int) -> tuple[int, ...]:
@@ -61,9 +72,18 @@ def num_edges(nodes: int) -> int:
 class Supernet(nn.Module):
     """DARTS supernet: stem, `layers` search cells, global pooling, linear classifier."""
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, C: int = 16, layers: int = 8,
-                 nodes: int = 4, multiplier: int | None = None, stem_multiplier: int = 3,
-                 ops: tuple[str, ...] = PRIMITIVES, image_size: int | None = None):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        C: int = 16,
+        layers: int = 8,
+        nodes: int = 4,
+        multiplier: int | None = None,
+        stem_multiplier: int = 3,
+        ops: tuple[str, ...] = PRIMITIVES,
+        image_size: int | None = None,
+    ):
         super().__init__()
         ops = tuple(ops)
         unknown = [o for o in ops if o not in PRIMITIVES]
@@ -72,11 +92,21 @@ class Supernet(nn.Module):
         if len(set(ops)) != len(ops) or not [o for o in ops if o != "none"]:
             raise ValueError("space.ops: needs distinct ops and at least one op other than 'none'")
         if image_size is not None and image_size < 2 ** len(reduction_layers(layers)):
-            raise ValueError(f"space: image_size {image_size} is too small for {len(reduction_layers(layers))} reductions")
+            raise ValueError(
+                f"space: image_size {image_size} is too small for {len(reduction_layers(layers))} reductions"
+            )
         self.ops, self.nodes = ops, nodes
         self.multiplier = multiplier or nodes
-        self.config = dict(in_channels=in_channels, num_classes=num_classes, C=C, layers=layers, nodes=nodes,
-                           multiplier=self.multiplier, stem_multiplier=stem_multiplier, ops=list(ops))
+        self.config = dict(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            C=C,
+            layers=layers,
+            nodes=nodes,
+            multiplier=self.multiplier,
+            stem_multiplier=stem_multiplier,
+            ops=list(ops),
+        )
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
         C_pp, C_p, C_curr = C_curr, C_curr, C
@@ -115,8 +145,9 @@ class Supernet(nn.Module):
     def derive(self) -> Genotype:
         w_normal, w_reduce = (w.detach().cpu() for w in self.arch_weights())
         concat = tuple(range(2 + self.nodes - self.multiplier, self.nodes + 2))
-        return Genotype(derive_cell(w_normal, self.ops, self.nodes), concat,
-                        derive_cell(w_reduce, self.ops, self.nodes), concat)
+        return Genotype(
+            derive_cell(w_normal, self.ops, self.nodes), concat, derive_cell(w_reduce, self.ops, self.nodes), concat
+        )
 
 
 def derive_cell(weights: torch.Tensor, ops: tuple[str, ...], nodes: int) -> tuple[tuple[str, int], ...]:
@@ -126,7 +157,7 @@ def derive_cell(weights: torch.Tensor, ops: tuple[str, ...], nodes: int) -> tupl
     gene: list[tuple[str, int]] = []
     start = 0
     for i in range(nodes):
-        W = weights[start:start + 2 + i][:, keep]
+        W = weights[start : start + 2 + i][:, keep]
         best = W.max(dim=1).values
         inputs = sorted(range(2 + i), key=lambda j: (-float(best[j]), j))[:2]
         for j in sorted(inputs):

@@ -34,8 +34,7 @@ def _check_cell(name: str, edges: tuple[Edge, ...], concat: tuple[int, ...], ops
         node = k // 2
         if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < node + 2:
             raise GenotypeError(
-                f"genotype.{name}[{k}]: input {idx!r} is not an earlier node of node {node} "
-                f"(allowed 0..{node + 1})"
+                f"genotype.{name}[{k}]: input {idx!r} is not an earlier node of node {node} (allowed 0..{node + 1})"
             )
     for c in concat:
         if not isinstance(c, int) or not 2 <= c < nodes + 2:

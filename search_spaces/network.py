@@ -33,9 +33,7 @@ class Cell(nn.Module):
         edges = genotype.reduce if reduction else genotype.normal
         self.concat = genotype.reduce_concat if reduction else genotype.normal_concat
         self.inputs = [i for _, i in edges]
-        self.ops = nn.ModuleList(
-            make_op(name, C, 2 if reduction and i < 2 else 1, affine=True) for name, i in edges
-        )
+        self.ops = nn.ModuleList(make_op(name, C, 2 if reduction and i < 2 else 1, affine=True) for name, i in edges)
         self.multiplier = len(self.concat)
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float) -> torch.Tensor:
@@ -57,9 +55,14 @@ class AuxiliaryHead(nn.Module):
     def __init__(self, C: int, num_classes: int):
         super().__init__()
         self.features = nn.Sequential(
-            nn.ReLU(inplace=False), nn.AdaptiveAvgPool2d(2), nn.Conv2d(C, 128, 1, bias=False),
-            nn.BatchNorm2d(128), nn.ReLU(inplace=False), nn.Conv2d(128, 768, 2, bias=False),
-            nn.BatchNorm2d(768), nn.ReLU(inplace=False),
+            nn.ReLU(inplace=False),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Conv2d(C, 128, 1, bias=False),
+            nn.BatchNorm2d(128),
+            nn.ReLU(inplace=False),
+            nn.Conv2d(128, 768, 2, bias=False),
+            nn.BatchNorm2d(768),
+            nn.ReLU(inplace=False),
         )
         self.classifier = nn.Linear(768, num_classes)
 
@@ -71,13 +74,28 @@ class Network(nn.Module):
     """forward(x) returns logits; with an auxiliary head in training mode, `self.aux_logits`
     holds the auxiliary logits of the last forward."""
 
-    def __init__(self, genotype: Genotype, in_channels: int = 3, num_classes: int = 10, C: int = 36,
-                 layers: int = 20, auxiliary: bool = False, stem_multiplier: int = 3, drop_path_prob: float = 0.0):
+    def __init__(
+        self,
+        genotype: Genotype,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        C: int = 36,
+        layers: int = 20,
+        auxiliary: bool = False,
+        stem_multiplier: int = 3,
+        drop_path_prob: float = 0.0,
+    ):
         super().__init__()
         genotype.validate()
         self.genotype, self.drop_path_prob = genotype, drop_path_prob
-        self.config = dict(in_channels=in_channels, num_classes=num_classes, C=C, layers=layers,
-                           auxiliary=auxiliary, stem_multiplier=stem_multiplier)
+        self.config = dict(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            C=C,
+            layers=layers,
+            auxiliary=auxiliary,
+            stem_multiplier=stem_multiplier,
+        )
         C_curr = stem_multiplier * C
         self.first_layer = nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False)
         self.stem_bn = nn.BatchNorm2d(C_curr)

@@ -81,7 +81,9 @@ def relu_conv_bn(C_in: int, C_out: int, kernel: int, stride: int, padding: int, 
     )
 
 
-def dil_conv(C_in: int, C_out: int, kernel: int, stride: int, padding: int, dilation: int, affine: bool = True) -> nn.Sequential:
+def dil_conv(
+    C_in: int, C_out: int, kernel: int, stride: int, padding: int, dilation: int, affine: bool = True
+) -> nn.Sequential:
     return nn.Sequential(
         nn.ReLU(inplace=False),
         nn.Conv2d(C_in, C_in, kernel, stride, padding, dilation=dilation, groups=C_in, bias=False),
@@ -116,9 +118,7 @@ OPS: dict[str, OpFactory] = {
     "none": lambda C, stride, affine, search: Zero(stride),
     "max_pool_3x3": lambda C, stride, affine, search: _pool("max", C, stride, affine, search),
     "avg_pool_3x3": lambda C, stride, affine, search: _pool("avg", C, stride, affine, search),
-    "skip_connect": lambda C, stride, affine, search: (
-        Identity() if stride == 1 else FactorizedReduce(C, C, affine)
-    ),
+    "skip_connect": lambda C, stride, affine, search: Identity() if stride == 1 else FactorizedReduce(C, C, affine),
     "sep_conv_3x3": lambda C, stride, affine, search: sep_conv(C, C, 3, stride, 1, affine),
     "sep_conv_5x5": lambda C, stride, affine, search: sep_conv(C, C, 5, stride, 2, affine),
     "dil_conv_3x3": lambda C, stride, affine, search: dil_conv(C, C, 3, stride, 2, 2, affine),

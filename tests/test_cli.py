@@ -25,15 +25,18 @@ def _write(tmp_path, raw, name="c.yaml"):
     return str(p)
 
 
-@pytest.mark.parametrize("over,field", [
-    ({"space.C": -1}, "space.C"),
-    ({"algorithm.name": "nas"}, "algorithm"),
-    ({"data.name": "imagenet"}, "data.name"),
-    ({"optim.w_lr": "fast"}, "optim.w_lr"),
-    ({"data.train_portion": 1.5}, "data.train_portion"),
-    ({"space.ops": ["none", "conv9"]}, "space.ops"),
-    ({"bogus": 1}, "bogus"),
-])
+@pytest.mark.parametrize(
+    "over,field",
+    [
+        ({"space.C": -1}, "space.C"),
+        ({"algorithm.name": "nas"}, "algorithm"),
+        ({"data.name": "imagenet"}, "data.name"),
+        ({"optim.w_lr": "fast"}, "optim.w_lr"),
+        ({"data.train_portion": 1.5}, "data.train_portion"),
+        ({"space.ops": ["none", "conv9"]}, "space.ops"),
+        ({"bogus": 1}, "bogus"),
+    ],
+)
 def test_bad_config_exits_2_naming_the_field_and_writes_nothing(tmp_path, capsys, over, field):
     out = tmp_path / "out"
     cfg = _write(tmp_path, tiny_raw(str(out), **over))
@@ -44,15 +47,18 @@ def test_bad_config_exits_2_naming_the_field_and_writes_nothing(tmp_path, capsys
     assert not out.exists()
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["search"], "--config"),
-    (["search", "--config", "/nonexistent.yaml"], "no such file"),
-    (["search", "--config", "{cfg}", "--set", "epochs"], "key=value"),
-    (["search", "--config", "{cfg}", "--set", "epochs=-3"], "epochs"),
-    (["search", "--config", "{cfg}", "--out", "nosuchproto://x/y"], "storage.uri"),
-    (["derive", "{tmp}/empty"], "no valid checkpoint"),
-    (["frobnicate"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["search"], "--config"),
+        (["search", "--config", "/nonexistent.yaml"], "no such file"),
+        (["search", "--config", "{cfg}", "--set", "epochs"], "key=value"),
+        (["search", "--config", "{cfg}", "--set", "epochs=-3"], "epochs"),
+        (["search", "--config", "{cfg}", "--out", "nosuchproto://x/y"], "storage.uri"),
+        (["derive", "{tmp}/empty"], "no valid checkpoint"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_bad_flags_exit_2(tmp_path, capsys, argv, needle):
     cfg = _write(tmp_path, tiny_raw(str(tmp_path / "o")))
     argv = [a.format(cfg=cfg, tmp=tmp_path) for a in argv]
@@ -75,9 +81,23 @@ def test_existing_search_needs_resume(tmp_path, capsys):
 
 def test_quickstart_end_to_end_with_a_smaller_override(tmp_path, capsys):
     out = tmp_path / "qs"
-    argv = ["search", "--config", str(ROOT / "launch/configs/quickstart.yaml"), "--out", str(out),
-            "--set", "epochs=1", "--set", "data.subset=256", "--set", "space.C=2", "--set", "monitor.progress=false",
-            "--set", "threads=1"]
+    argv = [
+        "search",
+        "--config",
+        str(ROOT / "launch/configs/quickstart.yaml"),
+        "--out",
+        str(out),
+        "--set",
+        "epochs=1",
+        "--set",
+        "data.subset=256",
+        "--set",
+        "space.C=2",
+        "--set",
+        "monitor.progress=false",
+        "--set",
+        "threads=1",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "tensorboard --logdir" in printed

@@ -42,8 +42,9 @@ def test_second_order_matches_exact_autograd_through_the_unrolled_step():
     exact = torch.autograd.grad(lv, arch)
 
     before = [w.detach().clone() for w in weights]
-    approx, _ = unrolled_arch_grad(arch, weights, lambda: F.cross_entropy(m(xt), yt),
-                                   lambda: F.cross_entropy(m(xv), yv), xi, wd, r=1e-6)
+    approx, _ = unrolled_arch_grad(
+        arch, weights, lambda: F.cross_entropy(m(xt), yt), lambda: F.cross_entropy(m(xv), yv), xi, wd, r=1e-6
+    )
     for e, a in zip(exact, approx):
         assert torch.allclose(e, a, rtol=1e-4, atol=1e-7), (e - a).abs().max()
     # the second-order term matters here (not just the first-order part)

@@ -66,8 +66,17 @@ def test_tensorboard_files_read_back(tmp_path, tiny_config):
     acc = EventAccumulator(store.path("tb"), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     acc.Reload()
     tags = acc.Tags()
-    for tag in ("train/train_loss", "train/train_acc", "val/loss", "val/acc", "lr/weights", "lr/arch",
-                "alpha/entropy_normal", "alpha/entropy_reduce", "step/val_loss"):
+    for tag in (
+        "train/train_loss",
+        "train/train_acc",
+        "val/loss",
+        "val/acc",
+        "lr/weights",
+        "lr/arch",
+        "alpha/entropy_normal",
+        "alpha/entropy_reduce",
+        "step/val_loss",
+    ):
         assert tag in tags["scalars"], tag
     assert [e.step for e in acc.Scalars("val/acc")] == [1, 2]
     for tag in ("alpha/normal", "alpha/reduce", "cells/normal", "cells/reduce"):

@@ -64,18 +64,25 @@ def test_genotype_json_round_trip_and_network():
     assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10) and net.aux_logits is None
 
 
-GOOD = {"normal": [["sep_conv_3x3", 0], ["skip_connect", 1]], "normal_concat": [2],
-        "reduce": [["max_pool_3x3", 0], ["avg_pool_3x3", 1]], "reduce_concat": [2]}
+GOOD = {
+    "normal": [["sep_conv_3x3", 0], ["skip_connect", 1]],
+    "normal_concat": [2],
+    "reduce": [["max_pool_3x3", 0], ["avg_pool_3x3", 1]],
+    "reduce_concat": [2],
+}
 
 
-@pytest.mark.parametrize("patch,match", [
-    ({"normal": [["conv_9x9", 0], ["skip_connect", 1]]}, r"normal\[0\]: unknown op 'conv_9x9'"),
-    ({"normal": [["none", 0], ["skip_connect", 1]]}, r"unknown op 'none'"),
-    ({"reduce": [["max_pool_3x3", 0], ["avg_pool_3x3", 2]]}, r"reduce\[1\]: input 2 is not an earlier node"),
-    ({"normal": [["sep_conv_3x3", 0]]}, r"2 edges per node"),
-    ({"normal_concat": [5]}, r"normal_concat"),
-    ({"extra": 1}, r"unknown \['extra'\]"),
-])
+@pytest.mark.parametrize(
+    "patch,match",
+    [
+        ({"normal": [["conv_9x9", 0], ["skip_connect", 1]]}, r"normal\[0\]: unknown op 'conv_9x9'"),
+        ({"normal": [["none", 0], ["skip_connect", 1]]}, r"unknown op 'none'"),
+        ({"reduce": [["max_pool_3x3", 0], ["avg_pool_3x3", 2]]}, r"reduce\[1\]: input 2 is not an earlier node"),
+        ({"normal": [["sep_conv_3x3", 0]]}, r"2 edges per node"),
+        ({"normal_concat": [5]}, r"normal_concat"),
+        ({"extra": 1}, r"unknown \['extra'\]"),
+    ],
+)
 def test_bad_genotypes_are_rejected_with_the_field(patch, match):
     with pytest.raises(GenotypeError, match=match):
         Genotype.from_dict({**GOOD, **patch})

@@ -67,9 +67,16 @@ def test_never_unpickles_arbitrary_objects(store):
 
     store.write_bytes("checkpoints/ckpt-0000000002/state.pt", data)
     store.write_bytes("checkpoints/ckpt-0000000002/meta.json", b"{}")
-    store.write_json("checkpoints/ckpt-0000000002/MANIFEST.json", {"step": 2, "files": {
-        "state.pt": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)},
-        "meta.json": {"sha256": hashlib.sha256(b"{}").hexdigest(), "size": 2}}})
+    store.write_json(
+        "checkpoints/ckpt-0000000002/MANIFEST.json",
+        {
+            "step": 2,
+            "files": {
+                "state.pt": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)},
+                "meta.json": {"sha256": hashlib.sha256(b"{}").hexdigest(), "size": 2},
+            },
+        },
+    )
     with pytest.raises(pickle.UnpicklingError):
         store.load_checkpoint("ckpt-0000000002")
 

@@ -63,8 +63,8 @@ class Searcher(ABC):
         """Subclasses with more modules or optimisers (LeaSE's audience) add them here."""
         return {}
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
+    def load_extra_state(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Counterpart of extra_state()."""
 
     def state_dict(self) -> dict[str, Any]:
         device = next(self.model.parameters()).device

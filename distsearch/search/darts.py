@@ -21,19 +21,34 @@ from .hypergrad import assign_grads, first_order_arch_grad, unrolled_arch_grad
 
 
 class DartsSearcher(Searcher):
-    def __init__(self, model: Supernet, *, epochs: int, order: str = "first", w_lr: float = 0.025,
-                 w_lr_min: float = 0.001, w_momentum: float = 0.9, w_weight_decay: float = 3e-4,
-                 grad_clip: float = 5.0, arch_lr: float = 3e-4, arch_betas: tuple[float, float] = (0.5, 0.999),
-                 arch_weight_decay: float = 1e-3, fd_r: float = 0.01, weight_strategy: Any = None):
+    def __init__(
+        self,
+        model: Supernet,
+        *,
+        epochs: int,
+        order: str = "first",
+        w_lr: float = 0.025,
+        w_lr_min: float = 0.001,
+        w_momentum: float = 0.9,
+        w_weight_decay: float = 3e-4,
+        grad_clip: float = 5.0,
+        arch_lr: float = 3e-4,
+        arch_betas: tuple[float, float] = (0.5, 0.999),
+        arch_weight_decay: float = 1e-3,
+        fd_r: float = 0.01,
+        weight_strategy: Any = None,
+    ):
         if order not in ("first", "second"):
             raise ValueError(f"algorithm.order: {order!r} is not one of 'first', 'second'")
         self.model, self.order, self.grad_clip, self.fd_r = model, order, grad_clip, fd_r
         self.w_weight_decay = w_weight_decay
         self.weight_strategy = weight_strategy
-        self.w_optimizer = torch.optim.SGD(model.weight_parameters(), lr=w_lr, momentum=w_momentum,
-                                           weight_decay=w_weight_decay, foreach=True)
-        self.a_optimizer = torch.optim.Adam(model.arch_parameters(), lr=arch_lr, betas=arch_betas,
-                                            weight_decay=arch_weight_decay, foreach=True)
+        self.w_optimizer = torch.optim.SGD(
+            model.weight_parameters(), lr=w_lr, momentum=w_momentum, weight_decay=w_weight_decay, foreach=True
+        )
+        self.a_optimizer = torch.optim.Adam(
+            model.arch_parameters(), lr=arch_lr, betas=arch_betas, weight_decay=arch_weight_decay, foreach=True
+        )
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_optimizer, epochs, eta_min=w_lr_min)
 
     # -- the architecture objective: L_val here; DSRNA subtracts gamma * R ------------------

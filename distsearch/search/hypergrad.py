@@ -29,8 +29,13 @@ def _copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
     torch._foreach_copy_(list(dst), list(src))
 
 
-def finite_diff_hvp(arch: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], loss: Loss,
-                    v: Sequence[torch.Tensor], r: float = 0.01) -> list[torch.Tensor]:
+def finite_diff_hvp(
+    arch: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    loss: Loss,
+    v: Sequence[torch.Tensor],
+    r: float = 0.01,
+) -> list[torch.Tensor]:
     """grad^2_{a,w} loss . v by central differences on w (eq. 8); weights restored bitwise."""
     backup = [w.detach().clone() for w in weights]
     R = r / torch.cat([x.reshape(-1) for x in v]).norm().clamp_min(1e-12)
@@ -44,7 +49,9 @@ def finite_diff_hvp(arch: Sequence[torch.Tensor], weights: Sequence[torch.Tensor
     return [(gp - gn) / (2 * R) for gp, gn in zip(g_pos, g_neg)]
 
 
-def virtual_step(weights: Sequence[torch.Tensor], train_loss: Loss, xi: float, weight_decay: float = 0.0) -> list[torch.Tensor]:
+def virtual_step(
+    weights: Sequence[torch.Tensor], train_loss: Loss, xi: float, weight_decay: float = 0.0
+) -> list[torch.Tensor]:
     """Move the weights in place to w' = w - xi (grad L_tr + wd w); returns the backup of w."""
     g = _grads(train_loss(), weights)
     backup = [w.detach().clone() for w in weights]
@@ -54,14 +61,20 @@ def virtual_step(weights: Sequence[torch.Tensor], train_loss: Loss, xi: float, w
     return backup
 
 
-def unrolled_arch_grad(arch: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], train_loss: Loss,
-                       val_loss: Loss, xi: float, weight_decay: float = 0.0,
-                       r: float = 0.01) -> tuple[list[torch.Tensor], torch.Tensor]:
+def unrolled_arch_grad(
+    arch: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    train_loss: Loss,
+    val_loss: Loss,
+    xi: float,
+    weight_decay: float = 0.0,
+    r: float = 0.01,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Second-order DARTS gradient of val_loss w.r.t. arch (eq. 7). Returns (grads, L_val(w'))."""
     backup = virtual_step(weights, train_loss, xi, weight_decay)
     lv = val_loss()
     g = _grads(lv, list(arch) + list(weights))
-    d_arch, d_w = g[: len(arch)], g[len(arch):]
+    d_arch, d_w = g[: len(arch)], g[len(arch) :]
     _copy_(weights, backup)
     hv = finite_diff_hvp(arch, weights, train_loss, d_w, r)
     return [da - xi * h for da, h in zip(d_arch, hv)], lv.detach()
