@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from search_spaces import PRIMITIVES
 
@@ -72,11 +72,21 @@ class OptimConfig(Strict):
 
 
 class WeightATConfig(Strict):
-    """Adversarial training for the search's weight step (robust/training.py strategies)."""
+    """An adversarial-training strategy (robust/training.py): for the search's weight step
+    (`weight_at`) or for retraining (`TrainConfig.strategy`). `eps` None: the strategy's default."""
 
     strategy: str = "standard"
-    eps: float = Field(0.1, ge=0)
+    eps: float | None = Field(None, ge=0)
     kwargs: dict[str, Any] = {}
+
+    def build(self) -> Any:
+        from .robust.training import make_strategy
+
+        kw = dict(self.kwargs) | ({"eps": self.eps} if self.eps is not None and self.strategy != "standard" else {})
+        try:
+            return make_strategy(self.strategy, **kw)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"strategy: {e}") from None
 
 
 class DartsConfig(Strict):
@@ -134,7 +144,9 @@ class MonitorConfig(Strict):
     progress: bool = True
 
 
-class SearchConfig(Strict):
+class RunConfig(Strict):
+    """What a search and a training run share."""
+
     name: str = "search"
     seed: int = 0
     epochs: int = Field(50, gt=0)
@@ -142,12 +154,56 @@ class SearchConfig(Strict):
     deterministic: bool = True
     threads: int | None = Field(None, gt=0, description="torch intra-op threads (None: torch default)")
     data: DataConfig = DataConfig()
+    storage: StorageConfig = StorageConfig()
+    monitor: MonitorConfig = MonitorConfig()
+
+
+class ModelConfig(Strict):
+    """The network to train: a genotype (file or search store URI) or a named model."""
+
+    genotype: str | None = Field(None, description="genotype.json path/URI, or a search's storage URI")
+    name: str | None = Field(None, description="small_cnn | mlp | resnet18 | resnet34 | resnet50")
+    C: int = Field(16, gt=0)
+    layers: int = Field(8, gt=0)
+    drop_path_prob: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.genotype is None) == (self.name is None):
+            raise ValueError("give exactly one of model.genotype (a genotype JSON) or model.name")
+        return self
+
+
+class TrainOptimConfig(Strict):
+    lr: float = Field(0.025, gt=0)
+    lr_min: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(3e-4, ge=0)
+
+
+class RobustEvalConfig(Strict):
+    """Per-epoch robust accuracy: PGD at eps on the first `n` test images (0 disables)."""
+
+    eps: float = Field(0.1, ge=0)
+    norm: Literal["linf", "l2"] = "linf"
+    steps: int = Field(20, ge=1)
+    n: int = Field(256, ge=0)
+
+
+class TrainConfig(RunConfig):
+    name: str = "train"
+    epochs: int = Field(10, gt=0)
+    model: ModelConfig
+    strategy: WeightATConfig = WeightATConfig()
+    optim: TrainOptimConfig = TrainOptimConfig()
+    eval: RobustEvalConfig = RobustEvalConfig()
+
+
+class SearchConfig(RunConfig):
     space: SpaceConfig = SpaceConfig()
     algorithm: AlgorithmConfig = DartsConfig()
     optim: OptimConfig = OptimConfig()
     weight_at: WeightATConfig | None = None
-    storage: StorageConfig = StorageConfig()
-    monitor: MonitorConfig = MonitorConfig()
     tune: TuneConfig | None = Field(None, description="Ray Tune section (distsearch run): distributed/schema.py")
 
     @field_validator("tune")
@@ -210,12 +266,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def parse_config(raw: dict[str, Any]) -> SearchConfig:
+def parse_config(raw: dict[str, Any], schema: type[RunConfig] = SearchConfig) -> Any:
     try:
-        return SearchConfig.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as e:
         raise UsageError(format_validation_error(e)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> SearchConfig:
-    return parse_config(apply_overrides(read_yaml(path), overrides or []))
+def load_config(path: str | Path, overrides: list[str] | None = None, schema: type[RunConfig] = SearchConfig) -> Any:
+    return parse_config(apply_overrides(read_yaml(path), overrides or []), schema)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from search_spaces import Genotype, Supernet
 
-from .config import SearchConfig
+from .config import RunConfig, SearchConfig
 from .data import BatchStream, DataSplits, bilevel_split, eval_batches, load_dataset
 from .errors import UsageError
 from .monitor import Monitor
@@ -56,7 +56,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def setup_torch(cfg: SearchConfig) -> torch.device:
+def setup_torch(cfg: RunConfig) -> torch.device:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.deterministic:
@@ -65,7 +65,7 @@ def setup_torch(cfg: SearchConfig) -> torch.device:
     return resolve_device(cfg.device)
 
 
-def build_data(cfg: SearchConfig) -> DataSplits:
+def build_data(cfg: RunConfig) -> DataSplits:
     d = cfg.data
     return load_dataset(
         d.name,
@@ -98,12 +98,7 @@ def build_supernet(cfg: SearchConfig, data: DataSplits) -> Supernet:
 def build_weight_strategy(cfg: SearchConfig) -> Any:
     if cfg.weight_at is None or cfg.weight_at.strategy == "standard":
         return None
-    from .robust.training import make_strategy
-
-    try:
-        return make_strategy(cfg.weight_at.strategy, eps=cfg.weight_at.eps, **cfg.weight_at.kwargs)
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"weight_at: {e}") from None
+    return cfg.weight_at.build()
 
 
 def build_searcher(cfg: SearchConfig, model: Supernet, data: DataSplits) -> Searcher:
@@ -131,14 +126,14 @@ def evaluate(
     return {"loss": float(loss) / len(x), "acc": float(correct) / len(x)}
 
 
-def check_store_matches(store: Store, cfg: SearchConfig) -> None:
+def check_store_matches(store: Store, cfg: RunConfig, keys: tuple[str, ...] = STRUCTURAL) -> None:
     if not store.exists("config.json"):
         return
     old, new = store.read_json("config.json"), cfg.model_dump(mode="json")
-    for key in STRUCTURAL:
+    for key in keys:
         if old.get(key) != new.get(key):
             raise UsageError(
-                f"storage.uri: {store.uri} holds a search with a different '{key}' section; "
+                f"storage.uri: {store.uri} holds a run with a different '{key}' section; "
                 "resume with the same config or choose another --out"
             )
 

@@ -1,0 +1,114 @@
+"""Ray Tune overhead: the same K small searches run one after another in this process, then
+as Tune trials (FIFO, random search, `--concurrency` at a time, 1 CPU each) on a local Ray.
+
+Prints both wall times, their ratio (goal on 2 cores: <= 0.6), Ray's start time, and the
+per-trial overhead: (Tune wall x concurrency - sum of sequential search walls) / K, i.e. the
+extra core-seconds each trial costs over running its search directly.
+
+    python benchmarks/tune_overhead.py --k 4 --epochs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def small_raw(uri: str, epochs: int, n: int) -> dict:
+    return {
+        "name": "bench",
+        "seed": 0,
+        "epochs": epochs,
+        "device": "cpu",
+        "threads": 1,
+        "data": {
+            "name": "synthetic",
+            "batch_size": 32,
+            "eval_batch_size": 128,
+            "synthetic": {"n": n, "channels": 1, "image_size": 8, "num_classes": 4},
+        },
+        "space": {"C": 4, "layers": 2, "nodes": 2},
+        "algorithm": {"name": "darts", "order": "first"},
+        "storage": {"uri": uri},
+        "monitor": {"progress": False, "tensorboard": True, "log_every": 10},
+    }
+
+
+def sequential(k: int, epochs: int, n: int, threads: int, tmp: str) -> list[float]:
+    import torch
+
+    from distsearch.config import parse_config
+    from distsearch.runner import run_search
+    from distsearch.storage import Store
+
+    torch.set_num_threads(threads)
+    walls = []
+    for i in range(k):
+        uri = os.path.join(tmp, "seq", str(i))
+        raw = small_raw(uri, epochs, n) | {"seed": i, "threads": threads}
+        t0 = time.perf_counter()
+        run_search(parse_config(raw), Store(uri))
+        walls.append(time.perf_counter() - t0)
+    return walls
+
+
+def with_tune(k: int, epochs: int, n: int, concurrency: int, tmp: str) -> tuple[float, float]:
+    import ray
+
+    from distsearch.config import parse_config
+    from distsearch.distributed import tuner as T
+
+    raw = small_raw("unused", epochs, n)
+    raw["tune"] = {
+        "search_alg": "random",
+        "scheduler": "fifo",
+        "num_samples": 1,
+        "max_concurrent_trials": concurrency,
+        "resources": {"cpu": 1},
+        "params": {"seed": {"grid": list(range(k))}},
+    }
+    spec = T.experiment_spec(parse_config(raw), storage=os.path.join(tmp, "tune"), name="bench")
+    T.save_spec(spec)
+    t0 = time.perf_counter()
+    ray.init(num_cpus=concurrency, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    t_init = time.perf_counter() - t0
+    try:
+        results = T.build_tuner(spec).fit()
+        wall = time.perf_counter() - t0
+        assert not results.errors, results.errors
+    finally:
+        ray.shutdown()
+    return wall, t_init
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--k", type=int, default=4, help="number of searches")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--n", type=int, default=384, help="synthetic examples per search")
+    ap.add_argument("--concurrency", type=int, default=2)
+    ap.add_argument("--seq-threads", type=int, default=1, help="torch threads of the sequential run")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="tune-overhead-") as tmp:
+        seq = sequential(args.k, args.epochs, args.n, args.seq_threads, tmp)
+        tune_wall, t_init = with_tune(args.k, args.epochs, args.n, args.concurrency, tmp)
+    seq_wall = sum(seq)
+    overhead = (tune_wall * args.concurrency - seq_wall) / args.k
+    print(f"K={args.k} searches, {args.epochs} epochs each, {os.cpu_count()} cores")
+    print(
+        f"sequential (one process, {args.seq_threads} thread(s)): {seq_wall:7.1f} s  "
+        f"(per search {seq_wall / args.k:.1f} s)"
+    )
+    print(f"Tune, {args.concurrency} trials at a time:          {tune_wall:7.1f} s  (of which ray.init {t_init:.1f} s)")
+    print(f"wall ratio Tune / sequential: {tune_wall / seq_wall:.2f}  (goal <= 0.60)")
+    print(f"  without Ray's start: {(tune_wall - t_init) / seq_wall:.2f}")
+    print(f"per-trial overhead: {overhead:+.1f} core-s  (Tune wall x {args.concurrency} - sequential) / K")
+
+
+if __name__ == "__main__":
+    main()

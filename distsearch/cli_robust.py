@@ -1,0 +1,204 @@
+"""`distsearch train | evaluate | attack | certify | transfer`: the robustness library from
+the command line. Tables are written as CSV + Markdown with a plot, into --out (a local
+folder) or, by default, into the run's store under eval/, attack/, certify/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from .errors import UsageError
+
+
+def _outputs(args: argparse.Namespace, sub: str, write: Callable[[str], None]) -> str:
+    """Run `write(folder)` into --out, or into a temp folder copied to <uri>/<sub>."""
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        write(args.out)
+        return args.out
+    from .storage import Store
+
+    store = Store(args.uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        write(tmp)
+        store.upload_dir(tmp, sub)
+    return f"{store.uri.rstrip('/')}/{sub}"
+
+
+def _eval_set(data: Any, n: int) -> tuple[Any, Any]:
+    if n <= 0:
+        raise UsageError(f"--n: must be > 0, got {n}")
+    return data.x_test[:n], data.y_test[:n]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import TrainConfig, apply_overrides, parse_config, read_yaml
+    from .storage import Store
+    from .train import run_training
+
+    raw: dict[str, Any] = read_yaml(args.config) if args.config else {}
+    sets = [f"strategy.strategy={args.strategy}"]
+    if args.genotype:
+        sets.append(f"model.genotype={args.genotype}")
+    if args.model:
+        sets.append(f"model.name={args.model}")
+    for key, value in (("strategy.eps", args.eps), ("epochs", args.epochs), ("storage.uri", args.out)):
+        if value is not None:
+            sets.append(f"{key}={value}")
+    cfg = parse_config(apply_overrides(raw, sets + list(args.overrides)), TrainConfig)
+    cfg.strategy.build()  # bad strategy options fail here, before anything is written
+    store = Store(cfg.storage.uri)
+    if store.list_checkpoints() and not args.resume:
+        raise UsageError(f"--out: {cfg.storage.uri} already holds a run; pass --resume or choose another --out")
+    store.check_writable()
+    final = run_training(cfg, store)
+    print(" ".join(f"{k}={v:.4f}" for k, v in final.items() if k.startswith("test/")))
+    print(f"written to {store.uri}; evaluate with: distsearch evaluate {store.uri}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .robust.evaluate import game_table, plot_robustness, write_csv, write_markdown
+    from .robust.tables import to_markdown
+    from .train import load_model
+
+    model, data, _ = load_model(args.uri)
+    x, y = _eval_set(data, args.n)
+    eps = {k: v for k, v in (("linf", args.eps_linf), ("l2", args.eps_l2)) if v}
+    if not eps:
+        raise UsageError("--eps-linf / --eps-l2: give at least one budget")
+    try:
+        rows = game_table(model, x, y, eps, attacks=args.attacks)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+    def write(folder: str) -> None:
+        write_csv(rows, os.path.join(folder, "robustness.csv"))
+        write_markdown(rows, os.path.join(folder, "robustness.md"))
+        plot_robustness(rows, os.path.join(folder, "robustness.png"), title=os.path.basename(args.uri.rstrip("/")))
+
+    print(to_markdown(rows))
+    print(f"table and plot in {_outputs(args, 'eval', write)}")
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    import torch
+    from torchvision.utils import save_image
+
+    from .robust.attacks import make_attack
+    from .train import load_model
+
+    model, data, _ = load_model(args.uri)
+    x, y = _eval_set(data, args.n)
+    kwargs: dict[str, Any] = {"eps": args.eps} if args.attack not in ("lbfgs",) else {}
+    if args.attack in ("pgd", "fgm") or (args.attack == "fgsm" and args.norm != "linf"):
+        kwargs["norm"] = args.norm
+    if args.attack == "pgd":
+        kwargs["steps"] = args.steps
+    try:
+        attack = make_attack("fgm" if args.attack == "fgsm" and args.norm == "l2" else args.attack,
+                             **{k: v for k, v in kwargs.items() if not (k == "norm" and args.attack == "fgsm")})
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    x_adv = attack(model, x, y)
+    with torch.no_grad():
+        pred, pred_adv = model(x).argmax(1), model(x_adv).argmax(1)
+    fooled = float(((pred == y) & (pred_adv != y)).float().sum() / (pred == y).float().sum().clamp_min(1))
+    dist = (x_adv - x).flatten(1).norm(dim=1)
+
+    def write(folder: str) -> None:
+        torch.save({"x": x, "x_adv": x_adv, "y": y, "pred": pred, "pred_adv": pred_adv},
+                   os.path.join(folder, "adversarial.pt"))
+        k = min(16, len(x))
+        diff = (x_adv[:k] - x[:k]).abs()
+        grid = torch.cat([x[:k], x_adv[:k], diff / diff.amax().clamp_min(1e-12)])
+        save_image(grid, os.path.join(folder, "before_after.png"), nrow=k, padding=1)
+
+    where = _outputs(args, "attack", write)
+    print(f"{args.attack}: fooled {fooled:.1%} of the correctly classified, clean acc "
+          f"{float((pred == y).float().mean()):.1%} -> {float((pred_adv == y).float().mean()):.1%}, "
+          f"mean L2 distortion {float(dist.mean()):.4f}")
+    print(f"adversarial examples and the before/after grid (rows: clean, adversarial, |difference|) in {where}")
+    return 0
+
+
+def cmd_certify(args: argparse.Namespace) -> int:
+    from .robust.certify import certify_table, plot_certified_accuracy
+    from .robust.tables import to_markdown, write_csv, write_markdown
+    from .train import load_model
+
+    model, data, _ = load_model(args.uri)
+    x, y = _eval_set(data, args.n)
+    try:
+        rows = certify_table(model, x, y, args.eps, norm=args.norm, method=args.method,
+                             model=os.path.basename(args.uri.rstrip("/")))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+    def write(folder: str) -> None:
+        write_csv(rows, os.path.join(folder, "certified.csv"))
+        write_markdown(rows, os.path.join(folder, "certified.md"))
+        plot_certified_accuracy(rows, os.path.join(folder, "certified.png"))
+
+    print(to_markdown(rows))
+    print(f"table and plot in {_outputs(args, 'certify', write)}")
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a genotype's network or a named model with an AT strategy")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--genotype", help="genotype.json (path/URI) or a search's storage URI")
+    src.add_argument("--model", help="small_cnn | mlp | resnet18 | resnet34 | resnet50")
+    p.add_argument("--strategy", default="standard",
+                   help="standard | fgsm | fgsm_rs | fgm | pgd | free | yopo | freelb | trades")
+    p.add_argument("--eps", type=_positive_float, help="attack budget of the strategy")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--config", help="optional TrainConfig YAML (data, model, optim, eval, storage, monitor)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", help="storage URI of the run")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="game-based robustness table and plot for a run's newest checkpoint")
+    p.add_argument("uri")
+    p.add_argument("--eps-linf", type=_positive_float, nargs="*", default=[0.05, 0.1, 0.2])
+    p.add_argument("--eps-l2", type=_positive_float, nargs="*", default=[])
+    p.add_argument("--attacks", nargs="+", default=["fgsm", "pgd-20", "pgd-100", "cw"])
+    p.add_argument("--n", type=int, default=500, help="test images used")
+    p.add_argument("--out", help="local folder for the table and plot (default: <uri>/eval)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("attack", help="adversarial examples and a before/after grid for a run")
+    p.add_argument("uri")
+    p.add_argument("--attack", default="pgd", choices=["fgsm", "fgm", "pgd", "lbfgs", "cw"])
+    p.add_argument("--eps", type=_positive_float, default=0.1)
+    p.add_argument("--norm", default="linf", choices=["linf", "l2"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--out", help="local folder (default: <uri>/attack)")
+    p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("certify", help="certified accuracy and radius (verification-based evaluation)")
+    p.add_argument("uri")
+    p.add_argument("--eps", type=_positive_float, nargs="+", default=[0.005, 0.01, 0.02])
+    p.add_argument("--norm", default="linf", choices=["linf", "l2"])
+    p.add_argument("--method", default="crown", choices=["ibp", "crown"])
+    p.add_argument("--n", type=int, default=100)
+    p.add_argument("--out", help="local folder (default: <uri>/certify)")
+    p.set_defaults(func=cmd_certify)

@@ -1,0 +1,259 @@
+"""Commands for experiments on Ray: `distsearch run | resume | status | submit | tensorboard`.
+
+`run` validates the experiment file and probes its storage before Ray starts (one line,
+exit 2, on any problem), then starts a local Ray (no --address, no $RAY_ADDRESS) or joins
+a cluster, and runs every trial to the end. `resume URI` restores an interrupted
+experiment; `status URI` prints one row per trial (state, metrics, genotype); `submit`
+sends `run` to a cluster through the Ray Jobs SDK with the project as working_dir;
+`tensorboard URI` serves the event files of all trials (copied locally when remote).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+from typing import Any
+
+from ..cli import add_config_args
+from ..errors import UsageError
+from ..storage import Store
+from . import tuner as T
+from .trainable import SEARCH_DIR
+
+
+def _need_ray() -> None:
+    try:
+        import ray  # noqa: F401
+        import ray.tune  # noqa: F401
+    except ImportError:
+        raise UsageError("Ray is not installed: pip install -e '.[ray]'") from None
+
+
+def _short_genotype(g: dict[str, Any] | None) -> str:
+    if not g:
+        return "-"
+
+    def cell(edges: list[list[Any]]) -> str:
+        return ",".join(f"{op}@{i}" for op, i in edges)
+
+    return f"N[{cell(g['normal'])}] R[{cell(g['reduce'])}]"
+
+
+def trial_rows(uri: str) -> list[dict[str, Any]]:
+    """One dict per trial of the experiment at `uri`: id, state, params, metrics, genotype."""
+    from ray.tune import ExperimentAnalysis
+
+    spec = T.load_spec(uri)
+    objectives = [m for m, _ in T.TuneConfig.model_validate(spec["tune"]).objectives]
+    try:
+        analysis = ExperimentAnalysis(spec["root"])
+    except (ValueError, FileNotFoundError, OSError):
+        return []
+    rows = []
+    for trial in analysis.trials:
+        store = Store(f"{spec['root']}/{trial.trial_id}/{SEARCH_DIR}")
+        genotype = store.read_json("genotype.json") if store.exists("genotype.json") else None
+        last = trial.last_result or {}
+        rows.append(
+            {
+                "trial": trial.trial_id,
+                "state": trial.status,
+                "epochs": last.get("done_epochs", 0),
+                "params": trial.config,
+                **{m: last.get(m) for m in objectives},
+                "genotype": genotype,
+            }
+        )
+    return rows
+
+
+def print_table(uri: str) -> list[dict[str, Any]]:
+    rows = trial_rows(uri)
+    if not rows:
+        print(f"{uri}: no trials recorded yet")
+        return rows
+    metrics = [k for k in rows[0] if k not in ("trial", "state", "epochs", "params", "genotype")]
+    head = ["trial", "state", "epochs", *metrics, "params", "genotype"]
+    table = [head]
+    for r in rows:
+        params = " ".join(f"{k}={v}" for k, v in r["params"].items())
+        vals = [f"{r[m]:.4f}" if isinstance(r[m], float) else str(r[m]) for m in metrics]
+        table.append([r["trial"], r["state"], str(r["epochs"]), *vals, params, _short_genotype(r["genotype"])])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    return rows
+
+
+def _finish(uri: str) -> int:
+    rows = print_table(uri)
+    local = "://" not in uri
+    print(f"trial folders: {uri}/<trial>/{SEARCH_DIR}/ (genotype.json, checkpoints/, tb/)")
+    print(f"TensorBoard: {'tensorboard --logdir ' + uri if local else 'distsearch tensorboard ' + uri}")
+    bad = [r["trial"] for r in rows if r["state"] == "ERROR"]
+    if bad:
+        print(f"{len(bad)} trial(s) errored ({', '.join(bad)}); continue: distsearch resume {uri}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    spec = T.experiment_spec(cfg, args.storage, args.name)
+    T.check_storage(spec["root"])
+    if Store(spec["root"]).exists(T.EXPERIMENT_FILE):
+        raise UsageError(
+            f"--name: {spec['root']} already holds an experiment; continue it with "
+            f"`distsearch resume {spec['root']}` or choose another --name"
+        )
+    _need_ray()
+    T.save_spec(spec)
+    started = T.init_ray(args.address)
+    try:
+        T.build_tuner(spec).fit()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return _finish(spec["root"])
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    _need_ray()
+    T.load_spec(args.uri)  # a clear error before Ray starts
+    started = T.init_ray(args.address)
+    try:
+        tuner, spec = T.restore_tuner(args.uri)
+        tuner.fit()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return _finish(spec["root"])
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _need_ray()
+    rows = print_table(T.load_spec(args.uri)["root"])
+    return 0 if rows else 1
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from ..config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    spec = T.experiment_spec(cfg, args.storage, args.name)
+    T.check_storage(spec["root"])
+    workdir = os.path.abspath(args.working_dir)
+    rel = os.path.relpath(os.path.abspath(args.config), workdir)
+    if rel.startswith(".."):
+        raise UsageError(f"--config: {args.config} must lie inside --working-dir {workdir} (it is shipped with it)")
+    if "://" not in spec["storage"]:
+        print(
+            f"note: storage {spec['storage']} is a local path: every node must see it (NFS); "
+            "on a real cluster use s3:// or gs://",
+            file=sys.stderr,
+        )
+    _need_ray()
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    sets = " ".join(f"--set {shlex.quote(s)}" for s in args.overrides)
+    entrypoint = (
+        f"python -m distsearch.cli run --config {shlex.quote(rel)} --storage {shlex.quote(spec['storage'])} "
+        f"--name {shlex.quote(spec['name'])} {sets}"
+    ).strip()
+    env = {
+        k: os.environ[k]
+        for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "RAY_USAGE_STATS_ENABLED")
+        if k in os.environ
+    }
+    runtime_env = {
+        "working_dir": workdir,
+        "env_vars": env,
+        "excludes": [".git", "runs", "data", "*.egg-info", "__pycache__", ".venv", ".ruff_cache"],
+    }
+    try:
+        client = JobSubmissionClient(args.address)
+    except Exception as e:  # noqa: BLE001 - connection, auth and version errors alike
+        raise UsageError(f"--address: cannot reach the Ray dashboard at {args.address} ({e})") from None
+    job_id = _submit(client, entrypoint, runtime_env)
+    print(f"submitted {job_id}: {entrypoint}")
+    if not args.wait:
+        print(f"follow: ray job logs --address {args.address} -f {job_id};  then: distsearch status {spec['root']}")
+        return 0
+    done = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    while (status := client.get_job_status(job_id)) not in done:
+        time.sleep(2)
+    print(client.get_job_logs(job_id)[-4000:])
+    print(f"job {job_id}: {status}")
+    return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def _submit(client: Any, entrypoint: str, runtime_env: dict[str, Any], wait_s: float = 120) -> str:
+    """submit_job, retried while a freshly started head has no job agent yet."""
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
+
+
+def cmd_tensorboard(args: argparse.Namespace) -> int:
+    spec_root = T.normalize_storage(args.uri)
+    store = Store(spec_root)
+    if not store.exists():
+        raise UsageError(f"URI: nothing at {args.uri!r}")
+    logdir = store.local_root
+    if logdir is None:  # remote: copy the event files to a local folder first
+        logdir = tempfile.mkdtemp(prefix="distsearch-tb-")
+        for path in store.fs.find(store.root):
+            if "tfevents" in path.rsplit("/", 1)[-1]:
+                rel = path[len(store.root) :].lstrip("/")
+                os.makedirs(os.path.dirname(os.path.join(logdir, rel)), exist_ok=True)
+                store.fs.get(path, os.path.join(logdir, rel))
+        print(f"copied event files from {args.uri} to {logdir}")
+    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", args.host, "--port", str(args.port)]
+    print(f"TensorBoard on http://{args.host}:{args.port}  ({' '.join(cmd[2:])})")
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)  # become TensorBoard: Ctrl-C and kill reach it directly
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("run", help="run an experiment (its `tune:` section) as Ray Tune trials")
+    add_config_args(p)
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--storage", help="storage URI (overrides tune.storage): a path, file://, s3://, gs://")
+    p.add_argument("--name", help="experiment name (default: the config's name)")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("resume", help="continue an interrupted experiment at URI (<storage>/<name>)")
+    p.add_argument("uri")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=cmd_resume)
+    p = sub.add_parser("status", help="table of the trials of the experiment at URI")
+    p.add_argument("uri")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("submit", help="submit `distsearch run` to a Ray cluster as a job (Ray Jobs SDK)")
+    add_config_args(p)
+    p.add_argument("--address", required=True, help="dashboard address, e.g. http://HEAD:8265")
+    p.add_argument("--storage", help="storage URI every node can reach (s3://, gs://, or a shared path)")
+    p.add_argument("--name", help="experiment name (default: the config's name)")
+    p.add_argument("--working-dir", default=".", help="project folder shipped as the job's working_dir")
+    p.add_argument("--wait", action="store_true", help="wait for the job and print its log tail")
+    p.set_defaults(func=cmd_submit)
+    p = sub.add_parser("tensorboard", help="serve the TensorBoard files of an experiment or trial at URI")
+    p.add_argument("uri")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=6006)
+    p.set_defaults(func=cmd_tensorboard)

@@ -1,0 +1,169 @@
+"""The typed `tune:` section of an experiment file (no ray import here).
+
+    tune:
+      search_alg: optuna          # optuna | random
+      sampler: tpe                # tpe | nsga2 (multi-objective over `metrics`)
+      scheduler: asha             # asha | pbt | fifo
+      metric: val/acc             # single objective (tpe, asha, pbt)
+      mode: max
+      metrics: [val/acc, test/acc]  # nsga2 only, with `modes`
+      num_samples: 2
+      max_concurrent_trials: 2
+      resources: {cpu: 1, gpu: 0.5}
+      storage: runs               # local path, file://, s3://bucket/prefix, gs://bucket/prefix
+      params:                     # any dotted key of the search config
+        algorithm.name: {choice: [darts, lease]}
+        optim.arch_lr: {loguniform: [1.0e-4, 1.0e-2]}
+        weight_at.eps: {uniform: [0.05, 0.3]}
+
+Every sampled key path and every candidate value (choices, grid values, range ends) is
+checked against SearchConfig when the file is loaded, so a typo fails before Ray starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+KINDS = ("choice", "grid", "uniform", "loguniform")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ParamSpec(_Strict):
+    """One sampled key: exactly one of choice/grid (a list) or uniform/loguniform ([low, high])."""
+
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ParamSpec:
+        given = [k for k in KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(KINDS)} (got {given or 'none'})")
+        kind = given[0]
+        if kind in ("choice", "grid") and not getattr(self, kind):
+            raise ValueError(f"{kind}: needs at least one value")
+        if kind in ("uniform", "loguniform"):
+            lo, hi = getattr(self, kind)
+            if not lo < hi:
+                raise ValueError(f"{kind}: needs low < high (got [{lo}, {hi}])")
+            if kind == "loguniform" and lo <= 0:
+                raise ValueError(f"loguniform: needs low > 0 (got {lo})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in KINDS if getattr(self, k) is not None)
+
+    @property
+    def candidates(self) -> list[Any]:
+        """Values to check against the config schema: every listed value, or both range ends."""
+        return list(getattr(self, self.kind))
+
+
+class Resources(_Strict):
+    cpu: float = Field(1, gt=0, description="CPUs per trial (also its torch / OMP threads)")
+    gpu: float = Field(0, ge=0, description="GPU share per trial: 0, a fraction such as 0.25, or 1")
+
+    @field_validator("gpu")
+    @classmethod
+    def _at_most_one(cls, gpu: float) -> float:
+        if gpu > 1:
+            raise ValueError("a trial holds one supernet on at most one GPU: use a fraction in (0, 1]")
+        return gpu
+
+
+class TuneConfig(_Strict):
+    search_alg: Literal["optuna", "random"] = "optuna"
+    sampler: Literal["tpe", "nsga2"] = "tpe"
+    scheduler: Literal["asha", "pbt", "fifo"] = "fifo"
+    metric: str = "val/acc"
+    mode: Literal["max", "min"] = "max"
+    metrics: list[str] | None = Field(None, description="nsga2: the objectives, e.g. [val/acc, test/acc]")
+    modes: list[Literal["max", "min"]] | None = None
+    num_samples: int = Field(1, gt=0)
+    max_concurrent_trials: int | None = Field(None, gt=0)
+    resources: Resources = Resources()
+    storage: str = Field("runs", min_length=1, description="storage URI for all trials of the experiment")
+    params: dict[str, ParamSpec]
+    points_to_evaluate: list[dict[str, Any]] | None = Field(None, description="configs to try first (optuna)")
+    grace_period: int = Field(1, gt=0, description="asha: epochs before a trial can be stopped")
+    reduction_factor: float = Field(2, gt=1)
+    perturbation_interval: int = Field(1, gt=0, description="pbt: epochs between exploit/explore")
+    max_failures: int = Field(0, ge=0, description="retries of a failed trial (from its last checkpoint)")
+    seed: int | None = Field(None, description="search algorithm seed (default: the config's seed)")
+
+    @field_validator("params")
+    @classmethod
+    def _not_empty(cls, params: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
+        if not params:
+            raise ValueError("empty param space: sample at least one key, e.g. algorithm.name: {choice: [darts]}")
+        return params
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TuneConfig:
+        grid = [k for k, p in self.params.items() if p.kind == "grid"]
+        if grid and self.search_alg != "random":
+            raise ValueError(f"params {grid}: grid needs search_alg: random (Optuna samples; use choice)")
+        if self.scheduler == "pbt" and self.search_alg != "random":
+            raise ValueError("scheduler pbt mutates configs itself: use search_alg: random")
+        if self.sampler == "nsga2":
+            if self.search_alg != "optuna":
+                raise ValueError("sampler nsga2 needs search_alg: optuna")
+            if not self.metrics or len(self.metrics) < 2 or len(self.modes or []) != len(self.metrics):
+                raise ValueError("sampler nsga2 needs two or more `metrics` and one `modes` entry (max|min) each")
+        elif self.metrics is not None:
+            raise ValueError("`metrics` (several objectives) needs sampler: nsga2; use `metric` otherwise")
+        for point in self.points_to_evaluate or []:
+            unknown = sorted(set(point) - set(self.params))
+            if unknown:
+                raise ValueError(f"points_to_evaluate: keys {unknown} are not in params")
+        return self
+
+    @property
+    def objectives(self) -> list[tuple[str, str]]:
+        if self.metrics:
+            return list(zip(self.metrics, self.modes or []))
+        return [(self.metric, self.mode)]
+
+    def check_paths(self, base: dict[str, Any]) -> None:
+        """Validate every candidate value of every sampled key against SearchConfig."""
+        from pydantic import ValidationError
+
+        from ..config import SearchConfig, format_validation_error
+
+        for key, spec in self.params.items():
+            for value in spec.candidates:
+                try:
+                    raw = apply_params(base, {key: value})
+                except KeyError as e:
+                    raise ValueError(f"params '{key}': {e.args[0]}") from None
+                try:
+                    SearchConfig.model_validate(raw)
+                except ValidationError as e:
+                    msg = format_validation_error(e, prefix="").removeprefix(" error: ")
+                    raise ValueError(f"params '{key}': {spec.kind} value {value!r}: {msg}") from None
+
+
+def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a raw config dict with `a.b.c: value` entries set (missing sections created)."""
+    raw = copy.deepcopy(base)
+    raw.pop("tune", None)
+    for key, value in params.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise KeyError(f"'{p}' is not a config section")
+            node = node[p]
+        node[leaf] = copy.deepcopy(value)
+    return raw

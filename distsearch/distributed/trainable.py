@@ -1,0 +1,120 @@
+"""The Ray Tune function trainable: one trial = one search (`runner.run_search`).
+
+Each trial keeps its own Store at `<storage>/<experiment>/<trial_id>/search/` (config,
+checksummed checkpoints, genotype.json, result.json, tb/), next to the files Tune writes in
+the same trial folder. After every epoch's checkpoint the trial reports that epoch's
+metrics with `ray.tune.report(metrics, checkpoint=...)`; the Tune checkpoint is a small
+pointer to the search checkpoint in the store. Resuming a trial needs nothing from Tune:
+run_search continues from the newest valid checkpoint in the trial's own store (which
+may be newer than Tune's saved state). When a Tune checkpoint points at another trial's
+store (PBT exploit), that checkpoint is copied into this trial's store first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+import time
+from typing import Any
+
+from ..storage import CKPT_DIR, MANIFEST, Store
+from .schema import apply_params
+
+SEARCH_DIR = "search"
+POINTER = "distsearch_checkpoint.json"
+
+
+def trial_uri(root: str, trial_id: str) -> str:
+    """Storage URI of one trial's search Store under the experiment root URI."""
+    return posixpath.join(root.rstrip("/"), trial_id, SEARCH_DIR)
+
+
+def set_threads(cpus: float) -> int:
+    """torch intra-op and OMP threads from the trial's CPU share (at least one)."""
+    import torch
+
+    n = max(1, int(cpus))
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+    return n
+
+
+def _adopt(pointer: dict[str, Any], store: Store) -> None:
+    """Copy the pointed-at checkpoint (another trial's, under PBT) into `store`."""
+    if pointer["store"] == store.uri:
+        return
+    src = Store(pointer["store"])
+    rel = posixpath.join(CKPT_DIR, pointer["checkpoint"])
+    manifest = src.read_json(posixpath.join(rel, MANIFEST))
+    for old in store.list_checkpoints():  # the clone replaces this trial's own history
+        store.fs.rm(store.path(CKPT_DIR, old, MANIFEST))
+    for fname in manifest["files"]:
+        store.write_bytes(posixpath.join(rel, fname), src.read_bytes(posixpath.join(rel, fname)))
+    store.write_json(posixpath.join(rel, MANIFEST), manifest)
+
+
+def _record_start(store: Store, node_ip: str) -> None:
+    """Append this start to trial_starts.json: the epoch it resumes from and the node it runs on."""
+    starts = store.read_json("trial_starts.json") if store.exists("trial_starts.json") else []
+    latest = store.latest()
+    epoch = store.load_checkpoint(latest)[1]["epoch"] if latest else 0
+    starts.append({"time": time.time(), "epoch": epoch, "node_ip": node_ip, "pid": os.getpid()})
+    store.write_json("trial_starts.json", starts)
+
+
+def _write_genotype(store: Store, name: str, record: dict[str, float], final: bool) -> None:
+    """genotype.json after every epoch (a scheduler may stop the trial at any report), and at
+    the last epoch also result.json, as run_search writes them when it is not interrupted."""
+    meta = store.read_json(posixpath.join(CKPT_DIR, name, "meta.json"))
+    store.write_json("genotype.json", meta["genotype"])
+    if final:
+        result = dict(genotype=meta["genotype"], metrics=record, epochs=meta["epoch"], steps=meta["global_step"])
+        store.write_json("result.json", result)
+
+
+def search_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
+    """Tune entry point. `config` holds the sampled dotted keys; `spec` the experiment
+    (`base`: the raw search config, `root`: the experiment's storage URI, `cpu`: per trial)."""
+    import ray
+    from ray import tune
+
+    from ..config import parse_config
+    from ..runner import run_search
+
+    ctx = tune.get_context()
+    for key, value in spec.get("env", {}).items():  # storage endpoint etc.; the node's own setting wins
+        os.environ.setdefault(key, value)
+    threads = set_threads(spec.get("cpu", 1))
+    raw = apply_params(spec["base"], config)
+    uri = trial_uri(spec["root"], ctx.get_trial_id())
+    raw.update(threads=threads, name=f"{raw.get('name', 'search')}/{ctx.get_trial_id()}")
+    raw.setdefault("storage", {})["uri"] = uri
+    raw.setdefault("monitor", {})["progress"] = False
+    cfg = parse_config(raw)
+    store = Store(uri)
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            pointer_file = os.path.join(d, POINTER)
+            if os.path.exists(pointer_file):
+                with open(pointer_file) as f:
+                    _adopt(json.load(f), store)
+        store.write_json("config.json", cfg.model_dump(mode="json"))  # PBT may have changed the config
+    _record_start(store, ray.util.get_node_ip_address())
+    reported = False
+
+    def on_epoch(epoch: int, record: dict[str, float], name: str) -> None:
+        nonlocal reported
+        _write_genotype(store, name, record, final=epoch >= cfg.epochs)
+        with tempfile.TemporaryDirectory(prefix="distsearch-ckpt-") as d:
+            with open(os.path.join(d, POINTER), "w") as f:
+                json.dump({"store": uri, "checkpoint": name, "epoch": epoch}, f)
+            tune.report(dict(record, done_epochs=epoch), checkpoint=tune.Checkpoint.from_directory(d))
+        reported = True
+
+    result = run_search(cfg, store, on_epoch=on_epoch)
+    if not reported:  # the store already held the finished search: report its result once
+        tune.report(dict(result.metrics, done_epochs=result.epochs))

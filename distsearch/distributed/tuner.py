@@ -1,0 +1,210 @@
+"""An experiment as a Ray Tune run: param_space from the `tune:` section (choice, grid,
+uniform, loguniform over dotted config keys), the search algorithm (Optuna TPE, Optuna
+NSGA-II over several metrics, or random/grid), the scheduler (ASHA, PBT, FIFO), per-trial
+resources (CPUs, a GPU fraction), storage by URI, and resume with
+`Tuner.restore(..., resume_errored=True)` (finished trials stay finished; errored and
+unfinished ones continue from their own checkpoints; Optuna keeps its state).
+
+Storage URIs: a local path or file:// (made absolute), s3://bucket/prefix (endpoint and
+keys from the standard AWS_* variables, e.g. AWS_ENDPOINT_URL for MinIO or moto),
+gs://bucket/prefix (gcsfs; credentials from GOOGLE_APPLICATION_CREDENTIALS). The
+experiment lives at `<storage>/<name>/`: Tune's state, `distsearch_experiment.json`
+(what `resume` needs), and one folder per trial (see trainable.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+from typing import Any
+
+from ..config import SearchConfig
+from ..errors import UsageError
+from ..storage import Store
+from .schema import ParamSpec, TuneConfig
+from .trainable import search_trial
+
+EXPERIMENT_FILE = "distsearch_experiment.json"
+# Storage settings (never secrets) that trials on other nodes need to reach the same store.
+FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
+log = logging.getLogger(__name__)
+
+
+def normalize_storage(uri: str) -> str:
+    """Absolute local path for local/file:// URIs; remote URIs unchanged (no trailing slash)."""
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    if "://" not in uri:
+        return os.path.abspath(os.path.expanduser(uri))
+    return uri.rstrip("/")
+
+
+def experiment_uri(storage: str, name: str) -> str:
+    return posixpath.join(normalize_storage(storage), name)
+
+
+def check_storage(uri: str) -> None:
+    """One clear UsageError when the storage URI cannot be opened or written."""
+    Store(uri).check_writable()
+
+
+def _domain(spec: ParamSpec) -> Any:
+    from ray import tune
+
+    kind = spec.kind
+    if kind == "choice":
+        return tune.choice(spec.choice)
+    if kind == "grid":
+        return tune.grid_search(spec.grid)
+    lo, hi = getattr(spec, kind)
+    return tune.uniform(lo, hi) if kind == "uniform" else tune.loguniform(lo, hi)
+
+
+def param_space(t: TuneConfig) -> dict[str, Any]:
+    return {key: _domain(spec) for key, spec in t.params.items()}
+
+
+def search_algorithm(t: TuneConfig, seed: int) -> Any:
+    if t.search_alg == "random":
+        return None  # Tune's BasicVariantGenerator: random sampling and grids
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if t.sampler == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=seed)
+        metric, mode = [m for m, _ in t.objectives], [m for _, m in t.objectives]
+        return OptunaSearch(metric=metric, mode=mode, sampler=sampler, points_to_evaluate=t.points_to_evaluate)
+    sampler = optuna.samplers.TPESampler(seed=seed)
+    return OptunaSearch(sampler=sampler, points_to_evaluate=t.points_to_evaluate)
+
+
+def scheduler(t: TuneConfig, epochs: int) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    metric, mode = t.objectives[0]
+    if t.scheduler == "asha":
+        extra = {"metric": metric, "mode": mode} if t.metrics else {}
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=epochs,
+            grace_period=t.grace_period,
+            reduction_factor=t.reduction_factor,
+            **extra,
+        )
+    if t.scheduler == "pbt":
+        mutations = {}
+        for key, spec in t.params.items():
+            lo_hi = spec.uniform or spec.loguniform
+            mutations[key] = (
+                list(spec.choice or spec.grid)
+                if lo_hi is None
+                else (tune.uniform(*lo_hi) if spec.uniform else tune.loguniform(*lo_hi))
+            )
+        return PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=t.perturbation_interval,
+            hyperparam_mutations=mutations,
+        )
+    return FIFOScheduler()
+
+
+def trial_dirname(trial: Any) -> str:
+    return trial.trial_id
+
+
+def make_trainable(spec: dict[str, Any]) -> Any:
+    from ray import tune
+
+    r = spec["resources"]
+    return tune.with_resources(tune.with_parameters(search_trial, spec=spec), {"cpu": r["cpu"], "gpu": r["gpu"]})
+
+
+def experiment_spec(cfg: SearchConfig, storage: str | None = None, name: str | None = None) -> dict[str, Any]:
+    """Everything a run or a later resume needs, as JSON: the base config and the tune section."""
+    if cfg.tune is None:
+        raise UsageError("tune: the experiment file has no `tune:` section (see launch/experiments/quickstart.yaml)")
+    storage = normalize_storage(storage or cfg.tune.storage)
+    name = name or cfg.name
+    if not name or "/" in name:
+        raise UsageError(f"--name: {name!r} must be a plain folder name")
+    return {
+        "name": name,
+        "storage": storage,
+        "root": posixpath.join(storage, name),
+        "base": cfg.model_dump(mode="json", exclude={"tune"}),
+        "tune": cfg.tune.model_dump(mode="json"),
+        "resources": cfg.tune.resources.model_dump(),
+        "cpu": cfg.tune.resources.cpu,
+        "env": {k: os.environ[k] for k in FORWARD_ENV if k in os.environ},
+    }
+
+
+def build_tuner(spec: dict[str, Any]) -> Any:
+    """A new Tuner for the experiment `spec` (see experiment_spec)."""
+    from ray import tune
+
+    t = TuneConfig.model_validate(spec["tune"])
+    metric, mode = (None, None) if t.metrics else t.objectives[0]
+    seed = t.seed if t.seed is not None else spec["base"]["seed"]
+    tune_config = tune.TuneConfig(
+        metric=metric,
+        mode=mode,
+        search_alg=search_algorithm(t, seed),
+        scheduler=scheduler(t, spec["base"]["epochs"]),
+        num_samples=t.num_samples,
+        max_concurrent_trials=t.max_concurrent_trials,
+        trial_dirname_creator=trial_dirname,
+        trial_name_creator=trial_dirname,
+        reuse_actors=True,  # a new trial reuses a finished trial's worker: no second torch import
+    )
+    run_config = tune.RunConfig(
+        name=spec["name"],
+        storage_path=spec["storage"],
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        failure_config=tune.FailureConfig(max_failures=t.max_failures),
+        verbose=1,
+    )
+    return tune.Tuner(make_trainable(spec), param_space=param_space(t), tune_config=tune_config, run_config=run_config)
+
+
+def save_spec(spec: dict[str, Any]) -> None:
+    Store(spec["root"]).write_json(EXPERIMENT_FILE, spec)
+
+
+def load_spec(uri: str) -> dict[str, Any]:
+    uri = normalize_storage(uri)
+    store = Store(uri)
+    if not store.exists(EXPERIMENT_FILE):
+        raise UsageError(
+            f"URI: {uri!r} holds no distsearch experiment (no {EXPERIMENT_FILE}); "
+            "point it at <storage>/<name> of a `distsearch run`"
+        )
+    return store.read_json(EXPERIMENT_FILE)
+
+
+def restore_tuner(uri: str) -> tuple[Any, dict[str, Any]]:
+    """The experiment at `uri`, restored: unfinished and errored trials continue, finished ones stay."""
+    from ray import tune
+
+    spec = load_spec(uri)
+    if not tune.Tuner.can_restore(spec["root"]):
+        raise UsageError(f"URI: {spec['root']!r} has no Tune experiment state to resume (did it ever start?)")
+    tuner = tune.Tuner.restore(spec["root"], trainable=make_trainable(spec), resume_errored=True)
+    return tuner, spec
+
+
+def init_ray(address: str | None = None) -> bool:
+    """Connect to `address` (or $RAY_ADDRESS), or start a local Ray; True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or None, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+    return True

@@ -1,0 +1,227 @@
+"""Interval bound propagation (IBP; Gowal et al. 2018, eqs. 5-6) through every op of the
+DARTS search space, for the DSRNA certified metric (Hosseini, Yang, Xie, CVPR 2021).
+
+For a box [lo, up] with centre m = (up + lo) / 2 and radius r = (up - lo) / 2, an affine map
+z = W x + b gives the box W m + b +- |W| r (eq. 6); monotone maps (ReLU, max and average
+pooling, shifts) act on lo and up separately. A mixed op (DARTS eq. 2) is the
+softmax(alpha)-weighted sum of its ops, and the weights are positive, so its box is the
+weighted sum of the ops' boxes: every bound stays differentiable in alpha.
+
+BatchNorm is always the affine map of its *running* statistics (eval-mode semantics), even
+when the module is in training mode: the bounded function is the eval-mode network (drop
+path off). The DSRNA searcher swaps in the clean batch's statistics when it wants the
+training-mode function (search/dsrna.py, `frozen_bn`).
+
+The pass records, for the linear back-substitution of bounds_linear.py, the input bounds of
+every ReLU, the output bounds of every max pool and the input shape of every leaf module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from search_spaces.darts import MixedOp, SearchCell, Supernet
+from search_spaces.network import Cell, Network
+from search_spaces.operations import FactorizedReduce, Identity, Shift, Zero
+
+
+@dataclass
+class Box:
+    """Elementwise bounds lo <= z <= up; `center`/`eps` (set only on the raw input of an L2
+    ball, kept through reshapes) let the first affine layer use the exact L2 dual norm."""
+
+    lo: torch.Tensor
+    up: torch.Tensor
+    center: torch.Tensor | None = None
+    eps: torch.Tensor | None = None
+
+
+@dataclass
+class Trace:
+    """What the IBP pass records for the linear pass, keyed by id(module)."""
+
+    bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    shapes: dict[int, torch.Size] = field(default_factory=dict)
+
+    def put(self, m: nn.Module, lo: torch.Tensor, up: torch.Tensor) -> None:
+        if id(m) in self.bounds:
+            raise ValueError(f"bounds: module {type(m).__name__} is called twice in one forward; not supported")
+        self.bounds[id(m)] = (lo, up)
+
+
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, shift) of a BatchNorm2d with its running statistics."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("bounds: BatchNorm2d without running statistics (track_running_stats=False)")
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def _affine(fn, fn_abs, box: Box, l2_rad=None) -> Box:
+    m, r = (box.up + box.lo) / 2, (box.up - box.lo) / 2
+    c, rad = fn(m), fn_abs(r)
+    lo, up = c - rad, c + rad
+    if box.center is not None and l2_rad is not None:
+        c2, rad2 = fn(box.center), l2_rad()
+        lo, up = torch.maximum(lo, c2 - box.eps.reshape(-1, *[1] * (c2.dim() - 1)) * rad2), torch.minimum(
+            up, c2 + box.eps.reshape(-1, *[1] * (c2.dim() - 1)) * rad2
+        )
+    return Box(lo, up)
+
+
+def _conv(m: nn.Conv2d, box: Box) -> Box:
+    kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
+    fn = lambda z: F.conv2d(z, m.weight, m.bias, **kw)
+    fn_abs = lambda z: F.conv2d(z, m.weight.abs(), None, **kw)
+    # exact L2 norm of each output unit's row (border taps that fall on padding excluded)
+    l2 = lambda: F.conv2d(torch.ones_like(box.lo[:1]), m.weight.square(), None, **kw).clamp_min(0).sqrt()
+    return _affine(fn, fn_abs, box, l2)
+
+
+def _linear(m: nn.Linear, box: Box) -> Box:
+    fn = lambda z: F.linear(z, m.weight, m.bias)
+    fn_abs = lambda z: F.linear(z, m.weight.abs())
+    return _affine(fn, fn_abs, box, lambda: m.weight.norm(dim=1))
+
+
+def spec_linear(weight: torch.Tensor, bias: torch.Tensor | None, C: torch.Tensor, box: Box) -> Box:
+    """Bounds of C (W h + b) for h in the box: C [B, S, K] folded into W (tighter than C after W)."""
+    W = C @ weight  # [B, S, F]
+    m, r = (box.up + box.lo) / 2, (box.up - box.lo) / 2
+    c = torch.einsum("bsf,bf->bs", W, m)
+    if bias is not None:
+        c = c + C @ bias
+    rad = torch.einsum("bsf,bf->bs", W.abs(), r)
+    lo, up = c - rad, c + rad
+    if box.center is not None:
+        c2 = torch.einsum("bsf,bf->bs", W, box.center) + (C @ bias if bias is not None else 0)
+        rad2 = box.eps.reshape(-1, 1) * W.norm(dim=-1)
+        lo, up = torch.maximum(lo, c2 - rad2), torch.minimum(up, c2 + rad2)
+    return Box(lo, up)
+
+
+def _monotone(fn, box: Box) -> Box:
+    return Box(fn(box.lo), fn(box.up))
+
+
+def ibp(m: nn.Module, box: Box, trace: Trace, *, skip_head: bool = False) -> Box:
+    """Propagate `box` through module `m` (any op of search_spaces, or a small Sequential)."""
+    if isinstance(m, Supernet):
+        return _supernet(m, box, trace, skip_head)
+    if isinstance(m, Network):
+        return _network(m, box, trace, skip_head)
+    if isinstance(m, nn.Sequential):
+        children = list(m)
+        if skip_head:
+            children = children[:-1]
+        for c in children:
+            box = ibp(c, box, trace)
+        return box
+    trace.shapes[id(m)] = box.lo.shape[1:]
+    if isinstance(m, nn.Conv2d):
+        return _conv(m, box)
+    if isinstance(m, nn.Linear):
+        return _linear(m, box)
+    if isinstance(m, nn.BatchNorm2d):
+        s, t = bn_affine(m)
+        s4, t4 = s.reshape(1, -1, 1, 1), t.reshape(1, -1, 1, 1)
+        return _affine(lambda z: z * s4 + t4, lambda z: z * s4.abs(), box)
+    if isinstance(m, nn.ReLU):
+        trace.put(m, box.lo, box.up)
+        return Box(box.lo.clamp_min(0), box.up.clamp_min(0))
+    if isinstance(m, nn.MaxPool2d):
+        out = _monotone(m, box)
+        trace.put(m, out.lo, out.up)
+        return out
+    if isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d, Shift)):
+        return _monotone(m, box)
+    if isinstance(m, (Identity, nn.Identity, nn.Dropout)):
+        return box
+    if isinstance(m, nn.Flatten):
+        return Box(m(box.lo), m(box.up), None if box.center is None else m(box.center), box.eps)
+    if isinstance(m, Zero):
+        z = m(box.lo)
+        return Box(z, z)
+    if isinstance(m, FactorizedReduce):
+        h = ibp(m.relu, box, trace)
+        a, b = ibp(m.conv_1, h, trace), ibp(m.conv_2, ibp(m.shift, h, trace), trace)
+        return ibp(m.bn, Box(torch.cat([a.lo, b.lo], 1), torch.cat([a.up, b.up], 1)), trace)
+    raise TypeError(f"bounds: no bound propagation rule for {type(m).__name__}")
+
+
+def ibp_mixed(m: MixedOp, box: Box, weights: torch.Tensor, trace: Trace) -> Box:
+    """softmax(alpha)-weighted sum of the ops' boxes (weights > 0, so bounds add)."""
+    ls, us = [], []
+    for w, op in zip(weights, m.ops):
+        b = ibp(op, box, trace)
+        ls.append(w * b.lo)
+        us.append(w * b.up)
+    return Box(sum(ls), sum(us))
+
+
+def _add(a: Box, b: Box) -> Box:
+    return Box(a.lo + b.lo, a.up + b.up)
+
+
+def _cat(boxes: list[Box]) -> Box:
+    return Box(torch.cat([b.lo for b in boxes], 1), torch.cat([b.up for b in boxes], 1))
+
+
+def ibp_search_cell(cell: SearchCell, b0: Box, b1: Box, weights: torch.Tensor, trace: Trace) -> Box:
+    states = [ibp(cell.preprocess0, b0, trace), ibp(cell.preprocess1, b1, trace)]
+    offset = 0
+    for _ in range(cell.nodes):
+        parts = [ibp_mixed(cell.edges[offset + j], h, weights[offset + j], trace) for j, h in enumerate(states)]
+        s = parts[0]
+        for p in parts[1:]:
+            s = _add(s, p)
+        offset += len(states)
+        states.append(s)
+    return _cat(states[-cell.multiplier :])
+
+
+def ibp_cell(cell: Cell, b0: Box, b1: Box, trace: Trace) -> Box:
+    states = [ibp(cell.preprocess0, b0, trace), ibp(cell.preprocess1, b1, trace)]
+    for n in range(len(cell.ops) // 2):
+        a, b = (ibp(cell.ops[k], states[cell.inputs[k]], trace) for k in (2 * n, 2 * n + 1))
+        states.append(_add(a, b))
+    return _cat([states[i] for i in cell.concat])
+
+
+def _head(m: nn.Module, feat: Box, trace: Trace, skip_head: bool) -> Box:
+    feat = ibp(m.global_pooling, feat, trace)
+    feat = Box(feat.lo.flatten(1), feat.up.flatten(1))
+    return feat if skip_head else ibp(m.classifier, feat, trace)
+
+
+def _supernet(m: Supernet, box: Box, trace: Trace, skip_head: bool) -> Box:
+    w_normal, w_reduce = m.arch_weights()
+    s0 = s1 = ibp(m.stem, box, trace)
+    for cell in m.cells:
+        s0, s1 = s1, ibp_search_cell(cell, s0, s1, w_reduce if cell.reduction else w_normal, trace)
+    return _head(m, s1, trace, skip_head)
+
+
+def _network(m: Network, box: Box, trace: Trace, skip_head: bool) -> Box:
+    s0 = s1 = ibp(m.stem_bn, ibp(m.first_layer, box, trace), trace)
+    for cell in m.cells:
+        s0, s1 = s1, ibp_cell(cell, s0, s1, trace)
+    return _head(m, s1, trace, skip_head)
+
+
+def head_of(m: nn.Module) -> nn.Linear | None:
+    """The final Linear layer that a specification matrix C can be folded into."""
+    if isinstance(m, (Supernet, Network)):
+        return m.classifier
+    if isinstance(m, nn.Sequential) and len(m) and isinstance(m[-1], nn.Linear):
+        return m[-1]
+    return None

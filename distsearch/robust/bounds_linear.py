@@ -1,0 +1,203 @@
+"""Linear bounds by back-substitution (CROWN, Zhang et al. 2018, Theorem 3.2; Fast-Lin,
+Weng et al. 2018) through the DARTS search space, for DSRNA's certified metric (Hosseini,
+Yang, Xie, CVPR 2021).
+
+A lower bound of the specification C f(x) is carried backwards as a linear function
+A z + c of the current node z (A: [B, S, *shape], c: [B, S]). Affine layers substitute
+exactly (A <- A W, c <- c + A b; convolutions by their transposes, parameter-free linear
+ops by their autograd adjoint). A ReLU with pre-activation bounds [lo, up] is relaxed:
+positive coefficients take the lower line a z (a in {0, 1}, the CROWN-adaptive choice
+a = 1 iff up > -lo), negative ones the upper chord up (z - lo) / (up - lo) (eq. 4). A max pool has
+no relaxation here: it falls back to its interval bounds, which ends the substitution
+through it (sound, looser). A mixed op is the softmax(alpha)-weighted sum of its ops, so its
+linear bound is the weighted sum of the ops' bounds; cells are DAGs whose coefficients are
+accumulated node by node in reverse order.
+
+Intermediate bounds (ReLU inputs, max-pool outputs) come from the IBP pass
+(bounds_ibp.py): the CROWN-IBP scheme (Zhang et al. 2020), one backward pass per network.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from search_spaces.darts import MixedOp, SearchCell, Supernet
+from search_spaces.network import Cell, Network
+from search_spaces.operations import FactorizedReduce, Identity, Shift, Zero
+
+from .bounds_ibp import Trace, bn_affine
+
+Coef = torch.Tensor | None
+
+
+class Back:
+    """Back-substitution state: the trace of the IBP pass and the accumulated constant."""
+
+    def __init__(self, trace: Trace):
+        self.trace = trace
+        self.const: torch.Tensor | float = 0.0
+
+    def add(self, c: torch.Tensor) -> None:
+        self.const = self.const + c
+
+
+def _acc(a: Coef, b: Coef) -> Coef:
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def _adjoint(fn, A: torch.Tensor, in_shape: torch.Size) -> torch.Tensor:
+    """A -> A o fn for a parameter-free linear map fn (pools, shifts), by autograd."""
+    BS = A.shape[:2]
+    with torch.enable_grad():
+        z = torch.zeros(BS[0] * BS[1], *in_shape, dtype=A.dtype, device=A.device, requires_grad=True)
+        (g,) = torch.autograd.grad(fn(z), z, A.reshape(-1, *A.shape[2:]), create_graph=A.requires_grad)
+    return g.reshape(*BS, *in_shape)
+
+
+def _conv_back(m: nn.Conv2d, A: torch.Tensor, st: Back) -> torch.Tensor:
+    in_shape = st.trace.shapes[id(m)]
+    H_out, W_out = A.shape[-2:]
+    out_pad = []
+    for n_in, n_out, s, p, d, k in zip(in_shape[1:], (H_out, W_out), m.stride, m.padding, m.dilation, m.kernel_size):
+        out_pad.append(n_in - ((n_out - 1) * s - 2 * p + d * (k - 1) + 1))
+    BS = A.shape[:2]
+    A2 = F.conv_transpose2d(A.reshape(-1, *A.shape[2:]), m.weight, None, m.stride, m.padding, tuple(out_pad),
+                            m.groups, m.dilation)
+    if m.bias is not None:
+        st.add(torch.einsum("bschw,c->bs", A, m.bias))
+    return A2.reshape(*BS, *in_shape)
+
+
+def _relu_back(m: nn.ReLU, A: torch.Tensor, st: Back) -> torch.Tensor:
+    lo, up = st.trace.bounds[id(m)]
+    lo, up = lo.unsqueeze(1), up.unsqueeze(1)
+    unstable = (lo < 0) & (up > 0)
+    chord = up / (up - lo).clamp_min(1e-12)
+    a_up = torch.where(up <= 0, torch.zeros_like(up), torch.where(lo >= 0, torch.ones_like(up), chord))
+    a_low = torch.where(up <= 0, torch.zeros_like(up), torch.where(lo >= 0, torch.ones_like(up), (up > -lo).to(up)))
+    b_up = torch.where(unstable, -chord * lo, torch.zeros_like(up))
+    A_pos, A_neg = A.clamp_min(0), A.clamp_max(0)
+    st.add((A_neg * b_up).flatten(2).sum(-1))
+    return A_pos * a_low + A_neg * a_up
+
+
+def _concretize_interval(A: torch.Tensor, lo: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    lo, up = lo.unsqueeze(1), up.unsqueeze(1)
+    return (A.clamp_min(0) * lo + A.clamp_max(0) * up).flatten(2).sum(-1)
+
+
+def back(m: nn.Module, A: Coef, st: Back) -> Coef:
+    """Substitute the linear lower bound A m(z) + c into one in z; None = no dependence left."""
+    if A is None:
+        return None
+    if isinstance(m, Supernet):
+        return _supernet_back(m, A, st)
+    if isinstance(m, Network):
+        return _network_back(m, A, st)
+    if isinstance(m, nn.Sequential):
+        for c in reversed(list(m)):
+            A = back(c, A, st)
+            if A is None:
+                return None
+        return A
+    if isinstance(m, nn.Conv2d):
+        return _conv_back(m, A, st)
+    if isinstance(m, nn.Linear):
+        if m.bias is not None:
+            st.add(A @ m.bias)
+        return A @ m.weight
+    if isinstance(m, nn.BatchNorm2d):
+        s, t = bn_affine(m)
+        st.add(torch.einsum("bschw,c->bs", A, t))
+        return A * s.reshape(1, 1, -1, 1, 1)
+    if isinstance(m, nn.ReLU):
+        return _relu_back(m, A, st)
+    if isinstance(m, nn.MaxPool2d):  # interval fallback: A max(z) >= A+ l_out + A- u_out
+        st.add(_concretize_interval(A, *st.trace.bounds[id(m)]))
+        return None
+    if isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d, Shift)):
+        return _adjoint(m, A, st.trace.shapes[id(m)])
+    if isinstance(m, nn.Flatten):
+        return A.reshape(*A.shape[:2], *st.trace.shapes[id(m)])
+    if isinstance(m, (Identity, nn.Identity, nn.Dropout)):
+        return A
+    if isinstance(m, Zero):
+        return None
+    if isinstance(m, FactorizedReduce):
+        A = back(m.bn, A, st)
+        a1, a2 = A.chunk(2, dim=2)
+        A = _acc(back(m.conv_1, a1, st), back(m.shift, back(m.conv_2, a2, st), st))
+        return back(m.relu, A, st)
+    raise TypeError(f"bounds: no linear bound rule for {type(m).__name__}")
+
+
+def back_mixed(m: MixedOp, A: torch.Tensor, weights: torch.Tensor, st: Back) -> Coef:
+    out: Coef = None
+    for w, op in zip(weights, m.ops):
+        if not isinstance(op, Zero):
+            out = _acc(out, back(op, w * A, st))
+    return out
+
+
+def back_search_cell(cell: SearchCell, A: torch.Tensor, weights: torch.Tensor, st: Back) -> tuple[Coef, Coef]:
+    n = 2 + cell.nodes
+    As: list[Coef] = [None] * n
+    for idx, chunk in zip(range(n - cell.multiplier, n), A.chunk(cell.multiplier, dim=2)):
+        As[idx] = chunk
+    offsets = [sum(2 + t for t in range(i)) for i in range(cell.nodes)]
+    for i in reversed(range(cell.nodes)):
+        Ai = As[2 + i]
+        if Ai is None:
+            continue
+        for j in range(2 + i):
+            As[j] = _acc(As[j], back_mixed(cell.edges[offsets[i] + j], Ai, weights[offsets[i] + j], st))
+    return back(cell.preprocess0, As[0], st), back(cell.preprocess1, As[1], st)
+
+
+def back_cell(cell: Cell, A: torch.Tensor, st: Back) -> tuple[Coef, Coef]:
+    n = 2 + len(cell.ops) // 2
+    As: list[Coef] = [None] * n
+    for idx, chunk in zip(cell.concat, A.chunk(len(cell.concat), dim=2)):
+        As[idx] = _acc(As[idx], chunk)
+    for node in reversed(range(len(cell.ops) // 2)):
+        Ai = As[2 + node]
+        if Ai is None:
+            continue
+        for k in (2 * node, 2 * node + 1):
+            As[cell.inputs[k]] = _acc(As[cell.inputs[k]], back(cell.ops[k], Ai, st))
+    return back(cell.preprocess0, As[0], st), back(cell.preprocess1, As[1], st)
+
+
+def _cells_back(m: nn.Module, A: torch.Tensor, st: Back, cell_back) -> Coef:
+    """Head, then the cells in reverse: cell k reads outputs k-2 and k-1 (-1 = the stem)."""
+    A = back(m.classifier, A, st)
+    A = back(m.global_pooling, A.reshape(*A.shape, 1, 1), st)
+    L = len(m.cells)
+    outs: dict[int, Coef] = {L - 1: A}
+    for k in reversed(range(L)):
+        a0, a1 = cell_back(m.cells[k], outs.pop(k, None))
+        outs[max(k - 2, -1)] = _acc(outs.get(max(k - 2, -1)), a0)
+        outs[max(k - 1, -1)] = _acc(outs.get(max(k - 1, -1)), a1)
+    return outs[-1]
+
+
+def _supernet_back(m: Supernet, A: torch.Tensor, st: Back) -> Coef:
+    w_normal, w_reduce = m.arch_weights()
+
+    def cell_back(cell: SearchCell, Ak: Coef) -> tuple[Coef, Coef]:
+        if Ak is None:
+            return None, None
+        return back_search_cell(cell, Ak, w_reduce if cell.reduction else w_normal, st)
+
+    return back(m.stem, _cells_back(m, A, st, cell_back), st)
+
+
+def _network_back(m: Network, A: torch.Tensor, st: Back) -> Coef:
+    def cell_back(cell: Cell, Ak: Coef) -> tuple[Coef, Coef]:
+        return (None, None) if Ak is None else back_cell(cell, Ak, st)
+
+    return back(m.first_layer, back(m.stem_bn, _cells_back(m, A, st, cell_back), st), st)

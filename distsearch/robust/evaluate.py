@@ -1,0 +1,108 @@
+"""Game-based robustness evaluation: accuracy under attack at a list of budgets and norms.
+
+As reported in DSRNA (Hosseini et al. 2021, section 5.2): clean accuracy and accuracy under
+FGSM (FGM for L2; Goodfellow et al. 2015), PGD-20 and PGD-100 (Madry et al. 2018, random
+start, step 2.5·ε/steps) and Carlini–Wagner L2 (Carlini & Wagner 2017; the found example
+projected onto the ε-ball, so "robust" means no adversarial example within ε was found).
+C&W is L2-only and is skipped for L∞ rows. Accuracies are percentages over the given set.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attack_base import Attack, check_norm
+from .attacks import FGM, FGSM, PGD
+from .lbfgs_cw import CarliniWagnerL2
+from .tables import Row, write_csv, write_markdown
+
+__all__ = ["EVAL_ATTACKS", "accuracy", "game_table", "plot_robustness", "write_csv", "write_markdown"]
+
+AttackFactory = Callable[[float, str], Attack | None]
+
+
+def _cw(eps: float, norm: str, **kw: Any) -> Attack | None:
+    return CarliniWagnerL2(eps=eps, **kw) if norm == "l2" else None
+
+
+EVAL_ATTACKS: dict[str, AttackFactory] = {
+    "fgsm": lambda eps, norm: FGSM(eps) if norm == "linf" else FGM(eps),
+    "pgd-20": lambda eps, norm: PGD(eps, steps=20, norm=norm),
+    "pgd-100": lambda eps, norm: PGD(eps, steps=100, norm=norm),
+    "cw": _cw,
+}
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack | None = None,
+             batch_size: int = 256) -> float:
+    """Accuracy (%) of the model in eval mode on x, or on attack(model, x, y); mode restored."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+            if attack is not None:
+                xb = attack(model, xb, yb)
+            with torch.no_grad():
+                correct += int((model(xb).argmax(1) == yb).sum())
+    finally:
+        model.train(was_training)
+    return 100.0 * correct / max(1, x.shape[0])
+
+
+def game_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: dict[str, Sequence[float]],
+               attacks: Sequence[str] = ("fgsm", "pgd-20", "pgd-100", "cw"), batch_size: int = 256,
+               cw_kwargs: dict[str, Any] | None = None, seed: int = 0) -> list[Row]:
+    """Rows {attack, norm, eps, accuracy, n}: one clean row, then each attack at each (norm, ε).
+    `eps` maps a norm ('linf' or 'l2') to its budgets, e.g. {'linf': [0.1, 0.3], 'l2': [1.0]}."""
+    for norm, budgets in eps.items():
+        check_norm(norm)
+        for e in budgets:
+            if not isinstance(e, (int, float)) or e <= 0:
+                raise ValueError(f"eps: budgets must be numbers > 0, got {e!r} for norm {norm!r}")
+    for name in attacks:
+        if name not in EVAL_ATTACKS:
+            raise ValueError(f"attacks: unknown attack {name!r}; choose from {', '.join(EVAL_ATTACKS)}")
+    torch.manual_seed(seed)
+    n = int(x.shape[0])
+    rows: list[Row] = [{"attack": "clean", "norm": "-", "eps": 0.0, "accuracy": accuracy(model, x, y), "n": n}]
+    for norm, budgets in eps.items():
+        for e in budgets:
+            for name in attacks:
+                factory = EVAL_ATTACKS[name]
+                attack = _cw(e, norm, **(cw_kwargs or {})) if name == "cw" else factory(e, norm)
+                if attack is None:
+                    continue
+                label = "fgm" if name == "fgsm" and norm == "l2" else name
+                rows.append({"attack": label, "norm": norm, "eps": float(e),
+                             "accuracy": accuracy(model, x, y, attack, batch_size), "n": n})
+    return rows
+
+
+def plot_robustness(rows: Sequence[Row], path: str | os.PathLike[str], title: str = "") -> None:
+    """Robust accuracy vs ε, one panel per norm, one line per attack, clean accuracy dashed."""
+    from matplotlib.figure import Figure  # no pyplot: the Agg canvas, no global backend state
+
+    norms = sorted({r["norm"] for r in rows if r["norm"] != "-"})
+    clean = next((r["accuracy"] for r in rows if r["attack"] == "clean"), None)
+    fig = Figure(figsize=(5 * max(1, len(norms)), 4))
+    axes = fig.subplots(1, max(1, len(norms)), squeeze=False)
+    for ax, norm in zip(axes[0], norms):
+        for name in dict.fromkeys(r["attack"] for r in rows if r["norm"] == norm):
+            pts = sorted((float(r["eps"]), float(r["accuracy"])) for r in rows if r["norm"] == norm
+                         and r["attack"] == name)
+            ax.plot([0.0] + [p[0] for p in pts], [clean if clean is not None else 100.0] + [p[1] for p in pts],
+                    marker="o", label=name)
+        if clean is not None:
+            ax.axhline(clean, linestyle="--", color="grey", linewidth=1, label="clean")
+        ax.set(xlabel=f"ε ({norm})", ylabel="accuracy (%)", ylim=(0, 100), title=f"{title} {norm}".strip())
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

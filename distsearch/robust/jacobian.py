@@ -1,0 +1,110 @@
+"""The Jacobian robustness metric of DSRNA (Hosseini, Yang, Xie, CVPR 2021, section 3.1).
+
+|f_k(x + delta) - f_k(x)| ~ |J_k(x) delta| <= ||J_k(x)||_q ||delta||_p with 1/p + 1/q = 1
+(L-inf attack -> q = 1, L2 -> q = 2), so the metric is
+    R_jac = -(eps / K) sum_k ||J_k(x)||_q,   averaged over the examples x.
+Exact norms take K backward passes (one per class) with create_graph=True, so R_jac is
+differentiable in alpha and w. Each example's Jacobian is its own only when the examples of
+the batch do not interact: run the model with BatchNorm frozen (eval mode, or the DSRNA
+searcher's `frozen_bn`).
+
+Random projections (Hoffman, Roberts, Yaida 2019, eq. 4): for v ~ N(0, I_K),
+E ||v^T J||_2^2 = ||J||_F^2 and sqrt(pi/2) E ||v^T J||_1 = sum_d ||J_{:,d}||_2 =: ||J||_{2,1};
+each draw costs one backward pass instead of K. The projected metric replaces
+sum_k ||J_k||_q by ||J||_F (q = 2) or ||J||_{2,1} (q = 1); both lie within a factor sqrt(K)
+of it from below (S <= sum_k ||J_k||_q <= sqrt(K) S), so the surrogate ranks architectures
+alike but is a different number: `R_jac` is only comparable at equal `projections`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+
+
+def dual_q(norm: str) -> float:
+    """Hölder dual exponent q of the attack norm: linf -> 1, l2 -> 2."""
+    if norm == "linf":
+        return 1.0
+    if norm == "l2":
+        return 2.0
+    raise ValueError(f"norm {norm!r} is not one of 'linf', 'l2'")
+
+
+def _inputs(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().clone().requires_grad_(True)
+
+
+def jacobian_norms(model: Model, x: torch.Tensor, norm: str = "linf", create_graph: bool = True) -> torch.Tensor:
+    """Exact ||J_k(x_i)||_q for every example i and class k: [B, K]."""
+    q = dual_q(norm)
+    with torch.enable_grad():
+        xg = _inputs(x)
+        out = model(xg)
+        K = out.shape[1]
+        norms = []
+        for k in range(K):
+            (g,) = torch.autograd.grad(out[:, k].sum(), xg, create_graph=create_graph, retain_graph=True)
+            norms.append(g.flatten(1).norm(p=q, dim=1))
+    return torch.stack(norms, dim=1)
+
+
+def projection_samples(model: Model, x: torch.Tensor, norm: str = "linf", n_proj: int = 1,
+                       create_graph: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[n_proj, B] unbiased single-draw estimates: ||v^T J||_2^2 (of ||J||_F^2) for L2,
+    sqrt(pi/2) ||v^T J||_1 (of ||J||_{2,1}) for L-inf; v ~ N(0, I_K) per example and draw."""
+    return _projections(model, x, norm, n_proj, create_graph, generator)[0]
+
+
+def _projections(model: Model, x: torch.Tensor, norm: str, n_proj: int, create_graph: bool,
+                 generator: torch.Generator | None) -> tuple[torch.Tensor, int]:
+    q = dual_q(norm)
+    with torch.enable_grad():
+        xg = _inputs(x)
+        out = model(xg)
+        samples = []
+        for _ in range(n_proj):
+            v = torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=generator)
+            (g,) = torch.autograd.grad(out, xg, v, create_graph=create_graph, retain_graph=True)
+            g = g.flatten(1)
+            samples.append(g.square().sum(1) if q == 2 else math.sqrt(math.pi / 2) * g.abs().sum(1))
+    return torch.stack(samples), out.shape[1]
+
+
+def projected_jacobian_norm(model: Model, x: torch.Tensor, norm: str = "linf", n_proj: int = 1,
+                            create_graph: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[B] estimate of ||J||_F (L2) or ||J||_{2,1} (L-inf) from n_proj random projections."""
+    return _surrogate(projection_samples(model, x, norm, n_proj, create_graph, generator), norm)
+
+
+def _surrogate(samples: torch.Tensor, norm: str) -> torch.Tensor:
+    s = samples.mean(0)
+    return s.clamp_min(1e-24).sqrt() if norm == "l2" else s
+
+
+def exact_surrogate(model: Model, x: torch.Tensor, norm: str = "linf") -> torch.Tensor:
+    """[B] the exact value the projection samples estimate: ||J||_F^2 (L2) or ||J||_{2,1} (L-inf)."""
+    dual_q(norm)
+    with torch.enable_grad():
+        xg = _inputs(x)
+        out = model(xg)
+        rows = [torch.autograd.grad(out[:, k].sum(), xg, retain_graph=True)[0].flatten(1) for k in range(out.shape[1])]
+    J = torch.stack(rows, dim=1)  # [B, K, D]
+    return J.square().sum((1, 2)) if norm == "l2" else J.norm(dim=1).sum(1)
+
+
+def jacobian_metric(model: Model, x: torch.Tensor, eps: float, norm: str = "linf", projections: int = 0,
+                    create_graph: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """R_jac = -(eps / K) sum_k ||J_k(x)||_q averaged over x (exact when projections == 0,
+    else with the projected surrogate above); a differentiable 0-dim tensor."""
+    if projections > 0:
+        samples, K = _projections(model, x, norm, projections, create_graph, generator)
+        total = _surrogate(samples, norm)
+    else:
+        norms = jacobian_norms(model, x, norm, create_graph)
+        K, total = norms.shape[1], norms.sum(1)
+    return -(eps / K) * total.mean()

@@ -1,0 +1,133 @@
+"""Minimum-distortion attacks: Szegedy's box-constrained L-BFGS and Carlini–Wagner L2.
+
+- Szegedy et al. 2014, section 4.1: minimise c·‖r‖ + loss_f(x + r, l) subject to
+  x + r ∈ [0,1]^m, for a target l ≠ f(x), solved with SciPy's L-BFGS-B (bounds [0, 1] on
+  x + r); a line search on c keeps, per example, the smallest distortion that reaches l.
+  Choices (documented, not in the paper): the penalty is the squared norm c·‖r‖₂² (smooth at
+  r = 0); the search on c is a bisection in the direction "larger c, smaller r": success
+  raises c (×10 until a failure brackets it), failure halves towards the last success.
+  Untargeted use targets the runner-up class of f(x).
+- Carlini & Wagner 2017, section V.A (L2): x' = (tanh(w) + 1)/2, minimise
+  ‖x' − x‖₂² + c·g(x') with g = max(Z_y − max_{i≠y} Z_i, −κ) (untargeted) or
+  max(max_{i≠t} Z_i − Z_t, −κ) (targeted t), Adam on w, binary search on c. Choice: lr 0.1
+  and 100 steps by default (the paper's lr 0.01 needs thousands of steps).
+Both return, per example, the least-distorted successful x' found, or x itself where none
+succeeded; with `eps` set the result is projected onto the L2 ball of radius ε.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import Bounds, minimize
+from torch import nn
+
+from .attack_base import Attack, check_int, check_positive, clip_box, l2_norm, project, runner_up, success
+
+
+class _MinDistortion(Attack):
+    """Shared search on the constant c. L-BFGS's c weighs the distortion (success: raise c);
+    C&W's c weighs the attack loss (success: lower c). Unbracketed, c moves ×10 or ÷2."""
+
+    c_weighs_distortion = True
+
+    def __init__(self, targeted: bool, c_init: float, search_steps: int, eps: float | None):
+        check_positive("c_init", c_init)
+        check_int("search_steps", search_steps)
+        check_positive("eps", eps, allow_none=True)
+        self.targeted, self.c_init, self.search_steps, self.eps = targeted, c_init, search_steps, eps
+
+    def solve(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Candidates x' for penalty constants c (one per example)."""
+        raise NotImplementedError
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        c = torch.full((n,), float(self.c_init), device=x.device)
+        lo, hi = torch.zeros_like(c), torch.full_like(c, float("inf"))
+        best, best_d = x.clone(), torch.full_like(c, float("inf"))
+        for _ in range(self.search_steps):
+            cand = self.solve(model, x, y, c)
+            with torch.no_grad():
+                ok = success(model(cand), y, self.targeted)  # untargeted: any misclassification counts
+                d = l2_norm(cand - x)
+            better = ok & (d < best_d)
+            best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), cand, best)
+            best_d = torch.where(better, d, best_d)
+            up = ok if self.c_weighs_distortion else ~ok  # raise c next?
+            lo, hi = torch.where(up, c, lo), torch.where(up, hi, c)
+            c = torch.where(torch.isinf(hi), c * 10, (lo + hi) / 2)
+        if self.eps is not None:
+            best = x + clip_box(x, project(best - x, self.eps, "l2"))
+        return best
+
+
+class LBFGS(_MinDistortion):
+    """Szegedy et al.'s box-constrained L-BFGS (targeted on y, or on the runner-up class)."""
+
+    def __init__(self, targeted: bool = False, c_init: float = 0.1, search_steps: int = 6, max_iter: int = 50,
+                 eps: float | None = None):
+        super().__init__(targeted, c_init, search_steps, eps)
+        check_int("max_iter", max_iter)
+        self.max_iter = max_iter
+
+    def solve(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """One L-BFGS-B problem per example (SciPy's cost grows faster than linearly in the size)."""
+        with torch.no_grad():
+            t = y if self.targeted else runner_up(model(x), y)
+        return torch.cat([self._solve_one(model, x[i : i + 1], t[i : i + 1], float(c[i])) for i in range(len(x))])
+
+    def _solve_one(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, c: float) -> torch.Tensor:
+        def fun(v: np.ndarray) -> tuple[float, np.ndarray]:
+            xa = torch.from_numpy(v).view(x.shape).to(x).requires_grad_(True)
+            loss = c * ((xa - x) ** 2).sum() + F.cross_entropy(model(xa), t)
+            (g,) = torch.autograd.grad(loss, xa)
+            return float(loss.detach()), g.detach().cpu().double().numpy().ravel()
+
+        x0 = x.detach().cpu().double().numpy().ravel()
+        res = minimize(
+            fun, x0, jac=True, method="L-BFGS-B", bounds=Bounds(0.0, 1.0), options={"maxiter": self.max_iter}
+        )
+        return torch.from_numpy(np.clip(res.x, 0.0, 1.0)).view(x.shape).to(x)
+
+
+class CarliniWagnerL2(_MinDistortion):
+    """Carlini–Wagner L2 in tanh space with Adam and a binary search on c."""
+
+    c_weighs_distortion = False
+
+    def __init__(self, targeted: bool = False, c_init: float = 1.0, search_steps: int = 5, steps: int = 100,
+                 lr: float = 0.1, kappa: float = 0.0, eps: float | None = None):
+        super().__init__(targeted, c_init, search_steps, eps)
+        check_int("steps", steps)
+        check_positive("lr", lr)
+        if not isinstance(kappa, (int, float)) or kappa < 0:
+            raise ValueError(f"kappa: must be a number >= 0, got {kappa!r}")
+        self.steps, self.lr, self.kappa = steps, lr, kappa
+        self.squash = 1 - 1e-6
+
+    def solve(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        w = torch.atanh((2 * x - 1) * self.squash).detach().requires_grad_(True)
+        opt = torch.optim.Adam([w], lr=self.lr)
+        onehot = F.one_hot(y, num_classes=model(x[:1]).shape[1]).bool()
+        best, best_d = x.clone(), torch.full_like(c, float("inf"))
+        for _ in range(self.steps):
+            xa = (torch.tanh(w) + 1) / 2
+            logits = model(xa)
+            real = logits.masked_fill(~onehot, float("-inf")).amax(1)
+            other = logits.masked_fill(onehot, float("-inf")).amax(1)
+            margin = other - real if self.targeted else real - other
+            dist = ((xa - x) ** 2).flatten(1).sum(1)
+            loss = (dist + c * margin.clamp(min=-self.kappa)).sum()
+            opt.zero_grad()
+            loss.backward()
+            with torch.no_grad():
+                ok = success(logits, y, self.targeted) & (dist < best_d)
+                best = torch.where(ok.view(-1, *([1] * (x.dim() - 1))), xa, best)
+                best_d = torch.where(ok, dist, best_d)
+            opt.step()
+        # where no iterate succeeded, hand back the last one so the caller sees the failure
+        with torch.no_grad():
+            last = (torch.tanh(w) + 1) / 2
+        return torch.where(torch.isinf(best_d).view(-1, *([1] * (x.dim() - 1))), last, best).detach()

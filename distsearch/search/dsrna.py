@@ -1,0 +1,129 @@
+"""DSRNA: differentiable search of robust neural architectures (Hosseini, Yang, Xie, CVPR 2021,
+eq. 1):  min_a L_val(w*(a), a) - gamma * R(w*(a), a),  w*(a) = argmin_w L_tr(w, a),
+with w*(a) by the DARTS one-step approximation (first or second order, inherited from
+DartsSearcher: only `arch_objective` changes). Variants of the robustness metric R:
+- "jacobian":  R_jac = -(eps / K) sum_k ||J_k(x)||_q          (robust/jacobian.py)
+- "certified": R_cb = mean_x min_{j != y} lower(f_y - f_j) at eps (robust/bounds.py, IBP or
+               CROWN-IBP linear bounds), differentiable in alpha through the mixed ops
+- "combined":  R_jac + R_cb.
+The weight step is plain DARTS (or the configured adversarial-training strategy).
+
+BatchNorm while computing R (`bn_stats`): the supernet searches in train mode, where BN
+normalises by batch statistics and couples the examples of a batch. R is computed on the
+same validation batch with BN *frozen* to an affine map: "batch" (default) freezes it to the
+statistics of the clean validation forward that gives L_val (captured by hooks, detached),
+so R describes the function the search trains; "running" uses the running statistics (the
+eval-mode network the certify tables report). Either way each example's bound and Jacobian
+are its own, the running statistics are not touched, and no host sync happens in a step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from distsearch.robust.bounds import certified_metric
+from distsearch.robust.jacobian import jacobian_metric
+from search_spaces import Supernet
+
+from .darts import DartsSearcher
+
+VARIANTS = ("jacobian", "certified", "combined")
+Stats = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+@contextmanager
+def capture_bn_stats(model: nn.Module) -> Iterator[Stats]:
+    """Record each BatchNorm2d's input batch mean and biased variance (as train mode uses)."""
+    stats: Stats = {}
+
+    def hook(m: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        z = inputs[0].detach()
+        var, mean = torch.var_mean(z, dim=(0, 2, 3), unbiased=False)
+        stats[id(m)] = (mean, var)
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def frozen_bn(model: nn.Module, stats: Stats | None = None) -> Iterator[None]:
+    """BN in eval mode for the block; with `stats`, its running buffers temporarily replaced
+    by them. Modes and buffer objects are restored exactly afterwards."""
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            saved.append((m, m.training, m.running_mean, m.running_var))
+            m.eval()
+            if stats is not None and id(m) in stats:
+                m.running_mean, m.running_var = stats[id(m)]
+    try:
+        yield
+    finally:
+        for m, training, mean, var in saved:
+            m.train(training)
+            m.running_mean, m.running_var = mean, var
+
+
+class DsrnaSearcher(DartsSearcher):
+    def __init__(self, model: Supernet, *, epochs: int, order: str = "first", variant: str = "jacobian",
+                 gamma: float = 0.01, eps: float = 0.1, norm: str = "linf", bound: str = "ibp",
+                 projections: int = 0, bn_stats: str = "batch", weight_strategy: Any = None, **optim: Any):
+        if variant not in VARIANTS:
+            raise ValueError(f"algorithm.variant: {variant!r} is not one of {', '.join(VARIANTS)}")
+        if norm not in ("linf", "l2"):
+            raise ValueError(f"algorithm.norm: {norm!r} is not one of 'linf', 'l2'")
+        if bound not in ("ibp", "crown"):
+            raise ValueError(f"algorithm.bound: {bound!r} is not one of 'ibp', 'crown'")
+        if bn_stats not in ("batch", "running"):
+            raise ValueError(f"algorithm.bn_stats: {bn_stats!r} is not one of 'batch', 'running'")
+        if gamma < 0 or eps < 0 or projections < 0:
+            raise ValueError("algorithm: gamma, eps and projections must be >= 0")
+        super().__init__(model, epochs=epochs, order=order, weight_strategy=weight_strategy, **optim)
+        self.variant, self.gamma, self.eps, self.norm = variant, gamma, eps, norm
+        self.bound, self.projections, self.bn_stats = bound, projections, bn_stats
+
+    def robustness(self, x: torch.Tensor, y: torch.Tensor, differentiable: bool = True) -> dict[str, torch.Tensor]:
+        """The metrics of the variant at the current weights (BN must already be frozen)."""
+        out: dict[str, torch.Tensor] = {}
+        if self.variant in ("jacobian", "combined"):
+            out["R_jac"] = jacobian_metric(self.model, x, self.eps, self.norm, self.projections,
+                                           create_graph=differentiable)
+        if self.variant in ("certified", "combined"):
+            with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+                out["R_cb"] = certified_metric(self.model, x, y, self.eps, self.norm, self.bound)
+        return out
+
+    def arch_objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.bn_stats == "batch":
+            with capture_bn_stats(self.model) as stats:
+                loss, metrics = super().arch_objective(x, y)
+        else:
+            loss, metrics = super().arch_objective(x, y)
+            stats = None
+        differentiable = self.gamma > 0  # a config constant, not a data-dependent branch
+        with frozen_bn(self.model, stats):
+            parts = self.robustness(x, y, differentiable)
+        R = sum(parts.values())
+        metrics["val_ce"] = loss.detach()
+        metrics.update({k: v.detach() for k, v in parts.items()})
+        metrics["R"] = R.detach()
+        if not differentiable:
+            return loss, metrics
+        return loss - self.gamma * R, metrics
+
+    def arch_step(self, train_batch, val_batch) -> dict[str, torch.Tensor]:
+        """DARTS's arch step on L_val - gamma R; reports val_loss as the plain cross-entropy
+        (as DARTS does) and the full objective as arch_objective."""
+        metrics = super().arch_step(train_batch, val_batch)
+        metrics["arch_objective"] = metrics["val_loss"]
+        metrics["val_loss"] = metrics.pop("val_ce")
+        return metrics

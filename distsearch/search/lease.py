@@ -1,0 +1,306 @@
+"""LeaSE: learning by self-explanation (Hosseini & Xie, arXiv 2012.12899; ../shared/PAPERS.md).
+
+Explainer: the supernet, architecture A (alphas) and weights E. Audience: a fixed
+architecture (robust/models.py `build_model(name)`, or any nn.Module) with weights W.
+    1. E*(A) = argmin_E L(E, A; D_tr_e)                                           (eq. 1)
+    2. delta_i* = argmax_{||d||<=eps} l(f(x_i + d; E*), t_i) on audience training data (eq. 2)
+    3. W*(Delta*) = argmin_W sum_i l(f(delta_i* (.) x_i; W), t_i)                    (eq. 3)
+    4. min_A L(E*(A), A; D_val_e) + gamma * L(W*(Delta*(E*(A))); D_val_a)            (eq. 4)
+One `step` = one stage-4 architecture update, then one SGD step each of stages 1 and 3.
+Stage 3 trains on the explanations the hypergradient computed (delta at E' and the old A:
+the very audience step the hypergradient modelled; one attack per step), or, with
+`fresh_explanations`, on a second attack at the updated (E, A). Data: shared
+(both learners see the whole batch) or disjoint (explainer: first half of every batch,
+audience: second half). The audience is validated on clean validation images, as in eq. 4.
+
+The stage-4 hypergradient, chained one-step unrolled approximations (as DARTS eq. 6-8):
+    E' = E - xi_e (grad_E L_tr_e(E, A) + wd E)          (order 'second'; E' = E for 'first')
+    delta = PGD(E', A)   (search/explain.py; the explainer in eval mode)
+    W' = W - xi_w (grad_W L_tr_a(W, delta) + wd W)
+    J(A) = L_val_e(E', A) + gamma L_val_a(W')
+    dJ/dA = dL_val_e/dA + gamma (d delta/dA)^T u + (dE'/dA)^T [dL_val_e/dE' + gamma (d delta/dE')^T u]
+    u = (dW'/d delta)^T grad_W' L_val_a = -xi_w grad^2_{delta,W} L_tr_a(W, delta) . grad_W' L_val_a
+    (dE'/dA)^T v = -xi_e grad^2_{A,E} L_tr_e(E, A) . v
+Which terms are approximated and how:
+  * Both mixed second derivatives (grad^2_{delta,W} for the audience, grad^2_{A,E} for
+    the explainer) are central finite differences, hypergrad.finite_diff_hvp (r = fd_r):
+    error O(R^2), R = r / ||v||. The explainer's two vectors share one difference.
+  * (d delta / d(A, E'))^T u is a vector-Jacobian product through the attack built with
+    create_graph: `first_order=False` differentiates all `attack_steps` unrolled PGD steps
+    exactly (memory grows with the steps); `first_order=True` (cheaper, the default)
+    treats the attack to first order: the iterate before the last step is held fixed and
+    only the last step (one double backward through the explainer) is differentiated.
+  * Through L-inf PGD the sign step has a straight-through derivative (explain.py);
+    the clamps pass no gradient on pinned coordinates; the argmax target is constant.
+  * As in hypergrad.py, the virtual steps ignore momentum and gradient clipping, and the
+    'first' order drops the (dE'/dA) term entirely (E' = E).
+The tests check this against exact autograd through the unrolled stages (float64).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from search_spaces import Supernet
+
+from .base import Batch, accuracy
+from .darts import DartsSearcher
+from .explain import (
+    NORMS,
+    WEIGHTINGS,
+    attack_metrics,
+    attack_target,
+    eval_mode,
+    pgd_explanation,
+    random_start,
+    to_display,
+    weight_input,
+)
+from .hypergrad import assign_grads, finite_diff_hvp, virtual_step
+
+OBJECTIVES = ("prediction", "label")
+
+
+def _grads(loss: torch.Tensor, params: list[torch.Tensor], **kw: Any) -> list[torch.Tensor]:
+    gs = torch.autograd.grad(loss, params, allow_unused=True, **kw)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
+
+
+@torch.no_grad()
+def _restore(params: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
+    torch._foreach_copy_(params, backup)
+
+
+class LeaseSearcher(DartsSearcher):
+    def __init__(
+        self,
+        model: Supernet,
+        *,
+        epochs: int,
+        in_channels: int,
+        num_classes: int,
+        order: str = "first",
+        gamma: float = 1.0,
+        audience: str = "small_cnn",
+        objective: str = "prediction",
+        weighting: str = "delta",
+        eps: float = 8 / 255,
+        attack_steps: int = 7,
+        attack_step_size: float = 2 / 255,
+        norm: str = "linf",
+        first_order: bool = True,
+        audience_lr: float = 0.025,
+        disjoint_data: bool = False,
+        fresh_explanations: bool = False,
+        w_lr: float = 0.025,
+        w_lr_min: float = 0.001,
+        w_momentum: float = 0.9,
+        w_weight_decay: float = 3e-4,
+        grad_clip: float = 5.0,
+        arch_lr: float = 3e-4,
+        arch_betas: tuple[float, float] = (0.5, 0.999),
+        arch_weight_decay: float = 1e-3,
+        fd_r: float = 0.01,
+        weight_strategy: Any = None,
+        audience_model: nn.Module | None = None,
+    ):
+        super().__init__(
+            model,
+            epochs=epochs,
+            order=order,
+            w_lr=w_lr,
+            w_lr_min=w_lr_min,
+            w_momentum=w_momentum,
+            w_weight_decay=w_weight_decay,
+            grad_clip=grad_clip,
+            arch_lr=arch_lr,
+            arch_betas=arch_betas,
+            arch_weight_decay=arch_weight_decay,
+            fd_r=fd_r,
+            weight_strategy=weight_strategy,
+        )
+        for field, value, allowed in (
+            ("objective", objective, OBJECTIVES),
+            ("weighting", weighting, WEIGHTINGS),
+            ("norm", norm, NORMS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"algorithm.{field}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        if attack_steps < 1 or eps < 0 or attack_step_size <= 0 or gamma < 0:
+            raise ValueError("algorithm: needs attack_steps >= 1, eps >= 0, attack_step_size > 0, gamma >= 0")
+        self.gamma, self.objective, self.weighting, self.norm = gamma, objective, weighting, norm
+        self.eps, self.attack_steps, self.attack_step_size = eps, attack_steps, attack_step_size
+        self.first_order, self.disjoint_data, self.fresh_explanations = first_order, disjoint_data, fresh_explanations
+        self.last_explanation: tuple[torch.Tensor, torch.Tensor] | None = None
+        if audience_model is None:
+            from ..robust.models import build_model  # lazy: the model zoo is optional at import time
+
+            audience_model = build_model(audience, in_channels=in_channels, num_classes=num_classes)
+        p = next(model.parameters())
+        self.audience = audience_model.to(device=p.device, dtype=p.dtype).train()
+        self.aud_optimizer = torch.optim.SGD(
+            self.audience.parameters(), lr=audience_lr, momentum=w_momentum, weight_decay=w_weight_decay, foreach=True
+        )
+        self.aud_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.aud_optimizer, epochs, eta_min=audience_lr * w_lr_min / w_lr
+        )
+
+    # -- data ------------------------------------------------------------------------------
+    def split(self, batch: Batch) -> tuple[Batch, Batch]:
+        """(explainer batch, audience batch): the same batch, or its two halves."""
+        if not self.disjoint_data:
+            return batch, batch
+        x, y = batch
+        h = x.shape[0] // 2
+        return (x[:h], y[:h]), (x[h : 2 * h], y[h : 2 * h])
+
+    # -- stage 2: explanations ---------------------------------------------------------------
+    def _attack(self, x: torch.Tensor, y: torch.Tensor, differentiable_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(delta, the attacked class) at the explainer's current weights, in eval mode."""
+        with eval_mode(self.model):
+            target = attack_target(self.model, x, y, self.objective)
+            delta0 = random_start(x, self.eps, self.norm)
+            delta = pgd_explanation(
+                self.model,
+                x,
+                target,
+                eps=self.eps,
+                steps=self.attack_steps,
+                step_size=self.attack_step_size,
+                norm=self.norm,
+                delta0=delta0,
+                differentiable_steps=differentiable_steps,
+            )
+        return delta, target
+
+    def explain(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Stage 2 at the current (E, A): delta (detached) and the attack's metrics."""
+        delta, target = self._attack(x, y, 0)
+        with eval_mode(self.model):
+            return delta, attack_metrics(self.model, x, delta, target)
+
+    def explanation_images(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """x, delta and the audience's weighted input, each rescaled into [0, 1] for image grids.
+        Changes no state: the random start draws from a forked RNG, the explainer runs in eval
+        mode. Without labels the `label` objective attacks the explainer's prediction instead."""
+        x = x.to(next(self.model.parameters()))
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            if y is None:
+                with eval_mode(self.model):
+                    y = attack_target(self.model, x, x, "prediction")
+            delta, _ = self._attack(x, y.to(x.device), 0)
+        weighted = weight_input(delta, x, self.weighting)
+        return {
+            "x": x.detach(),
+            "delta": to_display(delta, signed=True),
+            "weighted": to_display(weighted, signed=self.weighting == "delta"),
+        }
+
+    # -- stage 4: the architecture update ----------------------------------------------------------
+    def _audience_term(
+        self, xa: torch.Tensor, ya: torch.Tensor, xav: torch.Tensor, yav: torch.Tensor, explainer: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+        """(d L_val_a(W') / d explainer, metrics, delta) at the explainer's current (virtual) weights."""
+        k = 1 if self.first_order else self.attack_steps
+        delta_graph, target = self._attack(xa, ya, k)
+        delta = delta_graph.detach().requires_grad_(True)
+        with eval_mode(self.model):
+            metrics = attack_metrics(self.model, xa, delta.detach(), target)
+        aud = list(self.audience.parameters())
+        xi_w = self.aud_optimizer.param_groups[0]["lr"]
+        aud_train = lambda: F.cross_entropy(self.audience(weight_input(delta, xa, self.weighting)), ya)
+        backup = virtual_step(aud, aud_train, xi_w, self.w_weight_decay)
+        logits = self.audience(xav)
+        lva = F.cross_entropy(logits, yav)
+        v_w = _grads(lva, aud)
+        _restore(aud, backup)
+        (hvp,) = finite_diff_hvp([delta], aud, aud_train, v_w, self.fd_r)
+        u = -xi_w * hvp
+        grads = _grads(delta_graph, explainer, grad_outputs=u)
+        metrics.update(audience_val_loss=lva.detach(), audience_val_acc=accuracy(logits, yav).detach())
+        return grads, metrics, delta.detach()
+
+    def hypergradient(self, train_batch: Batch, val_batch: Batch) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """d/dA [L_val_e(E', A) + gamma L_val_a(W')], approximated as the module docstring says."""
+        grads, metrics, _ = self._hypergradient(train_batch, val_batch)
+        return grads, metrics
+
+    def _hypergradient(self, train_batch: Batch, val_batch: Batch) -> tuple[list, dict, torch.Tensor]:
+        (xe, ye), (xa, ya) = self.split(train_batch)
+        (xev, yev), (xav, yav) = self.split(val_batch)
+        arch, weights = self.model.arch_parameters(), self.model.weight_parameters()
+        train_loss = lambda: F.cross_entropy(self.model(xe), ye)
+        xi_e = self.w_optimizer.param_groups[0]["lr"]
+        second = self.order == "second"
+        backup = virtual_step(weights, train_loss, xi_e, self.w_weight_decay) if second else None
+        lv, metrics = self.arch_objective(xev, yev)
+        g = _grads(lv, arch + weights)
+        h, m, delta = self._audience_term(xa, ya, xav, yav, arch + weights)
+        metrics.update(m)
+        metrics["val_loss"] = lv.detach()
+        metrics["arch_objective"] = lv.detach() + self.gamma * m["audience_val_loss"]
+        n = len(arch)
+        grads = [ga + self.gamma * ha for ga, ha in zip(g[:n], h[:n])]
+        if second:
+            v = [ge + self.gamma * he for ge, he in zip(g[n:], h[n:])]
+            _restore(weights, backup)
+            hv = finite_diff_hvp(arch, weights, train_loss, v, self.fd_r)
+            grads = [ga - xi_e * hi for ga, hi in zip(grads, hv)]
+        return grads, metrics, delta
+
+    def arch_step(self, train_batch: Batch, val_batch: Batch) -> dict[str, torch.Tensor]:
+        return self._arch_step(train_batch, val_batch)[0]
+
+    def _arch_step(self, train_batch: Batch, val_batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        self.a_optimizer.zero_grad(set_to_none=True)
+        grads, metrics, delta = self._hypergradient(train_batch, val_batch)
+        assign_grads(self.model.arch_parameters(), grads)
+        self.a_optimizer.step()
+        return metrics, delta
+
+    # -- stages 1 and 3 -----------------------------------------------------------------------
+    def audience_step(self, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One SGD step of eq. 3 on the explanation-weighted inputs."""
+        self.aud_optimizer.zero_grad(set_to_none=True)
+        logits = self.audience(weight_input(delta, x, self.weighting))
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(self.audience.parameters()), self.grad_clip, foreach=True)
+        self.aud_optimizer.step()
+        return {"audience_train_loss": loss.detach(), "audience_train_acc": accuracy(logits, y).detach()}
+
+    def step(self, train_batch: Batch, val_batch: Batch) -> dict[str, torch.Tensor]:
+        metrics, delta = self._arch_step(train_batch, val_batch)
+        explainer_batch, (xa, ya) = self.split(train_batch)
+        metrics.update(self.weight_step(explainer_batch))
+        if self.fresh_explanations:  # a second attack, at the updated (E, A)
+            delta, m = self.explain(xa, ya)
+            metrics.update(m)
+        self.last_explanation = (xa, delta)  # transient, for inspection only
+        metrics.update(self.audience_step(xa, ya, delta))
+        return metrics
+
+    # -- schedules and state ---------------------------------------------------------------------
+    def end_epoch(self) -> None:
+        super().end_epoch()
+        self.aud_scheduler.step()
+
+    def learning_rates(self) -> dict[str, float]:
+        return {**super().learning_rates(), "lr/audience": self.aud_optimizer.param_groups[0]["lr"]}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "audience": self.audience.state_dict(),
+            "aud_optimizer": self.aud_optimizer.state_dict(),
+            "aud_scheduler": self.aud_scheduler.state_dict(),
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.audience.load_state_dict(state["audience"])
+        self.aud_optimizer.load_state_dict(state["aud_optimizer"])
+        self.aud_scheduler.load_state_dict(state["aud_scheduler"])

@@ -1,0 +1,193 @@
+"""Properties of the attacks (distsearch/robust/attacks.py, lbfgs_cw.py): threat-model
+membership, closed forms, and relative strength on a small CNN trained on mnist5k."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from distsearch.robust.attack_base import l2_norm
+from distsearch.robust.attacks import ATTACKS, FGM, FGSM, PGD, make_attack
+from distsearch.robust.lbfgs_cw import LBFGS, CarliniWagnerL2
+
+try:
+    from conftest_robust import _single_thread, cnn, test_set  # noqa: F401
+except ImportError:  # tests/ imported as a package
+    from tests.conftest_robust import _single_thread, cnn, test_set  # noqa: F401
+
+TOL = 1e-5
+
+
+def tiny_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 5))
+
+
+def make(name: str, eps: float, norm: str, targeted: bool) -> nn.Module:
+    if name == "pgd":
+        return PGD(eps, steps=3, norm=norm, targeted=targeted, restarts=2)
+    if name == "lbfgs":
+        return LBFGS(targeted=targeted, search_steps=2, max_iter=5, eps=eps)
+    if name == "cw":
+        return CarliniWagnerL2(targeted=targeted, search_steps=2, steps=5, lr=0.1, eps=eps)
+    return ATTACKS[name](eps=eps, targeted=targeted)
+
+
+def attack_norm(name: str, norm: str) -> str:
+    return {"fgsm": "linf", "fgm": "l2", "lbfgs": "l2", "cw": "l2"}.get(name, norm)
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 2**16),
+    eps=st.floats(0.01, 2.0),
+    norm=st.sampled_from(["linf", "l2"]),
+    targeted=st.booleans(),
+)
+def test_inside_ball_and_box(name: str, seed: int, eps: float, norm: str, targeted: bool) -> None:
+    model = tiny_model(seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(4, 1, 8, 8, generator=g)
+    x[0] = 0.0  # corners of the box
+    x[1] = 1.0
+    y = torch.randint(5, (4,), generator=g)
+    x_adv = make(name, eps, norm, targeted)(model, x, y)
+    assert x_adv.shape == x.shape and torch.isfinite(x_adv).all()
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    delta = x_adv - x
+    if attack_norm(name, norm) == "linf":
+        assert delta.abs().max() <= eps + TOL
+    else:
+        assert (l2_norm(delta) <= eps * (1 + TOL) + TOL).all()
+
+
+def test_fgsm_on_linear_model_equals_closed_form() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(20, 4).double()
+    model = nn.Sequential(nn.Flatten(), lin)
+    x, y = torch.rand(16, 1, 4, 5, dtype=torch.float64), torch.randint(4, (16,))
+    eps = 0.07
+    p = F.softmax(x.flatten(1) @ lin.weight.T + lin.bias, dim=1)
+    grad = (p - F.one_hot(y, 4).double()) @ lin.weight.detach()  # ∇_x CE = Wᵀ(softmax − e_y)
+    expected = (x + eps * grad.sign().view_as(x)).clamp(0, 1)
+    assert torch.allclose(FGSM(eps)(model, x, y), expected, atol=1e-12)
+    assert torch.allclose(FGSM(eps, targeted=True)(model, x, y), (x - eps * grad.sign().view_as(x)).clamp(0, 1))
+
+
+def test_fgm_step_has_norm_eps() -> None:
+    model = tiny_model(1)
+    x = 0.4 + 0.2 * torch.rand(8, 1, 8, 8)  # interior, so the box never clips a 0.3 step
+    y = torch.randint(5, (8,))
+    delta = FGM(0.3)(model, x, y) - x
+    assert torch.allclose(l2_norm(delta), torch.full((8,), 0.3), rtol=1e-5)
+
+
+def test_model_mode_and_requires_grad_restored() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Dropout(0.5), nn.BatchNorm1d(16), nn.Linear(16, 5))
+    model.train()
+    model[4].eval()  # a mixed state must come back as it was
+    model[1].weight.requires_grad_(False)
+    for name in ATTACKS:
+        make(name, 0.1, "linf", False)(model, torch.rand(4, 1, 8, 8), torch.randint(5, (4,)))
+        assert model.training and model[2].training and not model[4].training
+        assert not model[1].weight.requires_grad and model[1].bias.requires_grad
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_make_attack_errors_name_the_parameter() -> None:
+    with pytest.raises(ValueError, match="attack: unknown name 'nope'"):
+        make_attack("nope")
+    with pytest.raises(ValueError, match="^epsilon: not a parameter"):
+        make_attack("pgd", epsilon=0.1)
+    with pytest.raises(ValueError, match="^eps: must be"):
+        make_attack("fgsm", eps=-1.0)
+    with pytest.raises(ValueError, match="^norm: must be one of"):
+        make_attack("pgd", norm="l1")
+    with pytest.raises(ValueError, match="^steps: must be an integer"):
+        make_attack("pgd", steps=0)
+    assert isinstance(make_attack("pgd", eps=0.1, steps=3), PGD)
+
+
+def correct_subset(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+    return x[ok][:n], y[ok][:n]
+
+
+def success_rate(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, targeted: bool = False) -> float:
+    with torch.no_grad():
+        pred = model(x_adv).argmax(1)
+    return float((pred == y).float().mean() if targeted else (pred != y).float().mean())
+
+
+def test_trained_cnn_is_accurate(cnn, test_set) -> None:
+    x, y = test_set
+    assert success_rate(cnn, x, y, targeted=True) > 0.9  # clean accuracy
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.0)])
+def test_pgd_at_least_as_strong_as_fgsm(cnn, test_set, norm: str, eps: float) -> None:
+    x, y = correct_subset(cnn, *test_set, 200)
+    torch.manual_seed(0)
+    one_step = (FGSM if norm == "linf" else FGM)(eps)
+    s_fgsm = success_rate(cnn, one_step(cnn, x, y), y)
+    s_pgd = success_rate(cnn, PGD(eps, steps=20, norm=norm)(cnn, x, y), y)
+    assert s_pgd >= s_fgsm and s_pgd > 0.2
+
+
+def test_pgd_restarts_only_add_successes(cnn, test_set) -> None:
+    x, y = correct_subset(cnn, *test_set, 100)
+    torch.manual_seed(3)
+    single = PGD(0.08, steps=5, restarts=1)(cnn, x, y)
+    torch.manual_seed(3)
+    multi = PGD(0.08, steps=5, restarts=3)(cnn, x, y)  # its first restart replays `single`
+    with torch.no_grad():
+        s1, s3 = cnn(single).argmax(1) != y, cnn(multi).argmax(1) != y
+    assert (s3 | ~s1).all() and s3.sum() >= s1.sum()
+
+
+def test_targeted_attacks_reach_the_target(cnn, test_set) -> None:
+    x, y = correct_subset(cnn, *test_set, 40)
+    target = (y + 1) % 10
+    torch.manual_seed(0)
+    assert success_rate(cnn, PGD(0.4, steps=40, targeted=True)(cnn, x, target), target, targeted=True) >= 0.9
+    x, target = x[:10], target[:10]
+    assert success_rate(cnn, CarliniWagnerL2(targeted=True, steps=100, search_steps=3)(cnn, x, target), target, True) >= 0.9
+    x, target = x[:6], target[:6]  # SciPy's L-BFGS-B costs about 7 ms per iteration per MNIST image
+    assert success_rate(cnn, LBFGS(targeted=True, search_steps=3, max_iter=20)(cnn, x, target), target, True) >= 0.9
+
+
+def test_pgd_with_custom_loss_changes_own_prediction(cnn, test_set) -> None:
+    """LeaSE's form: maximise CE(f(x + δ), argmax f(x)) through `loss_fn`."""
+    x = test_set[0][:64]
+    with torch.no_grad():
+        own = cnn(x).argmax(1)
+    loss_fn = lambda logits, t: F.cross_entropy(logits, t, reduction="none")
+    x_adv = PGD(0.2, steps=20, loss_fn=loss_fn)(cnn, x, own)
+    assert success_rate(cnn, x_adv, own) > 0.8
+
+
+def fgsm_distortion_at_success(model: nn.Module, x: torch.Tensor, y: torch.Tensor, target_rate: float) -> float:
+    """Mean L2 distortion FGSM needs to reach `target_rate` success (smallest ε on a grid)."""
+    for eps in torch.arange(0.02, 0.61, 0.02).tolist():
+        x_adv = FGSM(eps)(model, x, y)
+        if success_rate(model, x_adv, y) >= target_rate:
+            return float(l2_norm(x_adv - x).mean())
+    return float("inf")
+
+
+@pytest.mark.parametrize("attack", [LBFGS(search_steps=3, max_iter=20), CarliniWagnerL2(steps=50, search_steps=4)])
+def test_min_distortion_attacks_beat_fgsm_distortion(cnn, test_set, attack) -> None:
+    x, y = correct_subset(cnn, *test_set, 10)
+    x_adv = attack(cnn, x, y)
+    with torch.no_grad():
+        ok = cnn(x_adv).argmax(1) != y
+    rate = float(ok.float().mean())
+    assert rate >= 0.8
+    dist = float(l2_norm(x_adv - x)[ok].mean())
+    assert dist < fgsm_distortion_at_success(cnn, x, y, rate)

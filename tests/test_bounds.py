@@ -1,0 +1,181 @@
+"""Soundness and tightness of the certified bounds (robust/bounds*.py) on small random nets,
+tiny supernets and derived networks: sampled and PGD-found perturbations stay inside the
+bounds, eps = 0 gives f(x), linear bounds are never looser than IBP, no PGD succeeds inside
+a certified radius, and the certified margin's alpha-gradient matches finite differences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from distsearch.robust.bounds import certified_metric, certified_radius, margin_bounds, spec_bounds
+from search_spaces import Genotype, Network, Supernet
+
+TOL = 1e-9
+GENO = Genotype(
+    normal=(("sep_conv_3x3", 0), ("max_pool_3x3", 1), ("skip_connect", 0), ("dil_conv_3x3", 2)),
+    normal_concat=(2, 3),
+    reduce=(("avg_pool_3x3", 0), ("skip_connect", 1), ("sep_conv_5x5", 2), ("max_pool_3x3", 0)),
+    reduce_concat=(2, 3),
+)
+
+
+def _randomise_bn(model: nn.Module, g: torch.Generator) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.double().eval()
+
+
+def make_model(kind: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    if kind == "seq":
+        m = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.ReLU(), nn.AvgPool2d(3, 1, 1, count_include_pad=False),
+            nn.Flatten(), nn.Linear(64, 10), nn.ReLU(), nn.Linear(10, 5),
+        )
+    elif kind == "supernet":
+        m = Supernet(in_channels=1, num_classes=5, C=4, layers=2, nodes=2)
+        with torch.no_grad():
+            m.alphas_normal.normal_(generator=g)
+            m.alphas_reduce.normal_(generator=g)
+    else:
+        m = Network(GENO, in_channels=1, num_classes=5, C=4, layers=3)
+    return _randomise_bn(m, g)
+
+
+def inputs(n: int = 6, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _col(e: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(e, dtype=x.dtype).expand(x.shape[0]).reshape(-1, 1, 1, 1)
+
+
+def project(delta: torch.Tensor, x: torch.Tensor, eps: torch.Tensor | float, norm: str) -> torch.Tensor:
+    e = _col(eps, x)
+    if norm == "linf":
+        delta = torch.maximum(torch.minimum(delta, e), -e)
+    else:
+        n = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        delta = delta * (e / n).clamp(max=1.0)
+    return (x + delta).clamp(0, 1) - x
+
+
+def pgd(model: nn.Module, x: torch.Tensor, objective, eps: torch.Tensor | float, norm: str, steps: int = 10,
+        restarts: int = 1, seed: int = 0) -> torch.Tensor:
+    """Maximise objective(f(x + delta)) per example (eps: scalar or per example); returns the
+    best x + delta found over the restarts (the first start is x itself)."""
+    g = torch.Generator().manual_seed(seed)
+    e = _col(eps, x)
+    best_x, best = x.clone(), objective(model(x)).detach()
+    for _ in range(restarts):
+        delta = project((torch.rand(x.shape, generator=g, dtype=x.dtype) * 2 - 1) * e, x, eps, norm)
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            (grad,) = torch.autograd.grad(objective(model(x + delta)).sum(), delta)
+            with torch.no_grad():
+                if norm == "linf":
+                    step = grad.sign() * e / 4
+                else:
+                    step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1) * e / 4
+                delta = project(delta + step, x, eps, norm)
+                val = objective(model(x + delta))
+                better = val > best
+                best = torch.where(better, val, best)
+                best_x[better] = (x + delta)[better]
+    return best_x
+
+
+def margin(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """f_y - max_{j != y} f_j per example."""
+    return out.gather(1, y[:, None]).squeeze(1) - out.scatter(1, y[:, None], float("-inf")).max(1).values
+
+
+def sample_ball(x: torch.Tensor, eps: float, norm: str, g: torch.Generator, n: int) -> torch.Tensor:
+    """n points per example in the ball (L-inf: many on corners), stacked [n * B, ...]."""
+    x = x.repeat(n, 1, 1, 1)
+    d = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    if norm == "linf":
+        d = torch.where(torch.rand(x.shape, generator=g, dtype=x.dtype) < 0.5, d.sign(), 2 * torch.rand_like(d) - 1)
+        d = d * eps
+    else:
+        r = torch.rand(x.shape[0], 1, 1, 1, generator=g, dtype=x.dtype) ** 0.25
+        d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * eps * r
+    return x + project(d, x, eps, norm)
+
+
+@pytest.mark.parametrize("kind", ["seq", "supernet", "network"])
+@pytest.mark.parametrize("norm,eps", [("linf", 0.02), ("l2", 0.1)])
+def test_bounds_contain_sampled_and_pgd_outputs(kind: str, norm: str, eps: float) -> None:
+    model, x = make_model(kind), inputs(n=4)
+    with torch.no_grad():
+        f0 = model(x)
+        xs = sample_ball(x, eps, norm, torch.Generator().manual_seed(2), n=8)
+        fs = model(xs).view(8, *f0.shape)
+    y = f0.argmax(1)
+    # PGD points: one logit pushed up and down, and the margin pushed down (with a restart)
+    attacks = [(k, pgd(model, x, lambda f, k=k, s=s: s * f[:, k], eps, norm, steps=5)) for k in (0, 3) for s in (1, -1)]
+    x_marg = pgd(model, x, lambda f: -margin(f, y), eps, norm, steps=5, restarts=2)
+    with torch.no_grad():
+        f_att = [(k, model(xa)) for k, xa in attacks]
+        f_marg = model(x_marg)
+    for method in ("ibp", "crown"):
+        lo0, up0 = spec_bounds(model, x, 0.0, norm, method)
+        assert torch.allclose(lo0, f0, atol=1e-10) and torch.allclose(up0, f0, atol=1e-10)  # exact at eps = 0
+        lo, up = spec_bounds(model, x, eps, norm, method)
+        assert (fs >= lo - TOL).all() and (fs <= up + TOL).all(), method
+        for k, f in f_att:
+            assert (f[:, k] >= lo[:, k] - TOL).all() and (f[:, k] <= up[:, k] + TOL).all(), method
+        mb = margin_bounds(model, x, y, eps, norm, method).min(1).values
+        assert (mb <= margin(f_marg, y) + TOL).all() and (mb <= margin(f0, y) + TOL).all()
+
+
+@pytest.mark.parametrize("kind", ["seq", "supernet", "network"])
+@pytest.mark.parametrize("norm,eps", [("linf", 0.03), ("l2", 0.2)])
+def test_linear_bounds_never_looser_than_ibp(kind: str, norm: str, eps: float) -> None:
+    model, x = make_model(kind, seed=3), inputs(seed=4)
+    li, ui = spec_bounds(model, x, eps, norm, "ibp")
+    lc, uc = spec_bounds(model, x, eps, norm, "crown")
+    assert (lc >= li - TOL).all() and (uc <= ui + TOL).all()
+    assert (uc - lc).mean() < (ui - li).mean()  # and strictly tighter on average here
+
+
+def test_no_pgd_succeeds_inside_certified_radius() -> None:
+    model, x = make_model("network", seed=5), inputs(n=8, seed=6)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    for norm in ("linf", "l2"):
+        eps_max = 1.0 if norm == "linf" else 4.0
+        r = certified_radius(model, x, y, norm, "crown", eps_max=eps_max, steps=10)
+        assert (r > 0).all()
+        assert (margin_bounds(model, x, y, r, norm, "crown").min(1).values > 0).all()
+        # each example attacked at its own certified radius, 3 random restarts
+        xa = pgd(model, x, lambda out: -margin(out, y), r, norm, steps=10, restarts=3)
+        with torch.no_grad():
+            assert (model(xa).argmax(1) == y).all()
+        # CROWN-IBP dominates IBP at every eps, so its radius is no smaller (up to the bisection step)
+        r_ibp = certified_radius(model, x, y, norm, "ibp", eps_max=eps_max, steps=10)
+        assert (r_ibp <= r + eps_max / 2**10).all()
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_certified_margin_alpha_gradient_matches_finite_differences(method: str) -> None:
+    model, x = make_model("supernet", seed=7), inputs(n=4, seed=8)
+    y = torch.tensor([0, 1, 2, 3])
+    R = certified_metric(model, x, y, 0.01, "linf", method)
+    (g,) = torch.autograd.grad(R, model.alphas_normal)
+    h = 1e-6
+    for idx in [(0, 1), (4, 7)]:
+        with torch.no_grad():
+            model.alphas_normal[idx] += h
+            rp = certified_metric(model, x, y, 0.01, "linf", method)
+            model.alphas_normal[idx] -= 2 * h
+            rm = certified_metric(model, x, y, 0.01, "linf", method)
+            model.alphas_normal[idx] += h
+        fd = (rp - rm) / (2 * h)
+        assert torch.isclose(g[idx], fd, rtol=1e-4, atol=1e-7), (idx, g[idx], fd)

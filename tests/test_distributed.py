@@ -1,0 +1,405 @@
+"""Ray Tune integration, end to end on loopback: a 2-trial experiment (Optuna + ASHA) on a
+local Ray, the same on a moto S3 server, a SIGKILLed driver then `distsearch resume`, a
+two-node cluster (127.0.0.2 / 127.0.0.3) running a submitted job, cluster.yaml against
+Ray's schema, and bad experiment files rejected (exit 2) before any trial starts.
+
+Every Ray process a test starts is ended by PID (its session or the pytest process's
+descendants), never with a machine-wide `ray stop`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("ray")
+pytest.importorskip("optuna")
+from conftest import tiny_raw  # noqa: E402
+
+from distsearch.cli import main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+S3_PORT = _free_port()
+ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TUNE_GLOBAL_CHECKPOINT_S": "1",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+    "RAY_DEDUP_LOGS": "0",
+    "PYTHONPATH": str(ROOT),
+}
+os.environ.update(ENV)  # before Ray starts, so its workers inherit it
+
+
+# -- process bookkeeping: end only what these tests started, by PID --------------------------
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(ppid, session id) of a process, None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[1]), int(fields[3])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid in _pids():
+        st = _stat(pid)
+        if st:
+            children.setdefault(st[0], []).append(pid)
+    out, todo = set(), [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def in_session(sid: int) -> set[int]:
+    return {pid for pid in _pids() if (st := _stat(pid)) and st[1] == sid}
+
+
+def end_pids(pids: set[int], grace: float = 5.0) -> None:
+    pids = {p for p in pids if p != os.getpid()}
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace
+        while time.time() < deadline and any(_stat(p) for p in pids):
+            time.sleep(0.2)
+
+
+def start_session(cmd: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **kw.pop("env", {})}, **kw)
+
+
+# -- fixtures --------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (num_cpus=2, no dashboard) for this session; yields its GCS address."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    address = ray.get_runtime_context().gcs_address
+    yield address
+    started = descendants(os.getpid())
+    ray.shutdown()
+    end_pids(started)
+
+
+@pytest.fixture
+def s3_bucket():
+    """A moto S3 server on 127.0.0.1 with bucket `exp`, stopped by PID afterwards."""
+    import boto3
+
+    proc = start_session(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = boto3.client("s3", endpoint_url=ENV["AWS_ENDPOINT_URL"])
+        for _ in range(100):
+            try:
+                client.create_bucket(Bucket="exp")
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                time.sleep(0.1)
+        yield "s3://exp/runs"
+    finally:
+        end_pids(in_session(proc.pid), grace=1.0)
+
+
+def experiment(path: Path, epochs: int = 2, **tune) -> str:
+    """A tiny experiment file: darts vs dsrna (synthetic 8x8 data, seconds per trial)."""
+    section = {
+        "search_alg": "optuna",
+        "scheduler": "asha",
+        "num_samples": 2,
+        "max_concurrent_trials": 2,
+        "resources": {"cpu": 1, "gpu": 0},
+        "params": {"algorithm.name": {"choice": ["darts", "dsrna"]}},
+        "points_to_evaluate": [{"algorithm.name": "darts"}, {"algorithm.name": "dsrna"}],
+    }
+    section.update(tune)
+    raw = tiny_raw("unused", epochs=epochs, tune=section)
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def trials(root: Path) -> dict[str, Path]:
+    return {p.parent.name: p for p in root.glob("*/search") if p.is_dir()}
+
+
+def check_finished(stores: dict, n: int = 2) -> list[str]:
+    """Every trial has a genotype (and TensorBoard files); returns each trial's algorithm."""
+    assert len(stores) == n
+    algos = []
+    for s in stores.values():
+        assert json.loads((s / "genotype.json").read_text())["normal"]
+        assert list((s / "tb").glob("events.out.tfevents*"))
+        algos.append(json.loads((s / "config.json").read_text())["algorithm"]["name"])
+    return algos
+
+
+# -- tests -----------------------------------------------------------------------------------
+BAD = {
+    "unknown algorithm": ({"params": {"algorithm.name": {"choice": ["darts", "nas"]}}}, "algorithm"),
+    "empty param space": ({"params": {}}, "empty param space"),
+    "gpu fraction > 1": (
+        {"resources": {"cpu": 1, "gpu": 2}, "params": {"optim.w_lr": {"uniform": [0.01, 0.1]}}},
+        "gpu",
+    ),
+    "unknown key": ({"params": {"optim.lr": {"uniform": [0.01, 0.1]}}}, "optim.lr"),
+    "unknown search_alg": ({"search_alg": "hyperopt", "params": {"seed": {"choice": [0, 1]}}}, "search_alg"),
+    "unreachable storage": ({"storage": "/proc/distsearch-nope", "params": {"seed": {"choice": [0, 1]}}}, "storage"),
+    "unreachable s3": ({"storage": "s3://nobucket/x", "params": {"seed": {"choice": [0, 1]}}}, "storage"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_experiment_exits_2_before_any_trial(case, tmp_path, capsys, monkeypatch):
+    import ray
+
+    tune, needle = BAD[case]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    raw = tiny_raw("unused", tune=tune)
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(raw))
+    was_up = ray.is_initialized()
+    rc = main(
+        ["run", "--config", str(tmp_path / "exp.yaml"), "--name", "bad"]
+        + ([] if "storage" in tune else ["--storage", str(tmp_path / "runs")])
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "runs").exists() and ray.is_initialized() == was_up
+
+
+@pytest.mark.parametrize(
+    "tune",
+    [
+        {"search_alg": "optuna", "sampler": "tpe", "scheduler": "asha"},
+        {
+            "search_alg": "optuna",
+            "sampler": "nsga2",
+            "scheduler": "fifo",
+            "metrics": ["val/acc", "test/acc"],
+            "modes": ["max", "max"],
+        },
+        {
+            "search_alg": "random",
+            "scheduler": "pbt",
+            "params": {"optim.w_lr": {"loguniform": [0.01, 0.1]}, "weight_at.strategy": {"grid": ["standard", "fgsm"]}},
+        },
+    ],
+)
+def test_tuner_builds_for_each_search_alg_and_scheduler(tune, tmp_path):
+    from distsearch.config import parse_config
+    from distsearch.distributed import tuner as T
+
+    section = {"params": {"algorithm.name": {"choice": ["darts", "dsrna"]}}, **tune}
+    spec = T.experiment_spec(parse_config(tiny_raw("unused", tune=section)), storage=str(tmp_path), name="b")
+    tuner = T.build_tuner(spec)
+    assert tuner is not None and set(T.param_space(T.TuneConfig.model_validate(spec["tune"]))) == set(section["params"])
+
+
+def test_cluster_yaml_passes_ray_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(config)
+    validate_config(prepare_config(config))
+    assert config["available_node_types"]["gpu_workers"]["resources"]["GPU"] >= 1
+
+
+def test_quickstart_experiment_is_valid():
+    from distsearch.config import load_config
+
+    cfg = load_config(ROOT / "launch/experiments/quickstart.yaml")
+    assert cfg.tune is not None and cfg.tune.num_samples == 2 and cfg.tune.storage == "runs"
+
+
+@pytest.mark.slow
+def test_two_trials_optuna_asha_local(ray_local, tmp_path, capsys):
+    f = experiment(tmp_path / "exp.yaml")
+    assert main(["run", "--config", f, "--storage", str(tmp_path / "runs"), "--name", "local"]) == 0
+    root = tmp_path / "runs" / "local"
+    assert sorted(check_finished(trials(root))) == ["darts", "dsrna"]
+    assert main(["status", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("TERMINATED") >= 2 and "N[" in out
+
+
+@pytest.mark.slow
+def test_two_trials_on_s3(ray_local, s3_bucket, capsys):
+    import s3fs
+
+    f = experiment(Path(os.environ.get("TMPDIR", "/tmp")) / f"dsr-s3-{os.getpid()}.yaml", epochs=1)
+    assert main(["run", "--config", f, "--storage", s3_bucket, "--name", "s3exp", "--set", "tune.scheduler=fifo"]) == 0
+    fs = s3fs.S3FileSystem()
+    genotypes = fs.glob("exp/runs/s3exp/*/search/genotype.json")
+    assert len(genotypes) == 2 and all(json.loads(fs.cat(g))["normal"] for g in genotypes)
+    assert fs.glob("exp/runs/s3exp/*/search/tb/events.out.tfevents*")
+    assert main(["status", f"{s3_bucket}/s3exp"]) == 0
+
+
+@pytest.mark.slow
+def test_killed_driver_then_resume(ray_local, tmp_path):
+    f = experiment(tmp_path / "exp.yaml", epochs=3, scheduler="fifo", max_concurrent_trials=1)
+    root = tmp_path / "runs" / "killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "distsearch.cli",
+        "run",
+        "--config",
+        f,
+        "--storage",
+        str(tmp_path / "runs"),
+        "--name",
+        "killed",
+        "--address",
+        ray_local,
+    ]
+    log = open(tmp_path / "driver.log", "w")
+    driver = start_session(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline, first_done = time.time() + 240, None
+        while time.time() < deadline and driver.poll() is None:
+            stores = trials(root)
+            done = [s for s in stores.values() if (s / "result.json").exists()]
+            if done and first_done is None:
+                first_done = time.time()
+            has_ckpt = lambda s: list((s / "checkpoints").glob("*/MANIFEST.json"))
+            running = [s for s in stores.values() if s not in done and has_ckpt(s)]
+            if done and running and time.time() - first_done > 2:
+                break
+            time.sleep(0.3)
+        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        end_pids(in_session(driver.pid))
+    finished = {s.parent.name for s in trials(root).values() if (s / "result.json").exists()}
+    assert len(finished) == 1
+
+    rc = subprocess.run(
+        [sys.executable, "-m", "distsearch.cli", "resume", str(root), "--address", ray_local],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert rc.returncode == 0, rc.stdout[-2000:] + rc.stderr[-2000:]
+    stores = trials(root)
+    check_finished(stores)
+    for trial, s in stores.items():
+        starts = json.loads((s / "trial_starts.json").read_text())
+        result = json.loads((s / "result.json").read_text())
+        assert result["epochs"] == 3
+        if trial in finished:
+            assert len(starts) == 1, starts  # the finished trial did not run again
+        else:
+            assert len(starts) == 2 and starts[1]["epoch"] >= 1, starts  # continued from its checkpoint
+
+
+@pytest.mark.slow
+def test_two_node_cluster_runs_submitted_job(tmp_path):
+    port, dash = _free_port("127.0.0.2"), _free_port("127.0.0.2")
+    head = start_session(
+        [
+            "ray",
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.2",
+            f"--port={port}",
+            "--num-cpus=1",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.2",
+            f"--dashboard-port={dash}",
+            "--disable-usage-stats",
+            f"--temp-dir=/tmp/dsr-h{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    sessions = [head]
+    try:
+        assert head.wait(timeout=120) == 0
+        node2 = start_session(
+            [
+                "ray",
+                "start",
+                f"--address=127.0.0.2:{port}",
+                "--node-ip-address=127.0.0.3",
+                "--num-cpus=1",
+                "--disable-usage-stats",
+                f"--temp-dir=/tmp/dsr-w{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        sessions.append(node2)
+        assert node2.wait(timeout=120) == 0
+        f = ROOT / "tests" / f".dsr-submit-{port}.yaml"  # inside the shipped working_dir
+        experiment(f, epochs=1, scheduler="fifo")
+        try:
+            r = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "distsearch.cli",
+                    "submit",
+                    "--address",
+                    f"http://127.0.0.2:{dash}",
+                    "--config",
+                    str(f.relative_to(ROOT)),
+                    "--storage",
+                    str(tmp_path / "runs"),
+                    "--name",
+                    "cluster",
+                    "--wait",
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+        finally:
+            f.unlink()
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+        stores = trials(tmp_path / "runs" / "cluster")
+        check_finished(stores)
+        nodes = {json.loads((s / "trial_starts.json").read_text())[0]["node_ip"] for s in stores.values()}
+        assert nodes == {"127.0.0.2", "127.0.0.3"}
+    finally:
+        for p in sessions:
+            end_pids(in_session(p.pid))

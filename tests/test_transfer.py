@@ -1,0 +1,125 @@
+"""Transfer tables, unit analysis, the game-based evaluation table and the named models
+(distsearch/robust/transfer.py, units.py, evaluate.py, models.py, tables.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distsearch.robust.attacks import PGD
+from distsearch.robust.evaluate import game_table, plot_robustness
+from distsearch.robust.models import MODELS, build_model
+from distsearch.robust.tables import read_csv, to_markdown, write_csv, write_markdown
+from distsearch.robust.transfer import distortion, gaussian_like, plot_heatmap, transfer_table
+from distsearch.robust.units import unit_images
+
+try:
+    from conftest_robust import _single_thread, cnn, mnist, test_set, trained_mlp  # noqa: F401
+except ImportError:  # tests/ imported as a package
+    from tests.conftest_robust import _single_thread, cnn, mnist, test_set, trained_mlp  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def transfer_rows() -> list[dict]:
+    """Szegedy's setting: models with other hyperparameters (width, seed) and on disjoint halves."""
+    models = {
+        "mlp128": trained_mlp("standard"),
+        "mlp256": trained_mlp("standard", hidden=256, seed=1),
+        "half1": trained_mlp("standard", half=1, seed=2),
+        "half2": trained_mlp("standard", half=2, seed=3),
+    }
+    d = mnist()
+    return transfer_table(models, d.x_test[:300], d.y_test[:300], PGD(1.5, steps=10, norm="l2"), seed=0)
+
+
+def test_transfer_ordering(transfer_rows) -> None:
+    by = {r["examples"]: r for r in transfer_rows}
+    names = [k for k in by["clean"] if k not in ("examples", "distortion")]
+    for target in names:
+        own = by[target][target]
+        for source in names:
+            if source == target:
+                continue
+            others = by[source][target]
+            noise = by[f"noise({source})"][target]
+            assert own > others, f"{target}: own examples {own:.1f}% vs {source}'s {others:.1f}%"
+            assert others > noise, f"{target}: {source}'s examples {others:.1f}% vs noise {noise:.1f}%"
+    for source in names:  # the noise baseline has the same size
+        assert by[f"noise({source})"]["distortion"] == pytest.approx(by[source]["distortion"], rel=0.1)
+
+
+def test_transfer_writers(transfer_rows, tmp_path) -> None:
+    write_csv(transfer_rows, tmp_path / "t.csv")
+    write_markdown(transfer_rows, tmp_path / "t.md")
+    plot_heatmap(transfer_rows, tmp_path / "t.png")
+    back = read_csv(tmp_path / "t.csv")
+    assert [r["examples"] for r in back] == [r["examples"] for r in transfer_rows]
+    assert float(back[1]["mlp128"]) == pytest.approx(transfer_rows[1]["mlp128"])
+    md = (tmp_path / "t.md").read_text()
+    assert md.startswith("| examples | distortion | mlp128") and md.count("\n") == len(transfer_rows) + 2
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gaussian_baseline_matches_l2_norm() -> None:
+    x = 0.3 + 0.4 * torch.rand(5, 1, 6, 6)
+    x_adv = x + 0.05 * torch.randn_like(x)
+    noise = gaussian_like(x, x_adv, torch.Generator().manual_seed(0))
+    assert torch.allclose((noise - x).flatten(1).norm(dim=1), (x_adv - x).flatten(1).norm(dim=1), rtol=1e-4)
+    assert torch.allclose(distortion(x_adv, x), ((x_adv - x) ** 2).flatten(1).mean(1).sqrt())
+
+
+def test_unit_images(cnn, test_set, tmp_path) -> None:
+    x = test_set[0][:200]
+    res = unit_images(cnn, "rest.8", x, k=8, seed=0)  # the hidden fully connected layer's ReLU
+    acts = torch.relu(cnn.rest[:8](cnn.first_layer(x)))
+    assert torch.equal(res.unit_indices, acts[:, res.unit].topk(8).indices)
+    assert res.unit_grid.shape == res.direction_grid.shape and res.unit_grid.shape[0] == 3
+    assert not torch.equal(res.unit_indices, res.direction_indices)
+    paths = res.save(tmp_path)
+    assert all(open(p, "rb").read(4) == b"\x89PNG" for p in paths)
+    with pytest.raises(ValueError, match="^layer: no module named"):
+        unit_images(cnn, "nope", x)
+    with pytest.raises(ValueError, match="^unit: must be"):
+        unit_images(cnn, "rest.8", x, unit=10_000)
+
+
+def test_game_table(cnn, test_set, tmp_path) -> None:
+    x, y = test_set[0][:48], test_set[1][:48]
+    rows = game_table(cnn, x, y, {"linf": [0.05, 0.1], "l2": [1.0]}, attacks=("fgsm", "pgd-20", "cw"),
+                      cw_kwargs={"steps": 20, "search_steps": 2})
+    assert rows[0]["attack"] == "clean" and len(rows) == 1 + 2 * 2 + 3
+    assert {(r["attack"], r["norm"]) for r in rows[1:]} == {
+        ("fgsm", "linf"), ("pgd-20", "linf"), ("fgm", "l2"), ("pgd-20", "l2"), ("cw", "l2")}
+    acc = {(r["attack"], r["norm"], r["eps"]): r["accuracy"] for r in rows}
+    assert acc[("pgd-20", "linf", 0.1)] <= acc[("pgd-20", "linf", 0.05)] <= rows[0]["accuracy"]
+    assert acc[("pgd-20", "linf", 0.1)] <= acc[("fgsm", "linf", 0.1)] + 5.0
+    write_csv(rows, tmp_path / "e.csv")
+    assert "| pgd-20 | linf | 0.1000 |" in to_markdown(rows)
+    plot_robustness(rows, tmp_path / "e.png")
+    assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="^eps: budgets"):
+        game_table(cnn, x, y, {"linf": [-0.1]})
+    with pytest.raises(ValueError, match="^norm: must be"):
+        game_table(cnn, x, y, {"l1": [0.1]})
+    with pytest.raises(ValueError, match="^attacks: unknown attack"):
+        game_table(cnn, x, y, {"linf": [0.1]}, attacks=("deepfool",))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_models_follow_first_layer_convention(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, in_channels=3, num_classes=7).eval()
+    x = torch.rand(2, 3, 28, 28)
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (2, 7)
+        assert torch.allclose(out, model.forward_rest(model.first_layer(x)))
+
+
+def test_build_model_errors() -> None:
+    with pytest.raises(ValueError, match="^model: unknown name 'vgg'"):
+        build_model("vgg")
+    with pytest.raises(ValueError, match="^in_channels: must be"):
+        build_model("small_cnn", in_channels=0)
+    with pytest.raises(ValueError, match="^model: bad option"):
+        build_model("small_cnn", depth=3)
