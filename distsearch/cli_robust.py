@@ -101,8 +101,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if args.attack == "pgd":
         kwargs["steps"] = args.steps
     try:
-        attack = make_attack("fgm" if args.attack == "fgsm" and args.norm == "l2" else args.attack,
-                             **{k: v for k, v in kwargs.items() if not (k == "norm" and args.attack == "fgsm")})
+        attack = make_attack(
+            "fgm" if args.attack == "fgsm" and args.norm == "l2" else args.attack,
+            **{k: v for k, v in kwargs.items() if not (k == "norm" and args.attack == "fgsm")},
+        )
     except ValueError as e:
         raise UsageError(str(e)) from None
     x_adv = attack(model, x, y)
@@ -112,17 +114,20 @@ def cmd_attack(args: argparse.Namespace) -> int:
     dist = (x_adv - x).flatten(1).norm(dim=1)
 
     def write(folder: str) -> None:
-        torch.save({"x": x, "x_adv": x_adv, "y": y, "pred": pred, "pred_adv": pred_adv},
-                   os.path.join(folder, "adversarial.pt"))
+        torch.save(
+            {"x": x, "x_adv": x_adv, "y": y, "pred": pred, "pred_adv": pred_adv}, os.path.join(folder, "adversarial.pt")
+        )
         k = min(16, len(x))
         diff = (x_adv[:k] - x[:k]).abs()
         grid = torch.cat([x[:k], x_adv[:k], diff / diff.amax().clamp_min(1e-12)])
         save_image(grid, os.path.join(folder, "before_after.png"), nrow=k, padding=1)
 
     where = _outputs(args, "attack", write)
-    print(f"{args.attack}: fooled {fooled:.1%} of the correctly classified, clean acc "
-          f"{float((pred == y).float().mean()):.1%} -> {float((pred_adv == y).float().mean()):.1%}, "
-          f"mean L2 distortion {float(dist.mean()):.4f}")
+    print(
+        f"{args.attack}: fooled {fooled:.1%} of the correctly classified, clean acc "
+        f"{float((pred == y).float().mean()):.1%} -> {float((pred_adv == y).float().mean()):.1%}, "
+        f"mean L2 distortion {float(dist.mean()):.4f}"
+    )
     print(f"adversarial examples and the before/after grid (rows: clean, adversarial, |difference|) in {where}")
     return 0
 
@@ -135,8 +140,9 @@ def cmd_certify(args: argparse.Namespace) -> int:
     model, data, _ = load_model(args.uri)
     x, y = _eval_set(data, args.n)
     try:
-        rows = certify_table(model, x, y, args.eps, norm=args.norm, method=args.method,
-                             model=os.path.basename(args.uri.rstrip("/")))
+        rows = certify_table(
+            model, x, y, args.eps, norm=args.norm, method=args.method, run=os.path.basename(args.uri.rstrip("/"))
+        )
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -165,8 +171,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--genotype", help="genotype.json (path/URI) or a search's storage URI")
     src.add_argument("--model", help="small_cnn | mlp | resnet18 | resnet34 | resnet50")
-    p.add_argument("--strategy", default="standard",
-                   help="standard | fgsm | fgsm_rs | fgm | pgd | free | yopo | freelb | trades")
+    p.add_argument(
+        "--strategy", default="standard", help="standard | fgsm | fgsm_rs | fgm | pgd | free | yopo | freelb | trades"
+    )
     p.add_argument("--eps", type=_positive_float, help="attack budget of the strategy")
     p.add_argument("--epochs", type=int)
     p.add_argument("--config", help="optional TrainConfig YAML (data, model, optim, eval, storage, monitor)")
@@ -202,3 +209,90 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=100)
     p.add_argument("--out", help="local folder (default: <uri>/certify)")
     p.set_defaults(func=cmd_certify)
+    register_transfer(sub)
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import TransferConfig, load_config
+    from .monitor import Monitor
+    from .robust.attacks import make_attack
+    from .robust.models import build_model
+    from .robust.tables import to_markdown, write_csv, write_markdown
+    from .robust.training import make_strategy
+    from .robust.training_base import fit
+    from .robust.transfer import plot_heatmap, transfer_table
+    from .runner import build_data, setup_torch
+    from .storage import Store
+
+    cfg = load_config(args.config, args.overrides, TransferConfig)
+    try:
+        attack = make_attack(cfg.attack.name, **cfg.attack.kwargs)
+    except ValueError as e:
+        raise UsageError(f"attack: {e}") from None
+    labels = [m.label for m in cfg.models]
+    if len(set(labels)) != len(labels):
+        raise UsageError(f"models: labels must be distinct, got {labels}")
+    if cfg.units is not None and cfg.units.model not in labels:
+        raise UsageError(f"units.model: {cfg.units.model!r} is not one of the models' labels {labels}")
+    store = Store(args.out or cfg.storage.uri)
+    store.check_writable()
+    device = setup_torch(cfg)
+    data = build_data(cfg)
+    models = {}
+    half = len(data.x_train) // 2
+    for m in cfg.models:
+        x, y = data.x_train, data.y_train
+        if m.half is not None:
+            x, y = x[m.half * half : (m.half + 1) * half], y[m.half * half : (m.half + 1) * half]
+        torch.manual_seed(m.seed)
+        kwargs = ({"image_size": data.image_size} if m.name == "mlp" else {}) | m.kwargs
+        try:
+            net = build_model(m.name, data.in_channels, data.num_classes, **kwargs).to(device)
+        except ValueError as e:
+            raise UsageError(f"models[{m.label}]: {e}") from None
+        opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9)
+        fit(
+            net,
+            make_strategy("standard"),
+            x.to(device),
+            y.to(device),
+            m.epochs or cfg.epochs,
+            opt,
+            batch_size=cfg.data.batch_size,
+            seed=m.seed,
+        )
+        models[m.label] = net.eval()
+        print(f"trained {m.label} ({m.name}, {'half ' + str(m.half) if m.half is not None else 'all data'})")
+    x, y = data.x_test[: cfg.n].to(device), data.y_test[: cfg.n].to(device)
+    rows = transfer_table(models, x, y, attack, seed=cfg.seed)
+    monitor = Monitor(store, cfg.monitor.tensorboard)
+
+    def write(folder: str) -> None:
+        write_csv(rows, os.path.join(folder, "transfer.csv"))
+        write_markdown(rows, os.path.join(folder, "transfer.md"))
+        plot_heatmap(rows, os.path.join(folder, "transfer.png"))
+        if cfg.units is not None:
+            from .robust.units import unit_images
+
+            u = unit_images(models[cfg.units.model], cfg.units.layer, x, k=cfg.units.k, seed=cfg.seed)
+            u.save(folder, prefix=f"units_{cfg.units.model}")
+            monitor.image_grid(f"units/{cfg.units.model}_unit{u.unit}", u.unit_grid.unsqueeze(0), 0)
+            monitor.image_grid(f"units/{cfg.units.model}_random_direction", u.direction_grid.unsqueeze(0), 0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write(tmp)
+        store.upload_dir(tmp, "")
+    monitor.close()
+    print(to_markdown(rows))
+    print(f"error rates (%) of each column model on each row's examples; table, heatmap in {store.uri}")
+    return 0
+
+
+def register_transfer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("transfer", help="Szegedy transfer table: each model's adversarial examples against the others")
+    p.add_argument("--config", required=True, help="TransferConfig YAML (see launch/configs/transfer_mnist.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", help="storage URI (overrides storage.uri)")
+    p.set_defaults(func=cmd_transfer)

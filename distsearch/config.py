@@ -163,6 +163,7 @@ class ModelConfig(Strict):
 
     genotype: str | None = Field(None, description="genotype.json path/URI, or a search's storage URI")
     name: str | None = Field(None, description="small_cnn | mlp | resnet18 | resnet34 | resnet50")
+    kwargs: dict[str, Any] = Field({}, description="options of the named model, e.g. {width: 32}")
     C: int = Field(16, gt=0)
     layers: int = Field(8, gt=0)
     drop_path_prob: float = Field(0.0, ge=0, lt=1)
@@ -197,6 +198,38 @@ class TrainConfig(RunConfig):
     strategy: WeightATConfig = WeightATConfig()
     optim: TrainOptimConfig = TrainOptimConfig()
     eval: RobustEvalConfig = RobustEvalConfig()
+
+
+class TransferModel(Strict):
+    label: str
+    name: str = "small_cnn"
+    kwargs: dict[str, Any] = {}
+    half: Literal[0, 1] | None = Field(None, description="train on one half of the training set (disjoint halves)")
+    seed: int = 0
+    epochs: int | None = Field(None, gt=0)
+
+
+class AttackConfig(Strict):
+    name: str = "fgsm"
+    kwargs: dict[str, Any] = {"eps": 0.1}
+
+
+class UnitsConfig(Strict):
+    model: str = Field(..., description="label of the model to analyse")
+    layer: str = Field(..., description="module name, e.g. rest.8 for small_cnn's hidden layer")
+    k: int = Field(16, gt=0)
+
+
+class TransferConfig(RunConfig):
+    """Szegedy et al. 2014, tables 2-4: adversarial examples of each model against every other."""
+
+    name: str = "transfer"
+    epochs: int = Field(3, gt=0)
+    lr: float = Field(0.05, gt=0)
+    models: list[TransferModel] = Field(..., min_length=2)
+    attack: AttackConfig = AttackConfig()
+    n: int = Field(500, gt=0, description="test images attacked")
+    units: UnitsConfig | None = None
 
 
 class SearchConfig(RunConfig):

@@ -105,7 +105,14 @@ class Store:
                     self.write_bytes(posixpath.join(rel, sub), f.read())
 
     def check_writable(self) -> None:
-        """Fail early (before any work) when the store cannot be written."""
+        """Fail early (before any work) when the store cannot be written; creates nothing locally."""
+        if self.is_local:
+            parent = self.root
+            while not os.path.exists(parent):
+                parent = os.path.dirname(parent) or "."
+            if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+                raise UsageError(f"storage.uri: cannot write under {parent!r} (for {self.uri!r})")
+            return
         probe = f".probe-{uuid.uuid4().hex}"
         try:
             self.write_bytes(probe, b"ok")

@@ -49,12 +49,14 @@ def read_genotype(ref: str) -> Genotype:
 def build_network(cfg: TrainConfig, data: DataSplits, genotype: Genotype | None) -> torch.nn.Module:
     m = cfg.model
     if genotype is not None:
-        return Network(genotype, data.in_channels, data.num_classes, C=m.C, layers=m.layers,
-                       drop_path_prob=m.drop_path_prob)
+        return Network(
+            genotype, data.in_channels, data.num_classes, C=m.C, layers=m.layers, drop_path_prob=m.drop_path_prob
+        )
     from .robust.models import build_model
 
+    kwargs = ({"image_size": data.image_size} if m.name == "mlp" else {}) | m.kwargs
     try:
-        return build_model(m.name, in_channels=data.in_channels, num_classes=data.num_classes)
+        return build_model(m.name, in_channels=data.in_channels, num_classes=data.num_classes, **kwargs)
     except ValueError as e:
         raise UsageError(f"model.name: {e}") from None
 
@@ -77,11 +79,23 @@ def run_training(cfg: TrainConfig, store: Store, stop_after_steps: int | None = 
     genotype = read_genotype(cfg.model.genotype) if cfg.model.genotype else None
     model = build_network(cfg, data, genotype).to(device)
     strategy = cfg.strategy.build()
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay, foreach=True)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.optim.lr,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+        foreach=True,
+    )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs, eta_min=cfg.optim.lr_min)
-    stream = BatchStream(data.x_train, data.y_train, torch.arange(len(data.x_train)), cfg.data.batch_size,
-                         cfg.seed, device, cfg.data.augment)
+    stream = BatchStream(
+        data.x_train,
+        data.y_train,
+        torch.arange(len(data.x_train)),
+        cfg.data.batch_size,
+        cfg.seed,
+        device,
+        cfg.data.augment,
+    )
     steps_per_epoch = stream.batches_per_pass
     epoch, step, history, sums = 0, 0, [], {}
 
@@ -103,16 +117,28 @@ def run_training(cfg: TrainConfig, store: Store, stop_after_steps: int | None = 
     monitor = Monitor(store, cfg.monitor.tensorboard, purge_step=step or None)
 
     def checkpoint(epoch_done: int) -> str:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "strategy": strategy.state_dict(), "stream": stream.state_dict(), "rng": rng_state(device),
-                 "sums": sums}
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "strategy": strategy.state_dict(),
+            "stream": stream.state_dict(),
+            "rng": rng_state(device),
+            "sums": sums,
+        }
         meta = {"epoch": epoch_done, "global_step": step, "history": history, "kind": "train"}
         name = store.save_checkpoint(step, state, meta, keep=cfg.storage.keep)
         monitor.sync()
         return name
 
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=step, disable=not cfg.monitor.progress,
-               desc=f"train ({cfg.strategy.strategy})", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.epochs * steps_per_epoch,
+        initial=step,
+        disable=not cfg.monitor.progress,
+        desc=f"train ({cfg.strategy.strategy})",
+        unit="step",
+        dynamic_ncols=True,
+    )
     try:
         while epoch < cfg.epochs:
             model.train()
@@ -136,8 +162,15 @@ def run_training(cfg: TrainConfig, store: Store, stop_after_steps: int | None = 
             record = {f"train/{k}": float(v) / steps_per_epoch for k, v in sums.items()}
             sums = {}
             test = evaluate(model, data.x_test, data.y_test, cfg.data.eval_batch_size, device)
-            record.update({"test/loss": test["loss"], "test/acc": test["acc"], "epoch": epoch,
-                           "lr": optimizer.param_groups[0]["lr"], "time/epoch_s": time.time() - t0})
+            record.update(
+                {
+                    "test/loss": test["loss"],
+                    "test/acc": test["acc"],
+                    "epoch": epoch,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "time/epoch_s": time.time() - t0,
+                }
+            )
             if cfg.eval.n:
                 record[f"test/robust_acc_pgd{cfg.eval.steps}"] = robust_accuracy(model, data, cfg, device)
             history.append(record)
@@ -150,8 +183,10 @@ def run_training(cfg: TrainConfig, store: Store, stop_after_steps: int | None = 
             monitor.close()
     final = history[-1] if history else {}
     store.write_json("result.json", {"metrics": final, "epochs": epoch, "steps": step})
-    monitor.hparams({"strategy": cfg.strategy.strategy, "eps": cfg.strategy.eps or 0.0, "epochs": cfg.epochs},
-                    {k: v for k, v in final.items() if k.startswith("test/")})
+    monitor.hparams(
+        {"strategy": cfg.strategy.strategy, "eps": cfg.strategy.eps or 0.0, "epochs": cfg.epochs},
+        {k: v for k, v in final.items() if k.startswith("test/")},
+    )
     monitor.close()
     return final
 

@@ -69,8 +69,9 @@ def trained_cnn(n_train: int = 3000, epochs: int = 3) -> torch.nn.Module:
 
 
 @functools.cache
-def trained_mlp(strategy: str, epochs: int = 4, n_train: int = 3000, hidden: int = 128, half: int = 0,
-                seed: int = 0) -> torch.nn.Module:
+def trained_mlp(
+    strategy: str, epochs: int = 4, n_train: int = 3000, hidden: int = 128, half: int = 0, seed: int = 0
+) -> torch.nn.Module:
     """An MLP trained with `strategy` (STRATEGY_KWARGS) on mnist5k; `half` 1 or 2 picks a disjoint half."""
     d = mnist()
     x, y = d.x_train[:n_train], d.y_train[:n_train]

@@ -157,7 +157,10 @@ def test_targeted_attacks_reach_the_target(cnn, test_set) -> None:
     torch.manual_seed(0)
     assert success_rate(cnn, PGD(0.4, steps=40, targeted=True)(cnn, x, target), target, targeted=True) >= 0.9
     x, target = x[:10], target[:10]
-    assert success_rate(cnn, CarliniWagnerL2(targeted=True, steps=100, search_steps=3)(cnn, x, target), target, True) >= 0.9
+    assert (
+        success_rate(cnn, CarliniWagnerL2(targeted=True, steps=100, search_steps=3)(cnn, x, target), target, True)
+        >= 0.9
+    )
     x, target = x[:6], target[:6]  # SciPy's L-BFGS-B costs about 7 ms per iteration per MNIST image
     assert success_rate(cnn, LBFGS(targeted=True, search_steps=3, max_iter=20)(cnn, x, target), target, True) >= 0.9
 

@@ -120,7 +120,9 @@ def ray_local():
 def s3_bucket():
     """A moto S3 server on 127.0.0.1 with bucket `exp`, stopped by PID afterwards."""
     import boto3
+    import s3fs
 
+    s3fs.S3FileSystem.clear_instance_cache()  # an earlier test may have cached a client for a dead endpoint
     proc = start_session(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
         stdout=subprocess.DEVNULL,

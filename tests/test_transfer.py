@@ -85,11 +85,22 @@ def test_unit_images(cnn, test_set, tmp_path) -> None:
 
 def test_game_table(cnn, test_set, tmp_path) -> None:
     x, y = test_set[0][:48], test_set[1][:48]
-    rows = game_table(cnn, x, y, {"linf": [0.05, 0.1], "l2": [1.0]}, attacks=("fgsm", "pgd-20", "cw"),
-                      cw_kwargs={"steps": 20, "search_steps": 2})
+    rows = game_table(
+        cnn,
+        x,
+        y,
+        {"linf": [0.05, 0.1], "l2": [1.0]},
+        attacks=("fgsm", "pgd-20", "cw"),
+        cw_kwargs={"steps": 20, "search_steps": 2},
+    )
     assert rows[0]["attack"] == "clean" and len(rows) == 1 + 2 * 2 + 3
     assert {(r["attack"], r["norm"]) for r in rows[1:]} == {
-        ("fgsm", "linf"), ("pgd-20", "linf"), ("fgm", "l2"), ("pgd-20", "l2"), ("cw", "l2")}
+        ("fgsm", "linf"),
+        ("pgd-20", "linf"),
+        ("fgm", "l2"),
+        ("pgd-20", "l2"),
+        ("cw", "l2"),
+    }
     acc = {(r["attack"], r["norm"], r["eps"]): r["accuracy"] for r in rows}
     assert acc[("pgd-20", "linf", 0.1)] <= acc[("pgd-20", "linf", 0.05)] <= rows[0]["accuracy"]
     assert acc[("pgd-20", "linf", 0.1)] <= acc[("fgsm", "linf", 0.1)] + 5.0

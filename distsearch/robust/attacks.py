@@ -48,8 +48,9 @@ def _input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn:
 class FGSM(Attack):
     """One signed-gradient step of size ε (L∞)."""
 
-    def __init__(self, eps: float = 8 / 255, targeted: bool = False, loss_fn: LossFn | None = None,
-                 eval_mode: bool = True):
+    def __init__(
+        self, eps: float = 8 / 255, targeted: bool = False, loss_fn: LossFn | None = None, eval_mode: bool = True
+    ):
         check_positive("eps", eps)
         self.eps, self.targeted, self.loss_fn, self.eval_mode = eps, targeted, loss_fn, eval_mode
 
@@ -69,9 +70,18 @@ class FGM(FGSM):
 class PGD(Attack):
     """Projected gradient descent in L∞ or L2 with random start and restarts."""
 
-    def __init__(self, eps: float = 8 / 255, alpha: float | None = None, steps: int = 10, norm: str = "linf",
-                 random_start: bool = True, restarts: int = 1, targeted: bool = False,
-                 loss_fn: LossFn | None = None, eval_mode: bool = True):
+    def __init__(
+        self,
+        eps: float = 8 / 255,
+        alpha: float | None = None,
+        steps: int = 10,
+        norm: str = "linf",
+        random_start: bool = True,
+        restarts: int = 1,
+        targeted: bool = False,
+        loss_fn: LossFn | None = None,
+        eval_mode: bool = True,
+    ):
         check_positive("eps", eps)
         check_int("steps", steps)
         check_int("restarts", restarts)

@@ -59,8 +59,9 @@ def input_box(x: torch.Tensor, eps: float | torch.Tensor, norm: str, domain: Dom
     return Box(lo, hi) if norm == "linf" else Box(lo, hi, x, e)
 
 
-def _concretize(A: torch.Tensor | None, const, x: torch.Tensor, e: torch.Tensor, norm: str, domain: Domain,
-                shape: tuple[int, int]) -> torch.Tensor:
+def _concretize(
+    A: torch.Tensor | None, const, x: torch.Tensor, e: torch.Tensor, norm: str, domain: Domain, shape: tuple[int, int]
+) -> torch.Tensor:
     """min of A x' + const over the input set (a lower bound; exact for the box)."""
     if A is None:
         return torch.zeros(shape, dtype=x.dtype, device=x.device) + const
@@ -72,9 +73,16 @@ def _concretize(A: torch.Tensor | None, const, x: torch.Tensor, e: torch.Tensor,
     return (torch.maximum(ball, box) if domain is not None else ball) + const
 
 
-def spec_bounds(model: nn.Module, x: torch.Tensor, eps: float | torch.Tensor, norm: str = "linf",
-                method: str = "ibp", C: torch.Tensor | None = None, domain: Domain = (0.0, 1.0),
-                lower_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def spec_bounds(
+    model: nn.Module,
+    x: torch.Tensor,
+    eps: float | torch.Tensor,
+    norm: str = "linf",
+    method: str = "ibp",
+    C: torch.Tensor | None = None,
+    domain: Domain = (0.0, 1.0),
+    lower_only: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Certified (lower, upper) bounds of C f(x') over the input set; C: [B, S, K] (default I).
 
     With lower_only the upper bound is None (half the linear-bound cost)."""
@@ -124,29 +132,57 @@ def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
         return model(x[:1]).shape[1]
 
 
-def margin_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor,
-                  norm: str = "linf", method: str = "ibp", domain: Domain = (0.0, 1.0)) -> torch.Tensor:
+def margin_bounds(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float | torch.Tensor,
+    norm: str = "linf",
+    method: str = "ibp",
+    domain: Domain = (0.0, 1.0),
+) -> torch.Tensor:
     """Certified lower bounds [B, K-1] of the margins f_y - f_j (j != y) over the input set."""
     C = margin_matrix(y, _num_classes(model, x), x.dtype)
     return spec_bounds(model, x, eps, norm, method, C, domain, lower_only=True)[0]
 
 
-def margin_lower_bound(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float | torch.Tensor,
-                       norm: str = "linf", method: str = "ibp", domain: Domain = (0.0, 1.0)) -> torch.Tensor:
+def margin_lower_bound(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float | torch.Tensor,
+    norm: str = "linf",
+    method: str = "ibp",
+    domain: Domain = (0.0, 1.0),
+) -> torch.Tensor:
     """Certified lower bound [B] of f_y - max_{j != y} f_j; > 0 certifies the example at eps."""
     return margin_bounds(model, x, y, eps, norm, method, domain).min(dim=1).values
 
 
-def certified_metric(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf",
-                     method: str = "ibp", domain: Domain = (0.0, 1.0)) -> torch.Tensor:
+def certified_metric(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    norm: str = "linf",
+    method: str = "ibp",
+    domain: Domain = (0.0, 1.0),
+) -> torch.Tensor:
     """R_cb: the batch mean of the certified worst-case margin at eps (differentiable)."""
     return margin_lower_bound(model, x, y, eps, norm, method, domain).mean()
 
 
 @torch.no_grad()
-def certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "linf",
-                     method: str = "ibp", eps_max: float = 1.0, steps: int = 12,
-                     domain: Domain = (0.0, 1.0)) -> torch.Tensor:
+def certified_radius(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norm: str = "linf",
+    method: str = "ibp",
+    eps_max: float = 1.0,
+    steps: int = 12,
+    domain: Domain = (0.0, 1.0),
+) -> torch.Tensor:
     """Per-example certified radius by bisection on eps in [0, eps_max]; 0 when x itself is
     misclassified. Every returned radius r was verified (margin lower bound > 0 at r)."""
     B = x.shape[0]

@@ -72,8 +72,9 @@ def _affine(fn, fn_abs, box: Box, l2_rad=None) -> Box:
     lo, up = c - rad, c + rad
     if box.center is not None and l2_rad is not None:
         c2, rad2 = fn(box.center), l2_rad()
-        lo, up = torch.maximum(lo, c2 - box.eps.reshape(-1, *[1] * (c2.dim() - 1)) * rad2), torch.minimum(
-            up, c2 + box.eps.reshape(-1, *[1] * (c2.dim() - 1)) * rad2
+        lo, up = (
+            torch.maximum(lo, c2 - box.eps.reshape(-1, *[1] * (c2.dim() - 1)) * rad2),
+            torch.minimum(up, c2 + box.eps.reshape(-1, *[1] * (c2.dim() - 1)) * rad2),
         )
     return Box(lo, up)
 

@@ -65,8 +65,9 @@ def _conv_back(m: nn.Conv2d, A: torch.Tensor, st: Back) -> torch.Tensor:
     for n_in, n_out, s, p, d, k in zip(in_shape[1:], (H_out, W_out), m.stride, m.padding, m.dilation, m.kernel_size):
         out_pad.append(n_in - ((n_out - 1) * s - 2 * p + d * (k - 1) + 1))
     BS = A.shape[:2]
-    A2 = F.conv_transpose2d(A.reshape(-1, *A.shape[2:]), m.weight, None, m.stride, m.padding, tuple(out_pad),
-                            m.groups, m.dilation)
+    A2 = F.conv_transpose2d(
+        A.reshape(-1, *A.shape[2:]), m.weight, None, m.stride, m.padding, tuple(out_pad), m.groups, m.dilation
+    )
     if m.bias is not None:
         st.add(torch.einsum("bschw,c->bs", A, m.bias))
     return A2.reshape(*BS, *in_shape)

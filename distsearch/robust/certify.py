@@ -20,8 +20,15 @@ from torch import nn
 from .bounds import certified_radius, margin_lower_bound
 from .tables import Row, to_markdown, write_csv, write_markdown
 
-__all__ = ["certified_accuracy", "certify_table", "mean_certified_radius", "plot_certified_accuracy",
-           "to_markdown", "write_csv", "write_markdown"]
+__all__ = [
+    "certified_accuracy",
+    "certify_table",
+    "mean_certified_radius",
+    "plot_certified_accuracy",
+    "to_markdown",
+    "write_csv",
+    "write_markdown",
+]
 
 
 @contextmanager
@@ -44,8 +51,15 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def certified_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: Sequence[float],
-                       norm: str = "linf", method: str = "crown", batch_size: int = 128) -> list[float]:
+def certified_accuracy(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps_list: Sequence[float],
+    norm: str = "linf",
+    method: str = "crown",
+    batch_size: int = 128,
+) -> list[float]:
     """Fraction of examples certified at each eps (one entry per eps)."""
     counts = [0] * len(eps_list)
     with _eval(model):
@@ -56,9 +70,16 @@ def certified_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_l
 
 
 @torch.no_grad()
-def mean_certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "linf",
-                          method: str = "crown", eps_max: float | None = None, steps: int = 12,
-                          batch_size: int = 128) -> tuple[float, torch.Tensor]:
+def mean_certified_radius(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norm: str = "linf",
+    method: str = "crown",
+    eps_max: float | None = None,
+    steps: int = 12,
+    batch_size: int = 128,
+) -> tuple[float, torch.Tensor]:
     """(mean, per-example radii): bisection on eps; 0 for misclassified examples.
     eps_max defaults to 1 (L-inf) or sqrt(input size) (L2), the whole [0, 1] box."""
     if eps_max is None:
@@ -71,12 +92,21 @@ def mean_certified_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, no
     return (float(r.mean()) if r.numel() else 0.0), r
 
 
-def certify_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: Sequence[float],
-                  norm: str = "linf", method: str = "crown", *, radius: bool = True, batch_size: int = 128,
-                  **extra: Any) -> list[Row]:
+def certify_table(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps_list: Sequence[float],
+    norm: str = "linf",
+    method: str = "crown",
+    *,
+    radius: bool = True,
+    batch_size: int = 128,
+    **extra: Any,
+) -> list[Row]:
     """One row per eps: norm, method, eps, clean accuracy, certified accuracy, and (with
     radius) the mean certified radius of the whole set (the same on every row). `extra`
-    key/values (e.g. model="dsrna") are prepended to each row."""
+    key/values (e.g. label="dsrna") are prepended to each row."""
     x = x.to(next(model.parameters()).dtype)
     with torch.no_grad(), _eval(model):
         correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in _chunks(x, y, batch_size, _device(model)))
@@ -94,7 +124,7 @@ def certify_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: 
 
 
 def plot_certified_accuracy(rows: Sequence[Row], path: str | os.PathLike[str], title: str = "") -> None:
-    """Certified accuracy vs eps, one line per (model, norm, method) group of the rows."""
+    """Certified accuracy vs eps, one line per (label, norm, method) group of the rows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,7 +132,7 @@ def plot_certified_accuracy(rows: Sequence[Row], path: str | os.PathLike[str], t
 
     groups: dict[str, list[Row]] = {}
     for r in rows:
-        label = " ".join(str(r[k]) for k in ("model", "norm", "method") if k in r)
+        label = " ".join(str(r[k]) for k in ("label", "norm", "method") if k in r)
         groups.setdefault(label, []).append(r)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, rs in groups.items():

@@ -38,8 +38,9 @@ EVAL_ATTACKS: dict[str, AttackFactory] = {
 }
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack | None = None,
-             batch_size: int = 256) -> float:
+def accuracy(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack | None = None, batch_size: int = 256
+) -> float:
     """Accuracy (%) of the model in eval mode on x, or on attack(model, x, y); mode restored."""
     was_training = model.training
     model.eval()
@@ -47,7 +48,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack 
     correct = 0
     try:
         for i in range(0, x.shape[0], batch_size):
-            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+            xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
             if attack is not None:
                 xb = attack(model, xb, yb)
             with torch.no_grad():
@@ -57,9 +58,16 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack 
     return 100.0 * correct / max(1, x.shape[0])
 
 
-def game_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: dict[str, Sequence[float]],
-               attacks: Sequence[str] = ("fgsm", "pgd-20", "pgd-100", "cw"), batch_size: int = 256,
-               cw_kwargs: dict[str, Any] | None = None, seed: int = 0) -> list[Row]:
+def game_table(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: dict[str, Sequence[float]],
+    attacks: Sequence[str] = ("fgsm", "pgd-20", "pgd-100", "cw"),
+    batch_size: int = 256,
+    cw_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> list[Row]:
     """Rows {attack, norm, eps, accuracy, n}: one clean row, then each attack at each (norm, ε).
     `eps` maps a norm ('linf' or 'l2') to its budgets, e.g. {'linf': [0.1, 0.3], 'l2': [1.0]}."""
     for norm, budgets in eps.items():
@@ -81,8 +89,15 @@ def game_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: dict[str
                 if attack is None:
                     continue
                 label = "fgm" if name == "fgsm" and norm == "l2" else name
-                rows.append({"attack": label, "norm": norm, "eps": float(e),
-                             "accuracy": accuracy(model, x, y, attack, batch_size), "n": n})
+                rows.append(
+                    {
+                        "attack": label,
+                        "norm": norm,
+                        "eps": float(e),
+                        "accuracy": accuracy(model, x, y, attack, batch_size),
+                        "n": n,
+                    }
+                )
     return rows
 
 
@@ -96,10 +111,15 @@ def plot_robustness(rows: Sequence[Row], path: str | os.PathLike[str], title: st
     axes = fig.subplots(1, max(1, len(norms)), squeeze=False)
     for ax, norm in zip(axes[0], norms):
         for name in dict.fromkeys(r["attack"] for r in rows if r["norm"] == norm):
-            pts = sorted((float(r["eps"]), float(r["accuracy"])) for r in rows if r["norm"] == norm
-                         and r["attack"] == name)
-            ax.plot([0.0] + [p[0] for p in pts], [clean if clean is not None else 100.0] + [p[1] for p in pts],
-                    marker="o", label=name)
+            pts = sorted(
+                (float(r["eps"]), float(r["accuracy"])) for r in rows if r["norm"] == norm and r["attack"] == name
+            )
+            ax.plot(
+                [0.0] + [p[0] for p in pts],
+                [clean if clean is not None else 100.0] + [p[1] for p in pts],
+                marker="o",
+                label=name,
+            )
         if clean is not None:
             ax.axhline(clean, linestyle="--", color="grey", linewidth=1, label="clean")
         ax.set(xlabel=f"ε ({norm})", ylabel="accuracy (%)", ylim=(0, 100), title=f"{title} {norm}".strip())

@@ -53,15 +53,22 @@ def jacobian_norms(model: Model, x: torch.Tensor, norm: str = "linf", create_gra
     return torch.stack(norms, dim=1)
 
 
-def projection_samples(model: Model, x: torch.Tensor, norm: str = "linf", n_proj: int = 1,
-                       create_graph: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+def projection_samples(
+    model: Model,
+    x: torch.Tensor,
+    norm: str = "linf",
+    n_proj: int = 1,
+    create_graph: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """[n_proj, B] unbiased single-draw estimates: ||v^T J||_2^2 (of ||J||_F^2) for L2,
     sqrt(pi/2) ||v^T J||_1 (of ||J||_{2,1}) for L-inf; v ~ N(0, I_K) per example and draw."""
     return _projections(model, x, norm, n_proj, create_graph, generator)[0]
 
 
-def _projections(model: Model, x: torch.Tensor, norm: str, n_proj: int, create_graph: bool,
-                 generator: torch.Generator | None) -> tuple[torch.Tensor, int]:
+def _projections(
+    model: Model, x: torch.Tensor, norm: str, n_proj: int, create_graph: bool, generator: torch.Generator | None
+) -> tuple[torch.Tensor, int]:
     q = dual_q(norm)
     with torch.enable_grad():
         xg = _inputs(x)
@@ -75,8 +82,14 @@ def _projections(model: Model, x: torch.Tensor, norm: str, n_proj: int, create_g
     return torch.stack(samples), out.shape[1]
 
 
-def projected_jacobian_norm(model: Model, x: torch.Tensor, norm: str = "linf", n_proj: int = 1,
-                            create_graph: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+def projected_jacobian_norm(
+    model: Model,
+    x: torch.Tensor,
+    norm: str = "linf",
+    n_proj: int = 1,
+    create_graph: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """[B] estimate of ||J||_F (L2) or ||J||_{2,1} (L-inf) from n_proj random projections."""
     return _surrogate(projection_samples(model, x, norm, n_proj, create_graph, generator), norm)
 
@@ -97,8 +110,15 @@ def exact_surrogate(model: Model, x: torch.Tensor, norm: str = "linf") -> torch.
     return J.square().sum((1, 2)) if norm == "l2" else J.norm(dim=1).sum(1)
 
 
-def jacobian_metric(model: Model, x: torch.Tensor, eps: float, norm: str = "linf", projections: int = 0,
-                    create_graph: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+def jacobian_metric(
+    model: Model,
+    x: torch.Tensor,
+    eps: float,
+    norm: str = "linf",
+    projections: int = 0,
+    create_graph: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """R_jac = -(eps / K) sum_k ||J_k(x)||_q averaged over x (exact when projections == 0,
     else with the projected surrogate above); a differentiable 0-dim tensor."""
     if projections > 0:

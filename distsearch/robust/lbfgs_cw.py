@@ -66,8 +66,14 @@ class _MinDistortion(Attack):
 class LBFGS(_MinDistortion):
     """Szegedy et al.'s box-constrained L-BFGS (targeted on y, or on the runner-up class)."""
 
-    def __init__(self, targeted: bool = False, c_init: float = 0.1, search_steps: int = 6, max_iter: int = 50,
-                 eps: float | None = None):
+    def __init__(
+        self,
+        targeted: bool = False,
+        c_init: float = 0.1,
+        search_steps: int = 6,
+        max_iter: int = 50,
+        eps: float | None = None,
+    ):
         super().__init__(targeted, c_init, search_steps, eps)
         check_int("max_iter", max_iter)
         self.max_iter = max_iter
@@ -97,8 +103,16 @@ class CarliniWagnerL2(_MinDistortion):
 
     c_weighs_distortion = False
 
-    def __init__(self, targeted: bool = False, c_init: float = 1.0, search_steps: int = 5, steps: int = 100,
-                 lr: float = 0.1, kappa: float = 0.0, eps: float | None = None):
+    def __init__(
+        self,
+        targeted: bool = False,
+        c_init: float = 1.0,
+        search_steps: int = 5,
+        steps: int = 100,
+        lr: float = 0.1,
+        kappa: float = 0.0,
+        eps: float | None = None,
+    ):
         super().__init__(targeted, c_init, search_steps, eps)
         check_int("steps", steps)
         check_positive("lr", lr)

@@ -18,14 +18,23 @@ from torch import nn
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16, hidden: int = 128,
-                 dropout: float = 0.0):
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 10, width: int = 16, hidden: int = 128, dropout: float = 0.0
+    ):
         super().__init__()
         self.first_layer = nn.Conv2d(in_channels, width, 3, padding=1)
         self.rest = nn.Sequential(
-            nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(width, 2 * width, 3, padding=1),
-            nn.ReLU(), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(7), nn.Flatten(),
-            nn.Linear(2 * width * 49, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(7),
+            nn.Flatten(),
+            nn.Linear(2 * width * 49, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
         )
 
     def forward_rest(self, z: torch.Tensor) -> torch.Tensor:
@@ -36,8 +45,9 @@ class SmallCNN(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28,
-                 hidden: tuple[int, ...] = (100, 100)):
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, hidden: tuple[int, ...] = (100, 100)
+    ):
         super().__init__()
         sizes = [in_channels * image_size * image_size, *hidden]
         self.first_layer = nn.Sequential(nn.Flatten(), nn.Linear(sizes[0], sizes[1]))

@@ -184,4 +184,3 @@ def make_strategy(name: str, **kwargs: Any) -> Strategy:
         if key not in allowed:
             raise ValueError(f"{key}: not a parameter of strategy {name!r}; it takes {', '.join(allowed) or 'none'}")
     return cls(**kwargs)
-

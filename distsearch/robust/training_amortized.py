@@ -43,7 +43,7 @@ class Free(Strategy):
         d = d.to(x)
         if d.shape[0] >= x.shape[0]:
             return d[: x.shape[0]].clone()
-        return torch.cat([d, torch.zeros_like(x[d.shape[0]:])])
+        return torch.cat([d, torch.zeros_like(x[d.shape[0] :])])
 
     def _step(self, model, x, y, optimizer, counter: PassCounter) -> dict[str, torch.Tensor]:
         params = optimizer_params(optimizer)
@@ -116,8 +116,9 @@ def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torc
 class FreeLB(Strategy):
     name = "freelb"
 
-    def __init__(self, eps: float = 1.0, steps: int = 3, alpha: float | None = None, init: float | None = None,
-                 norm: str = "l2"):
+    def __init__(
+        self, eps: float = 1.0, steps: int = 3, alpha: float | None = None, init: float | None = None, norm: str = "l2"
+    ):
         check_positive("eps", eps)
         check_int("steps", steps)
         check_norm(norm)

@@ -58,8 +58,9 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Paramete
     return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
 
 
-def accumulate(loss: torch.Tensor, params: list[torch.nn.Parameter], inputs: Iterable[torch.Tensor] = (),
-               scale: float = 1.0) -> tuple[torch.Tensor, ...]:
+def accumulate(
+    loss: torch.Tensor, params: list[torch.nn.Parameter], inputs: Iterable[torch.Tensor] = (), scale: float = 1.0
+) -> tuple[torch.Tensor, ...]:
     """One backward pass: adds scale·∂loss/∂θ into θ.grad and returns ∂loss/∂input for each input
     (unscaled), so FreeAT/FreeLB get ∇_θ and ∇_δ from the same pass."""
     inputs = list(inputs)
@@ -72,7 +73,7 @@ def accumulate(loss: torch.Tensor, params: list[torch.nn.Parameter], inputs: Ite
             p.grad = g.detach()
         else:
             p.grad.add_(g)
-    return tuple(grads[len(params):])
+    return tuple(grads[len(params) :])
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -89,12 +90,14 @@ class Strategy:
     name = "base"
     needs_first_layer = False
 
-    def _step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
-              counter: PassCounter) -> dict[str, torch.Tensor]:
+    def _step(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, counter: PassCounter
+    ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    def step(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer
+    ) -> dict[str, torch.Tensor]:
         check_model(self, model)
         first = model.first_layer if self.needs_first_layer else None
         with PassCounter(model, first) as counter:
@@ -120,13 +123,23 @@ class Strategy:
 def check_model(strategy: Strategy, model: nn.Module) -> None:
     """Raise ValueError if the strategy cannot train this model (YOPO needs first_layer/forward_rest)."""
     if strategy.needs_first_layer and not (hasattr(model, "first_layer") and hasattr(model, "forward_rest")):
-        raise ValueError(f"model: strategy {strategy.name!r} needs a model exposing `first_layer` and "
-                         f"`forward_rest(z)` (search_spaces.Network and distsearch.robust.models do); "
-                         f"{type(model).__name__} does not")
+        raise ValueError(
+            f"model: strategy {strategy.name!r} needs a model exposing `first_layer` and "
+            f"`forward_rest(z)` (search_spaces.Network and distsearch.robust.models do); "
+            f"{type(model).__name__} does not"
+        )
 
 
-def fit(model: nn.Module, strategy: Strategy, x: torch.Tensor, y: torch.Tensor, epochs: int,
-        optimizer: torch.optim.Optimizer, batch_size: int = 128, seed: int = 0) -> dict[str, float]:
+def fit(
+    model: nn.Module,
+    strategy: Strategy,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    batch_size: int = 128,
+    seed: int = 0,
+) -> dict[str, float]:
     """Train for `epochs` passes over (x, y) in seeded shuffled batches (last partial batch
     dropped); returns the summed passes, the optimizer steps and the last epoch's mean loss/acc."""
     model.train()
@@ -138,7 +151,7 @@ def fit(model: nn.Module, strategy: Strategy, x: torch.Tensor, y: torch.Tensor, 
         perm = torch.randperm(x.shape[0], generator=g)[:n].to(x.device)
         last = {"loss": [], "acc": []}
         for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
+            idx = perm[i : i + batch_size]
             metrics = strategy.step(model, x[idx], y[idx], optimizer)
             for key in ("forward_passes", "backward_passes", "first_layer_passes"):
                 if key in metrics:

@@ -3,7 +3,8 @@
 Adversarial examples are made on each source model (models with other hyperparameters, or
 trained on disjoint halves of the training set), and every model's error rate (%) on them is
 tabulated beside a Gaussian-noise baseline of the same distortion: per example, noise
-N(0, I) scaled so that, clamped to [0, 1], it has the adversarial perturbation's L2 norm. Distortion is Szegedy's sqrt(Σ(x' − x)²/n), averaged over examples.
+N(0, I) scaled so that, clamped to [0, 1], it has the adversarial perturbation's L2 norm.
+Distortion is Szegedy's sqrt(Σ(x' − x)²/n), averaged over examples.
 Rows: 'clean', then for each source S the row 'S' (its adversarial examples) and the row
 'noise(S)'; columns: 'examples', 'distortion', then one error-rate column per model.
 """
@@ -27,8 +28,9 @@ def distortion(x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return ((x_adv - x) ** 2).flatten(1).mean(1).sqrt()
 
 
-def gaussian_like(x: torch.Tensor, x_adv: torch.Tensor, generator: torch.Generator | None = None,
-                  iters: int = 20) -> torch.Tensor:
+def gaussian_like(
+    x: torch.Tensor, x_adv: torch.Tensor, generator: torch.Generator | None = None, iters: int = 20
+) -> torch.Tensor:
     """x plus Gaussian noise, clamped to the box, with the same per-example L2 norm as x_adv − x:
     the noise's scale is refitted after clamping (fixed-point iterations), so the sizes match."""
     noise = torch.randn(x.shape, generator=generator).to(x)
@@ -42,34 +44,50 @@ def gaussian_like(x: torch.Tensor, x_adv: torch.Tensor, generator: torch.Generat
 
 
 def _batched(attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([attack(model, x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    return torch.cat(
+        [attack(model, x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    )
 
 
 @torch.no_grad()
 def _error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
     was_training = model.training
     model.eval()
-    wrong = sum(int((model(x[i:i + batch_size]).argmax(1) != y[i:i + batch_size]).sum())
-                for i in range(0, len(x), batch_size))
+    wrong = sum(
+        int((model(x[i : i + batch_size]).argmax(1) != y[i : i + batch_size]).sum())
+        for i in range(0, len(x), batch_size)
+    )
     model.train(was_training)
     return 100.0 * wrong / max(1, len(x))
 
 
-def transfer_table(models: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor, attack: Attack,
-                   seed: int = 0, batch_size: int = 256) -> list[Row]:
+def transfer_table(
+    models: Mapping[str, nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: Attack,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> list[Row]:
     """The transfer table (see the module docstring) for `attack` made on each model in turn."""
     if len(models) < 1:
         raise ValueError("models: need at least one model")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    rows: list[Row] = [{"examples": "clean", "distortion": 0.0,
-                        **{t: _error(m, x, y, batch_size) for t, m in models.items()}}]
+    rows: list[Row] = [
+        {"examples": "clean", "distortion": 0.0, **{t: _error(m, x, y, batch_size) for t, m in models.items()}}
+    ]
     for source, model in models.items():
         x_adv = _batched(attack, model, x, y, batch_size)
         x_noise = gaussian_like(x, x_adv, g)
         for label, xs in ((source, x_adv), (f"noise({source})", x_noise)):
-            rows.append({"examples": label, "distortion": float(distortion(xs, x).mean()),
-                         **{t: _error(m, xs, y, batch_size) for t, m in models.items()}})
+            rows.append(
+                {
+                    "examples": label,
+                    "distortion": float(distortion(xs, x).mean()),
+                    **{t: _error(m, xs, y, batch_size) for t, m in models.items()},
+                }
+            )
     return rows
 
 

@@ -46,15 +46,22 @@ def activations(model: nn.Module, layer: str | nn.Module, x: torch.Tensor, batch
     model.eval()
     try:
         for i in range(0, x.shape[0], batch_size):
-            model(x[i:i + batch_size])
+            model(x[i : i + batch_size])
     finally:
         handle.remove()
         model.train(was_training)
     return torch.cat(captured)
 
 
-def unit_images(model: nn.Module, layer: str | nn.Module, x: torch.Tensor, k: int = 8, unit: int | None = None,
-                seed: int = 0, nrow: int = 8) -> UnitImages:
+def unit_images(
+    model: nn.Module,
+    layer: str | nn.Module,
+    x: torch.Tensor,
+    k: int = 8,
+    unit: int | None = None,
+    seed: int = 0,
+    nrow: int = 8,
+) -> UnitImages:
     """Top-k held-out images along unit `unit` (default: the unit with the largest variance over x)
     and along a random direction drawn with `seed`."""
     from torchvision.utils import make_grid

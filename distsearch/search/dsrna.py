@@ -74,9 +74,22 @@ def frozen_bn(model: nn.Module, stats: Stats | None = None) -> Iterator[None]:
 
 
 class DsrnaSearcher(DartsSearcher):
-    def __init__(self, model: Supernet, *, epochs: int, order: str = "first", variant: str = "jacobian",
-                 gamma: float = 0.01, eps: float = 0.1, norm: str = "linf", bound: str = "ibp",
-                 projections: int = 0, bn_stats: str = "batch", weight_strategy: Any = None, **optim: Any):
+    def __init__(
+        self,
+        model: Supernet,
+        *,
+        epochs: int,
+        order: str = "first",
+        variant: str = "jacobian",
+        gamma: float = 0.01,
+        eps: float = 0.1,
+        norm: str = "linf",
+        bound: str = "ibp",
+        projections: int = 0,
+        bn_stats: str = "batch",
+        weight_strategy: Any = None,
+        **optim: Any,
+    ):
         if variant not in VARIANTS:
             raise ValueError(f"algorithm.variant: {variant!r} is not one of {', '.join(VARIANTS)}")
         if norm not in ("linf", "l2"):
@@ -95,8 +108,9 @@ class DsrnaSearcher(DartsSearcher):
         """The metrics of the variant at the current weights (BN must already be frozen)."""
         out: dict[str, torch.Tensor] = {}
         if self.variant in ("jacobian", "combined"):
-            out["R_jac"] = jacobian_metric(self.model, x, self.eps, self.norm, self.projections,
-                                           create_graph=differentiable)
+            out["R_jac"] = jacobian_metric(
+                self.model, x, self.eps, self.norm, self.projections, create_graph=differentiable
+            )
         if self.variant in ("certified", "combined"):
             with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
                 out["R_cb"] = certified_metric(self.model, x, y, self.eps, self.norm, self.bound)

@@ -1,0 +1,160 @@
+"""train / evaluate / attack / certify / transfer from the command line, on tiny synthetic
+data: a genotype's network is trained, then attacked, evaluated and certified."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from distsearch.cli import main
+from distsearch.config import TrainConfig, parse_config
+from distsearch.runner import Interrupted
+from distsearch.storage import Store
+from distsearch.train import run_training
+
+DATA = [
+    "--set",
+    "data.name=synthetic",
+    "--set",
+    "data.synthetic.n=192",
+    "--set",
+    "data.synthetic.image_size=8",
+    "--set",
+    "data.batch_size=16",
+    "--set",
+    "threads=1",
+    "--set",
+    "monitor.progress=false",
+    "--set",
+    "eval.n=16",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train")
+    out, genotype = folder / "run", folder / "genotype.json"
+    genotype.write_text(
+        json.dumps(
+            {
+                "normal": [["sep_conv_3x3", 0], ["skip_connect", 1]],
+                "normal_concat": [2],
+                "reduce": [["max_pool_3x3", 0], ["avg_pool_3x3", 1]],
+                "reduce_concat": [2],
+            }
+        )
+    )
+    argv = [
+        "train",
+        "--genotype",
+        str(genotype),
+        "--strategy",
+        "fgsm_rs",
+        "--eps",
+        "0.1",
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+        "--set",
+        "model.C=4",
+        "--set",
+        "model.layers=3",
+        *DATA,
+    ]
+    assert main(argv) == 0
+    return out
+
+
+def test_train_writes_a_resumable_run_with_robust_metrics(trained):
+    result = json.loads((trained / "result.json").read_text())
+    assert result["epochs"] == 2 and "test/robust_acc_pgd20" in result["metrics"]
+    assert len(Store(str(trained)).list_checkpoints()) == 2
+
+
+def test_evaluate_attack_certify_write_tables_and_pictures(trained, tmp_path, capsys):
+    assert (
+        main(["evaluate", str(trained), "--n", "16", "--attacks", "fgsm", "pgd-20", "--eps-linf", "0.05", "0.1"]) == 0
+    )
+    assert "| pgd-20 | linf |" in capsys.readouterr().out
+    assert {p.name for p in (trained / "eval").iterdir()} == {"robustness.csv", "robustness.md", "robustness.png"}
+    assert main(["attack", str(trained), "--attack", "pgd", "--eps", "0.1", "--n", "8", "--out", str(tmp_path)]) == 0
+    saved = torch.load(tmp_path / "adversarial.pt", weights_only=True)
+    assert (saved["x_adv"] - saved["x"]).abs().max() <= 0.1 + 1e-6
+    assert (tmp_path / "before_after.png").stat().st_size > 0
+    assert main(["certify", str(trained), "--eps", "0.001", "0.01", "--n", "8", "--method", "ibp"]) == 0
+    assert (trained / "certify" / "certified.png").exists()
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["train", "--model", "nonet", "--epochs", "1"], "model.name"),
+        (["train", "--model", "small_cnn", "--strategy", "magic"], "strategy"),
+        (["train", "--model", "small_cnn", "--strategy", "pgd", "--set", "strategy.kwargs={{steps: 0}}"], "steps"),
+        (["train", "--model", "small_cnn", "--eps", "-1"], "--eps"),
+        (["evaluate", "{tmp}/nothing"], "no run"),
+        (["evaluate", "{run}", "--attacks", "magic"], "attacks"),
+    ],
+)
+def test_bad_robust_arguments_exit_2(trained, tmp_path, capsys, argv, needle):
+    argv = [a.format(tmp=tmp_path, run=trained) for a in argv]
+    if argv[0] == "train":
+        argv += ["--out", str(tmp_path / "o"), *DATA]
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("strategy", ["free", "pgd"])
+def test_training_resume_is_exact(tmp_path, strategy):
+    raw = {
+        "seed": 0,
+        "epochs": 2,
+        "device": "cpu",
+        "threads": 1,
+        "model": {"name": "small_cnn"},
+        "strategy": {"strategy": strategy, "eps": 0.1, "kwargs": {"replays": 2} if strategy == "free" else {}},
+        "data": {"name": "synthetic", "batch_size": 16, "synthetic": {"n": 160, "image_size": 8}},
+        "eval": {"n": 8, "steps": 2},
+        "monitor": {"progress": False},
+    }
+    a = parse_config({**raw, "storage": {"uri": str(tmp_path / "a")}}, TrainConfig)
+    b = parse_config({**raw, "storage": {"uri": str(tmp_path / "b"), "every_n_steps": 3}}, TrainConfig)
+    ra = run_training(a, Store(a.storage.uri))
+    with pytest.raises(Interrupted):
+        run_training(b, Store(b.storage.uri), stop_after_steps=5)  # mid-epoch 2 (4 steps per epoch)
+    rb = run_training(b, Store(b.storage.uri))
+    assert ra["test/loss"] == rb["test/loss"]
+    sa, sb = (Store(c.storage.uri).load_latest()[1] for c in (a, b))
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+
+
+def test_transfer_command(tmp_path, capsys):
+    cfg = {
+        "seed": 0,
+        "epochs": 1,
+        "threads": 1,
+        "data": {"name": "digits", "batch_size": 32},
+        "lr": 0.1,
+        "models": [
+            {"label": "a", "name": "mlp", "half": 0, "kwargs": {"hidden": [32]}},
+            {"label": "b", "name": "mlp", "half": 1, "kwargs": {"hidden": [32]}, "seed": 1},
+        ],
+        "attack": {"name": "fgsm", "kwargs": {"eps": 0.2}},
+        "n": 64,
+        "units": {"model": "a", "layer": "first_layer.1", "k": 4},
+    }
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["transfer", "--config", str(path), "--out", str(tmp_path / "out")]) == 0
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"transfer.csv", "transfer.md", "transfer.png", "units_a_direction.png"} <= names
+    assert "noise(a)" in capsys.readouterr().out
