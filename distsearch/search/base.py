@@ -75,6 +75,7 @@ class Searcher(ABC):
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(device),
             "extra": self.extra_state(),
+            "weight_strategy": strategy.state_dict() if (strategy := getattr(self, "weight_strategy", None)) else {},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -85,3 +86,5 @@ class Searcher(ABC):
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], device)
         self.load_extra_state(state.get("extra", {}))
+        if (strategy := getattr(self, "weight_strategy", None)) is not None:
+            strategy.load_state_dict(state.get("weight_strategy", {}))
