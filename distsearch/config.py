@@ -124,8 +124,11 @@ class DsrnaConfig(Strict):
     bound: Literal["ibp", "crown"] = "ibp"
     projections: int = Field(0, ge=0, description="0 = exact Jacobian, else random projections")
     bn_stats: Literal["batch", "running"] = Field(
-        "batch", description="BN statistics while computing R: the clean val batch's, or the running ones"
+        "running",
+        description="BN statistics while computing R: the running ones (the eval network; finite bounds on "
+        "deep supernets) or the clean val batch's (exploding interval widths: NaN on 8 cells)",
     )
+    cb_scale: Literal["symlog", "linear"] = Field("symlog", description="R_cb = mean of symlog(margin) or margin")
 
 
 AlgorithmConfig = Annotated[DartsConfig | LeaseConfig | DsrnaConfig, Field(discriminator="name")]

@@ -347,6 +347,10 @@ def test_two_node_cluster_runs_submitted_job(tmp_path):
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.2",
             f"--dashboard-port={dash}",
+            # own agent ports: the session's local Ray already holds the default ones
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
             "--disable-usage-stats",
             f"--temp-dir=/tmp/dsr-h{port}",
         ],
@@ -362,6 +366,9 @@ def test_two_node_cluster_runs_submitted_job(tmp_path):
                 "start",
                 f"--address=127.0.0.2:{port}",
                 "--node-ip-address=127.0.0.3",
+                f"--dashboard-agent-listen-port={_free_port()}",
+                f"--dashboard-agent-grpc-port={_free_port()}",
+                f"--metrics-export-port={_free_port()}",
                 "--num-cpus=1",
                 "--disable-usage-stats",
                 f"--temp-dir=/tmp/dsr-w{port}",
@@ -372,7 +379,7 @@ def test_two_node_cluster_runs_submitted_job(tmp_path):
         sessions.append(node2)
         assert node2.wait(timeout=120) == 0
         f = ROOT / "tests" / f".dsr-submit-{port}.yaml"  # inside the shipped working_dir
-        experiment(f, epochs=1, scheduler="fifo")
+        experiment(f, epochs=1, scheduler="fifo", reuse_actors=False)  # trial 2 must not wait for trial 1's worker
         try:
             r = subprocess.run(
                 [

@@ -198,13 +198,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _submit(client: Any, entrypoint: str, runtime_env: dict[str, Any], wait_s: float = 120) -> str:
-    """submit_job, retried while a freshly started head has no job agent yet."""
+    """submit_job, retried on server errors while a freshly started head has no job agent yet."""
     deadline = time.time() + wait_s
     while True:
         try:
             return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
         except RuntimeError as e:
-            if "No available agent" not in str(e) or time.time() > deadline:
+            if "status code 5" not in str(e) or time.time() > deadline:  # 5xx: agent not up yet
                 raise
             time.sleep(2)
 

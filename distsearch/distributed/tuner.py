@@ -46,7 +46,13 @@ def experiment_uri(storage: str, name: str) -> str:
 
 def check_storage(uri: str) -> None:
     """One clear UsageError when the storage URI cannot be opened or written."""
-    Store(uri).check_writable()
+    store = Store(uri)
+    store.check_writable()
+    if store.is_local:  # the experiment folder is created now anyway: prove that it can be
+        try:
+            os.makedirs(store.root, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"storage: cannot create {store.root!r} ({e.strerror})") from None
 
 
 def _domain(spec: ParamSpec) -> Any:
@@ -158,7 +164,7 @@ def build_tuner(spec: dict[str, Any]) -> Any:
         max_concurrent_trials=t.max_concurrent_trials,
         trial_dirname_creator=trial_dirname,
         trial_name_creator=trial_dirname,
-        reuse_actors=True,  # a new trial reuses a finished trial's worker: no second torch import
+        reuse_actors=t.reuse_actors,  # reusing a finished trial's worker saves a second torch import
     )
     run_config = tune.RunConfig(
         name=spec["name"],

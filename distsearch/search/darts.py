@@ -73,9 +73,13 @@ class DartsSearcher(Searcher):
             grads, lv = unrolled_arch_grad(arch, weights, train_loss, val_loss, xi, self.w_weight_decay, self.fd_r)
         else:
             grads, lv = first_order_arch_grad(arch, val_loss)
-        assign_grads(arch, grads)
+        # A non-finite objective (e.g. an exploding certified bound) must never reach alpha:
+        # such a step's gradients are zeroed without a host sync (Adam's momentum still moves).
+        ok = torch.stack([torch.isfinite(lv)] + [torch.isfinite(g).all() for g in grads]).all()
+        assign_grads(arch, [torch.where(ok, g.nan_to_num(0.0, 0.0, 0.0), 0.0) for g in grads])
         self.a_optimizer.step()
         metrics["val_loss"] = lv
+        metrics["arch_nonfinite"] = (~ok).float()
         return metrics
 
     def weight_step(self, train_batch: Batch) -> dict[str, torch.Tensor]:

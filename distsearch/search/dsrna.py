@@ -3,8 +3,10 @@ eq. 1):  min_a L_val(w*(a), a) - gamma * R(w*(a), a),  w*(a) = argmin_w L_tr(w, 
 with w*(a) by the DARTS one-step approximation (first or second order, inherited from
 DartsSearcher: only `arch_objective` changes). Variants of the robustness metric R:
 - "jacobian":  R_jac = -(eps / K) sum_k ||J_k(x)||_q          (robust/jacobian.py)
-- "certified": R_cb = mean_x min_{j != y} lower(f_y - f_j) at eps (robust/bounds.py, IBP or
-               CROWN-IBP linear bounds), differentiable in alpha through the mixed ops
+- "certified": R_cb = mean_x s(min_{j != y} lower(f_y - f_j)) at eps (robust/bounds.py, IBP or
+               CROWN-IBP linear bounds), differentiable in alpha through the mixed ops; s is
+               symlog(m) = sign(m) log(1 + |m|) by default (`cb_scale`), identity with 'linear'
+               (bounds of deep supernets at init are -1e18 and worse: raw, they swamp L_val)
 - "combined":  R_jac + R_cb.
 The weight step is plain DARTS (or the configured adversarial-training strategy).
 
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distsearch.robust.bounds import certified_metric
+from distsearch.robust.bounds import margin_lower_bound
 from distsearch.robust.jacobian import jacobian_metric
 from search_spaces import Supernet
 
@@ -86,7 +88,8 @@ class DsrnaSearcher(DartsSearcher):
         norm: str = "linf",
         bound: str = "ibp",
         projections: int = 0,
-        bn_stats: str = "batch",
+        bn_stats: str = "running",
+        cb_scale: str = "symlog",
         weight_strategy: Any = None,
         **optim: Any,
     ):
@@ -103,6 +106,9 @@ class DsrnaSearcher(DartsSearcher):
         super().__init__(model, epochs=epochs, order=order, weight_strategy=weight_strategy, **optim)
         self.variant, self.gamma, self.eps, self.norm = variant, gamma, eps, norm
         self.bound, self.projections, self.bn_stats = bound, projections, bn_stats
+        if cb_scale not in ("symlog", "linear"):
+            raise ValueError(f"algorithm.cb_scale: {cb_scale!r} is not one of 'symlog', 'linear'")
+        self.cb_scale = cb_scale
 
     def robustness(self, x: torch.Tensor, y: torch.Tensor, differentiable: bool = True) -> dict[str, torch.Tensor]:
         """The metrics of the variant at the current weights (BN must already be frozen)."""
@@ -113,7 +119,10 @@ class DsrnaSearcher(DartsSearcher):
             )
         if self.variant in ("certified", "combined"):
             with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
-                out["R_cb"] = certified_metric(self.model, x, y, self.eps, self.norm, self.bound)
+                m = margin_lower_bound(self.model, x, y, self.eps, self.norm, self.bound)
+                # symlog keeps R_cb finite and its gradient direction intact when interval widths
+                # explode with depth (margins of -1e18 at init on 3 cells, NaN on 8 with 'linear').
+                out["R_cb"] = (m.sign() * m.abs().log1p()).mean() if self.cb_scale == "symlog" else m.mean()
         return out
 
     def arch_objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
