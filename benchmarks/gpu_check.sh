@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks, as one prepared script for a lent H100/H200 (see README "Benchmarks"):
-# a CUDA smoke search through the whole runner, then search_step.py for every algorithm at
-# the DARTS paper size (B=64, C=16, 8 cells, 3x32x32), each beside its own DARTS baseline.
-# Needs pydantic where it runs (wheels in .whl/, installed to /tmp/site). Results in $OUT.
+# The GPU checks, as one prepared script for a lent H100/H200: a CUDA smoke search through
+# the whole runner for each algorithm, then benchmarks/search_step.py at the DARTS paper size
+# (B=64, C=16, 8 cells, 3x32x32), each algorithm beside its own DARTS baseline in the same
+# process. Needs pydantic where it runs (wheels in .whl/, installed to /tmp/site). Output in $OUT.
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -12,25 +12,31 @@ else
   export PYTHONPATH=.
 fi
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-timeout 120 python3 - <<'PY' 2>&1 | tee "$OUT/smoke.txt"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+step() {  # name, timeout, search_step args...
+  local name=$1 t=$2; shift 2
+  timeout "$t" python3 benchmarks/search_step.py "$@" > "$OUT/step_$name.json" 2> "$OUT/step_$name.err"
+  echo "== $name rc=$?"
+  python3 -c "import json; d=json.load(open('$OUT/step_$name.json')); [print(r['algorithm'], r['ms_per_step'], 'ms/step', r['images_per_s'], 'img/s', r.get('peak_mem_gib'), 'GiB', 'x%s' % r['ratio_to_darts_first_order']) for r in d['results']]" 2>/dev/null || tail -3 "$OUT/step_$name.err"
+}
+step darts 75 --algorithm darts darts2 --steps 10 --warmup 3 --profile
+grep -E "Name|---|^ *[a-z_].*%" "$OUT/step_darts.err" | head -22
+step darts_bf16_cl 45 --algorithm darts --steps 10 --warmup 3 --bf16 --channels-last
+step lease 60 --algorithm lease --steps 5 --warmup 2
+step dsrna_jac 45 --algorithm dsrna-jacobian --projections 1 --steps 3 --warmup 1
+step dsrna_cb 45 --algorithm dsrna-certified --bound ibp --steps 3 --warmup 1
+timeout 45 python3 - <<'PY' 2>&1 | grep -v Warning | tee "$OUT/smoke.txt"
 import tempfile, time
 from distsearch.config import parse_config
 from distsearch.runner import run_search
 from distsearch.storage import Store
 raw = {"epochs": 2, "device": "cuda", "data": {"name": "synthetic", "batch_size": 32,
-       "synthetic": {"n": 512, "channels": 3, "image_size": 16, "num_classes": 4}},
+       "synthetic": {"n": 384, "channels": 3, "image_size": 16, "num_classes": 4}},
        "space": {"C": 8, "layers": 3, "nodes": 3}, "monitor": {"progress": False, "tensorboard": False}}
-for algo in ({"name": "darts", "order": "second"}, {"name": "lease"}, {"name": "dsrna", "variant": "combined"}):
+for algo in ({"name": "darts", "order": "second"}, {"name": "lease"}, {"name": "dsrna", "variant": "combined", "projections": 1}):
     d = tempfile.mkdtemp()
     cfg = parse_config({**raw, "algorithm": algo, "storage": {"uri": d}})
     t = time.time()
     r = run_search(cfg, Store(d))
-    print("smoke", algo, f"{time.time() - t:.1f}s", "val/acc", round(r.metrics["val/acc"], 3), r.genotype.normal[:2])
+    print("smoke", algo["name"], f"{time.time() - t:.1f}s", "val/acc", round(r.metrics["val/acc"], 3), "genotype ok", len(r.genotype.normal))
 PY
-for algo in darts2 lease dsrna-jacobian dsrna-certified; do
-  timeout 150 python3 benchmarks/search_step.py --algorithm $algo --steps 10 --warmup 3 > "$OUT/step_$algo.json" 2> "$OUT/step_$algo.err"
-  echo "$algo rc=$?"; python3 -c "import json,sys; d=json.load(open('$OUT/step_$algo.json')); [print(r['algorithm'], r['ms_per_step'], 'ms', r['images_per_s'], 'img/s', r.get('peak_mem_gib'), 'GiB', r['ratio_to_darts_first_order']) for r in d['results']]" || tail -3 "$OUT/step_$algo.err"
-done
-timeout 100 python3 benchmarks/search_step.py --algorithm darts --bf16 --channels-last > "$OUT/step_darts_bf16_cl.json" 2>&1
-python3 -c "import json; d=json.load(open('$OUT/step_darts_bf16_cl.json')); [print('bf16+channels_last', r['algorithm'], r['ms_per_step'], 'ms', r.get('peak_mem_gib'), 'GiB') for r in d['results']]"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 
 import torch
@@ -48,6 +49,8 @@ def make(algo: str, args: argparse.Namespace, device: torch.device):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     extra = dict(in_channels=args.channels, num_classes=args.classes) if name == "lease" else {}
+    if name == "dsrna":
+        extra = dict(projections=args.projections, bound=args.bound)
     return SEARCHERS[name](model, epochs=50, **OPT, **kw, **extra)
 
 
@@ -73,6 +76,11 @@ def bench(algo: str, args: argparse.Namespace, device: torch.device) -> dict:
             metrics = searcher.step(*batches)
         sync()
     ms = (time.perf_counter() - t0) / args.steps * 1000
+    if args.profile and device.type == "cuda":
+        with amp, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            searcher.step(*batches)
+            sync()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), file=sys.stderr)
     out = {
         "algorithm": algo,
         "ms_per_step": round(ms, 2),
@@ -102,6 +110,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--projections", type=int, default=1, help="DSRNA Jacobian: 0 exact, else random projections")
+    p.add_argument("--bound", default="ibp", choices=["ibp", "crown"], help="DSRNA certified bound")
+    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step (stderr)")
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
