@@ -41,9 +41,14 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import SearchConfig, TrainConfig, TransferConfig, apply_overrides, parse_config, read_yaml
 
-    cfg = load_config(args.config, args.overrides)
+    raw = apply_overrides(read_yaml(args.config), args.overrides)
+    schema = TransferConfig if "models" in raw else TrainConfig if "model" in raw else SearchConfig
+    cfg = parse_config(raw, schema)
+    if schema is not SearchConfig:
+        print(f"ok: {cfg.name}: {schema.__name__} on {cfg.data.name}, {cfg.epochs} epochs, storage {cfg.storage.uri}")
+        return 0
     print(
         f"ok: {cfg.name}: {cfg.algorithm.name} on {cfg.data.name}, {cfg.epochs} epochs, "
         f"C={cfg.space.C} layers={cfg.space.layers} nodes={cfg.space.nodes}, storage {cfg.storage.uri}"

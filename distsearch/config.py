@@ -237,6 +237,9 @@ class TransferConfig(RunConfig):
 
 class SearchConfig(RunConfig):
     space: SpaceConfig = SpaceConfig()
+    eval: RobustEvalConfig = Field(
+        RobustEvalConfig(n=0), description="per-epoch PGD accuracy on the first n D_val images (val/robust_acc)"
+    )
     algorithm: AlgorithmConfig = DartsConfig()
     optim: OptimConfig = OptimConfig()
     weight_at: WeightATConfig | None = None

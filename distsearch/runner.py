@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from search_spaces import Genotype, Supernet
 
-from .config import RunConfig, SearchConfig
+from .config import RobustEvalConfig, RunConfig, SearchConfig
 from .data import BatchStream, DataSplits, bilevel_split, eval_batches, load_dataset
 from .errors import UsageError
 from .monitor import Monitor
@@ -124,6 +124,17 @@ def evaluate(
         correct += (logits.argmax(1) == yb).sum()
     model.train(was_training)
     return {"loss": float(loss) / len(x), "acc": float(correct) / len(x)}
+
+
+def robust_accuracy(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RobustEvalConfig, batch_size: int
+) -> float:
+    """Accuracy under PGD-`steps` at `eps` on the first `n` examples (a fraction, eval mode)."""
+    from .robust.attacks import PGD
+    from .robust.evaluate import accuracy
+
+    attack = PGD(eps=cfg.eps, steps=cfg.steps, norm=cfg.norm)
+    return accuracy(model, x[: cfg.n], y[: cfg.n], attack, batch_size) / 100.0
 
 
 def check_store_matches(store: Store, cfg: RunConfig, keys: tuple[str, ...] = STRUCTURAL) -> None:
@@ -234,6 +245,9 @@ def run_search(
                     "time/epoch_s": time.time() - t0,
                 }
             )
+            if cfg.eval.n:
+                xv, yv = data.x_train[val_idx], data.y_train[val_idx]
+                record["val/robust_acc"] = robust_accuracy(model, xv, yv, cfg.eval, cfg.data.eval_batch_size)
             record.update(searcher.learning_rates())
             history.append(record)
             monitor.scalars({k: v for k, v in record.items() if k != "epoch"}, epoch)

@@ -20,7 +20,7 @@ from .config import SearchConfig, TrainConfig
 from .data import BatchStream, DataSplits
 from .errors import UsageError
 from .monitor import Monitor
-from .runner import build_data, build_supernet, evaluate, setup_torch
+from .runner import build_data, build_supernet, evaluate, robust_accuracy, setup_torch
 from .search.base import rng_state, set_rng_state
 from .storage import Store
 
@@ -59,15 +59,6 @@ def build_network(cfg: TrainConfig, data: DataSplits, genotype: Genotype | None)
         return build_model(m.name, in_channels=data.in_channels, num_classes=data.num_classes, **kwargs)
     except ValueError as e:
         raise UsageError(f"model.name: {e}") from None
-
-
-def robust_accuracy(model: torch.nn.Module, data: DataSplits, cfg: TrainConfig, device: torch.device) -> float:
-    from .robust.attacks import PGD
-    from .robust.evaluate import accuracy
-
-    e = cfg.eval
-    attack = PGD(eps=e.eps, steps=e.steps, norm=e.norm)
-    return accuracy(model, data.x_test[: e.n], data.y_test[: e.n], attack, cfg.data.eval_batch_size) / 100.0
 
 
 def run_training(cfg: TrainConfig, store: Store, stop_after_steps: int | None = None) -> dict[str, Any]:
@@ -172,7 +163,9 @@ def run_training(cfg: TrainConfig, store: Store, stop_after_steps: int | None = 
                 }
             )
             if cfg.eval.n:
-                record[f"test/robust_acc_pgd{cfg.eval.steps}"] = robust_accuracy(model, data, cfg, device)
+                record[f"test/robust_acc_pgd{cfg.eval.steps}"] = robust_accuracy(
+                    model, data.x_test, data.y_test, cfg.eval, cfg.data.eval_batch_size
+                )
             history.append(record)
             monitor.scalars({k: v for k, v in record.items() if k != "epoch"}, epoch)
             bar.set_postfix(acc=f"{record['test/acc']:.3f}")

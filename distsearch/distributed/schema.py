@@ -6,7 +6,7 @@
       scheduler: asha             # asha | pbt | fifo
       metric: val/acc             # single objective (tpe, asha, pbt)
       mode: max
-      metrics: [val/acc, test/acc]  # nsga2 only, with `modes`
+      metrics: [val/acc, val/robust_acc]  # nsga2 only, with `modes` (val/robust_acc needs eval.n > 0)
       num_samples: 2
       max_concurrent_trials: 2
       resources: {cpu: 1, gpu: 0.5}
