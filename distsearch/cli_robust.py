@@ -50,7 +50,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         if value is not None:
             sets.append(f"{key}={value}")
     cfg = parse_config(apply_overrides(raw, sets + list(args.overrides)), TrainConfig)
-    cfg.strategy.build()  # bad strategy options fail here, before anything is written
     store = Store(cfg.storage.uri)
     if store.list_checkpoints() and not args.resume:
         raise UsageError(f"--out: {cfg.storage.uri} already holds a run; pass --resume or choose another --out")

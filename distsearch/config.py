@@ -88,6 +88,14 @@ class WeightATConfig(Strict):
         except (ValueError, TypeError) as e:
             raise UsageError(f"strategy: {e}") from None
 
+    @model_validator(mode="after")
+    def _buildable(self) -> WeightATConfig:
+        try:
+            self.build()  # unknown names and options fail when the file is read
+        except UsageError as e:
+            raise ValueError(str(e).removeprefix("strategy: ")) from None
+        return self
+
 
 class DartsConfig(Strict):
     name: Literal["darts"] = "darts"
@@ -243,6 +251,13 @@ class SearchConfig(RunConfig):
     algorithm: AlgorithmConfig = DartsConfig()
     optim: OptimConfig = OptimConfig()
     weight_at: WeightATConfig | None = None
+
+    @field_validator("weight_at")
+    @classmethod
+    def _supernet_strategy(cls, w: WeightATConfig | None) -> WeightATConfig | None:
+        if w is not None and w.strategy == "yopo":
+            raise ValueError("yopo needs a model exposing first_layer / forward_rest; the supernet has none")
+        return w
     tune: TuneConfig | None = Field(None, description="Ray Tune section (distsearch run): distributed/schema.py")
 
     @field_validator("tune")

@@ -131,11 +131,6 @@ def test_bad_weight_at_section_is_rejected_by_the_schema(tmp_path, section, matc
         parse_config(tiny_raw(str(tmp_path / "x"), weight_at=section))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py WeightATConfig checks strategy names/kwargs only when built (runner), and the "
-    "message names 'strategy' twice, not 'weight_at'; validate in a model_validator instead",
-)
 @pytest.mark.parametrize(
     "section", [{"strategy": "nope"}, {"strategy": "free", "kwargs": {"bogus": 1}}, {"strategy": "yopo"}]
 )
