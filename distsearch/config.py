@@ -258,6 +258,7 @@ class SearchConfig(RunConfig):
         if w is not None and w.strategy == "yopo":
             raise ValueError("yopo needs a model exposing first_layer / forward_rest; the supernet has none")
         return w
+
     tune: TuneConfig | None = Field(None, description="Ray Tune section (distsearch run): distributed/schema.py")
 
     @field_validator("tune")

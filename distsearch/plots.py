@@ -28,7 +28,8 @@ def alpha_heatmap(weights: np.ndarray, ops: list[str] | tuple[str, ...], title: 
     ax.set_yticks(range(k), edge_labels(nodes) if sum(2 + i for i in range(nodes)) == k else range(k), fontsize=7)
     for i in range(k):
         j = int(weights[i].argmax())
-        ax.text(j, i, f"{weights[i, j]:.2f}", ha="center", va="center", fontsize=6, color="white")
+        dark = weights[i, j] < 0.5 * weights.max()
+        ax.text(j, i, f"{weights[i, j]:.2f}", ha="center", va="center", fontsize=6, color="white" if dark else "black")
     fig.colorbar(im, ax=ax, fraction=0.04)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
