@@ -94,16 +94,18 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     model, data, _ = load_model(args.uri)
     x, y = _eval_set(data, args.n)
-    kwargs: dict[str, Any] = {"eps": args.eps} if args.attack not in ("lbfgs",) else {}
-    if args.attack in ("pgd", "fgm") or (args.attack == "fgsm" and args.norm != "linf"):
-        kwargs["norm"] = args.norm
+    if args.attack in ("fgm", "cw") and args.norm != "l2":
+        raise UsageError(f"--norm: attack {args.attack!r} is L2 only; pass --norm l2")
     if args.attack == "pgd":
-        kwargs["steps"] = args.steps
+        spec = ("pgd", {"eps": args.eps, "steps": args.steps, "norm": args.norm})
+    elif args.attack == "fgsm":  # FGSM's L2 form is FGM
+        spec = ("fgsm", {"eps": args.eps}) if args.norm == "linf" else ("fgm", {"eps": args.eps})
+    elif args.attack == "lbfgs":  # minimum-distortion attack: no budget
+        spec = ("lbfgs", {})
+    else:
+        spec = (args.attack, {"eps": args.eps})
     try:
-        attack = make_attack(
-            "fgm" if args.attack == "fgsm" and args.norm == "l2" else args.attack,
-            **{k: v for k, v in kwargs.items() if not (k == "norm" and args.attack == "fgsm")},
-        )
+        attack = make_attack(spec[0], **spec[1])
     except ValueError as e:
         raise UsageError(str(e)) from None
     x_adv = attack(model, x, y)
@@ -140,7 +142,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
     x, y = _eval_set(data, args.n)
     try:
         rows = certify_table(
-            model, x, y, args.eps, norm=args.norm, method=args.method, run=os.path.basename(args.uri.rstrip("/"))
+            model, x, y, args.eps, norm=args.norm, method=args.method, label=os.path.basename(args.uri.rstrip("/"))
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -186,7 +188,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eps-linf", type=_positive_float, nargs="*", default=[0.05, 0.1, 0.2])
     p.add_argument("--eps-l2", type=_positive_float, nargs="*", default=[])
     p.add_argument("--attacks", nargs="+", default=["fgsm", "pgd-20", "pgd-100", "cw"])
-    p.add_argument("--n", type=int, default=500, help="test images used")
+    p.add_argument("--n", type=int, default=200, help="test images used")
     p.add_argument("--out", help="local folder for the table and plot (default: <uri>/eval)")
     p.set_defaults(func=cmd_evaluate)
 

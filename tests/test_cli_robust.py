@@ -83,6 +83,27 @@ def test_evaluate_attack_certify_write_tables_and_pictures(trained, tmp_path, ca
     saved = torch.load(tmp_path / "adversarial.pt", weights_only=True)
     assert (saved["x_adv"] - saved["x"]).abs().max() <= 0.1 + 1e-6
     assert (tmp_path / "before_after.png").stat().st_size > 0
+    assert (
+        main(
+            [
+                "attack",
+                str(trained),
+                "--attack",
+                "fgm",
+                "--norm",
+                "l2",
+                "--eps",
+                "0.5",
+                "--n",
+                "8",
+                "--out",
+                str(tmp_path / "fgm"),
+            ]
+        )
+        == 0
+    )
+    saved = torch.load(tmp_path / "fgm" / "adversarial.pt", weights_only=True)
+    assert float((saved["x_adv"] - saved["x"]).flatten(1).norm(dim=1).max()) <= 0.5 + 1e-5
     assert main(["certify", str(trained), "--eps", "0.001", "0.01", "--n", "8", "--method", "ibp"]) == 0
     assert (trained / "certify" / "certified.png").exists()
 
@@ -96,6 +117,7 @@ def test_evaluate_attack_certify_write_tables_and_pictures(trained, tmp_path, ca
         (["train", "--model", "small_cnn", "--eps", "-1"], "--eps"),
         (["evaluate", "{tmp}/nothing"], "no run"),
         (["evaluate", "{run}", "--attacks", "magic"], "attacks"),
+        (["attack", "{run}", "--attack", "cw", "--norm", "linf"], "L2 only"),
     ],
 )
 def test_bad_robust_arguments_exit_2(trained, tmp_path, capsys, argv, needle):

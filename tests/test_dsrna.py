@@ -158,8 +158,8 @@ def test_certify_table_writers_and_plot(tmp_path: Path) -> None:
     rows = []
     for method in ("ibp", "crown"):
         rows += certify_table(net, x, y, [0.0, 0.001, 0.01], "linf", method, label="tiny")
-    assert len(rows) == 6 and all(r["clean_acc"] == 1.0 for r in rows)
-    assert all(r["certified_acc"] == 1.0 for r in rows if r["eps"] == 0.0)
+    assert len(rows) == 6 and all(r["clean_acc"] == 100.0 for r in rows)
+    assert all(r["certified_acc"] == 100.0 for r in rows if r["eps"] == 0.0)
     by = {(r["method"], r["eps"]): r["certified_acc"] for r in rows}
     assert all(by[("crown", e)] >= by[("ibp", e)] for e in (0.001, 0.01))
     assert rows[-1]["mean_certified_radius"] >= rows[0]["mean_certified_radius"] > 0

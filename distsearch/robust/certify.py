@@ -110,13 +110,15 @@ def certify_table(
     x = x.to(next(model.parameters()).dtype)
     with torch.no_grad(), _eval(model):
         correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in _chunks(x, y, batch_size, _device(model)))
-    clean = correct / max(1, x.shape[0])
+    clean = 100.0 * correct / max(1, x.shape[0])  # percentages, like the game-based table
     cert = certified_accuracy(model, x, y, eps_list, norm, method, batch_size)
     mean_r = mean_certified_radius(model, x, y, norm, method, batch_size=batch_size)[0] if radius else None
     rows = []
     for eps, acc in zip(eps_list, cert):
         row: Row = dict(extra)
-        row.update(norm=norm, method=method, eps=float(eps), n=int(x.shape[0]), clean_acc=clean, certified_acc=acc)
+        row.update(
+            norm=norm, method=method, eps=float(eps), n=int(x.shape[0]), clean_acc=clean, certified_acc=100.0 * acc
+        )
         if radius:
             row["mean_certified_radius"] = mean_r
         rows.append(row)
@@ -125,22 +127,20 @@ def certify_table(
 
 def plot_certified_accuracy(rows: Sequence[Row], path: str | os.PathLike[str], title: str = "") -> None:
     """Certified accuracy vs eps, one line per (label, norm, method) group of the rows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
 
     groups: dict[str, list[Row]] = {}
     for r in rows:
         label = " ".join(str(r[k]) for k in ("label", "norm", "method") if k in r)
         groups.setdefault(label, []).append(r)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     for label, rs in groups.items():
         rs = sorted(rs, key=lambda r: r["eps"])
         ax.plot([r["eps"] for r in rs], [r["certified_acc"] for r in rs], marker="o", label=label)
     ax.set_xlabel("eps")
-    ax.set_ylabel("certified accuracy")
-    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("certified accuracy (%)")
+    ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title)
@@ -148,4 +148,3 @@ def plot_certified_accuracy(rows: Sequence[Row], path: str | os.PathLike[str], t
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
