@@ -6,8 +6,8 @@ minimises L_val - gamma * R_cb, R_cb from IBP/CROWN bounds at eps). Each derived
 retrained the same way (standard training, same seed and epochs), then measured on the same
 first `--n-eval` test images: clean accuracy, PGD-20 accuracy (L-inf), certified accuracy at
 `--cert-eps`, and the mean certified L-inf radius by IBP and by CROWN (bisection on eps in
-[0, --eps-max]; 0 for a misclassified image). Prints one Markdown table, the DSRNA/DARTS
-ratio of the mean certified radius and both genotypes.
+[0, --eps-max]; 0 for a misclassified image). Accuracies are in percent. Prints one Markdown
+table, the DSRNA/DARTS ratio of the mean certified radius and both genotypes.
 
     python benchmarks/certified_radius.py                  # about 10 minutes on 1 CPU core
     python benchmarks/certified_radius.py --epochs 3 --subset 1500 --out runs/cr --gamma 0.1
@@ -72,11 +72,11 @@ def train_config(a: argparse.Namespace, genotype_uri: str, uri: str) -> TrainCon
 
 
 def measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, a: argparse.Namespace) -> dict[str, Any]:
-    """Clean / PGD-20 accuracy, certified accuracy at cert-eps and mean certified radius per method."""
+    """Clean / PGD-20 / certified accuracy (%, certified at cert-eps) and mean certified radius per method."""
     torch.manual_seed(a.seed)  # PGD's random start
     row: dict[str, Any] = {
-        "clean_acc": accuracy(model, x, y) / 100.0,
-        f"pgd20_acc@{a.pgd_eps:g}": accuracy(model, x, y, PGD(eps=a.pgd_eps, steps=20, norm="linf")) / 100.0,
+        "clean_acc": accuracy(model, x, y),
+        f"pgd20_acc@{a.pgd_eps:g}": accuracy(model, x, y, PGD(eps=a.pgd_eps, steps=20, norm="linf")),
     }
     radii = {}
     for method in METHODS:
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="folder for the four stores (default: a temporary one, removed)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=2, help="epochs of each search and each retraining")
-    p.add_argument("--subset", type=int, default=1200, help="mnist5k training images (half D_tr, half D_val)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of each search and each retraining")
+    p.add_argument("--subset", type=int, default=1500, help="mnist5k training images (half D_tr, half D_val)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--C", type=int, default=4, help="initial channels of supernet and network")
     p.add_argument("--layers", type=int, default=3, help="cells of supernet and network")
@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             row = {"label": label, "n": int(x.shape[0])}
             row.update(measure(model, x, y, a))
             radii[label] = row.pop("_radii")
-            row["search_val_acc"] = result.metrics.get("val/acc", math.nan)
-            row["train_test_acc"] = final.get("test/acc", math.nan)
+            row["search_val_acc"] = 100.0 * result.metrics.get("val/acc", math.nan)
+            row["train_test_acc"] = 100.0 * final.get("test/acc", math.nan)
             row["search_s"] = t_search
             row["total_s"] = time.perf_counter() - t0
             row["cpu_s"] = time.process_time() - c0
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         if tmp is not None:
             tmp.cleanup()
     ratios = {m: rows[1][f"mcr_{m}"] / rows[0][f"mcr_{m}"] if rows[0][f"mcr_{m}"] > 0 else math.nan for m in METHODS}
-    print(f"\nmnist5k, subset {a.subset}, {a.epochs} epochs, C={a.C}, {a.layers} cells, {a.nodes} nodes, seed {a.seed};")
+    space = f"C={a.C}, {a.layers} cells, {a.nodes} nodes"
+    print(f"\nmnist5k, subset {a.subset}, {a.epochs} epochs, {space}, seed {a.seed}")
     print(f"DSRNA certified: {a.bound}, eps {a.eps:g}, gamma {a.gamma:g}, bn_stats running; retrain: standard.")
     print(f"Measured on the first {a.n_eval} test images; radius = L-inf, bisection in [0, {a.eps_max:g}].\n")
     print(to_markdown(rows))

@@ -94,3 +94,13 @@ def test_bad_space_rejected():
         Supernet(ops=("none", "conv_9x9"))
     with pytest.raises(ValueError, match="image_size"):
         Supernet(layers=8, image_size=2)
+
+
+def test_mixed_op_equals_the_weighted_sum_over_all_ops_including_none():
+    from search_spaces import MixedOp
+
+    for stride in (1, 2):
+        op = MixedOp(4, stride, PRIMITIVES).eval()
+        x, w = torch.rand(2, 4, 7, 7), torch.softmax(torch.randn(len(PRIMITIVES)), 0)
+        full = sum(wi * o(x) for wi, o in zip(w, op.ops))
+        assert torch.equal(op(x, w), full)
