@@ -1,6 +1,7 @@
-"""The one epoch loop of a search: bilevel batches, Searcher steps, per-epoch evaluation,
-checkpoints (epoch ends and every N steps), exact resume from the newest valid
-checkpoint, TensorBoard, and the `on_epoch` hook Ray Tune reports through.
+"""A search: bilevel batches, Searcher steps and per-epoch evaluation, run by the shared
+epoch loop (loop.py: checkpoints at epoch ends and every N steps, exact resume from the
+newest valid checkpoint, TensorBoard, the `on_epoch` hook Ray Tune reports through).
+Also the builders (data, supernet, searcher) that train.py and distributed/ reuse.
 
 A search is a pure function of (config, state): the checkpoint holds the searcher's
 state_dict (weights, alphas, optimisers, scheduler, RNG), the positions of both batch
@@ -11,32 +12,25 @@ streams and the running epoch sums, so a resumed search continues bitwise exactl
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from search_spaces import Genotype, Supernet
 
 from .config import RobustEvalConfig, RunConfig, SearchConfig
 from .data import BatchStream, DataSplits, bilevel_split, eval_batches, load_dataset
 from .errors import UsageError
+from .loop import EpochHook, EpochLoop, Interrupted  # noqa: F401 - Interrupted re-exported
 from .monitor import Monitor
 from .search import SEARCHERS, Searcher
 from .storage import Store
 
 log = logging.getLogger(__name__)
-EpochHook = Callable[[int, dict[str, float], str], None]
 # Config sections that must match for a store's checkpoints to be resumed.
 STRUCTURAL = ("seed", "data", "space", "algorithm", "optim", "weight_at")
-
-
-class Interrupted(RuntimeError):
-    """Raised by `stop_after_steps` (tests and benchmarks simulate a crash with it)."""
 
 
 @dataclass
@@ -165,115 +159,55 @@ def run_search(
     B = cfg.data.batch_size
     train = BatchStream(data.x_train, data.y_train, tr_idx, B, cfg.seed, device, cfg.data.augment)
     val = BatchStream(data.x_train, data.y_train, val_idx, B, cfg.seed + 1, device, cfg.data.augment)
-    steps_per_epoch = train.batches_per_pass
-    epoch, step, history, sums = 0, 0, [], {}
+    loop = EpochLoop(cfg, store, train.batches_per_pass, f"{cfg.algorithm.name} search")
 
-    check_store_matches(store, cfg)
-    latest = store.load_latest(map_location=device)
-    if latest is not None:
-        name, state, meta = latest
+    def load(state: dict[str, Any]) -> None:
         searcher.load_state_dict(state["searcher"])
         train.load_state_dict(state["train_stream"])
         val.load_state_dict(state["val_stream"])
-        sums = state["sums"]
-        epoch, step, history = meta["epoch"], meta["global_step"], meta["history"]
-        log.info("resumed from %s (epoch %d, step %d)", name, epoch, step)
-    else:
+
+    check_store_matches(store, cfg)
+    if not loop.resume(device, load):
         store.write_json("config.json", cfg.model_dump(mode="json"))
-    own_monitor = monitor is None
-    if monitor is None:
-        monitor = Monitor(store, cfg.monitor.tensorboard, purge_step=step or None)
+    monitor = loop.open_monitor(monitor)
 
-    def checkpoint(epoch_done: int) -> str:
-        state = {
-            "searcher": searcher.state_dict(),
-            "train_stream": train.state_dict(),
-            "val_stream": val.state_dict(),
-            "sums": sums,
-        }
-        meta = {
-            "epoch": epoch_done,
-            "global_step": step,
-            "history": history,
-            "genotype": searcher.genotype().to_dict(),
-            "steps_per_epoch": steps_per_epoch,
-            "epochs": cfg.epochs,
-        }
-        name = store.save_checkpoint(step, state, meta, keep=cfg.storage.keep)
-        monitor.sync()
-        return name
+    def end_epoch(epoch: int) -> dict[str, float]:
+        searcher.end_epoch()
+        xv, yv = data.x_train[val_idx], data.y_train[val_idx]
+        v = evaluate(model, xv, yv, cfg.data.eval_batch_size, device)
+        t = evaluate(model, data.x_test, data.y_test, cfg.data.eval_batch_size, device)
+        record = {"val/loss": v["loss"], "val/acc": v["acc"], "test/loss": t["loss"], "test/acc": t["acc"]}
+        if cfg.eval.n:
+            record["val/robust_acc"] = robust_accuracy(model, xv, yv, cfg.eval, cfg.data.eval_batch_size)
+        record.update(searcher.learning_rates())
+        images = epoch % cfg.monitor.images_every == 0 or epoch == cfg.epochs
+        monitor.architecture(model, epoch, images=images)
+        if images and hasattr(searcher, "explanation_images"):
+            x16, _ = next(iter(eval_batches(data.x_test, data.y_test, 16, device)))
+            for tag, grid in searcher.explanation_images(x16).items():
+                monitor.image_grid(f"explain/{tag}", grid, epoch)
+        return record
 
-    bar = tqdm(
-        total=cfg.epochs * steps_per_epoch,
-        initial=step,
-        disable=not cfg.monitor.progress,
-        desc=f"{cfg.algorithm.name} search",
-        unit="step",
-        dynamic_ncols=True,
-    )
-    try:
-        while epoch < cfg.epochs:
-            model.train()
-            t0 = time.time()
-            while step - epoch * steps_per_epoch < steps_per_epoch:
-                metrics = searcher.step(next(train), next(val))
-                step += 1
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach().double()
-                bar.update(1)
-                if step % cfg.monitor.log_every == 0:
-                    scalars = {f"step/{k}": float(v) for k, v in metrics.items()}
-                    monitor.scalars(scalars, step)
-                    bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in list(scalars.items())[:4]})
-                if cfg.storage.every_n_steps and step % cfg.storage.every_n_steps == 0:
-                    checkpoint(epoch)
-                if stop_after_steps is not None and step >= stop_after_steps:
-                    raise Interrupted(f"stopped after {step} steps")
-            searcher.end_epoch()
-            epoch += 1
-            record = {f"train/{k}": float(v) / steps_per_epoch for k, v in sums.items()}
-            sums = {}
-            val_eval = evaluate(model, data.x_train[val_idx], data.y_train[val_idx], cfg.data.eval_batch_size, device)
-            test_eval = evaluate(model, data.x_test, data.y_test, cfg.data.eval_batch_size, device)
-            record.update(
-                {
-                    "val/loss": val_eval["loss"],
-                    "val/acc": val_eval["acc"],
-                    "test/loss": test_eval["loss"],
-                    "test/acc": test_eval["acc"],
-                    "epoch": epoch,
-                    "time/epoch_s": time.time() - t0,
-                }
-            )
-            if cfg.eval.n:
-                xv, yv = data.x_train[val_idx], data.y_train[val_idx]
-                record["val/robust_acc"] = robust_accuracy(model, xv, yv, cfg.eval, cfg.data.eval_batch_size)
-            record.update(searcher.learning_rates())
-            history.append(record)
-            monitor.scalars({k: v for k, v in record.items() if k != "epoch"}, epoch)
-            images = epoch % cfg.monitor.images_every == 0 or epoch == cfg.epochs
-            monitor.architecture(model, epoch, images=images)
-            if images and hasattr(searcher, "explanation_images"):
-                xv, _ = next(iter(eval_batches(data.x_test, data.y_test, 16, device)))
-                for tag, grid in searcher.explanation_images(xv).items():
-                    monitor.image_grid(f"explain/{tag}", grid, epoch)
-            name = checkpoint(epoch)
-            if on_epoch is not None:
-                on_epoch(epoch, record, name)
-    finally:
-        bar.close()
-        if own_monitor and epoch < cfg.epochs:
-            monitor.close()
+    def state() -> tuple[dict[str, Any], dict[str, Any]]:
+        run = {"searcher": searcher.state_dict(), "train_stream": train.state_dict(), "val_stream": val.state_dict()}
+        return run, {"genotype": searcher.genotype().to_dict(), "steps_per_epoch": loop.steps_per_epoch}
 
-    genotype = searcher.genotype()
-    final = history[-1] if history else {}
+    def before_epoch(epoch: int) -> None:
+        model.train()
+
+    step = lambda: searcher.step(next(train), next(val))
+    loop.run(step, end_epoch, state, before_epoch, on_epoch, stop_after_steps)
+
+    genotype, final = searcher.genotype(), loop.final
     store.write_json("genotype.json", genotype.to_dict())
-    store.write_json("result.json", {"genotype": genotype.to_dict(), "metrics": final, "epochs": epoch, "steps": step})
-    if own_monitor:
-        monitor.genotype(genotype, epoch)
+    store.write_json(
+        "result.json", {"genotype": genotype.to_dict(), "metrics": final, "epochs": loop.epoch, "steps": loop.step}
+    )
+    if loop.own_monitor:
+        monitor.genotype(genotype, loop.epoch)
         monitor.hparams(hparams_of(cfg), {k: v for k, v in final.items() if k.startswith(("val/", "test/"))})
         monitor.close()
-    return SearchResult(genotype, final, epoch, step, history)
+    return SearchResult(genotype, final, loop.epoch, loop.step, loop.history)
 
 
 def hparams_of(cfg: SearchConfig) -> dict[str, Any]:
