@@ -230,6 +230,7 @@ def test_explanations_in_ball_and_audience_sees_weighted_input(norm, eps, fresh)
         "attack_success",
         "audience_train_loss",
         "audience_train_acc",
+        "audience_clean_acc",
         "val_loss",
         "val_acc",
         "audience_val_loss",

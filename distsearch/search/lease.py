@@ -267,14 +267,27 @@ class LeaseSearcher(DartsSearcher):
 
     # -- stages 1 and 3 -----------------------------------------------------------------------
     def audience_step(self, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One SGD step of eq. 3 on the explanation-weighted inputs."""
+        """One SGD step of eq. 3 on the explanation-weighted inputs.
+
+        Also `audience_clean_acc`: the audience's accuracy on the same images un-weighted, before
+        the step (eval mode: no BN statistics move), beside `audience_train_acc` on the weighted
+        ones. Their gap is the distribution shift between what the audience trains on (delta*x)
+        and what eq. 4 validates it on (clean images). On MNIST-like data delta*x is <= 0 on the
+        strokes (the box pins delta <= 0 where x = 1), so with `delta` weighting the audience can
+        fit delta*x and still score at or below chance on clean images: the method, not a bug."""
+        with torch.no_grad(), eval_mode(self.audience):
+            clean_acc = accuracy(self.audience(x), y)
         self.aud_optimizer.zero_grad(set_to_none=True)
         logits = self.audience(weight_input(delta, x, self.weighting))
         loss = F.cross_entropy(logits, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(self.audience.parameters()), self.grad_clip, foreach=True)
         self.aud_optimizer.step()
-        return {"audience_train_loss": loss.detach(), "audience_train_acc": accuracy(logits, y).detach()}
+        return {
+            "audience_train_loss": loss.detach(),
+            "audience_train_acc": accuracy(logits, y).detach(),
+            "audience_clean_acc": clean_acc,
+        }
 
     def step(self, train_batch: Batch, val_batch: Batch) -> dict[str, torch.Tensor]:
         metrics, delta = self._arch_step(train_batch, val_batch)
