@@ -98,33 +98,11 @@ class LeaseSearcher(DartsSearcher):
         audience_lr: float = 0.025,
         disjoint_data: bool = False,
         fresh_explanations: bool = False,
-        w_lr: float = 0.025,
-        w_lr_min: float = 0.001,
-        w_momentum: float = 0.9,
-        w_weight_decay: float = 3e-4,
-        grad_clip: float = 5.0,
-        arch_lr: float = 3e-4,
-        arch_betas: tuple[float, float] = (0.5, 0.999),
-        arch_weight_decay: float = 1e-3,
-        fd_r: float = 0.01,
         weight_strategy: Any = None,
         audience_model: nn.Module | None = None,
+        **optim: Any,  # DartsSearcher's optimiser options (w_lr, w_momentum, ..., fd_r)
     ):
-        super().__init__(
-            model,
-            epochs=epochs,
-            order=order,
-            w_lr=w_lr,
-            w_lr_min=w_lr_min,
-            w_momentum=w_momentum,
-            w_weight_decay=w_weight_decay,
-            grad_clip=grad_clip,
-            arch_lr=arch_lr,
-            arch_betas=arch_betas,
-            arch_weight_decay=arch_weight_decay,
-            fd_r=fd_r,
-            weight_strategy=weight_strategy,
-        )
+        super().__init__(model, epochs=epochs, order=order, weight_strategy=weight_strategy, **optim)
         for field, value, allowed in (
             ("objective", objective, OBJECTIVES),
             ("weighting", weighting, WEIGHTINGS),
@@ -144,11 +122,17 @@ class LeaseSearcher(DartsSearcher):
             audience_model = build_model(audience, in_channels=in_channels, num_classes=num_classes)
         p = next(model.parameters())
         self.audience = audience_model.to(device=p.device, dtype=p.dtype).train()
+        # the audience follows the explainer's SGD settings and cosine schedule, scaled to its lr
+        w = self.w_optimizer.defaults
         self.aud_optimizer = torch.optim.SGD(
-            self.audience.parameters(), lr=audience_lr, momentum=w_momentum, weight_decay=w_weight_decay, foreach=True
+            self.audience.parameters(),
+            lr=audience_lr,
+            momentum=w["momentum"],
+            weight_decay=w["weight_decay"],
+            foreach=True,
         )
         self.aud_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.aud_optimizer, epochs, eta_min=audience_lr * w_lr_min / w_lr
+            self.aud_optimizer, epochs, eta_min=audience_lr * self.scheduler.eta_min / w["lr"]
         )
 
     # -- data ------------------------------------------------------------------------------
