@@ -58,8 +58,8 @@ def _adopt(pointer: dict[str, Any], store: Store) -> None:
 def _record_start(store: Store, node_ip: str) -> None:
     """Append this start to trial_starts.json: the epoch it resumes from and the node it runs on."""
     starts = store.read_json("trial_starts.json") if store.exists("trial_starts.json") else []
-    latest = store.latest()
-    epoch = store.load_checkpoint(latest)[1]["epoch"] if latest else 0
+    names = store.list_checkpoints()  # informational: meta.json only, run_search verifies and loads
+    epoch = store.read_json(posixpath.join(CKPT_DIR, names[-1], "meta.json"))["epoch"] if names else 0
     starts.append({"time": time.time(), "epoch": epoch, "node_ip": node_ip, "pid": os.getpid()})
     store.write_json("trial_starts.json", starts)
 
