@@ -9,6 +9,8 @@ Subclasses change only `arch_objective` (DSRNA) or the whole arch step (LeaSE).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -18,6 +20,19 @@ from search_spaces import Supernet
 
 from .base import Batch, Searcher, accuracy
 from .hypergrad import assign_grads, first_order_arch_grad, unrolled_arch_grad
+
+
+@contextmanager
+def frozen(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Parameters temporarily excluded from autograd (requires_grad restored afterwards)."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
 
 
 class DartsSearcher(Searcher):
@@ -83,6 +98,10 @@ class DartsSearcher(Searcher):
         return metrics
 
     def weight_step(self, train_batch: Batch) -> dict[str, torch.Tensor]:
+        with frozen(self.model.arch_parameters()):  # no graph, no gradient, no kernels for alpha
+            return self._weight_step(train_batch)
+
+    def _weight_step(self, train_batch: Batch) -> dict[str, torch.Tensor]:
         x, y = train_batch
         self.w_optimizer.zero_grad(set_to_none=True)
         if self.weight_strategy is not None:
