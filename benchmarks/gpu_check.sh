@@ -2,7 +2,7 @@
 # The GPU checks, as one prepared script for a lent H100/H200: a CUDA smoke search through
 # the whole runner for each algorithm, then benchmarks/search_step.py at the DARTS paper size
 # (B=64, C=16, 8 cells, 3x32x32), each algorithm beside its own DARTS baseline in the same
-# process. Needs pydantic where it runs (wheels in .whl/, installed to /tmp/site). Output in $OUT.
+# process (about 9.5 min in all: run it with timeout_s=600). Needs pydantic where it runs (wheels in .whl/, installed to /tmp/site). Output in $OUT.
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -19,13 +19,13 @@ step() {  # name, timeout, search_step args...
   echo "== $name rc=$?"
   python3 -c "import json; d=json.load(open('$OUT/step_$name.json')); [print(r['algorithm'], r['ms_per_step'], 'ms/step', r['images_per_s'], 'img/s', r.get('peak_mem_gib'), 'GiB', 'x%s' % r['ratio_to_darts_first_order']) for r in d['results']]" 2>/dev/null || tail -3 "$OUT/step_$name.err"
 }
-step darts 75 --algorithm darts darts2 --steps 10 --warmup 3 --profile
+step darts 120 --algorithm darts darts2 --steps 10 --warmup 3 --profile
 grep -E "Name|---|^ *[a-z_].*%" "$OUT/step_darts.err" | head -22
-step darts_bf16_cl 45 --algorithm darts --steps 10 --warmup 3 --bf16 --channels-last
-step lease 60 --algorithm lease --steps 5 --warmup 2
-step dsrna_jac 45 --algorithm dsrna-jacobian --projections 1 --steps 3 --warmup 1
-step dsrna_cb 45 --algorithm dsrna-certified --bound ibp --steps 3 --warmup 1
-timeout 45 python3 - <<'PY' 2>&1 | grep -v Warning | tee "$OUT/smoke.txt"
+step darts_bf16_cl 90 --algorithm darts --steps 10 --warmup 3 --bf16 --channels-last
+step lease 150 --algorithm lease --steps 5 --warmup 2
+step dsrna_jac 90 --algorithm dsrna-jacobian --projections 1 --steps 3 --warmup 1
+step dsrna_cb 60 --algorithm dsrna-certified --bound ibp --steps 3 --warmup 1
+timeout 60 python3 - <<'PY' 2>&1 | grep -v Warning | tee "$OUT/smoke.txt"
 import tempfile, time
 from distsearch.config import parse_config
 from distsearch.runner import run_search

@@ -115,10 +115,11 @@ def main() -> None:
     p.add_argument("--projections", type=int, default=1, help="DSRNA Jacobian: 0 exact, else random projections")
     p.add_argument("--bound", default="ibp", choices=["ibp", "crown"], help="DSRNA certified bound")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step (stderr)")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune each conv shape")
     args = p.parse_args()
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    if device.type == "cuda":  # autotuning hundreds of conv shapes can take minutes on first use
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     results = [bench("darts", args, device)]
     base = results[0]["ms_per_step"]
     for algo in args.algorithm:
