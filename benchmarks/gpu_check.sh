@@ -3,6 +3,9 @@
 # the whole runner for each algorithm, then benchmarks/search_step.py at the DARTS paper size
 # (B=64, C=16, 8 cells, 3x32x32), each algorithm beside its own DARTS baseline in the same
 # process (about 9.5 min in all: run it with timeout_s=600). Needs pydantic where it runs (wheels in .whl/, installed to /tmp/site). Output in $OUT.
+# The wheels, fetched once on the dev machine (.whl/ is in .git/info/exclude; carry it):
+#   python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 -d .whl pydantic==2.13.4 pydantic_core==2.46.4 annotated_types typing_inspection
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
