@@ -219,13 +219,13 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     from .config import TransferConfig, load_config
     from .monitor import Monitor
     from .robust.attacks import make_attack
-    from .robust.models import build_model
     from .robust.tables import to_markdown, write_csv, write_markdown
     from .robust.training import make_strategy
     from .robust.training_base import fit
     from .robust.transfer import plot_heatmap, transfer_table
     from .runner import build_data, setup_torch
     from .storage import Store
+    from .train import named_model
 
     cfg = load_config(args.config, args.overrides, TransferConfig)
     try:
@@ -248,11 +248,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         if m.half is not None:
             x, y = x[m.half * half : (m.half + 1) * half], y[m.half * half : (m.half + 1) * half]
         torch.manual_seed(m.seed)
-        kwargs = ({"image_size": data.image_size} if m.name == "mlp" else {}) | m.kwargs
-        try:
-            net = build_model(m.name, data.in_channels, data.num_classes, **kwargs).to(device)
-        except ValueError as e:
-            raise UsageError(f"models[{m.label}]: {e}") from None
+        net = named_model(m.name, data, m.kwargs, field=f"models[{m.label}]").to(device)
         opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9)
         fit(
             net,

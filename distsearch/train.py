@@ -50,13 +50,18 @@ def build_network(cfg: TrainConfig, data: DataSplits, genotype: Genotype | None)
         return Network(
             genotype, data.in_channels, data.num_classes, C=m.C, layers=m.layers, drop_path_prob=m.drop_path_prob
         )
+    return named_model(m.name, data, m.kwargs, field="model.name")
+
+
+def named_model(name: str, data: DataSplits, kwargs: dict[str, Any], field: str) -> torch.nn.Module:
+    """robust.models.build_model sized to the data set (the MLP needs the image size)."""
     from .robust.models import build_model
 
-    kwargs = ({"image_size": data.image_size} if m.name == "mlp" else {}) | m.kwargs
+    kwargs = ({"image_size": data.image_size} if name == "mlp" else {}) | kwargs
     try:
-        return build_model(m.name, in_channels=data.in_channels, num_classes=data.num_classes, **kwargs)
+        return build_model(name, in_channels=data.in_channels, num_classes=data.num_classes, **kwargs)
     except ValueError as e:
-        raise UsageError(f"model.name: {e}") from None
+        raise UsageError(f"{field}: {e}") from None
 
 
 def run_training(cfg: TrainConfig, store: Store, stop_after_steps: int | None = None) -> dict[str, Any]:
