@@ -53,3 +53,13 @@ def tiny_config():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread per test: on a shared 2-core machine OpenMP spinning makes the
+    small tensors of these tests crawl (configs that set `threads` still set their own)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

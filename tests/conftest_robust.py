@@ -45,12 +45,6 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    with one_thread():
-        yield
-
-
 @functools.cache
 def mnist():
     return load_dataset("mnist5k", seed=0)

@@ -15,9 +15,9 @@ from distsearch.robust.attacks import ATTACKS, FGM, FGSM, PGD, make_attack
 from distsearch.robust.lbfgs_cw import LBFGS, CarliniWagnerL2
 
 try:
-    from conftest_robust import _single_thread, cnn, test_set  # noqa: F401
+    from conftest_robust import cnn, test_set  # noqa: F401
 except ImportError:  # tests/ imported as a package
-    from tests.conftest_robust import _single_thread, cnn, test_set  # noqa: F401
+    from tests.conftest_robust import cnn, test_set  # noqa: F401
 
 TOL = 1e-5
 

@@ -56,15 +56,6 @@ def make_model(kind: str, seed: int = 0) -> nn.Module:
     return _randomise_bn(m, g)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes these tests crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def inputs(n: int = 6, seed: int = 1) -> torch.Tensor:
     return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 

@@ -22,14 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["quickstart_dsrna", "mnist_dsrna_cb", "cifar10_dsrna"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(seed: int = 0) -> tuple[Supernet, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     torch.manual_seed(seed)
     net = Supernet(in_channels=1, num_classes=4, C=2, layers=2, nodes=2)

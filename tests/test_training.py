@@ -16,14 +16,14 @@ from distsearch.robust.models import build_model
 from distsearch.robust.training import STRATEGIES, fit, make_strategy
 
 try:
-    from conftest_robust import EPS_L2, EPS_LINF, L2_STRATEGIES, STRATEGY_KWARGS, _single_thread, mnist, trained_mlp
+    from conftest_robust import EPS_L2, EPS_LINF, L2_STRATEGIES, STRATEGY_KWARGS, mnist, trained_mlp
 except ImportError:  # tests/ imported as a package
     from tests.conftest_robust import (
         EPS_L2,
         EPS_LINF,
         L2_STRATEGIES,
         STRATEGY_KWARGS,
-        _single_thread,  # noqa: F401
+        # noqa: F401
         mnist,
         trained_mlp,
     )

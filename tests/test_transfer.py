@@ -14,9 +14,9 @@ from distsearch.robust.transfer import distortion, gaussian_like, plot_heatmap, 
 from distsearch.robust.units import unit_images
 
 try:
-    from conftest_robust import _single_thread, cnn, mnist, test_set, trained_mlp  # noqa: F401
+    from conftest_robust import cnn, mnist, test_set, trained_mlp  # noqa: F401
 except ImportError:  # tests/ imported as a package
-    from tests.conftest_robust import _single_thread, cnn, mnist, test_set, trained_mlp  # noqa: F401
+    from tests.conftest_robust import cnn, mnist, test_set, trained_mlp  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,6 @@ Szegedy's box-constrained L-BFGS and Carlini–Wagner L2 are in lbfgs_cw.py.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
@@ -35,6 +33,7 @@ from .attack_base import (
     success,
 )
 from .lbfgs_cw import LBFGS, CarliniWagnerL2
+from .registry import build_registered
 
 
 def _input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, sign: float):
@@ -131,11 +130,4 @@ ATTACKS: dict[str, type[Attack]] = {
 
 def make_attack(name: str, **kwargs: object) -> Attack:
     """Build a registered attack; an unknown name or parameter raises ValueError naming it."""
-    if name not in ATTACKS:
-        raise ValueError(f"attack: unknown name {name!r}; choose one of {', '.join(ATTACKS)}")
-    cls = ATTACKS[name]
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    for key in kwargs:
-        if key not in allowed:
-            raise ValueError(f"{key}: not a parameter of attack {name!r}; it takes {', '.join(allowed)}")
-    return cls(**kwargs)
+    return build_registered("attack", ATTACKS, name, kwargs)

@@ -17,7 +17,6 @@ CIFAR's (ε = 8/255); pass eps for other data. Images in [0, 1]; every x + δ is
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 from .attack_base import attack_context, check_int, check_norm, check_positive, clip_box, normalize, project
 from .attacks import PGD
+from .registry import build_registered
 from .training_amortized import Free, FreeLB, Yopo
 from .training_base import (
     PassCounter,
@@ -175,12 +175,4 @@ STRATEGIES: dict[str, type[Strategy]] = {
 
 def make_strategy(name: str, **kwargs: Any) -> Strategy:
     """Build a registered strategy; an unknown name or parameter raises ValueError naming it."""
-    if name not in STRATEGIES:
-        raise ValueError(f"strategy: unknown name {name!r}; choose one of {', '.join(STRATEGIES)}")
-    cls = STRATEGIES[name]
-    init = cls.__init__
-    allowed = [] if init is object.__init__ else [p for p in inspect.signature(init).parameters if p != "self"]
-    for key in kwargs:
-        if key not in allowed:
-            raise ValueError(f"{key}: not a parameter of strategy {name!r}; it takes {', '.join(allowed) or 'none'}")
-    return cls(**kwargs)
+    return build_registered("strategy", STRATEGIES, name, kwargs)
