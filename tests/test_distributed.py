@@ -10,6 +10,7 @@ descendants), never with a machine-wide `ray stop`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -272,6 +273,36 @@ def test_two_trials_on_s3(ray_local, s3_bucket, capsys):
     assert len(genotypes) == 2 and all(json.loads(fs.cat(g))["normal"] for g in genotypes)
     assert fs.glob("exp/runs/s3exp/*/search/tb/events.out.tfevents*")
     assert main(["status", f"{s3_bucket}/s3exp"]) == 0
+
+
+@pytest.mark.slow
+def test_pbt_exploit_continues_with_the_mutated_learning_rate(ray_local, tmp_path):
+    """After an exploit the trial runs the donor's weights with its own mutated lrs: every
+    reported lr/weights follows the cosine schedule of the config reported with it, and
+    lr/arch (unscheduled) equals its arch_lr."""
+    epochs = 4
+    f = experiment(
+        tmp_path / "exp.yaml",
+        epochs=epochs,
+        search_alg="random",
+        scheduler="pbt",
+        quantile_fraction=0.5,
+        params={"optim.w_lr": {"loguniform": [0.005, 0.3]}, "optim.arch_lr": {"loguniform": [1e-4, 1e-2]}},
+        points_to_evaluate=None,
+    )
+    assert main(["run", "--config", f, "--storage", str(tmp_path / "runs"), "--name", "pbt"]) == 0
+    root = tmp_path / "runs" / "pbt"
+    stores = trials(root)
+    starts = [json.loads((s / "trial_starts.json").read_text()) for s in stores.values()]
+    assert any(0 < s["epoch"] < epochs for trial in starts for s in trial[1:]), f"no exploit before the end: {starts}"
+    for trial in stores:
+        reports = [json.loads(line) for line in (root / trial / "result.json").read_text().splitlines()]
+        assert reports[-1]["done_epochs"] == epochs
+        for r in reports:
+            w_lr, e = r["config"]["optim.w_lr"], r["done_epochs"]
+            want = 0.001 + (w_lr - 0.001) * (1 + math.cos(math.pi * e / epochs)) / 2
+            assert r["lr/weights"] == pytest.approx(want, rel=1e-9), (trial, e, r["config"])
+            assert r["lr/arch"] == pytest.approx(r["config"]["optim.arch_lr"], rel=1e-12), (trial, e, r["config"])
 
 
 @pytest.mark.slow

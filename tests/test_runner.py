@@ -94,3 +94,31 @@ def test_remote_store_mirrors_tensorboard(tiny_config):
     files = store.fs.find(store.path("tb"))
     assert any("tfevents" in f for f in files)
     assert store.exists("genotype.json") and store.list_checkpoints()
+
+
+@pytest.mark.parametrize(
+    "algorithm,changed",
+    [
+        ("darts", {"optim.w_lr": 0.1, "optim.arch_lr": 0.02}),
+        ("lease", {"optim.w_lr": 0.1, "algorithm.audience_lr": 0.05}),
+    ],
+)
+def test_resume_with_mutated_hyperparameters_follows_the_new_config(tmp_path, tiny_config, algorithm, changed):
+    """PBT restarts a trial from a checkpoint with mutated lrs: the new ones must take effect
+    (the loaded optimiser state would otherwise bring the old ones back)."""
+    base = {"algorithm.name": algorithm, "epochs": 3, "optim.w_lr": 0.05}
+    cfg_old = tiny_config(str(tmp_path / "pbt"), **base)
+    store = Store(cfg_old.storage.uri)
+    with pytest.raises(Interrupted):
+        run_search(cfg_old, store, stop_after_steps=5)  # epoch 1 checkpointed at step 4
+    cfg_new = tiny_config(store.uri, **{**base, **changed})
+    store.write_json("config.json", cfg_new.model_dump(mode="json"))  # as the Tune trainable does
+    mutated = run_search(cfg_new, store)
+    reference = run_search(tiny_config(str(tmp_path / "new"), **{**base, **changed}), Store(str(tmp_path / "new")))
+
+    assert len(mutated.history) == len(reference.history) == 3
+    for got, want in zip(mutated.history[1:], reference.history[1:], strict=True):
+        for key in [k for k in want if k.startswith("lr/")]:
+            assert got[key] == pytest.approx(want[key], rel=1e-12), key
+    old = run_search(cfg_old, Store(str(tmp_path / "old")))
+    assert mutated.history[1]["lr/weights"] != pytest.approx(old.history[1]["lr/weights"])

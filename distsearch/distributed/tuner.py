@@ -112,6 +112,7 @@ def scheduler(t: TuneConfig, epochs: int) -> Any:
         return PopulationBasedTraining(
             time_attr="training_iteration",
             perturbation_interval=t.perturbation_interval,
+            quantile_fraction=t.quantile_fraction,
             hyperparam_mutations=mutations,
         )
     return FIFOScheduler()
@@ -169,7 +170,8 @@ def build_tuner(spec: dict[str, Any]) -> Any:
     run_config = tune.RunConfig(
         name=spec["name"],
         storage_path=spec["storage"],
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        # Tune checkpoints are pointer files; PBT clones donors' older ones, so keep them all there
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None if t.scheduler == "pbt" else 2),
         failure_config=tune.FailureConfig(max_failures=t.max_failures),
         verbose=1,
     )

@@ -4,11 +4,15 @@
 returns its metrics as detached 0-dim tensors (no host sync inside a step: the runner
 converts them to floats once per logging interval). `state_dict()` covers everything a
 resumed search needs to continue exactly: weights, alphas, optimisers, schedulers, RNG.
+Loading keeps the hyperparameters this searcher was built with where they differ from the
+checkpoint's (PBT restarts a trial from a donor's checkpoint with mutated learning rates):
+the optimiser state (momenta) comes from the checkpoint, the schedule from the config.
 Algorithms only: no config, storage or TensorBoard here (see ../shared/DESIGN.md).
 """
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -18,6 +22,8 @@ from torch import nn
 from search_spaces import Genotype
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+SCHEDULE_KEYS = ("base_lrs", "eta_min", "T_max")
+log = logging.getLogger(__name__)
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -80,6 +86,7 @@ class Searcher(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = next(self.model.parameters()).device
+        configured = self._hyperparameters()
         self.model.load_state_dict(state["model"])
         self.w_optimizer.load_state_dict(state["w_optimizer"])
         self.a_optimizer.load_state_dict(state["a_optimizer"])
@@ -88,3 +95,56 @@ class Searcher(ABC):
         self.load_extra_state(state.get("extra", {}))
         if (strategy := getattr(self, "weight_strategy", None)) is not None:
             strategy.load_state_dict(state.get("weight_strategy", {}))
+        for change in self._adopt_hyperparameters(configured):
+            log.warning("resumed with a changed hyperparameter: %s", change)
+
+    # -- hyperparameters across a load (PBT) -------------------------------------------------
+    def _optimisers(self) -> dict[str, torch.optim.Optimizer]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.optim.Optimizer)}
+
+    def _schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.optim.lr_scheduler.LRScheduler)}
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        """The optimisers' group settings and the schedules, as built from the config."""
+        groups = {
+            k: [{h: v for h, v in g.items() if h != "params"} for g in o.param_groups]
+            for k, o in self._optimisers().items()
+        }
+        schedules = {
+            k: {h: getattr(s, h) for h in SCHEDULE_KEYS if hasattr(s, h)} for k, s in self._schedulers().items()
+        }
+        return {"groups": groups, "schedules": schedules}
+
+    def _adopt_hyperparameters(self, configured: dict[str, Any]) -> list[str]:
+        """Put back the configured settings that differ from the loaded ones; the scheduled
+        lr is recomputed from the configured schedule at the loaded epoch. Returns the changes."""
+        changes: list[str] = []
+        scheduled = {id(s.optimizer): (k, s) for k, s in self._schedulers().items()}
+        for name, opt in self._optimisers().items():
+            sched = scheduled.get(id(opt))
+            for group, want in zip(opt.param_groups, configured["groups"][name], strict=True):
+                for h, v in want.items():
+                    if h == "lr" and sched is not None:
+                        continue  # follows the schedule below
+                    if _differs(group.get(h), v):
+                        changes.append(f"{name}.{h}: {group.get(h)} -> {v}")
+                        group[h] = v
+            if sched is None:
+                continue
+            key, s = sched
+            for h, v in configured["schedules"][key].items():
+                if _differs(getattr(s, h), v):
+                    changes.append(f"{key}.{h}: {getattr(s, h)} -> {v}")
+                    setattr(s, h, v)
+            if any(c.startswith((f"{name}.initial_lr", f"{key}.")) for c in changes):
+                for group, lr in zip(opt.param_groups, s._get_closed_form_lr(), strict=True):
+                    group["lr"] = lr
+                s._last_lr = [g["lr"] for g in opt.param_groups]
+        return changes
+
+
+def _differs(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) != len(b) or any(_differs(x, y) for x, y in zip(a, b, strict=False))
+    return a != b
