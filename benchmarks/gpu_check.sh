@@ -2,7 +2,7 @@
 # The GPU checks, as one prepared script for a lent H100/H200: a CUDA smoke search through
 # the whole runner for each algorithm, then benchmarks/search_step.py at the DARTS paper size
 # (B=64, C=16, 8 cells, 3x32x32), each algorithm beside its own DARTS baseline in the same
-# process (about 9.5 min in all: run it with timeout_s=600). Needs pydantic where it runs (wheels in .whl/, installed to /tmp/site). Output in $OUT.
+# process (about 9 min in all: run it with timeout_s=600; bf16/channels-last: search_step.py --bf16 --channels-last). Needs pydantic where it runs (wheels in .whl/, installed to /tmp/site). Output in $OUT.
 # The wheels, fetched once on the dev machine (.whl/ is in .git/info/exclude; carry it):
 #   python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 -d .whl pydantic==2.13.4 pydantic_core==2.46.4 annotated_types typing_inspection
@@ -24,9 +24,8 @@ step() {  # name, timeout, search_step args...
 }
 step darts 120 --algorithm darts darts2 --steps 10 --warmup 3 --profile
 grep -E "Name|---|^ *[a-z_].*%" "$OUT/step_darts.err" | head -22
-step darts_bf16_cl 90 --algorithm darts --steps 10 --warmup 3 --bf16 --channels-last
 step lease 150 --algorithm lease --steps 5 --warmup 2
-step dsrna_jac 90 --algorithm dsrna-jacobian --projections 1 --steps 3 --warmup 1
+step dsrna_jac 150 --algorithm dsrna-jacobian-fd dsrna-jacobian --projections 1 --steps 3 --warmup 1
 step dsrna_cb 60 --algorithm dsrna-certified --bound ibp --steps 3 --warmup 1
 timeout 60 python3 - <<'PY' 2>&1 | grep -v Warning | tee "$OUT/smoke.txt"
 import tempfile, time
@@ -36,7 +35,7 @@ from distsearch.storage import Store
 raw = {"epochs": 2, "device": "cuda", "data": {"name": "synthetic", "batch_size": 32,
        "synthetic": {"n": 384, "channels": 3, "image_size": 16, "num_classes": 4}},
        "space": {"C": 8, "layers": 3, "nodes": 3}, "monitor": {"progress": False, "tensorboard": False}}
-for algo in ({"name": "darts", "order": "second"}, {"name": "lease"}, {"name": "dsrna", "variant": "combined", "projections": 1}):
+for algo in ({"name": "darts", "order": "second"}, {"name": "lease"}, {"name": "dsrna", "variant": "combined", "projections": 1, "jacobian_fd_step": 1e-3}):
     d = tempfile.mkdtemp()
     cfg = parse_config({**raw, "algorithm": algo, "storage": {"uri": d}})
     t = time.time()

@@ -6,7 +6,7 @@ first-order baseline measured in the same process, and prints JSON: ms/step, ima
 peak memory (CUDA) and each algorithm's ratio to the baseline. Fast-path switches:
 --channels-last and --bf16 (autocast).
 
-    python benchmarks/search_step.py --algorithm darts darts2 lease dsrna-jacobian dsrna-certified
+    python benchmarks/search_step.py --algorithm darts darts2 lease dsrna-jacobian dsrna-jacobian-fd dsrna-certified
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ ALGORITHMS = {
     "darts2": ("darts", dict(order="second")),
     "lease": ("lease", dict(order="first")),
     "dsrna-jacobian": ("dsrna", dict(variant="jacobian")),
+    "dsrna-jacobian-fd": ("dsrna", dict(variant="jacobian", jacobian_fd_step=1e-3)),
     "dsrna-certified": ("dsrna", dict(variant="certified")),
 }
 

@@ -131,6 +131,12 @@ class DsrnaConfig(Strict):
     norm: Literal["linf", "l2"] = "linf"
     bound: Literal["ibp", "crown"] = "ibp"
     projections: int = Field(0, ge=0, description="0 = exact Jacobian, else random projections")
+    jacobian_fd_step: float = Field(
+        0.0,
+        ge=0,
+        description="0 = Jacobian norms by double backward; > 0 (e.g. 1e-3, fp32 only): by finite differences "
+        "along their dual directions, same gradients (Danskin), no second-order graph",
+    )
     bn_stats: Literal["batch", "running"] = Field(
         "running",
         description="BN statistics while computing R: the running ones (the eval network; finite bounds on "

@@ -71,6 +71,26 @@ def test_gamma_zero_equals_darts(order: str) -> None:
     assert torch.equal(md["val_loss"], ms["val_loss"])
 
 
+@pytest.mark.parametrize("bn_stats,proj", [("running", 0), ("batch", 1)])
+def test_finite_difference_jacobian_gives_the_double_backward_arch_gradient(bn_stats: str, proj: int) -> None:
+    """The searcher's objective with jacobian_fd_step > 0 has the same value and alpha-gradient
+    as with the double backward (float64, the same projection draws)."""
+    net, _, (x, y) = tiny(3)
+    net = net.double()
+    x = x.double()
+    grads, values = [], []
+    for fd_step in (0.0, 1e-7):
+        s = DsrnaSearcher(copy.deepcopy(net), epochs=2, projections=proj, bn_stats=bn_stats, jacobian_fd_step=fd_step)
+        torch.manual_seed(5)  # the projection draws
+        objective, metrics = s.arch_objective(x, y)
+        grads.append(torch.autograd.grad(objective, s.model.arch_parameters(), allow_unused=True))
+        values.append(metrics["R_jac"])
+    torch.testing.assert_close(values[1], values[0], rtol=1e-6, atol=0)
+    for a, b in zip(*grads, strict=True):
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-10)
+
+
 def test_frozen_bn_restores_modes_and_buffers() -> None:
     net, _, (x, _) = tiny(2)
     before = copy.deepcopy(net.state_dict())

@@ -149,8 +149,8 @@ def experiment_spec(cfg: SearchConfig, storage: str | None = None, name: str | N
     }
 
 
-def build_tuner(spec: dict[str, Any]) -> Any:
-    """A new Tuner for the experiment `spec` (see experiment_spec)."""
+def build_tuner(spec: dict[str, Any], verbose: int = 1) -> Any:
+    """A new Tuner for the experiment `spec` (see experiment_spec); `verbose` as Tune's (0 silent)."""
     from ray import tune
 
     t = TuneConfig.model_validate(spec["tune"])
@@ -173,7 +173,7 @@ def build_tuner(spec: dict[str, Any]) -> Any:
         # Tune checkpoints are pointer files; PBT clones donors' older ones, so keep them all there
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None if t.scheduler == "pbt" else 2),
         failure_config=tune.FailureConfig(max_failures=t.max_failures),
-        verbose=1,
+        verbose=verbose,
     )
     return tune.Tuner(make_trainable(spec), param_space=param_space(t), tune_config=tune_config, run_config=run_config)
 

@@ -14,6 +14,16 @@ each draw costs one backward pass instead of K. The projected metric replaces
 sum_k ||J_k||_q by ||J||_F (q = 2) or ||J||_{2,1} (q = 1); both lie within a factor sqrt(K)
 of it from below (S <= sum_k ||J_k||_q <= sqrt(K) S), so the surrogate ranks architectures
 alike but is a different number: `R_jac` is only comparable at equal `projections`.
+
+Without a double backward (`fd_step` > 0): ||g||_q for g = v^T J(x) (v = e_k exactly, or a
+random projection) is max over ||u||_p <= 1 of v^T J u, attained at the dual direction
+u* = sign(g) (L-inf) or g / ||g||_2 (L2). u* comes from one plain backward (no graph), then
+    ||g||_q ~ v^T (f(x + h u*) - f(x)) / h
+from one more forward, and by Danskin's theorem the gradient in (alpha, w) of the
+max equals that of v^T J u* with u* held fixed, which the two forwards give by ordinary
+backpropagation. Same estimator, same gradients up to O(h) (kinks crossed within h); no
+second-order graph, so the arch step costs forwards and backwards only. fp32 cancellation
+error ~ 1e-7 / h relative to the logits: keep h around 1e-3 in input units, and off bf16.
 """
 
 from __future__ import annotations
@@ -66,10 +76,43 @@ def projection_samples(
     return _projections(model, x, norm, n_proj, create_graph, generator)[0]
 
 
+def directional_norms(
+    model: Model, x: torch.Tensor, weights: Callable[[torch.Tensor], torch.Tensor], norm: str, fd_step: float
+) -> tuple[torch.Tensor, int]:
+    """[n, B] ||V_i^T J(x)||_q for the n row weightings V = weights(f(x)) [n, B, K], by the
+    finite difference along each dual direction (see the module text), differentiable in the
+    model's parameters; and K."""
+    q = dual_q(norm)
+    with torch.enable_grad():
+        xg = _inputs(x)
+        out = model(xg)
+        V = weights(out.detach())
+        dirs = []
+        for v in V:
+            (g,) = torch.autograd.grad(out, xg, v, retain_graph=True)
+            g = g.flatten(1)
+            u = g.sign() if q == 1 else g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            dirs.append(x.detach() + fd_step * u.view_as(x))
+        moved = model(torch.cat(dirs)).view(V.shape)  # all directions in one batch
+    return ((moved - out.unsqueeze(0)) * V).sum(-1) / fd_step, out.shape[1]
+
+
 def _projections(
-    model: Model, x: torch.Tensor, norm: str, n_proj: int, create_graph: bool, generator: torch.Generator | None
+    model: Model,
+    x: torch.Tensor,
+    norm: str,
+    n_proj: int,
+    create_graph: bool,
+    generator: torch.Generator | None,
+    fd_step: float = 0.0,
 ) -> tuple[torch.Tensor, int]:
     q = dual_q(norm)
+    if fd_step > 0:
+        draw = lambda out: torch.stack(  # the same draws, in the same order, as the double-backward path
+            [torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=generator) for _ in range(n_proj)]
+        )
+        s, K = directional_norms(model, x, draw, norm, fd_step)
+        return (s.square() if q == 2 else math.sqrt(math.pi / 2) * s), K
     with torch.enable_grad():
         xg = _inputs(x)
         out = model(xg)
@@ -118,12 +161,20 @@ def jacobian_metric(
     projections: int = 0,
     create_graph: bool = True,
     generator: torch.Generator | None = None,
+    fd_step: float = 0.0,
 ) -> torch.Tensor:
     """R_jac = -(eps / K) sum_k ||J_k(x)||_q averaged over x (exact when projections == 0,
-    else with the projected surrogate above); a differentiable 0-dim tensor."""
+    else with the projected surrogate above); a differentiable 0-dim tensor. `fd_step` > 0:
+    the norms by finite differences along their dual directions instead of a double backward."""
     if projections > 0:
-        samples, K = _projections(model, x, norm, projections, create_graph, generator)
+        samples, K = _projections(model, x, norm, projections, create_graph, generator, fd_step)
         total = _surrogate(samples, norm)
+    elif fd_step > 0:  # v = e_k for every example and class
+        unit = lambda out: torch.eye(out.shape[1], dtype=out.dtype, device=out.device)[:, None, :].expand(
+            -1, *out.shape
+        )
+        norms, K = directional_norms(model, x, unit, norm, fd_step)
+        total = norms.sum(0)
     else:
         norms = jacobian_norms(model, x, norm, create_graph)
         K, total = norms.shape[1], norms.sum(1)

@@ -2,7 +2,9 @@
 eq. 1):  min_a L_val(w*(a), a) - gamma * R(w*(a), a),  w*(a) = argmin_w L_tr(w, a),
 with w*(a) by the DARTS one-step approximation (first or second order, inherited from
 DartsSearcher: only `arch_objective` changes). Variants of the robustness metric R:
-- "jacobian":  R_jac = -(eps / K) sum_k ||J_k(x)||_q          (robust/jacobian.py)
+- "jacobian":  R_jac = -(eps / K) sum_k ||J_k(x)||_q          (robust/jacobian.py; by double
+               backward, or with `jacobian_fd_step` > 0 by finite differences along the dual
+               directions: the same gradients without a second-order graph)
 - "certified": R_cb = mean_x s(min_{j != y} lower(f_y - f_j)) at eps (robust/bounds.py, IBP or
                CROWN-IBP linear bounds), differentiable in alpha through the mixed ops; s is
                symlog(m) = sign(m) log(1 + |m|) by default (`cb_scale`), identity with 'linear'
@@ -88,6 +90,7 @@ class DsrnaSearcher(DartsSearcher):
         norm: str = "linf",
         bound: str = "ibp",
         projections: int = 0,
+        jacobian_fd_step: float = 0.0,
         bn_stats: str = "running",
         cb_scale: str = "symlog",
         weight_strategy: Any = None,
@@ -101,11 +104,12 @@ class DsrnaSearcher(DartsSearcher):
             raise ValueError(f"algorithm.bound: {bound!r} is not one of 'ibp', 'crown'")
         if bn_stats not in ("batch", "running"):
             raise ValueError(f"algorithm.bn_stats: {bn_stats!r} is not one of 'batch', 'running'")
-        if gamma < 0 or eps < 0 or projections < 0:
-            raise ValueError("algorithm: gamma, eps and projections must be >= 0")
+        if gamma < 0 or eps < 0 or projections < 0 or jacobian_fd_step < 0:
+            raise ValueError("algorithm: gamma, eps, projections and jacobian_fd_step must be >= 0")
         super().__init__(model, epochs=epochs, order=order, weight_strategy=weight_strategy, **optim)
         self.variant, self.gamma, self.eps, self.norm = variant, gamma, eps, norm
         self.bound, self.projections, self.bn_stats = bound, projections, bn_stats
+        self.jacobian_fd_step = jacobian_fd_step
         if cb_scale not in ("symlog", "linear"):
             raise ValueError(f"algorithm.cb_scale: {cb_scale!r} is not one of 'symlog', 'linear'")
         self.cb_scale = cb_scale
@@ -115,7 +119,13 @@ class DsrnaSearcher(DartsSearcher):
         out: dict[str, torch.Tensor] = {}
         if self.variant in ("jacobian", "combined"):
             out["R_jac"] = jacobian_metric(
-                self.model, x, self.eps, self.norm, self.projections, create_graph=differentiable
+                self.model,
+                x,
+                self.eps,
+                self.norm,
+                self.projections,
+                create_graph=differentiable,
+                fd_step=self.jacobian_fd_step,
             )
         if self.variant in ("certified", "combined"):
             with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
