@@ -116,12 +116,10 @@ def spec_bounds(
 
 def margin_matrix(y: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """C [B, K-1, K] with rows e_y - e_j for the K-1 classes j != y."""
-    B = y.shape[0]
     eye = torch.eye(num_classes, dtype=dtype, device=y.device)
-    C = eye[y].unsqueeze(1) - eye.unsqueeze(0)  # [B, K, K]: row j = e_y - e_j
-    keep = torch.ones(B, num_classes, dtype=torch.bool, device=y.device)
-    keep[torch.arange(B, device=y.device), y] = False
-    return C[keep].reshape(B, num_classes - 1, num_classes)
+    j = torch.arange(num_classes - 1, device=y.device)
+    others = j + (j.unsqueeze(0) >= y.unsqueeze(1)).long()  # [B, K-1]: the classes != y, in order
+    return eye[y].unsqueeze(1) - eye[others]  # no boolean mask: no host sync inside a search step
 
 
 def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
