@@ -20,6 +20,7 @@ import time
 import torch
 
 from distsearch.search import SEARCHERS
+from distsearch.search.graphed import GraphedStep
 from search_spaces import Supernet
 
 OPT = dict(
@@ -55,36 +56,39 @@ def make(algo: str, args: argparse.Namespace, device: torch.device):
     return SEARCHERS[name](model, epochs=50, **OPT, **kw, **extra)
 
 
-def bench(algo: str, args: argparse.Namespace, device: torch.device) -> dict:
+def bench(algo: str, args: argparse.Namespace, device: torch.device, graph: bool = False) -> dict:
     torch.manual_seed(0)
     searcher = make(algo, args, device)
+    step = GraphedStep(searcher, warmup=args.warmup) if graph else searcher.step
     shape = (args.batch, args.channels, args.size, args.size)
     batches = [
         (torch.rand(shape, device=device), torch.randint(args.classes, (args.batch,), device=device)) for _ in range(2)
     ]
     if args.channels_last:
         batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+    amp = contextlib.nullcontext()
+    if args.bf16:  # autocast's weight cache would hold tensors of a finished capture
+        amp = torch.autocast(device.type, torch.bfloat16, cache_enabled=not graph)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with amp:
         for _ in range(args.warmup):
-            searcher.step(*batches)
+            step(*batches)
         sync()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(args.steps):
-            metrics = searcher.step(*batches)
+            metrics = step(*batches)
         sync()
     ms = (time.perf_counter() - t0) / args.steps * 1000
     cpu_ms = (time.process_time() - c0) / args.steps * 1000  # not inflated by other processes' load
     if args.profile and device.type == "cuda":
         with amp, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            searcher.step(*batches)
+            step(*batches)
             sync()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15), file=sys.stderr)
     out = {
-        "algorithm": algo,
+        "algorithm": algo + ("+cuda_graph" if graph else ""),
         "ms_per_step": round(ms, 2),
         "cpu_ms_per_step": round(cpu_ms, 2),
         "images_per_s": round(args.batch / ms * 1000, 1),
@@ -115,6 +119,7 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--projections", type=int, default=1, help="DSRNA Jacobian: 0 exact, else random projections")
     p.add_argument("--bound", default="ibp", choices=["ibp", "crown"], help="DSRNA certified bound")
+    p.add_argument("--cuda-graph", action="store_true", help="also time each step replayed from a CUDA graph")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step (stderr)")
     p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune each conv shape")
     args = p.parse_args()
@@ -126,6 +131,8 @@ def main() -> None:
     for algo in args.algorithm:
         if algo != "darts":
             results.append(bench(algo, args, device))
+    if args.cuda_graph:  # each algorithm again, its step replayed from one CUDA graph
+        results += [bench(algo, args, device, graph=True) for algo in dict.fromkeys(["darts", *args.algorithm])]
     for r in results:
         r["ratio_to_darts_first_order"] = round(r["ms_per_step"] / base, 3)
     info = {

@@ -257,6 +257,11 @@ class SearchConfig(RunConfig):
     algorithm: AlgorithmConfig = DartsConfig()
     optim: OptimConfig = OptimConfig()
     weight_at: WeightATConfig | None = None
+    cuda_graph: bool = Field(
+        False,
+        description="replay each search step from one captured CUDA graph (device cuda; not with weight_at "
+        "free); not yet measured on a GPU, see distsearch/search/graphed.py",
+    )
 
     @field_validator("weight_at")
     @classmethod
@@ -264,6 +269,14 @@ class SearchConfig(RunConfig):
         if w is not None and w.strategy == "yopo":
             raise ValueError("yopo needs a model exposing first_layer / forward_rest; the supernet has none")
         return w
+
+    @model_validator(mode="after")
+    def _graph_capturable(self) -> SearchConfig:
+        if self.cuda_graph and self.device == "cpu":
+            raise ValueError("cuda_graph: needs device cuda or auto on a GPU machine, not cpu")
+        if self.cuda_graph and self.weight_at is not None and self.weight_at.strategy == "free":
+            raise ValueError("cuda_graph: weight_at strategy free carries delta across steps; use cuda_graph: false")
+        return self
 
     tune: TuneConfig | None = Field(None, description="Ray Tune section (distsearch run): distributed/schema.py")
 
@@ -288,7 +301,8 @@ def format_validation_error(err: ValidationError, prefix: str = "config") -> str
     elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
         msg = f"{msg} (got {e['input']!r})"
     extra = f" ({len(err.errors()) - 1} more error(s))" if len(err.errors()) > 1 else ""
-    return f"{prefix} error: {loc or '<root>'}: {msg}{extra}"
+    where = f"{loc}: " if loc else ""  # whole-config checks name their fields in msg
+    return f"{prefix} error: {where}{msg}{extra}"
 
 
 def _parse_value(text: str) -> Any:

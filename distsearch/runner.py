@@ -26,6 +26,7 @@ from .errors import UsageError
 from .loop import EpochHook, EpochLoop, Interrupted  # noqa: F401 - Interrupted re-exported
 from .monitor import Monitor
 from .search import SEARCHERS, Searcher
+from .search.graphed import GraphedStep
 from .storage import Store
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,8 @@ def run_search(
 ) -> SearchResult:
     """Run (or resume) one search to `cfg.epochs`; returns the derived genotype and metrics."""
     device = setup_torch(cfg)
+    if cfg.cuda_graph and device.type != "cuda":
+        raise UsageError(f"cuda_graph: needs a GPU; device resolved to {device.type}")
     data = build_data(cfg)
     model = build_supernet(cfg, data).to(device)
     searcher = build_searcher(cfg, model, data)
@@ -195,7 +198,8 @@ def run_search(
     def before_epoch(epoch: int) -> None:
         model.train()
 
-    step = lambda: searcher.step(next(train), next(val))
+    searcher_step = GraphedStep(searcher) if cfg.cuda_graph else searcher.step
+    step = lambda: searcher_step(next(train), next(val))
     loop.run(step, end_epoch, state, before_epoch, on_epoch, stop_after_steps)
 
     genotype, final = searcher.genotype(), loop.final

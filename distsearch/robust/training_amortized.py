@@ -27,6 +27,7 @@ from .training_base import PassCounter, Strategy, accumulate, accuracy, cross_en
 
 class Free(Strategy):
     name = "free"
+    graph_safe = False  # rebinds the carried delta each step (search/graphed.py)
 
     def __init__(self, eps: float = 8 / 255, replays: int = 8, norm: str = "linf"):
         check_positive("eps", eps)

@@ -23,6 +23,7 @@ from search_spaces import Genotype
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 SCHEDULE_KEYS = ("base_lrs", "eta_min", "T_max")
+IMPLEMENTATION_KEYS = ("params", "capturable", "foreach", "fused", "differentiable")  # not hyperparameters
 log = logging.getLogger(__name__)
 
 
@@ -108,7 +109,7 @@ class Searcher(ABC):
     def _hyperparameters(self) -> dict[str, Any]:
         """The optimisers' group settings and the schedules, as built from the config."""
         groups = {
-            k: [{h: v for h, v in g.items() if h != "params"} for g in o.param_groups]
+            k: [{h: v for h, v in g.items() if h not in IMPLEMENTATION_KEYS} for g in o.param_groups]
             for k, o in self._optimisers().items()
         }
         schedules = {

@@ -1,0 +1,76 @@
+"""The CUDA-graph step (search/graphed.py): what can be checked without a GPU. Its zero
+optimiser-state initialisation gives bitwise the steps lazy initialisation gives; every way
+of asking for it on a CPU is refused with one clear message and nothing written."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from distsearch.config import parse_config
+from distsearch.errors import UsageError
+from distsearch.runner import build_data, build_searcher, build_supernet, run_search
+from distsearch.search.graphed import GraphedStep, _init_states_like
+from distsearch.storage import Store
+from tests.conftest import tiny_raw
+
+
+def _searcher(**over):
+    cfg = parse_config(tiny_raw("memory://unused", **over))
+    data = build_data(cfg)
+    searcher = build_searcher(cfg, build_supernet(cfg, data), data)
+    x, y = data.x_train[:16], data.y_train[:16]
+    return searcher, ((x[:8], y[:8]), (x[8:], y[8:]))
+
+
+@pytest.mark.parametrize("over", [{}, {"algorithm": {"name": "lease", "attack_steps": 2}}])
+def test_zero_initialised_optimiser_states_equal_lazy_ones(over):
+    lazy, batches = _searcher(**over)
+    eager = copy.deepcopy(lazy)
+    shadow = copy.deepcopy(lazy)
+    for _ in range(2):
+        shadow.step(*batches)
+    _init_states_like(eager, shadow)  # what GraphedStep does before capturing
+    assert all(opt.state for opt in eager._optimisers().values())
+    for k in range(3):
+        for searcher in (lazy, eager):
+            torch.manual_seed(k)  # LeaSE's attacks draw random starts
+            searcher.step(*batches)
+    a, b = lazy.state_dict(), eager.state_dict()
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for name in ("w_optimizer", "a_optimizer"):
+        for i, st in a[name]["state"].items():
+            for key, v in st.items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(b[name]["state"][i][key])), (name, i, key)
+
+
+def test_graphed_step_refuses_a_cpu_searcher():
+    searcher, _ = _searcher()
+    with pytest.raises(ValueError, match="cuda_graph: needs the search on a CUDA device"):
+        GraphedStep(searcher)
+
+
+@pytest.mark.parametrize(
+    "over,needle",
+    [
+        ({"cuda_graph": True, "device": "cpu"}, "cuda_graph: needs device cuda"),
+        (
+            {"cuda_graph": True, "device": "auto", "weight_at": {"strategy": "free", "eps": 0.1}},
+            "weight_at strategy free",
+        ),
+    ],
+)
+def test_config_refuses_uncapturable_settings(over, needle):
+    with pytest.raises(UsageError, match=needle):
+        parse_config(tiny_raw("memory://unused", **over))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_run_search_refuses_cuda_graph_without_a_gpu(tmp_path):
+    cfg = parse_config(tiny_raw(str(tmp_path / "run"), cuda_graph=True, device="auto"))
+    with pytest.raises(UsageError, match="cuda_graph: needs a GPU"):
+        run_search(cfg, Store(cfg.storage.uri))
+    assert not (tmp_path / "run").exists()
