@@ -46,6 +46,7 @@ class Trace:
 
     bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     shapes: dict[int, torch.Size] = field(default_factory=dict)
+    argmax: dict[int, torch.Tensor] = field(default_factory=dict)  # max pools: the largest lower bound
 
     def put(self, m: nn.Module, lo: torch.Tensor, up: torch.Tensor) -> None:
         if id(m) in self.bounds:
@@ -142,6 +143,10 @@ def ibp(m: nn.Module, box: Box, trace: Trace, *, skip_head: bool = False) -> Box
     if isinstance(m, nn.MaxPool2d):
         out = _monotone(m, box)
         trace.put(m, out.lo, out.up)
+        with torch.no_grad():  # per window, the input with the largest lower bound
+            _, trace.argmax[id(m)] = F.max_pool2d(
+                box.lo, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True
+            )
         return out
     if isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d, Shift)):
         return _monotone(m, box)

@@ -7,14 +7,17 @@ A z + c of the current node z (A: [B, S, *shape], c: [B, S]). Affine layers subs
 exactly (A <- A W, c <- c + A b; convolutions by their transposes, parameter-free linear
 ops by their autograd adjoint). A ReLU with pre-activation bounds [lo, up] is relaxed:
 positive coefficients take the lower line a z (a in {0, 1}, the CROWN-adaptive choice
-a = 1 iff up > -lo), negative ones the upper chord up (z - lo) / (up - lo) (eq. 4). A max pool has
-no relaxation here: it falls back to its interval bounds, which ends the substitution
-through it (sound, looser). A mixed op is the softmax(alpha)-weighted sum of its ops, so its
+a = 1 iff up > -lo), negative ones the upper chord up (z - lo) / (up - lo) (eq. 4). A max pool
+is relaxed per window as max_i z_i >= z_j* (j*: the input with the largest lower bound, a
+linear selection that the substitution continues through) and max_i z_i <= max_i up_i (a
+constant, for negative coefficients). A mixed op is the softmax(alpha)-weighted sum of its ops, so its
 linear bound is the weighted sum of the ops' bounds; cells are DAGs whose coefficients are
 accumulated node by node in reverse order.
 
-Intermediate bounds (ReLU inputs, max-pool outputs) come from the IBP pass
+Intermediate bounds (ReLU inputs, max-pool inputs and outputs) come from the IBP pass
 (bounds_ibp.py): the CROWN-IBP scheme (Zhang et al. 2020), one backward pass per network.
+Full CROWN would bound every intermediate neuron by its own backward pass (one per ReLU
+layer, each with a specification as wide as the layer): far too slow inside a search step.
 """
 
 from __future__ import annotations
@@ -86,9 +89,15 @@ def _relu_back(m: nn.ReLU, A: torch.Tensor, st: Back) -> torch.Tensor:
     return A_pos * a_low + A_neg * a_up
 
 
-def _concretize_interval(A: torch.Tensor, lo: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    lo, up = lo.unsqueeze(1), up.unsqueeze(1)
-    return (A.clamp_min(0) * lo + A.clamp_max(0) * up).flatten(2).sum(-1)
+def _maxpool_back(m: nn.MaxPool2d, A: torch.Tensor, st: Back) -> torch.Tensor:
+    """A max(z) >= A+ z_j* + A- up_out: A+ goes back through the selection of j*."""
+    _, up_out = st.trace.bounds[id(m)]
+    st.add((A.clamp_max(0) * up_out.unsqueeze(1)).flatten(2).sum(-1))
+    B, S, C = A.shape[:3]
+    H, W = st.trace.shapes[id(m)][-2:]
+    index = st.trace.argmax[id(m)].flatten(2).unsqueeze(1).expand(B, S, C, -1)
+    out = A.new_zeros(B, S, C, H * W).scatter_add(3, index, A.clamp_min(0).flatten(3))
+    return out.view(B, S, C, H, W)
 
 
 def back(m: nn.Module, A: Coef, st: Back) -> Coef:
@@ -117,9 +126,8 @@ def back(m: nn.Module, A: Coef, st: Back) -> Coef:
         return A * s.reshape(1, 1, -1, 1, 1)
     if isinstance(m, nn.ReLU):
         return _relu_back(m, A, st)
-    if isinstance(m, nn.MaxPool2d):  # interval fallback: A max(z) >= A+ l_out + A- u_out
-        st.add(_concretize_interval(A, *st.trace.bounds[id(m)]))
-        return None
+    if isinstance(m, nn.MaxPool2d):
+        return _maxpool_back(m, A, st)
     if isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d, Shift)):
         return _adjoint(m, A, st.trace.shapes[id(m)])
     if isinstance(m, nn.Flatten):
