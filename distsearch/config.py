@@ -257,6 +257,12 @@ class SearchConfig(RunConfig):
     algorithm: AlgorithmConfig = DartsConfig()
     optim: OptimConfig = OptimConfig()
     weight_at: WeightATConfig | None = None
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: each search step under bf16 autocast (parameters, optimisers and the per-epoch "
+        "evaluation stay fp32)",
+    )
+    channels_last: bool = Field(False, description="supernet and batches in channels_last memory format")
     cuda_graph: bool = Field(
         False,
         description="replay each search step from one captured CUDA graph (device cuda; not with weight_at "
@@ -274,6 +280,9 @@ class SearchConfig(RunConfig):
     def _graph_capturable(self) -> SearchConfig:
         if self.cuda_graph and self.device == "cpu":
             raise ValueError("cuda_graph: needs device cuda or auto on a GPU machine, not cpu")
+        fd = isinstance(self.algorithm, DsrnaConfig) and self.algorithm.jacobian_fd_step > 0
+        if self.precision == "bf16" and fd:
+            raise ValueError("algorithm.jacobian_fd_step: finite differences need fp32; use precision: fp32")
         if self.cuda_graph and self.weight_at is not None and self.weight_at.strategy == "free":
             raise ValueError("cuda_graph: weight_at strategy free carries delta across steps; use cuda_graph: false")
         return self

@@ -11,6 +11,7 @@ streams and the running epoch sums, so a resumed search continues bitwise exactl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,17 @@ def setup_torch(cfg: RunConfig) -> torch.device:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     torch.manual_seed(cfg.seed)
     return resolve_device(cfg.device)
+
+
+def memory_format(cfg: SearchConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
+def autocast(cfg: SearchConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for a search step (no weight cache under a CUDA graph: it would outlive the capture)."""
+    if cfg.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, torch.bfloat16, cache_enabled=not cfg.cuda_graph)
 
 
 def build_data(cfg: RunConfig) -> DataSplits:
@@ -156,7 +168,7 @@ def run_search(
     if cfg.cuda_graph and device.type != "cuda":
         raise UsageError(f"cuda_graph: needs a GPU; device resolved to {device.type}")
     data = build_data(cfg)
-    model = build_supernet(cfg, data).to(device)
+    model = build_supernet(cfg, data).to(device, memory_format=memory_format(cfg))
     searcher = build_searcher(cfg, model, data)
     tr_idx, val_idx = bilevel_split(len(data.x_train), cfg.data.train_portion)
     B = cfg.data.batch_size
@@ -199,7 +211,13 @@ def run_search(
         model.train()
 
     searcher_step = GraphedStep(searcher) if cfg.cuda_graph else searcher.step
-    step = lambda: searcher_step(next(train), next(val))
+    fmt = memory_format(cfg)
+
+    def step() -> dict[str, torch.Tensor]:
+        batches = [(x.contiguous(memory_format=fmt), y) for x, y in (next(train), next(val))]
+        with autocast(cfg, device):
+            return searcher_step(*batches)
+
     loop.run(step, end_epoch, state, before_epoch, on_epoch, stop_after_steps)
 
     genotype, final = searcher.genotype(), loop.final

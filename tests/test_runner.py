@@ -19,12 +19,15 @@ def _assert_same_model(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("order,stop_at", [("first", 3), ("second", 6)])
-def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_config, order, stop_at):
+@pytest.mark.parametrize(
+    "order,stop_at,extra",
+    [("first", 3, {}), ("second", 6, {}), ("first", 3, {"precision": "bf16", "channels_last": True})],
+)
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_config, order, stop_at, extra):
     straight = Store(str(tmp_path / "straight"))
-    r1 = run_search(tiny_config(straight.uri, **{"algorithm.order": order}), straight)
+    r1 = run_search(tiny_config(straight.uri, **{"algorithm.order": order}, **extra), straight)
 
-    cfg = tiny_config(str(tmp_path / "resumed"), **{"algorithm.order": order, "storage.every_n_steps": 2})
+    cfg = tiny_config(str(tmp_path / "resumed"), **{"algorithm.order": order, "storage.every_n_steps": 2}, **extra)
     resumed = Store(cfg.storage.uri)
     with pytest.raises(Interrupted):
         run_search(cfg, resumed, stop_after_steps=stop_at)  # mid-epoch (4 steps per epoch)
@@ -122,3 +125,32 @@ def test_resume_with_mutated_hyperparameters_follows_the_new_config(tmp_path, ti
             assert got[key] == pytest.approx(want[key], rel=1e-12), key
     old = run_search(cfg_old, Store(str(tmp_path / "old")))
     assert mutated.history[1]["lr/weights"] != pytest.approx(old.history[1]["lr/weights"])
+
+
+def test_bf16_and_channels_last_reach_the_convolutions(tmp_path, tiny_config):
+    """precision: bf16 runs the step's convolutions in bf16; channels_last feeds them NHWC."""
+    seen = []
+
+    def hook(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d) and module.training and torch.is_grad_enabled():
+            x = inputs[0]
+            seen.append((output.dtype, x.shape[1] == 1 or x.is_contiguous(memory_format=torch.channels_last)))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        store = Store(str(tmp_path / "bf16"))
+        result = run_search(tiny_config(store.uri, precision="bf16", channels_last=True, epochs=1), store)
+    finally:
+        handle.remove()
+    assert seen and all(dtype == torch.bfloat16 for dtype, _ in seen)
+    nhwc = sum(n for _, n in seen) / len(seen)
+    assert nhwc > 0.8, nhwc  # a few ops (the concatenations before 1x1 preprocessing) return NCHW
+    result.genotype.validate()
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.metrics.values())
+
+
+def test_finite_difference_jacobian_refuses_bf16(tiny_config):
+    from distsearch.errors import UsageError
+
+    with pytest.raises(UsageError, match="jacobian_fd_step: finite differences need fp32"):
+        tiny_config("memory://x", precision="bf16", algorithm={"name": "dsrna", "jacobian_fd_step": 1e-3})

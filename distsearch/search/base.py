@@ -138,7 +138,8 @@ class Searcher(ABC):
                 if _differs(getattr(s, h), v):
                     changes.append(f"{key}.{h}: {getattr(s, h)} -> {v}")
                     setattr(s, h, v)
-            if any(c.startswith((f"{name}.initial_lr", f"{key}.")) for c in changes):
+            changed = any(c.startswith((f"{name}.initial_lr", f"{key}.")) for c in changes)
+            if changed and hasattr(s, "_get_closed_form_lr"):  # the cosine schedules used here have one
                 for group, lr in zip(opt.param_groups, s._get_closed_form_lr(), strict=True):
                     group["lr"] = lr
                 s._last_lr = [g["lr"] for g in opt.param_groups]
