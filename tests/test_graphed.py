@@ -1,6 +1,7 @@
 """The CUDA-graph step (search/graphed.py): what can be checked without a GPU. Its zero
-optimiser-state initialisation gives bitwise the steps lazy initialisation gives; every way
-of asking for it on a CPU is refused with one clear message and nothing written."""
+optimiser-state initialisation gives bitwise the steps lazy initialisation gives; with
+capture=False its warm-up, staging and re-capture logic gives bitwise the plain steps; every
+way of asking for a graph on a CPU is refused with one clear message and nothing written."""
 
 from __future__ import annotations
 
@@ -45,6 +46,35 @@ def test_zero_initialised_optimiser_states_equal_lazy_ones(over):
         for i, st in a[name]["state"].items():
             for key, v in st.items():
                 assert torch.equal(torch.as_tensor(v), torch.as_tensor(b[name]["state"][i][key])), (name, i, key)
+
+
+@pytest.mark.parametrize("over", [{}, {"algorithm": {"name": "lease", "attack_steps": 2}}])
+def test_staged_steps_equal_plain_steps_across_lr_changes(over):
+    torch.manual_seed(0)
+    plain, batches = _searcher(**over)
+    torch.manual_seed(0)  # an identical twin (a deep copy would unhook its lr scheduler's step counter)
+    staged_searcher, _ = _searcher(**over)
+    staged = GraphedStep(staged_searcher, warmup=2, capture=False)
+    g = torch.Generator().manual_seed(5)
+    x, y = (torch.cat(t) for t in zip(*batches))
+    for epoch in range(2):
+        for _ in range(3):
+            perm = torch.randperm(16, generator=g)[:8]  # new batch contents each step, same shapes
+            bt, bv = (x[perm], y[perm]), (x[perm.flip(0)], y[perm.flip(0)])
+            torch.manual_seed(epoch)
+            want = plain.step(bt, bv)
+            torch.manual_seed(epoch)
+            got = staged(bt, bv)
+            assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+        plain.end_epoch()
+        staged_searcher.end_epoch()  # the cosine schedule moves the lr: a new capture
+    assert staged.captures == 2
+    fresh = GraphedStep(_searcher(**over)[0], warmup=2, capture=False)
+    rng = torch.get_rng_state()
+    fresh._warm_up(batches)  # LeaSE's warm-up draws random starts: the generator is put back
+    assert torch.equal(torch.get_rng_state(), rng)
+    a, b = plain.state_dict(), staged_searcher.state_dict()
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
 
 
 def test_graphed_step_refuses_a_cpu_searcher():

@@ -17,13 +17,17 @@ so it is recorded once and replayed:
   are cloned out.
 - Refused: weight strategies that rebind tensors carried from one step to the next (FreeAT's
   delta: `graph_safe = False`), and CPU devices.
-Status: written and reviewed without a GPU at hand; benchmarks/gpu_check.sh compares it with
-the eager step (docs/NOTES.md says whether it has run).
+`capture=False` runs the same warm-up, staging and re-capture logic eagerly (each "replay" is
+a plain step on the staged inputs): tests/test_graphed.py checks on the CPU that it equals
+plain steps bitwise. Status: the CUDA capture itself was written without a GPU at hand;
+benchmarks/gpu_check.sh compares it with the eager step (docs/NOTES.md says whether it ran).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Callable
 
 import torch
 
@@ -59,9 +63,9 @@ def _init_states_like(searcher: Searcher, warmed: Searcher) -> None:
 class GraphedStep:
     """Callable like `searcher.step`, replaying one captured CUDA graph per learning-rate setting."""
 
-    def __init__(self, searcher: Searcher, warmup: int = 3):
+    def __init__(self, searcher: Searcher, warmup: int = 3, capture: bool = True):
         device = next(searcher.model.parameters()).device
-        if device.type != "cuda":
+        if capture and device.type != "cuda":
             raise ValueError(f"cuda_graph: needs the search on a CUDA device, not {device.type}")
         strategy = getattr(searcher, "weight_strategy", None)
         if strategy is not None and not getattr(strategy, "graph_safe", True):
@@ -69,56 +73,68 @@ class GraphedStep:
                 f"cuda_graph: weight strategy {type(strategy).__name__} carries tensors across steps; "
                 "not supported in a CUDA graph (set cuda_graph: false)"
             )
-        self.searcher, self.warmup, self.device = searcher, warmup, device
+        self.searcher, self.warmup, self.device, self.capture = searcher, warmup, device, capture
         self.graph: torch.cuda.CUDAGraph | None = None
+        self._replay: Callable[[], None] | None = None
         self.key: tuple | None = None
         self.inputs: list[torch.Tensor] = []
         self.outputs: dict[str, torch.Tensor] = {}
         self.captures = 0
         self._warmed = False
-        make_capturable(searcher)
+        if capture:
+            make_capturable(searcher)
 
     def _lr_key(self) -> tuple:
         return tuple(tuple(g["lr"] for g in o.param_groups) for o in self.searcher._optimisers().values())
 
     def _warm_up(self, batches: tuple[Batch, Batch]) -> None:
-        cpu_rng, cuda_rng = torch.get_rng_state(), torch.cuda.get_rng_state(self.device)
+        cuda = self.device.type == "cuda"
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(self.device) if cuda else None
         shadow = copy.deepcopy(self.searcher)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        side = torch.cuda.Stream(self.device) if cuda else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             for _ in range(self.warmup):
                 shadow.step(*batches)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
+        if side is not None:
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
         _init_states_like(self.searcher, shadow)
         del shadow
         torch.set_rng_state(cpu_rng)
-        torch.cuda.set_rng_state(cuda_rng, self.device)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, self.device)
         self._warmed = True
 
     def _capture(self, batches: tuple[Batch, Batch]) -> None:
-        self.graph, self.outputs = None, {}
+        self.graph, self._replay, self.outputs = None, None, {}
         for opt in self.searcher._optimisers().values():
             opt.zero_grad(set_to_none=True)  # drop gradients that live in the previous graph's pool
-        torch.cuda.synchronize(self.device)
         self.inputs = [t.clone() for batch in batches for t in batch]
         xt, yt, xv, yv = self.inputs
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.outputs = self.searcher.step((xt, yt), (xv, yv))
-        self.graph, self.key = graph, self._lr_key()
+        run = lambda: self.searcher.step((xt, yt), (xv, yv))
+        if self.capture:
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.outputs = run()
+            self.graph, self._replay = graph, graph.replay
+        else:
+            self._replay = lambda: self.outputs.update(run())
+        self.key = self._lr_key()
         self.captures += 1
 
     def __call__(self, train_batch: Batch, val_batch: Batch) -> dict[str, torch.Tensor]:
         batches = (train_batch, val_batch)
         if not self._warmed:
             self._warm_up(batches)
-        if self.graph is None or self._lr_key() != self.key:
+        if self._replay is None or self._lr_key() != self.key:
             self._capture(batches)
         for dst, src in zip(self.inputs, (t for batch in batches for t in batch), strict=True):
             if dst.shape != src.shape:
                 raise ValueError(f"cuda_graph: batch shape {tuple(src.shape)} != captured {tuple(dst.shape)}")
             dst.copy_(src, non_blocking=True)
-        self.graph.replay()
+        self._replay()
         return {k: v.clone() for k, v in self.outputs.items()}
