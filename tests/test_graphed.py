@@ -104,3 +104,16 @@ def test_run_search_refuses_cuda_graph_without_a_gpu(tmp_path):
     with pytest.raises(UsageError, match="cuda_graph: needs a GPU"):
         run_search(cfg, Store(cfg.storage.uri))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_capturable_checkpoint_resumes_on_the_cpu():
+    """A CUDA-graph run saves capturable Adam groups; loaded off the GPU they step eagerly."""
+    searcher, batches = _searcher()
+    searcher.step(*batches)
+    state = searcher.state_dict()
+    for group in state["a_optimizer"]["param_groups"]:
+        group["capturable"] = True  # as make_capturable leaves it on a GPU
+    fresh, _ = _searcher()
+    fresh.load_state_dict(state)
+    assert not any(g["capturable"] for g in fresh.a_optimizer.param_groups)
+    fresh.step(*batches)

@@ -98,6 +98,11 @@ class Searcher(ABC):
             strategy.load_state_dict(state.get("weight_strategy", {}))
         for change in self._adopt_hyperparameters(configured):
             log.warning("resumed with a changed hyperparameter: %s", change)
+        if device.type != "cuda":  # a checkpoint of a CUDA-graph run (capturable Adam) resumed off the GPU
+            for opt in self._optimisers().values():
+                for group in opt.param_groups:
+                    if group.get("capturable"):
+                        group["capturable"] = False
 
     # -- hyperparameters across a load (PBT) -------------------------------------------------
     def _optimisers(self) -> dict[str, torch.optim.Optimizer]:

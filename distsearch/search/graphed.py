@@ -81,8 +81,10 @@ class GraphedStep:
         self.outputs: dict[str, torch.Tensor] = {}
         self.captures = 0
         self._warmed = False
+        self.pool = None
         if capture:
             make_capturable(searcher)
+            self.pool = torch.cuda.graph_pool_handle()  # one pool for every (re)capture: no pool per epoch
 
     def _lr_key(self) -> tuple:
         return tuple(tuple(g["lr"] for g in o.param_groups) for o in self.searcher._optimisers().values())
@@ -118,7 +120,7 @@ class GraphedStep:
         if self.capture:
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=self.pool):  # the previous graph is never replayed again
                 self.outputs = run()
             self.graph, self._replay = graph, graph.replay
         else:
