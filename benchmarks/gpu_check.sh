@@ -20,7 +20,7 @@ step() {  # name, timeout, search_step args...
   local name=$1 t=$2; shift 2
   timeout "$t" python3 benchmarks/search_step.py "$@" > "$OUT/step_$name.json" 2> "$OUT/step_$name.err"
   echo "== $name rc=$?"
-  python3 -c "import json; d=json.load(open('$OUT/step_$name.json')); [print(r['algorithm'], r['ms_per_step'], 'ms/step', r['images_per_s'], 'img/s', r.get('peak_mem_gib'), 'GiB', 'x%s' % r['ratio_to_darts_first_order']) for r in d['results']]" 2>/dev/null || tail -3 "$OUT/step_$name.err"
+  python3 -c "import json; d=json.load(open('$OUT/step_$name.json')); [print(r['algorithm'], r.get('error') or '%s ms/step %s img/s %s GiB x%s' % (r['ms_per_step'], r['images_per_s'], r.get('peak_mem_gib'), r['ratio_to_darts_first_order'])) for r in d['results']]" 2>/dev/null || tail -3 "$OUT/step_$name.err"
 }
 step darts 150 --algorithm darts darts2 --steps 10 --warmup 3 --profile --cuda-graph
 grep -E "Name|---|^ *[a-z_].*%" "$OUT/step_darts.err" | head -22
@@ -41,7 +41,11 @@ for algo, graph in runs:  # graphed vs eager DARTS: same data and seed, so close
     d = tempfile.mkdtemp()
     cfg = parse_config({**raw, "algorithm": algo, "cuda_graph": graph, "storage": {"uri": d}})
     t = time.time()
-    r = run_search(cfg, Store(d))
+    try:
+        r = run_search(cfg, Store(d))
+    except Exception as e:  # report and go on with the next run
+        print("smoke", algo, "graph" if graph else "eager", "FAILED", type(e).__name__, str(e)[:300])
+        continue
     m = r.metrics
     print("smoke", algo, "graph" if graph else "eager", f"{time.time() - t:.1f}s", "val/loss", round(m["val/loss"], 4),
           "val/acc", round(m["val/acc"], 3), "genotype", r.genotype.normal[:2])
