@@ -24,6 +24,8 @@ def columns(rows: Sequence[Row]) -> list[str]:
 
 def _fmt(value: Any, digits: int) -> str:
     if isinstance(value, float):
+        if value != 0 and abs(value) < 10 ** (1 - digits):  # e.g. certified radii: 3.2e-05, not 0.0000
+            return f"{value:.{digits - 2}e}"
         return f"{value:.{digits}f}"
     return "" if value is None else str(value)
 
