@@ -71,7 +71,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not eps:
         raise UsageError("--eps-linf / --eps-l2: give at least one budget")
     try:
-        rows = game_table(model, x, y, eps, attacks=args.attacks)
+        rows = game_table(model, x, y, eps, attacks=args.attacks, progress=True)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -142,7 +142,14 @@ def cmd_certify(args: argparse.Namespace) -> int:
     x, y = _eval_set(data, args.n)
     try:
         rows = certify_table(
-            model, x, y, args.eps, norm=args.norm, method=args.method, label=os.path.basename(args.uri.rstrip("/"))
+            model,
+            x,
+            y,
+            args.eps,
+            norm=args.norm,
+            method=args.method,
+            progress=True,
+            label=os.path.basename(args.uri.rstrip("/")),
         )
     except ValueError as e:
         raise UsageError(str(e)) from None

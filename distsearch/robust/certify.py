@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .bounds import certified_radius, margin_lower_bound
 from .tables import Row, to_markdown, write_csv, write_markdown
@@ -59,13 +60,16 @@ def certified_accuracy(
     norm: str = "linf",
     method: str = "crown",
     batch_size: int = 128,
+    bar: tqdm | None = None,
 ) -> list[float]:
-    """Fraction of examples certified at each eps (one entry per eps)."""
+    """Fraction of examples certified at each eps (one entry per eps); `bar` advances per batch."""
     counts = [0] * len(eps_list)
     with _eval(model):
         for xb, yb in _chunks(x, y, batch_size, _device(model)):
             for i, eps in enumerate(eps_list):
                 counts[i] += int((margin_lower_bound(model, xb, yb, float(eps), norm, method) > 0).sum())
+            if bar is not None:
+                bar.update(1)
     return [c / max(1, x.shape[0]) for c in counts]
 
 
@@ -79,6 +83,7 @@ def mean_certified_radius(
     eps_max: float | None = None,
     steps: int = 12,
     batch_size: int = 128,
+    bar: tqdm | None = None,
 ) -> tuple[float, torch.Tensor]:
     """(mean, per-example radii): bisection on eps; 0 for misclassified examples.
     eps_max defaults to 1 (L-inf) or sqrt(input size) (L2), the whole [0, 1] box."""
@@ -88,6 +93,8 @@ def mean_certified_radius(
     with _eval(model):
         for xb, yb in _chunks(x, y, batch_size, _device(model)):
             radii.append(certified_radius(model, xb, yb, norm, method, eps_max, steps).cpu())
+            if bar is not None:
+                bar.update(1)
     r = torch.cat(radii) if radii else torch.zeros(0)
     return (float(r.mean()) if r.numel() else 0.0), r
 
@@ -102,6 +109,7 @@ def certify_table(
     *,
     radius: bool = True,
     batch_size: int = 128,
+    progress: bool = False,
     **extra: Any,
 ) -> list[Row]:
     """One row per eps: norm, method, eps, clean accuracy, certified accuracy, and (with
@@ -111,8 +119,12 @@ def certify_table(
     with torch.no_grad(), _eval(model):
         correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in _chunks(x, y, batch_size, _device(model)))
     clean = 100.0 * correct / max(1, x.shape[0])  # percentages, like the game-based table
-    cert = certified_accuracy(model, x, y, eps_list, norm, method, batch_size)
-    mean_r = mean_certified_radius(model, x, y, norm, method, batch_size=batch_size)[0] if radius else None
+    batches = -(-int(x.shape[0]) // batch_size)
+    with tqdm(total=batches * (1 + radius), desc="certify", unit="batch", disable=not progress) as bar:
+        bar.set_postfix_str(f"certified accuracy at {len(eps_list)} eps")
+        cert = certified_accuracy(model, x, y, eps_list, norm, method, batch_size, bar)
+        bar.set_postfix_str("radius by bisection")
+        mean_r = mean_certified_radius(model, x, y, norm, method, batch_size=batch_size, bar=bar)[0] if radius else None
     rows = []
     for eps, acc in zip(eps_list, cert):
         row: Row = dict(extra)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .attack_base import Attack, check_norm
 from .attacks import FGM, FGSM, PGD
@@ -39,9 +40,15 @@ EVAL_ATTACKS: dict[str, AttackFactory] = {
 
 
 def accuracy(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack | None = None, batch_size: int = 256
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: Attack | None = None,
+    batch_size: int = 256,
+    bar: tqdm | None = None,
 ) -> float:
-    """Accuracy (%) of the model in eval mode on x, or on attack(model, x, y); mode restored."""
+    """Accuracy (%) of the model in eval mode on x, or on attack(model, x, y); mode restored.
+    `bar`: a progress bar advanced by one per batch."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -53,6 +60,8 @@ def accuracy(
                 xb = attack(model, xb, yb)
             with torch.no_grad():
                 correct += int((model(xb).argmax(1) == yb).sum())
+            if bar is not None:
+                bar.update(1)
     finally:
         model.train(was_training)
     return 100.0 * correct / max(1, x.shape[0])
@@ -67,9 +76,11 @@ def game_table(
     batch_size: int = 256,
     cw_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
+    progress: bool = False,
 ) -> list[Row]:
     """Rows {attack, norm, eps, accuracy, n}: one clean row, then each attack at each (norm, ε).
-    `eps` maps a norm ('linf' or 'l2') to its budgets, e.g. {'linf': [0.1, 0.3], 'l2': [1.0]}."""
+    `eps` maps a norm ('linf' or 'l2') to its budgets, e.g. {'linf': [0.1, 0.3], 'l2': [1.0]}.
+    `progress`: a bar over every (attack, budget, batch) on stderr."""
     for norm, budgets in eps.items():
         check_norm(norm)
         for e in budgets:
@@ -80,24 +91,20 @@ def game_table(
             raise ValueError(f"attacks: unknown attack {name!r}; choose from {', '.join(EVAL_ATTACKS)}")
     torch.manual_seed(seed)
     n = int(x.shape[0])
-    rows: list[Row] = [{"attack": "clean", "norm": "-", "eps": 0.0, "accuracy": accuracy(model, x, y), "n": n}]
+    plan = []
     for norm, budgets in eps.items():
         for e in budgets:
             for name in attacks:
-                factory = EVAL_ATTACKS[name]
-                attack = _cw(e, norm, **(cw_kwargs or {})) if name == "cw" else factory(e, norm)
-                if attack is None:
-                    continue
-                label = "fgm" if name == "fgsm" and norm == "l2" else name
-                rows.append(
-                    {
-                        "attack": label,
-                        "norm": norm,
-                        "eps": float(e),
-                        "accuracy": accuracy(model, x, y, attack, batch_size),
-                        "n": n,
-                    }
-                )
+                attack = _cw(e, norm, **(cw_kwargs or {})) if name == "cw" else EVAL_ATTACKS[name](e, norm)
+                if attack is not None:
+                    plan.append(("fgm" if name == "fgsm" and norm == "l2" else name, norm, float(e), attack))
+    batches = -(-n // batch_size)
+    rows: list[Row] = []
+    with tqdm(total=(1 + len(plan)) * batches, desc="evaluate", unit="batch", disable=not progress) as bar:
+        for label, norm, e, attack in [("clean", "-", 0.0, None), *plan]:
+            bar.set_postfix_str(label if attack is None else f"{label} {norm} eps={e:g}")
+            acc = accuracy(model, x, y, attack, batch_size, bar)
+            rows.append({"attack": label, "norm": norm, "eps": e, "accuracy": acc, "n": n})
     return rows
 
 
