@@ -20,7 +20,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import Bounds, minimize
 from torch import nn
 
 from .attack_base import Attack, check_int, check_positive, clip_box, l2_norm, project, runner_up, success
@@ -85,6 +84,8 @@ class LBFGS(_MinDistortion):
         return torch.cat([self._solve_one(model, x[i : i + 1], t[i : i + 1], float(c[i])) for i in range(len(x))])
 
     def _solve_one(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, c: float) -> torch.Tensor:
+        from scipy.optimize import Bounds, minimize  # here: SciPy costs every other import 0.3 s
+
         def fun(v: np.ndarray) -> tuple[float, np.ndarray]:
             xa = torch.from_numpy(v).view(x.shape).to(x).requires_grad_(True)
             loss = c * ((xa - x) ** 2).sum() + F.cross_entropy(model(xa), t)
