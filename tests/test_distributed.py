@@ -277,34 +277,41 @@ def test_two_trials_on_s3(ray_local, s3_bucket, capsys):
 
 @pytest.mark.slow
 def test_pbt_exploit_continues_with_the_mutated_learning_rate(ray_local, tmp_path):
-    """After an exploit the trial runs the donor's weights with its own mutated lrs: every epoch
-    it ran after its last (re)start follows the cosine schedule of its final config's w_lr, and
-    lr/arch (unscheduled) equals its arch_lr. The trial's own store is the record (Tune's
-    result.json may label a result still in flight at the exploit with the new config)."""
-    epochs = 4
+    """After an exploit the trial runs the donor's weights with its own mutated lrs. Each
+    trial's own store is the record (Tune's result.json may label a result still in flight at
+    the exploit with the new config): trial_starts.json gives every (re)start's params and
+    where its checkpoint came from; every epoch run after the trial's last exploit follows the
+    cosine schedule of the w_lr it ran with, and lr/arch (unscheduled) equals its arch_lr."""
+    epochs = 5
     f = experiment(
         tmp_path / "exp.yaml",
         epochs=epochs,
         search_alg="random",
         scheduler="pbt",
         quantile_fraction=0.5,
+        perturbation_interval=2,  # exploits at epochs 2 and 4, each followed by epochs to check
+        synch=True,  # both trials report before each exploit: the worse one is exploited, whatever the timing
         params={"optim.w_lr": {"loguniform": [0.005, 0.3]}, "optim.arch_lr": {"loguniform": [1e-4, 1e-2]}},
         points_to_evaluate=None,
     )
     assert main(["run", "--config", f, "--storage", str(tmp_path / "runs"), "--name", "pbt"]) == 0
-    checked_after_exploit = 0
+    mutated_epochs_checked = 0
     for store in trials(tmp_path / "runs" / "pbt").values():
-        optim = json.loads((store / "config.json").read_text())["optim"]
         starts = json.loads((store / "trial_starts.json").read_text())
         newest = sorted((store / "checkpoints").glob("*/meta.json"))[-1]
-        history = json.loads(newest.read_text())["history"]
-        assert [r["epoch"] for r in history] == list(range(1, epochs + 1))
-        for r in history[starts[-1]["epoch"] :]:  # the epochs run with the final config
-            want = 0.001 + (optim["w_lr"] - 0.001) * (1 + math.cos(math.pi * r["epoch"] / epochs)) / 2
-            assert r["lr/weights"] == pytest.approx(want, rel=1e-9), (store, r["epoch"], optim)
-            assert r["lr/arch"] == pytest.approx(optim["arch_lr"], rel=1e-12), (store, r["epoch"], optim)
-            checked_after_exploit += len(starts) > 1
-    assert checked_after_exploit, "no trial was exploited before its last epoch"
+        history = {r["epoch"]: r for r in json.loads(newest.read_text())["history"]}
+        assert sorted(history) == list(range(1, epochs + 1))
+        exploits = [i for i, s in enumerate(starts) if s["checkpoint_from"] is not None]
+        own = starts[exploits[-1] if exploits else 0 :]  # history after the last exploit is this trial's own
+        ends = [s["epoch"] for s in own[1:]] + [epochs]
+        for start, end in zip(own, ends, strict=True):
+            p = start["params"]
+            for e in range(start["epoch"] + 1, end + 1):
+                want = 0.001 + (p["optim.w_lr"] - 0.001) * (1 + math.cos(math.pi * e / epochs)) / 2
+                assert history[e]["lr/weights"] == pytest.approx(want, rel=1e-9), (store, e, p)
+                assert history[e]["lr/arch"] == pytest.approx(p["optim.arch_lr"], rel=1e-12), (store, e, p)
+                mutated_epochs_checked += p != starts[0]["params"]
+    assert mutated_epochs_checked, "no epoch ran with an exploited (mutated) config"
 
 
 @pytest.mark.slow

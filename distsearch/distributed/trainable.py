@@ -55,12 +55,22 @@ def _adopt(pointer: dict[str, Any], store: Store) -> None:
     store.write_json(posixpath.join(rel, MANIFEST), manifest)
 
 
-def _record_start(store: Store, node_ip: str) -> None:
-    """Append this start to trial_starts.json: the epoch it resumes from and the node it runs on."""
+def _record_start(store: Store, node_ip: str, params: dict[str, Any], source: str | None) -> None:
+    """Append this start to trial_starts.json: the epoch it resumes from, the node it runs on,
+    the sampled params it runs with and, after a PBT exploit, the store its checkpoint came from."""
     starts = store.read_json("trial_starts.json") if store.exists("trial_starts.json") else []
     names = store.list_checkpoints()  # informational: meta.json only, run_search verifies and loads
     epoch = store.read_json(posixpath.join(CKPT_DIR, names[-1], "meta.json"))["epoch"] if names else 0
-    starts.append({"time": time.time(), "epoch": epoch, "node_ip": node_ip, "pid": os.getpid()})
+    starts.append(
+        {
+            "time": time.time(),
+            "epoch": epoch,
+            "node_ip": node_ip,
+            "pid": os.getpid(),
+            "params": params,
+            "checkpoint_from": source,
+        }
+    )
     store.write_json("trial_starts.json", starts)
 
 
@@ -95,15 +105,17 @@ def search_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     cfg = parse_config(raw)
     store = Store(uri)
 
-    checkpoint = tune.get_checkpoint()
+    checkpoint, source = tune.get_checkpoint(), None
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             pointer_file = os.path.join(d, POINTER)
             if os.path.exists(pointer_file):
                 with open(pointer_file) as f:
-                    _adopt(json.load(f), store)
+                    pointer = json.load(f)
+                _adopt(pointer, store)
+                source = None if pointer["store"] == uri else pointer["store"]
         store.write_json("config.json", cfg.model_dump(mode="json"))  # PBT may have changed the config
-    _record_start(store, ray.util.get_node_ip_address())
+    _record_start(store, ray.util.get_node_ip_address(), dict(config), source)
     reported = False
 
     def on_epoch(epoch: int, record: dict[str, float], name: str) -> None:

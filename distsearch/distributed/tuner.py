@@ -113,6 +113,7 @@ def scheduler(t: TuneConfig, epochs: int) -> Any:
             time_attr="training_iteration",
             perturbation_interval=t.perturbation_interval,
             quantile_fraction=t.quantile_fraction,
+            synch=t.synch,
             hyperparam_mutations=mutations,
         )
     return FIFOScheduler()
