@@ -276,7 +276,7 @@ def test_two_trials_on_s3(ray_local, s3_bucket, capsys):
 
 
 @pytest.mark.slow
-def test_pbt_exploit_continues_with_the_mutated_learning_rate(ray_local, tmp_path):
+def test_pbt_exploit_continues_with_the_mutated_learning_rate(ray_local, tmp_path, capsys):
     """After an exploit the trial runs the donor's weights with its own mutated lrs. Each
     trial's own store is the record (Tune's result.json may label a result still in flight at
     the exploit with the new config): trial_starts.json gives every (re)start's params and
@@ -312,6 +312,9 @@ def test_pbt_exploit_continues_with_the_mutated_learning_rate(ray_local, tmp_pat
                 assert history[e]["lr/arch"] == pytest.approx(p["optim.arch_lr"], rel=1e-12), (store, e, p)
                 mutated_epochs_checked += p != starts[0]["params"]
     assert mutated_epochs_checked, "no epoch ran with an exploited (mutated) config"
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "runs" / "pbt")]) == 0
+    assert "(<-" in capsys.readouterr().out  # the status table names the donor of the last exploit
 
 
 @pytest.mark.slow

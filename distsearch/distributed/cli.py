@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import posixpath
 import shlex
 import sys
 import tempfile
@@ -43,6 +44,15 @@ def _short_genotype(g: dict[str, Any] | None) -> str:
     return f"N[{cell(g['normal'])}] R[{cell(g['reduce'])}]"
 
 
+def _starts(starts: list[dict[str, Any]]) -> str:
+    """How often a trial (re)started and, after PBT exploits, from whom: '3 (<-00001@4)'."""
+    exploits = [s for s in starts if s.get("checkpoint_from")]
+    if not exploits:
+        return str(len(starts))
+    donor = posixpath.basename(posixpath.dirname(exploits[-1]["checkpoint_from"].rstrip("/")))
+    return f"{len(starts)} (<-{donor}@{exploits[-1]['epoch']})"
+
+
 def trial_rows(uri: str) -> list[dict[str, Any]]:
     """One dict per trial of the experiment at `uri`: id, state, params, metrics, genotype."""
     from ray.tune import ExperimentAnalysis
@@ -57,12 +67,14 @@ def trial_rows(uri: str) -> list[dict[str, Any]]:
     for trial in analysis.trials:
         store = Store(f"{spec['root']}/{trial.trial_id}/{SEARCH_DIR}")
         genotype = store.read_json("genotype.json") if store.exists("genotype.json") else None
+        starts = store.read_json("trial_starts.json") if store.exists("trial_starts.json") else []
         last = trial.last_result or {}
         rows.append(
             {
                 "trial": trial.trial_id,
                 "state": trial.status,
                 "epochs": last.get("done_epochs", 0),
+                "starts": _starts(starts),
                 "params": trial.config,
                 **{m: last.get(m) for m in objectives},
                 "genotype": genotype,
@@ -76,13 +88,14 @@ def print_table(uri: str) -> list[dict[str, Any]]:
     if not rows:
         print(f"{uri}: no trials recorded yet")
         return rows
-    metrics = [k for k in rows[0] if k not in ("trial", "state", "epochs", "params", "genotype")]
-    head = ["trial", "state", "epochs", *metrics, "params", "genotype"]
+    metrics = [k for k in rows[0] if k not in ("trial", "state", "epochs", "starts", "params", "genotype")]
+    head = ["trial", "state", "epochs", "starts", *metrics, "params", "genotype"]
     table = [head]
     for r in rows:
         params = " ".join(f"{k}={v}" for k, v in r["params"].items())
         vals = [f"{r[m]:.4f}" if isinstance(r[m], float) else str(r[m]) for m in metrics]
-        table.append([r["trial"], r["state"], str(r["epochs"]), *vals, params, _short_genotype(r["genotype"])])
+        row = [r["trial"], r["state"], str(r["epochs"]), r["starts"], *vals, params, _short_genotype(r["genotype"])]
+        table.append(row)
     widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
