@@ -154,3 +154,18 @@ def test_finite_difference_jacobian_refuses_bf16(tiny_config):
 
     with pytest.raises(UsageError, match="jacobian_fd_step: finite differences need fp32"):
         tiny_config("memory://x", precision="bf16", algorithm={"name": "dsrna", "jacobian_fd_step": 1e-3})
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        {"name": "dsrna", "variant": "combined", "bound": "crown", "projections": 1},
+        {"name": "lease", "attack_steps": 2},
+        {"name": "darts", "order": "second"},
+    ],
+)
+def test_every_algorithm_runs_under_bf16(tmp_path, tiny_config, algorithm):
+    store = Store(str(tmp_path / "run"))
+    result = run_search(tiny_config(store.uri, precision="bf16", epochs=1, algorithm=algorithm), store)
+    result.genotype.validate()
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.metrics.values())
