@@ -40,6 +40,19 @@ def tiny_raw(uri: str, **over) -> dict:
     return raw
 
 
+def tiny_searcher(**over):
+    """A Searcher built from tiny_raw(**over) as the runner builds it, and two 8-example
+    batches (train, val) of its data."""
+    from distsearch.config import parse_config
+    from distsearch.runner import build_data, build_searcher, build_supernet
+
+    cfg = parse_config(tiny_raw("memory://unused", **over))
+    data = build_data(cfg)
+    searcher = build_searcher(cfg, build_supernet(cfg, data), data)
+    x, y = data.x_train[:16], data.y_train[:16]
+    return searcher, ((x[:8], y[:8]), (x[8:], y[8:]))
+
+
 @pytest.fixture
 def tiny_config():
     from distsearch.config import parse_config

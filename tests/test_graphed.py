@@ -12,23 +12,15 @@ import torch
 
 from distsearch.config import parse_config
 from distsearch.errors import UsageError
-from distsearch.runner import build_data, build_searcher, build_supernet, run_search
+from distsearch.runner import run_search
 from distsearch.search.graphed import GraphedStep, _init_states_like
 from distsearch.storage import Store
-from tests.conftest import tiny_raw
-
-
-def _searcher(**over):
-    cfg = parse_config(tiny_raw("memory://unused", **over))
-    data = build_data(cfg)
-    searcher = build_searcher(cfg, build_supernet(cfg, data), data)
-    x, y = data.x_train[:16], data.y_train[:16]
-    return searcher, ((x[:8], y[:8]), (x[8:], y[8:]))
+from tests.conftest import tiny_raw, tiny_searcher
 
 
 @pytest.mark.parametrize("over", [{}, {"algorithm": {"name": "lease", "attack_steps": 2}}])
 def test_zero_initialised_optimiser_states_equal_lazy_ones(over):
-    lazy, batches = _searcher(**over)
+    lazy, batches = tiny_searcher(**over)
     eager = copy.deepcopy(lazy)
     shadow = copy.deepcopy(lazy)
     for _ in range(2):
@@ -51,9 +43,9 @@ def test_zero_initialised_optimiser_states_equal_lazy_ones(over):
 @pytest.mark.parametrize("over", [{}, {"algorithm": {"name": "lease", "attack_steps": 2}}])
 def test_staged_steps_equal_plain_steps_across_lr_changes(over):
     torch.manual_seed(0)
-    plain, batches = _searcher(**over)
+    plain, batches = tiny_searcher(**over)
     torch.manual_seed(0)  # an identical twin (a deep copy would unhook its lr scheduler's step counter)
-    staged_searcher, _ = _searcher(**over)
+    staged_searcher, _ = tiny_searcher(**over)
     staged = GraphedStep(staged_searcher, warmup=2, capture=False)
     g = torch.Generator().manual_seed(5)
     x, y = (torch.cat(t) for t in zip(*batches))
@@ -69,7 +61,7 @@ def test_staged_steps_equal_plain_steps_across_lr_changes(over):
         plain.end_epoch()
         staged_searcher.end_epoch()  # the cosine schedule moves the lr: a new capture
     assert staged.captures == 2
-    fresh = GraphedStep(_searcher(**over)[0], warmup=2, capture=False)
+    fresh = GraphedStep(tiny_searcher(**over)[0], warmup=2, capture=False)
     rng = torch.get_rng_state()
     fresh._warm_up(batches)  # LeaSE's warm-up draws random starts: the generator is put back
     assert torch.equal(torch.get_rng_state(), rng)
@@ -77,8 +69,8 @@ def test_staged_steps_equal_plain_steps_across_lr_changes(over):
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
 
 
-def test_graphed_step_refuses_a_cpu_searcher():
-    searcher, _ = _searcher()
+def test_graphed_step_refuses_a_cputiny_searcher():
+    searcher, _ = tiny_searcher()
     with pytest.raises(ValueError, match="cuda_graph: needs the search on a CUDA device"):
         GraphedStep(searcher)
 
@@ -108,12 +100,12 @@ def test_run_search_refuses_cuda_graph_without_a_gpu(tmp_path):
 
 def test_a_capturable_checkpoint_resumes_on_the_cpu():
     """A CUDA-graph run saves capturable Adam groups; loaded off the GPU they step eagerly."""
-    searcher, batches = _searcher()
+    searcher, batches = tiny_searcher()
     searcher.step(*batches)
     state = searcher.state_dict()
     for group in state["a_optimizer"]["param_groups"]:
         group["capturable"] = True  # as make_capturable leaves it on a GPU
-    fresh, _ = _searcher()
+    fresh, _ = tiny_searcher()
     fresh.load_state_dict(state)
     assert not any(g["capturable"] for g in fresh.a_optimizer.param_groups)
     fresh.step(*batches)

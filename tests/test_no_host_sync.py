@@ -12,9 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from distsearch.config import parse_config
-from distsearch.runner import build_data, build_searcher, build_supernet
-from tests.conftest import tiny_raw
+from tests.conftest import tiny_searcher
 
 SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "unique", "_unique2", "equal")
 
@@ -53,11 +51,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_search_step_never_waits_for_the_host(case: str) -> None:
-    cfg = parse_config(tiny_raw("memory://unused", **CASES[case]))
-    data = build_data(cfg)
-    searcher = build_searcher(cfg, build_supernet(cfg, data), data)
-    x, y = data.x_train[:16], data.y_train[:16]
-    batches = ((x[:8], y[:8]), (x[8:], y[8:]))
+    searcher, batches = tiny_searcher(**CASES[case])
     searcher.step(*batches)  # optimiser states exist from here on
     exempt = {id(s["step"]) for opt in searcher._optimisers().values() for s in opt.state.values() if "step" in s}
     with SyncRecorder(exempt) as rec:
