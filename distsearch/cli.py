@@ -20,7 +20,7 @@ from .data import DataError
 from .errors import UsageError
 
 # Modules with `register(subparsers)`; each adds its commands with set_defaults(func=...).
-COMMAND_MODULES: tuple[str, ...] = ("distsearch.cli_robust", "distsearch.distributed.cli")
+COMMAND_MODULES: tuple[str, ...] = ("distsearch.cli_robust", "distsearch.report", "distsearch.distributed.cli")
 
 
 class Parser(argparse.ArgumentParser):

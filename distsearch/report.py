@@ -1,0 +1,145 @@
+"""`distsearch report URI`: one Markdown page, with plots, of what storage holds (the last box
+of ../shared/DESIGN.md's flow). URI is a search or training store, or an experiment root of
+`distsearch run` (one section per trial). Per run: the config in brief, the final metrics,
+learning curves from the newest checkpoint's history, and for searches the genotype (JSON and
+cell drawings) and the softmax(alpha) heatmaps; tables that `evaluate` / `certify` wrote
+beside the run are included. Reads JSON and weights_only checkpoints only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import posixpath
+import shutil
+from typing import Any
+
+from .errors import UsageError
+from .storage import Store
+
+TABLES = (("eval", "robustness.md", "robustness.png"), ("certify", "certified.md", "certified.png"))
+
+
+def _stores(uri: str) -> list[tuple[str, Store]]:
+    """(label, store) for a run at `uri`, or for every trial under an experiment root."""
+    store = Store(uri)
+    if store.exists("config.json"):
+        return [(posixpath.basename(store.root), store)]
+    found = sorted(store.fs.glob(store.path("*", "search", "config.json")))
+    if not found:
+        raise UsageError(f"URI: {uri!r} holds no run (no config.json) and no experiment trials (*/search/)")
+    runs = []
+    for path in found:
+        search = posixpath.dirname(path)
+        runs.append(
+            (posixpath.basename(posixpath.dirname(search)), Store(store.uri.rstrip("/") + search[len(store.root) :]))
+        )
+    return runs
+
+
+def _curves(history: list[dict[str, float]], title: str) -> Any:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    epochs = [r["epoch"] for r in history]
+    for ax, suffix in zip(axes, ("loss", "acc"), strict=True):
+        keys = sorted({k for r in history for k in r if k.endswith(suffix) and not k.startswith("lr/")})
+        for k in keys:
+            ax.plot(epochs, [r.get(k, float("nan")) for r in history], marker="o", label=k)
+        ax.set_xlabel("epoch")
+        ax.set_title(f"{title}: {suffix}")
+        if keys:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _section(label: str, store: Store, folder: str) -> list[str]:
+    from search_spaces import Genotype
+    from search_spaces.operations import PRIMITIVES
+
+    from . import plots
+
+    config = store.read_json("config.json")
+    latest = store.load_latest()
+    result = store.read_json("result.json") if store.exists("result.json") else None
+    algo = (config.get("algorithm") or {}).get("name")
+    what = f"search ({algo})" if algo else "training"
+    lines = [f"## {label}", "", f"`{store.uri}` — {what} on {config['data']['name']}, {config['epochs']} epochs", ""]
+    meta = latest[2] if latest else {}
+    metrics = (result or {}).get("metrics") or (meta.get("history") or [{}])[-1]
+    state = "finished" if result else f"at epoch {meta.get('epoch', 0)} (unfinished)"
+    lines += [f"State: {state}.", ""]
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
+        lines.append("")
+    if meta.get("history"):
+        name = f"{label}_curves.png"
+        plots.save(_curves(meta["history"], label), os.path.join(folder, name))
+        lines += [f"![curves]({name})", ""]
+    genotype = meta.get("genotype") or (result or {}).get("genotype")
+    if genotype:
+        g = Genotype.from_dict(genotype)
+        lines += ["Genotype:", "", "```json", json.dumps(genotype), "```", ""]
+        for kind in ("normal", "reduce"):
+            name = f"{label}_{kind}.png"
+            plots.save(plots.draw_cell(g, reduce=kind == "reduce"), os.path.join(folder, name))
+            lines.append(f"![{kind} cell]({name})")
+        lines.append("")
+    model_state = (latest[1].get("searcher") or {}).get("model", {}) if latest else {}
+    if "alphas_normal" in model_state:
+        ops = list((config.get("space") or {}).get("ops") or PRIMITIVES)
+        for kind in ("normal", "reduce"):
+            w = model_state[f"alphas_{kind}"].float().softmax(-1).numpy()
+            name = f"{label}_alpha_{kind}.png"
+            plots.save(plots.alpha_heatmap(w, ops, f"{label}: softmax(alpha_{kind})"), os.path.join(folder, name))
+            lines.append(f"![alpha {kind}]({name})")
+        lines.append("")
+    for sub, table, image in TABLES:
+        if store.exists(posixpath.join(sub, table)):
+            lines += [f"From `{sub}/`:", "", store.read_bytes(posixpath.join(sub, table)).decode()]
+            if store.exists(posixpath.join(sub, image)):
+                name = f"{label}_{image}"
+                with open(os.path.join(folder, name), "wb") as f:
+                    f.write(store.read_bytes(posixpath.join(sub, image)))
+                lines += [f"![{sub}]({name})", ""]
+    return lines
+
+
+def build_report(uri: str, folder: str) -> str:
+    """Write report.md and its images into the local `folder`; returns the page's path."""
+    runs = _stores(uri)
+    lines = [f"# distsearch report: {uri}", "", f"{len(runs)} run(s).", ""]
+    for label, store in runs:
+        lines += _section(label, store, folder)
+    path = os.path.join(folder, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import tempfile
+
+    runs = _stores(args.uri)  # a bad URI fails here, before anything is written
+    with tempfile.TemporaryDirectory() as tmp:
+        build_report(args.uri, tmp)
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            for name in os.listdir(tmp):
+                shutil.copy(os.path.join(tmp, name), os.path.join(args.out, name))
+            where = args.out
+        else:
+            Store(args.uri).upload_dir(tmp, "report")
+            where = f"{args.uri.rstrip('/')}/report"
+    print(f"report of {len(runs)} run(s): {where}/report.md")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="a Markdown report with plots of a run or an experiment at URI")
+    p.add_argument("uri", help="a search / training store, or an experiment root (<storage>/<name>)")
+    p.add_argument("--out", help="local folder for report.md and its images (default: <URI>/report)")
+    p.set_defaults(func=cmd_report)

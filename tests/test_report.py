@@ -1,0 +1,47 @@
+"""`distsearch report`: a Markdown page with real PNG plots for a search store and for an
+experiment root (one section per trial); a URI holding no run exits 2 and writes nothing."""
+
+from __future__ import annotations
+
+import re
+
+from distsearch.cli import main
+from distsearch.runner import run_search
+from distsearch.storage import Store
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _images_exist(folder, text: str) -> list[str]:
+    names = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert names and all((folder / n).read_bytes().startswith(PNG) for n in names)
+    return names
+
+
+def test_report_of_a_search(tmp_path, tiny_config):
+    store = Store(str(tmp_path / "run"))
+    result = run_search(tiny_config(store.uri), store)
+    assert main(["report", store.uri]) == 0
+    folder = tmp_path / "run" / "report"
+    text = (folder / "report.md").read_text()
+    assert "## run" in text and "search (darts)" in text and "State: finished." in text
+    assert result.genotype.normal[0][0] in text  # the genotype JSON
+    names = _images_exist(folder, text)
+    assert {"run_curves.png", "run_normal.png", "run_reduce.png", "run_alpha_normal.png"} <= set(names)
+
+
+def test_report_of_an_experiment_root(tmp_path, tiny_config):
+    for trial in ("t1", "t2"):
+        uri = str(tmp_path / "exp" / trial / "search")
+        run_search(tiny_config(uri, epochs=1, seed=int(trial[1])), Store(uri))
+    assert main(["report", str(tmp_path / "exp"), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "2 run(s)." in text and "## t1" in text and "## t2" in text
+    _images_exist(tmp_path / "out", text)
+
+
+def test_report_refuses_a_uri_without_runs(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "holds no run" in capsys.readouterr().err
+    assert list((tmp_path / "empty").iterdir()) == []
