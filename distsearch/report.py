@@ -108,10 +108,31 @@ def _section(label: str, store: Store, folder: str) -> list[str]:
     return lines
 
 
+SUMMARY = ("val/acc", "val/robust_acc", "test/acc", "test/robust_acc_pgd20")
+
+
+def _summary(runs: list[tuple[str, Store]]) -> list[str]:
+    """One row per run: what it ran and its final headline metrics, to compare trials at a glance."""
+    rows = []
+    for label, store in runs:
+        config = store.read_json("config.json")
+        result = store.read_json("result.json") if store.exists("result.json") else {}
+        metrics = result.get("metrics") or {}
+        algo = (config.get("algorithm") or {}).get("name", "training")
+        strategy = (config.get("weight_at") or config.get("strategy") or {}).get("strategy", "standard")
+        rows.append([label, algo, strategy, str(result.get("epochs", "unfinished"))])
+        rows[-1] += [f"{metrics[k]:.4f}" if k in metrics else "" for k in SUMMARY]
+    keep = [i for i in range(4, 4 + len(SUMMARY)) if any(r[i] for r in rows)]
+    head = ["run", "algorithm", "AT", "epochs", *[SUMMARY[i - 4] for i in keep]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r[:4] + [r[i] for i in keep]) + " |" for r in rows]
+    return [*lines, ""]
+
+
 def build_report(uri: str, folder: str) -> str:
     """Write report.md and its images into the local `folder`; returns the page's path."""
     runs = _stores(uri)
-    lines = [f"# distsearch report: {uri}", "", f"{len(runs)} run(s).", ""]
+    lines = [f"# distsearch report: {uri}", "", f"{len(runs)} run(s).", "", *_summary(runs)]
     for label, store in runs:
         lines += _section(label, store, folder)
     path = os.path.join(folder, "report.md")

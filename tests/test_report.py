@@ -1,5 +1,6 @@
 """`distsearch report`: a Markdown page with real PNG plots for a search store and for an
-experiment root (one section per trial); a URI holding no run exits 2 and writes nothing."""
+experiment root (a summary row and a section per trial); a URI holding no run exits 2 and
+writes nothing."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def test_report_of_an_experiment_root(tmp_path, tiny_config):
     assert main(["report", str(tmp_path / "exp"), "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "report.md").read_text()
     assert "2 run(s)." in text and "## t1" in text and "## t2" in text
+    assert "| t1 | darts | standard | 1 |" in text and "| t2 | darts | standard | 1 |" in text  # the summary
     _images_exist(tmp_path / "out", text)
 
 
