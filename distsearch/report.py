@@ -1,9 +1,9 @@
 """`distsearch report URI`: one Markdown page, with plots, of what storage holds (the last box
 of ../shared/DESIGN.md's flow). URI is a search or training store, or an experiment root of
-`distsearch run` (one section per trial). Per run: the config in brief, the final metrics,
-learning curves from the newest checkpoint's history, and for searches the genotype (JSON and
-cell drawings) and the softmax(alpha) heatmaps; tables that `evaluate` / `certify` wrote
-beside the run are included. Reads JSON and weights_only checkpoints only.
+`distsearch run` (a summary table of the trials, then one section per trial). Per run: the
+config in brief, the final metrics, learning curves from the newest checkpoint's history, and
+for searches the genotype (JSON and cell drawings) and the softmax(alpha) heatmaps; tables
+that `evaluate` / `certify` wrote beside the run are included. Reads JSON and weights_only checkpoints only.
 """
 
 from __future__ import annotations
