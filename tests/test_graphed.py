@@ -69,7 +69,7 @@ def test_staged_steps_equal_plain_steps_across_lr_changes(over):
     assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
 
 
-def test_graphed_step_refuses_a_cputiny_searcher():
+def test_graphed_step_refuses_a_cpu_searcher():
     searcher, _ = tiny_searcher()
     with pytest.raises(ValueError, match="cuda_graph: needs the search on a CUDA device"):
         GraphedStep(searcher)
