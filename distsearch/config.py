@@ -277,7 +277,7 @@ class SearchConfig(RunConfig):
         return w
 
     @model_validator(mode="after")
-    def _graph_capturable(self) -> SearchConfig:
+    def _switches_compatible(self) -> SearchConfig:
         if self.cuda_graph and self.device == "cpu":
             raise ValueError("cuda_graph: needs device cuda or auto on a GPU machine, not cpu")
         fd = isinstance(self.algorithm, DsrnaConfig) and self.algorithm.jacobian_fd_step > 0

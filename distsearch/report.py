@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import posixpath
-import shutil
 from typing import Any
 
 from .errors import UsageError
@@ -142,19 +141,10 @@ def build_report(uri: str, folder: str) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    import tempfile
+    from .cli_robust import _outputs
 
     runs = _stores(args.uri)  # a bad URI fails here, before anything is written
-    with tempfile.TemporaryDirectory() as tmp:
-        build_report(args.uri, tmp)
-        if args.out:
-            os.makedirs(args.out, exist_ok=True)
-            for name in os.listdir(tmp):
-                shutil.copy(os.path.join(tmp, name), os.path.join(args.out, name))
-            where = args.out
-        else:
-            Store(args.uri).upload_dir(tmp, "report")
-            where = f"{args.uri.rstrip('/')}/report"
+    where = _outputs(args, "report", lambda folder: build_report(args.uri, folder))
     print(f"report of {len(runs)} run(s): {where}/report.md")
     return 0
 

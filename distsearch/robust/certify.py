@@ -42,9 +42,12 @@ def _eval(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was)
 
 
-def _chunks(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device):
+def _chunks(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device, bar: tqdm | None = None):
+    """Batches on `device`; `bar` advances once each batch is done."""
     for i in range(0, x.shape[0], batch_size):
         yield x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+        if bar is not None:
+            bar.update(1)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -65,11 +68,9 @@ def certified_accuracy(
     """Fraction of examples certified at each eps (one entry per eps); `bar` advances per batch."""
     counts = [0] * len(eps_list)
     with _eval(model):
-        for xb, yb in _chunks(x, y, batch_size, _device(model)):
+        for xb, yb in _chunks(x, y, batch_size, _device(model), bar):
             for i, eps in enumerate(eps_list):
                 counts[i] += int((margin_lower_bound(model, xb, yb, float(eps), norm, method) > 0).sum())
-            if bar is not None:
-                bar.update(1)
     return [c / max(1, x.shape[0]) for c in counts]
 
 
@@ -91,10 +92,8 @@ def mean_certified_radius(
         eps_max = 1.0 if norm == "linf" else float(x[0].numel()) ** 0.5
     radii = []
     with _eval(model):
-        for xb, yb in _chunks(x, y, batch_size, _device(model)):
+        for xb, yb in _chunks(x, y, batch_size, _device(model), bar):
             radii.append(certified_radius(model, xb, yb, norm, method, eps_max, steps).cpu())
-            if bar is not None:
-                bar.update(1)
     r = torch.cat(radii) if radii else torch.zeros(0)
     return (float(r.mean()) if r.numel() else 0.0), r
 

@@ -126,28 +126,28 @@ class Searcher(ABC):
         """Put back the configured settings that differ from the loaded ones; the scheduled
         lr is recomputed from the configured schedule at the loaded epoch. Returns the changes."""
         changes: list[str] = []
+
+        def adopt(name: str, current: dict[str, Any], want: dict[str, Any], skip: str = "") -> list[str]:
+            differ = [h for h, v in want.items() if h != skip and _differs(current.get(h), v)]
+            for h in differ:
+                changes.append(f"{name}.{h}: {current.get(h)} -> {want[h]}")
+                current[h] = want[h]
+            return differ
+
         scheduled = {id(s.optimizer): (k, s) for k, s in self._schedulers().items()}
         for name, opt in self._optimisers().items():
-            sched = scheduled.get(id(opt))
-            for group, want in zip(opt.param_groups, configured["groups"][name], strict=True):
-                for h, v in want.items():
-                    if h == "lr" and sched is not None:
-                        continue  # follows the schedule below
-                    if _differs(group.get(h), v):
-                        changes.append(f"{name}.{h}: {group.get(h)} -> {v}")
-                        group[h] = v
+            key, sched = scheduled.get(id(opt), (None, None))
+            skip = "lr" if sched is not None else ""  # a scheduled lr follows its schedule (below)
+            groups = zip(opt.param_groups, configured["groups"][name], strict=True)
+            base_moved = any(["initial_lr" in adopt(name, g, w, skip) for g, w in groups])  # every group adopts
             if sched is None:
                 continue
-            key, s = sched
-            for h, v in configured["schedules"][key].items():
-                if _differs(getattr(s, h), v):
-                    changes.append(f"{key}.{h}: {getattr(s, h)} -> {v}")
-                    setattr(s, h, v)
-            changed = any(c.startswith((f"{name}.initial_lr", f"{key}.")) for c in changes)
-            if changed and hasattr(s, "_get_closed_form_lr"):  # the cosine schedules used here have one
-                for group, lr in zip(opt.param_groups, s._get_closed_form_lr(), strict=True):
+            # the schedule's settings are plain attributes (base_lrs, eta_min, T_max)
+            schedule_moved = bool(adopt(key, vars(sched), configured["schedules"][key]))
+            if (base_moved or schedule_moved) and hasattr(sched, "_get_closed_form_lr"):  # the cosine ones have it
+                for group, lr in zip(opt.param_groups, sched._get_closed_form_lr(), strict=True):
                     group["lr"] = lr
-                s._last_lr = [g["lr"] for g in opt.param_groups]
+                sched._last_lr = [g["lr"] for g in opt.param_groups]
         return changes
 
 
