@@ -3,8 +3,9 @@
 Times `Searcher.step` on a DARTS supernet (defaults: B=64, C=16, 8 cells, 3x32x32, 10
 classes, the DARTS paper's CIFAR size) for each algorithm asked, always beside a DARTS
 first-order baseline measured in the same process, and prints JSON: ms/step, images/s,
-peak memory (CUDA) and each algorithm's ratio to the baseline. Fast-path switches:
---channels-last and --bf16 (autocast).
+peak memory (CUDA), the aten calls that launch work in one step (`kernels_per_step`: the
+launch-bound GPU step's cost, counted the same on any device) and each algorithm's ratio to
+the baseline. Fast-path switches: --channels-last and --bf16 (autocast).
 
     python benchmarks/search_step.py --algorithm darts darts2 lease dsrna-jacobian dsrna-jacobian-fd dsrna-certified
 """
@@ -18,6 +19,7 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from distsearch.search import SEARCHERS
 from distsearch.search.graphed import GraphedStep
@@ -56,6 +58,21 @@ def make(algo: str, args: argparse.Namespace, device: torch.device):
     return SEARCHERS[name](model, epochs=50, **OPT, **kw, **extra)
 
 
+class _KernelCount(TorchDispatchMode):
+    """Counts the aten calls that launch work: views, metadata and allocations left out."""
+
+    FREE = ("empty", "empty_strided", "_record_function_enter_new", "_record_function_exit", "detach")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if not func.is_view and func.overloadpacket.__name__ not in self.FREE:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def bench(algo: str, args: argparse.Namespace, device: torch.device, graph: bool = False) -> dict:
     torch.manual_seed(0)
     searcher = make(algo, args, device)
@@ -82,6 +99,11 @@ def bench(algo: str, args: argparse.Namespace, device: torch.device, graph: bool
         sync()
     ms = (time.perf_counter() - t0) / args.steps * 1000
     cpu_ms = (time.process_time() - c0) / args.steps * 1000  # not inflated by other processes' load
+    kernels = None
+    if not graph:  # a replayed graph dispatches nothing
+        with amp, _KernelCount() as counter:
+            step(*batches)
+        kernels = counter.count
     if args.profile and device.type == "cuda":
         with amp, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             step(*batches)
@@ -92,6 +114,7 @@ def bench(algo: str, args: argparse.Namespace, device: torch.device, graph: bool
         "ms_per_step": round(ms, 2),
         "cpu_ms_per_step": round(cpu_ms, 2),
         "images_per_s": round(args.batch / ms * 1000, 1),
+        "kernels_per_step": kernels,
         "metrics": {k: round(float(v), 4) for k, v in metrics.items()},
     }
     if device.type == "cuda":
@@ -100,6 +123,23 @@ def bench(algo: str, args: argparse.Namespace, device: torch.device, graph: bool
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def saved_for_backward_gib(args: argparse.Namespace, device: torch.device) -> float:
+    """GiB that one training-mode supernet forward (alpha and w requiring grad) keeps for its
+    backward: the activation memory of a search step's pass, measured the same on any device."""
+    torch.manual_seed(0)
+    model = Supernet(args.channels, args.classes, C=args.C, layers=args.layers, nodes=args.nodes).to(device)
+    x = torch.rand(args.batch, args.channels, args.size, args.size, device=device)
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum()
+    return round(sum(storages.values()) / 2**30, 3)
 
 
 def main() -> None:
@@ -146,6 +186,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "config": vars(args),
+        "supernet_forward_saved_gib": saved_for_backward_gib(args, device),
         "results": results,
     }
     print(json.dumps(info, indent=2))

@@ -4,28 +4,83 @@ Mixed op (eq. 2): o_bar(x) = sum_o softmax(alpha)_o * o(x). Each intermediate no
 the mixed ops of all earlier nodes; the cell output concatenates the last `multiplier`
 intermediates. Architecture weights (normal, reduce) are kept apart from the network
 weights: `arch_parameters()` / `weight_parameters()`. All mixed-op arithmetic lives in
-`MixedOp.forward`, the one place to batch candidate ops later.
+`MixedOp.terms`, the one place to batch candidate ops later.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .genotype import Genotype
-from .operations import PRIMITIVES, FactorizedReduce, Zero, make_op, relu_conv_bn
+from .operations import PRIMITIVES, BatchNorm2d, FactorizedReduce, Zero, make_op, relu_conv_bn
+
+Weights = torch.Tensor | Sequence[torch.Tensor]
 
 
 class MixedOp(nn.Module):
+    """One edge: sum_o softmax(alpha)_o * o(x) over the candidate ops (eq. 2).
+
+    Computed with fewer kernels than op by op, with the same value: each weight is folded
+    into the op's final BatchNorm (`BatchNorm2d(x, scale)`), the ops that begin with a ReLU
+    share `relu(x)` (which the cell computes once per state for all edges that read it), and
+    'none' is left out (w * 0 adds nothing; its alpha still enters the softmax).
+    """
+
     def __init__(self, C: int, stride: int, ops: tuple[str, ...]):
         super().__init__()
         self.ops = nn.ModuleList(make_op(name, C, stride, affine=False, search=True) for name in ops)
+        self._plan = [_plan(op) for op in self.ops]  # not registered: the same modules as self.ops
+        self.reads_relu = any(step[0] for step in self._plan if step is not None)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        # 'none' adds w * 0: skipping it gives bitwise the same output and gradients (its
-        # alpha still enters the softmax) and saves three kernels per edge and pass.
-        return sum(w * op(x) for w, op in zip(weights, self.ops) if not isinstance(op, Zero))
+    def forward(self, x: torch.Tensor, weights: Weights, rx: torch.Tensor | None = None) -> torch.Tensor:
+        return sum_all(self.terms(x, weights, rx))
+
+    def terms(self, x: torch.Tensor, weights: Weights, rx: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The weighted op outputs w_o * o(x); `weights` one per op (a 1-D tensor or 0-dim
+        tensors); `rx` = relu(x) when the caller has it."""
+        if rx is None and self.reads_relu:
+            rx = F.relu(x)
+        out = []
+        for w, step in zip(weights, self._plan):
+            if step is None:
+                continue
+            reads_relu, body, bn = step
+            h = rx if reads_relu else x
+            for m in body:
+                h = m(h)
+            out.append(bn(h, w) if bn is not None else h * w)
+        return out
+
+
+def sum_all(ts: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of equally shaped tensors in two kernels (stack, sum) instead of n - 1 adds;
+    channels_last inputs give a channels_last sum."""
+    if len(ts) == 1:
+        return ts[0]
+    nhwc = ts[0].dim() == 4 and not ts[0].is_contiguous() and ts[0].is_contiguous(memory_format=torch.channels_last)
+    if nhwc:
+        return torch.stack([t.permute(0, 2, 3, 1) for t in ts]).sum(0).permute(0, 3, 1, 2)
+    return torch.stack(ts).sum(0)
+
+
+Plan = tuple[bool, tuple[nn.Module, ...], Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None] | None
+
+
+def _plan(op: nn.Module) -> Plan:
+    """How MixedOp runs `op`: (reads relu(x), the modules in between, the last step taking
+    the weight as its output scale: a BatchNorm2d or FactorizedReduce.from_relu; or None)."""
+    if isinstance(op, Zero):
+        return None
+    if isinstance(op, FactorizedReduce):
+        return True, (), op.from_relu
+    mods = list(op) if isinstance(op, nn.Sequential) else [op]
+    reads_relu = isinstance(mods[0], nn.ReLU)
+    bn = mods[-1] if isinstance(mods[-1], BatchNorm2d) else None
+    return reads_relu, tuple(mods[int(reads_relu) : len(mods) - (bn is not None)]), bn
 
 
 class SearchCell(nn.Module):
@@ -54,11 +109,17 @@ class SearchCell(nn.Module):
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        offset = 0
-        for _ in range(self.nodes):
-            s = sum(self.edges[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
+        reads_relu = self.edges[0].reads_relu
+        relus = [F.relu(s) for s in states] if reads_relu else [None, None]
+        w = weights.reshape(-1).unbind()  # one backward kernel (a stack) for all the 0-dim weights
+        n, offset = weights.shape[1], 0
+        for i in range(self.nodes):
+            terms = []
+            for j, (h, rh) in enumerate(zip(states, relus)):
+                terms += self.edges[offset + j].terms(h, w[(offset + j) * n : (offset + j + 1) * n], rh)
             offset += len(states)
-            states.append(s)
+            states.append(sum_all(terms))
+            relus.append(F.relu(states[-1]) if reads_relu and i < self.nodes - 1 else None)
         return torch.cat(states[-self.multiplier :], dim=1)
 
 
@@ -110,7 +171,7 @@ class Supernet(nn.Module):
             ops=list(ops),
         )
         C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), BatchNorm2d(C_curr))
         C_pp, C_p, C_curr = C_curr, C_curr, C
         self.cells = nn.ModuleList()
         reduction_prev, reductions = False, reduction_layers(layers)

@@ -3,7 +3,8 @@
 Every op is built from plain torch primitives (ReLU, Conv2d, BatchNorm2d, pools) in
 `nn.Sequential` form, plus three small structural modules (`Zero`, `Identity`,
 `FactorizedReduce`), so bound propagation (distsearch/robust/bounds.py) can walk any op
-without special knowledge of it. Ops take dtype and memory format from their input.
+without special knowledge of it. The BatchNorm2d here can scale its output (the mixed op's
+weight, folded into the BN kernel). Ops take dtype and memory format from their input.
 """
 
 from __future__ import annotations
@@ -24,6 +25,24 @@ PRIMITIVES: tuple[str, ...] = (
     "dil_conv_3x3",
     "dil_conv_5x5",
 )
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d that can scale its output, `bn(x, scale) = scale * bn(x)`, inside the BN
+    kernel (the mixed op's softmax(alpha) weight, search_spaces/darts.py), and that does not
+    count batches: `num_batches_tracked` is only read when momentum is None (then it counts as
+    usual); counting costs one kernel launch per call, 1,858 per DARTS search step."""
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        if self.momentum is None:
+            out = super().forward(x)
+            return out if scale is None else out * scale
+        weight, bias = self.weight, self.bias
+        if scale is not None:
+            scale = scale.expand(self.num_features)
+            weight, bias = (scale, None) if weight is None else (weight * scale, bias * scale)
+        stats = self.training or self.running_mean is None
+        return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, stats, self.momentum, self.eps)
 
 
 class Zero(nn.Module):
@@ -65,19 +84,21 @@ class FactorizedReduce(nn.Module):
         self.shift = Shift()
         self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
         self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
-        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+        self.bn = BatchNorm2d(C_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(x)
-        out = torch.cat([self.conv_1(x), self.conv_2(self.shift(x))], dim=1)
-        return self.bn(out)
+        return self.from_relu(self.relu(x))
+
+    def from_relu(self, rx: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """scale * forward(x), given rx = relu(x)."""
+        return self.bn(torch.cat([self.conv_1(rx), self.conv_2(self.shift(rx))], dim=1), scale)
 
 
 def relu_conv_bn(C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool = True) -> nn.Sequential:
     return nn.Sequential(
         nn.ReLU(inplace=False),
         nn.Conv2d(C_in, C_out, kernel, stride=stride, padding=padding, bias=False),
-        nn.BatchNorm2d(C_out, affine=affine),
+        BatchNorm2d(C_out, affine=affine),
     )
 
 
@@ -88,7 +109,7 @@ def dil_conv(
         nn.ReLU(inplace=False),
         nn.Conv2d(C_in, C_in, kernel, stride, padding, dilation=dilation, groups=C_in, bias=False),
         nn.Conv2d(C_in, C_out, 1, bias=False),
-        nn.BatchNorm2d(C_out, affine=affine),
+        BatchNorm2d(C_out, affine=affine),
     )
 
 
@@ -108,7 +129,7 @@ def _pool(kind: str, C: int, stride: int, affine: bool, bn: bool) -> nn.Module:
     )
     # In the search space DARTS follows each pool by a parameter-free BN so its scale
     # matches the convolutions' (model_search.py, MixedOp).
-    return nn.Sequential(pool, nn.BatchNorm2d(C, affine=False)) if bn else nn.Sequential(pool)
+    return nn.Sequential(pool, BatchNorm2d(C, affine=False)) if bn else nn.Sequential(pool)
 
 
 OpFactory = Callable[[int, int, bool, bool], nn.Module]

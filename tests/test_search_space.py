@@ -96,11 +96,37 @@ def test_bad_space_rejected():
         Supernet(layers=8, image_size=2)
 
 
-def test_mixed_op_equals_the_weighted_sum_over_all_ops_including_none():
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_mixed_op_equals_the_weighted_sum_over_all_ops_including_none(stride, train):
+    """The fused edge (weights folded into the BNs, a shared ReLU, 'none' left out) has the
+    value and the gradients (x, alpha) of the plain op-by-op weighted sum, and updates the BN
+    running statistics as the ops themselves do."""
+    import copy
+
     from search_spaces import MixedOp
 
-    for stride in (1, 2):
-        op = MixedOp(4, stride, PRIMITIVES).eval()
-        x, w = torch.rand(2, 4, 7, 7), torch.softmax(torch.randn(len(PRIMITIVES)), 0)
-        full = sum(wi * o(x) for wi, o in zip(w, op.ops))
-        assert torch.equal(op(x, w), full)
+    torch.manual_seed(0)
+    op = MixedOp(4, stride, PRIMITIVES).double().train(train)
+    ref = copy.deepcopy(op)
+    x = torch.rand(2, 4, 7, 7, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(len(PRIMITIVES), dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 4, 4 if stride == 2 else 7, 4 if stride == 2 else 7, dtype=torch.float64)
+    fused = op(x, torch.softmax(a, 0))
+    full = sum(wi * o(x) for wi, o in zip(torch.softmax(a, 0), ref.ops))
+    torch.testing.assert_close(fused, full, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad((fused * g).sum(), (x, a))
+    torch.testing.assert_close(grads, torch.autograd.grad((full * g).sum(), (x, a)), rtol=1e-10, atol=1e-12)
+    for (name, b), (_, b_ref) in zip(op.named_buffers(), ref.named_buffers()):
+        if "num_batches" not in name:
+            torch.testing.assert_close(b, b_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_sum_all_keeps_channels_last():
+    from search_spaces.darts import sum_all
+
+    ts = [torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last) for _ in range(3)]
+    out = sum_all(ts)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ts[0] + ts[1] + ts[2])
+    assert sum_all(ts[:1]) is ts[0]
