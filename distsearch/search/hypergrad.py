@@ -29,6 +29,13 @@ def _copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
     torch._foreach_copy_(list(dst), list(src))
 
 
+@torch.no_grad()
+def _backup(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of the weights as views of one flat buffer: one kernel, not one per tensor."""
+    flat = torch.cat([w.reshape(-1) for w in weights])
+    return [b.view_as(w) for b, w in zip(flat.split([w.numel() for w in weights]), weights)]
+
+
 def finite_diff_hvp(
     arch: Sequence[torch.Tensor],
     weights: Sequence[torch.Tensor],
@@ -37,13 +44,13 @@ def finite_diff_hvp(
     r: float = 0.01,
 ) -> list[torch.Tensor]:
     """grad^2_{a,w} loss . v by central differences on w (eq. 8); weights restored bitwise."""
-    backup = [w.detach().clone() for w in weights]
+    backup = _backup(weights)
     R = r / torch.cat([x.reshape(-1) for x in v]).norm().clamp_min(1e-12)
     with torch.no_grad():
-        torch._foreach_add_(list(weights), [R * x for x in v])
+        torch._foreach_add_(list(weights), torch._foreach_mul(list(v), R))
     g_pos = _grads(loss(), arch)
     with torch.no_grad():
-        torch._foreach_add_(list(weights), [-2 * R * x for x in v])
+        torch._foreach_add_(list(weights), torch._foreach_mul(list(v), -2 * R))
     g_neg = _grads(loss(), arch)
     _copy_(weights, backup)
     return [(gp - gn) / (2 * R) for gp, gn in zip(g_pos, g_neg)]
@@ -54,10 +61,12 @@ def virtual_step(
 ) -> list[torch.Tensor]:
     """Move the weights in place to w' = w - xi (grad L_tr + wd w); returns the backup of w."""
     g = _grads(train_loss(), weights)
-    backup = [w.detach().clone() for w in weights]
-    with torch.no_grad():
-        for w, gi in zip(weights, g):
-            w.sub_(xi * (gi + weight_decay * w))
+    backup = _backup(weights)
+    with torch.no_grad():  # the same arithmetic as w.sub_(xi * (g + wd * w)), a few kernels for all tensors
+        step = torch._foreach_mul(list(weights), weight_decay)
+        torch._foreach_add_(step, g)
+        torch._foreach_mul_(step, xi)
+        torch._foreach_sub_(list(weights), step)
     return backup
 
 
