@@ -19,7 +19,8 @@ Without a double backward (`fd_step` > 0): ||g||_q for g = v^T J(x) (v = e_k exa
 random projection) is max over ||u||_p <= 1 of v^T J u, attained at the dual direction
 u* = sign(g) (L-inf) or g / ||g||_2 (L2). u* comes from one plain backward (no graph), then
     ||g||_q ~ v^T (f(x + h u*) - f(x)) / h
-from one more forward, and by Danskin's theorem the gradient in (alpha, w) of the
+from one more forward (batched with f(x) again, so that the parameters' gradient takes one
+backward through one graph), and by Danskin's theorem the gradient in (alpha, w) of the
 max equals that of v^T J u* with u* held fixed, which the two forwards give by ordinary
 backpropagation. Same estimator, same gradients up to O(h) (kinks crossed within h); no
 second-order graph, so the arch step costs forwards and backwards only. fp32 cancellation
@@ -88,13 +89,15 @@ def directional_norms(
         out = model(xg)
         V = weights(out.detach())
         dirs = []
-        for v in V:
-            (g,) = torch.autograd.grad(out, xg, v, retain_graph=True)
+        for i, v in enumerate(V):  # out's graph serves these input gradients only
+            (g,) = torch.autograd.grad(out, xg, v, retain_graph=i < len(V) - 1)
             g = g.flatten(1)
             u = g.sign() if q == 1 else g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
             dirs.append(x.detach() + fd_step * u.view_as(x))
-        moved = model(torch.cat(dirs)).view(V.shape)  # all directions in one batch
-    return ((moved - out.unsqueeze(0)) * V).sum(-1) / fd_step, out.shape[1]
+        # f(x) again beside all the moved points: one batch, so (alpha, w) take one backward
+        both = model(torch.cat([x.detach(), *dirs]))
+        base, moved = both[: x.shape[0]], both[x.shape[0] :].view(V.shape)
+    return ((moved - base.unsqueeze(0)) * V).sum(-1) / fd_step, out.shape[1]
 
 
 def _projections(
