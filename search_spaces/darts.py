@@ -109,7 +109,7 @@ class SearchCell(nn.Module):
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        reads_relu = self.edges[0].reads_relu
+        reads_relu = any(e.reads_relu for e in self.edges)
         relus = [F.relu(s) for s in states] if reads_relu else [None, None]
         w = weights.reshape(-1).unbind()  # one backward kernel (a stack) for all the 0-dim weights
         n, offset = weights.shape[1], 0
