@@ -97,7 +97,7 @@ def spec_bounds(
         out = spec_linear(head.weight, head.bias, C, feat)
     else:
         out = ibp(model, box, trace)
-        out = Box(out.lo.flatten(1), out.up.flatten(1))
+        out = out.each(lambda t: t.flatten(1))
         K = out.lo.shape[1]
         C = torch.eye(K, dtype=x.dtype, device=x.device).expand(x.shape[0], K, K) if C is None else C
         out = spec_linear(torch.eye(K, dtype=x.dtype, device=x.device), None, C, out)

@@ -2,8 +2,10 @@
 DARTS search space, for the DSRNA certified metric (Hosseini, Yang, Xie, CVPR 2021).
 
 For a box [lo, up] with centre m = (up + lo) / 2 and radius r = (up - lo) / 2, an affine map
-z = W x + b gives the box W m + b +- |W| r (eq. 6); monotone maps (ReLU, max and average
-pooling, shifts) act on lo and up separately. A mixed op (DARTS eq. 2) is the
+z = W x + b gives the box W m + b +- |W| r (eq. 6); monotone maps (ReLU, max pooling) act on
+lo and up separately; linear maps with nonnegative coefficients (average pooling, shifts,
+positive weighted sums) on either form. A Box keeps the form it was made in and derives the
+other on first use, so runs of affine maps and sums stay in (m, r). A mixed op (DARTS eq. 2) is the
 softmax(alpha)-weighted sum of its ops, and the weights are positive, so its box is the
 weighted sum of the ops' boxes: every bound stays differentiable in alpha.
 
@@ -24,20 +26,70 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search_spaces.darts import MixedOp, SearchCell, Supernet
+from search_spaces.darts import MixedOp, SearchCell, Supernet, sum_all
 from search_spaces.network import Cell, Network
 from search_spaces.operations import FactorizedReduce, Identity, Shift, Zero
 
 
-@dataclass
 class Box:
-    """Elementwise bounds lo <= z <= up; `center`/`eps` (set only on the raw input of an L2
-    ball, kept through reshapes) let the first affine layer use the exact L2 dual norm."""
+    """Elementwise bounds lo <= z <= up, held as (lo, up) or as centre and radius (mid, rad):
+    affine maps read and give (mid, rad), monotone ones (lo, up), and either form is derived
+    from the other once, on first use, so chains of affine maps and sums convert nothing.
+    `center`/`eps` (set only on the raw input of an L2 ball, kept through reshapes) let the
+    first affine layer use the exact L2 dual norm."""
 
-    lo: torch.Tensor
-    up: torch.Tensor
-    center: torch.Tensor | None = None
-    eps: torch.Tensor | None = None
+    def __init__(
+        self,
+        lo: torch.Tensor | None = None,
+        up: torch.Tensor | None = None,
+        center: torch.Tensor | None = None,
+        eps: torch.Tensor | None = None,
+        *,
+        mid: torch.Tensor | None = None,
+        rad: torch.Tensor | None = None,
+    ):
+        if (lo is None or up is None) and (mid is None or rad is None):
+            raise ValueError("Box needs (lo, up) or (mid, rad)")
+        self._lo, self._up, self._mid, self._rad = lo, up, mid, rad
+        self.center, self.eps = center, eps
+
+    @property
+    def lo(self) -> torch.Tensor:
+        if self._lo is None:
+            self._lo = self._mid - self._rad
+        return self._lo
+
+    @property
+    def up(self) -> torch.Tensor:
+        if self._up is None:
+            self._up = self._mid + self._rad
+        return self._up
+
+    @property
+    def mid(self) -> torch.Tensor:
+        if self._mid is None:
+            self._mid = (self._up + self._lo) / 2
+        return self._mid
+
+    @property
+    def rad(self) -> torch.Tensor:
+        if self._rad is None:
+            self._rad = (self._up - self._lo) / 2
+        return self._rad
+
+    @property
+    def centred(self) -> bool:
+        """Whether (mid, rad) are at hand."""
+        return self._mid is not None
+
+    def each(self, fn) -> Box:  # noqa: ANN001 - a linear map with nonnegative coefficients
+        """The box through `fn`, a reshape or a linear map with nonnegative coefficients
+        (average pooling, a zero-padded shift), applied to every form at hand."""
+        app = lambda t: None if t is None else fn(t)
+        box = Box.__new__(Box)
+        box._lo, box._up, box._mid, box._rad = app(self._lo), app(self._up), app(self._mid), app(self._rad)
+        box.center, box.eps = app(self.center), self.eps
+        return box
 
 
 @dataclass
@@ -68,16 +120,12 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _affine(fn, fn_abs, box: Box, l2_rad=None) -> Box:
-    m, r = (box.up + box.lo) / 2, (box.up - box.lo) / 2
-    c, rad = fn(m), fn_abs(r)
-    lo, up = c - rad, c + rad
-    if box.center is not None and l2_rad is not None:
-        c2, rad2 = fn(box.center), l2_rad()
-        lo, up = (
-            torch.maximum(lo, c2 - box.eps.reshape(-1, *[1] * (c2.dim() - 1)) * rad2),
-            torch.minimum(up, c2 + box.eps.reshape(-1, *[1] * (c2.dim() - 1)) * rad2),
-        )
-    return Box(lo, up)
+    c, rad = fn(box.mid), fn_abs(box.rad)
+    if box.center is None or l2_rad is None:
+        return Box(mid=c, rad=rad)
+    c2, rad2 = fn(box.center), l2_rad()
+    e = box.eps.reshape(-1, *[1] * (c2.dim() - 1))
+    return Box(torch.maximum(c - rad, c2 - e * rad2), torch.minimum(c + rad, c2 + e * rad2))
 
 
 def _conv(m: nn.Conv2d, box: Box) -> Box:
@@ -98,7 +146,7 @@ def _linear(m: nn.Linear, box: Box) -> Box:
 def spec_linear(weight: torch.Tensor, bias: torch.Tensor | None, C: torch.Tensor, box: Box) -> Box:
     """Bounds of C (W h + b) for h in the box: C [B, S, K] folded into W (tighter than C after W)."""
     W = C @ weight  # [B, S, F]
-    m, r = (box.up + box.lo) / 2, (box.up - box.lo) / 2
+    m, r = box.mid, box.rad
     c = torch.einsum("bsf,bf->bs", W, m)
     if bias is not None:
         c = c + C @ bias
@@ -136,7 +184,7 @@ def ibp(m: nn.Module, box: Box, trace: Trace, *, skip_head: bool = False) -> Box
     if isinstance(m, nn.BatchNorm2d):
         s, t = bn_affine(m)
         s4, t4 = s.reshape(1, -1, 1, 1), t.reshape(1, -1, 1, 1)
-        return _affine(lambda z: z * s4 + t4, lambda z: z * s4.abs(), box)
+        return _affine(lambda z: torch.addcmul(t4, z, s4), lambda z: z * s4.abs(), box)
     if isinstance(m, nn.ReLU):
         trace.put(m, box.lo, box.up)
         return Box(box.lo.clamp_min(0), box.up.clamp_min(0))
@@ -148,37 +196,41 @@ def ibp(m: nn.Module, box: Box, trace: Trace, *, skip_head: bool = False) -> Box
                 box.lo, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True
             )
         return out
-    if isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d, Shift)):
-        return _monotone(m, box)
+    if isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d, Shift)):  # linear, nonnegative coefficients
+        return Box(m(box.lo), m(box.up)) if not box.centred else Box(mid=m(box.mid), rad=m(box.rad))
     if isinstance(m, (Identity, nn.Identity, nn.Dropout)):
         return box
     if isinstance(m, nn.Flatten):
-        return Box(m(box.lo), m(box.up), None if box.center is None else m(box.center), box.eps)
+        return box.each(m)
     if isinstance(m, Zero):
         z = m(box.lo)
         return Box(z, z)
     if isinstance(m, FactorizedReduce):
         h = ibp(m.relu, box, trace)
         a, b = ibp(m.conv_1, h, trace), ibp(m.conv_2, ibp(m.shift, h, trace), trace)
-        return ibp(m.bn, Box(torch.cat([a.lo, b.lo], 1), torch.cat([a.up, b.up], 1)), trace)
+        return ibp(m.bn, _cat([a, b]), trace)
     raise TypeError(f"bounds: no bound propagation rule for {type(m).__name__}")
 
 
-def ibp_mixed(m: MixedOp, box: Box, weights: torch.Tensor, trace: Trace) -> Box:
-    """softmax(alpha)-weighted sum of the ops' boxes (weights > 0, so bounds add)."""
-    ls, us = [], []
-    for w, op in zip(weights, m.ops):
-        b = ibp(op, box, trace)
-        ls.append(w * b.lo)
-        us.append(w * b.up)
-    return Box(sum(ls), sum(us))
+def ibp_mixed(m: MixedOp, box: Box, weights: torch.Tensor, trace: Trace) -> list[Box]:
+    """The ops' boxes scaled by their softmax(alpha) weights (> 0, so the boxes of a sum add);
+    'none' contributes nothing."""
+    return [_scale(ibp(op, box, trace), w) for w, op in zip(weights, m.ops) if not isinstance(op, Zero)]
 
 
-def _add(a: Box, b: Box) -> Box:
-    return Box(a.lo + b.lo, a.up + b.up)
+def _scale(b: Box, w: torch.Tensor) -> Box:
+    return Box(mid=w * b.mid, rad=w * b.rad)
+
+
+def _sum(boxes: list[Box]) -> Box:
+    if all(b.centred for b in boxes):
+        return Box(mid=sum_all([b.mid for b in boxes]), rad=sum_all([b.rad for b in boxes]))
+    return Box(sum_all([b.lo for b in boxes]), sum_all([b.up for b in boxes]))
 
 
 def _cat(boxes: list[Box]) -> Box:
+    if all(b.centred for b in boxes):
+        return Box(mid=torch.cat([b.mid for b in boxes], 1), rad=torch.cat([b.rad for b in boxes], 1))
     return Box(torch.cat([b.lo for b in boxes], 1), torch.cat([b.up for b in boxes], 1))
 
 
@@ -187,25 +239,21 @@ def ibp_search_cell(cell: SearchCell, b0: Box, b1: Box, weights: torch.Tensor, t
     offset = 0
     for _ in range(cell.nodes):
         parts = [ibp_mixed(cell.edges[offset + j], h, weights[offset + j], trace) for j, h in enumerate(states)]
-        s = parts[0]
-        for p in parts[1:]:
-            s = _add(s, p)
         offset += len(states)
-        states.append(s)
+        states.append(_sum([b for p in parts for b in p]))
     return _cat(states[-cell.multiplier :])
 
 
 def ibp_cell(cell: Cell, b0: Box, b1: Box, trace: Trace) -> Box:
     states = [ibp(cell.preprocess0, b0, trace), ibp(cell.preprocess1, b1, trace)]
     for n in range(len(cell.ops) // 2):
-        a, b = (ibp(cell.ops[k], states[cell.inputs[k]], trace) for k in (2 * n, 2 * n + 1))
-        states.append(_add(a, b))
+        states.append(_sum([ibp(cell.ops[k], states[cell.inputs[k]], trace) for k in (2 * n, 2 * n + 1)]))
     return _cat([states[i] for i in cell.concat])
 
 
 def _head(m: nn.Module, feat: Box, trace: Trace, skip_head: bool) -> Box:
     feat = ibp(m.global_pooling, feat, trace)
-    feat = Box(feat.lo.flatten(1), feat.up.flatten(1))
+    feat = feat.each(lambda t: t.flatten(1))
     return feat if skip_head else ibp(m.classifier, feat, trace)
 
 
