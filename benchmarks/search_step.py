@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from distsearch.search import SEARCHERS
 from distsearch.search.graphed import GraphedStep
-from search_spaces import Supernet
+from search_spaces import Supernet, operations
 
 OPT = dict(
     w_lr=0.025,
@@ -162,7 +162,14 @@ def main() -> None:
     p.add_argument("--cuda-graph", action="store_true", help="also time each step replayed from a CUDA graph")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step (stderr)")
     p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune each conv shape")
+    p.add_argument(
+        "--depthwise-double-backward",
+        choices=["cuda", "always", "never"],
+        default="cuda",
+        help="where depthwise convs differentiate their own backward (search_spaces.operations)",
+    )
     args = p.parse_args()
+    operations.DEPTHWISE_DOUBLE_BACKWARD = args.depthwise_double_backward
     device = torch.device(args.device)
     if device.type == "cuda":  # autotuning hundreds of conv shapes can take minutes on first use
         torch.backends.cudnn.benchmark = args.cudnn_benchmark

@@ -130,3 +130,77 @@ def test_sum_all_keeps_channels_last():
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, ts[0] + ts[1] + ts[2])
     assert sum_all(ts[:1]) is ts[0]
+
+
+@pytest.mark.parametrize(
+    ("k", "stride", "padding", "dilation", "size"), [(3, 1, 1, 1, 7), (5, 2, 2, 1, 9), (3, 2, 1, 1, 8), (5, 2, 4, 2, 9)]
+)
+def test_depthwise_conv_backward_and_double_backward_equal_torchs(k, stride, padding, dilation, size, monkeypatch):
+    """The depthwise convolution's own backward (grouped convolutions when differentiated
+    again) has the gradients and second derivatives of torch's conv2d: gradcheck,
+    gradgradcheck and the double backward of a Jacobian-norm-like objective."""
+    import torch.nn.functional as F
+
+    import search_spaces.operations as ops
+    from search_spaces.operations import DepthwiseConv2d
+
+    monkeypatch.setattr(ops, "DEPTHWISE_DOUBLE_BACKWARD", "always")
+    torch.manual_seed(0)
+    conv = DepthwiseConv2d(4, 4, k, stride, padding, dilation=dilation, groups=4, bias=False).double()
+    x = torch.rand(3, 4, size, size, dtype=torch.float64, requires_grad=True)
+    mine = lambda x, w: torch.func.functional_call(conv, {"weight": w}, (x,))
+    torchs = lambda x, w: F.conv2d(x, w, None, stride, padding, dilation, 4)
+    w = conv.weight.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(mine, (x, w)) and torch.autograd.gradgradcheck(mine, (x, w))
+
+    def second(f):
+        (gx,) = torch.autograd.grad(f(x, w).sin().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.abs().sum(), (x, w))
+
+    torch.testing.assert_close(second(mine), second(torchs), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_frozen_batch_norm_double_backward_equals_torchs(affine):
+    """Eval-mode BatchNorm2d (with and without an output scale) differentiates twice like
+    torch's batch norm."""
+    import torch.nn.functional as F
+
+    from search_spaces.operations import BatchNorm2d
+
+    torch.manual_seed(0)
+    bn = BatchNorm2d(4, affine=affine).double().eval()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    a = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, a: bn(x, a), (x, a))
+
+    def second(f):
+        (gx,) = torch.autograd.grad(f(x, a).sin().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (x, a))
+
+    w, b = (bn.weight, bn.bias) if affine else (None, None)
+    ref = lambda x, a: a * F.batch_norm(x, bn.running_mean, bn.running_var, w, b, False, 0.0, bn.eps)
+    torch.testing.assert_close(second(lambda x, a: bn(x, a)), second(ref), rtol=1e-10, atol=1e-12)
+
+
+def test_supernet_second_derivatives_do_not_depend_on_the_depthwise_backward(monkeypatch):
+    """The DSRNA Jacobian metric's alpha- and w-gradients (a double backward through the whole
+    supernet, BN frozen) are the same with the depthwise convolutions' own double backward
+    (as on CUDA) and with torch's."""
+    import search_spaces.operations as ops
+    from distsearch.robust.jacobian import jacobian_metric
+
+    torch.manual_seed(0)
+    model = Supernet(1, 4, C=4, layers=3, nodes=2).double().eval()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    params = [model.alphas_normal, model.alphas_reduce, *model.weight_parameters()]
+    grads = {}
+    for mode in ("never", "always"):
+        monkeypatch.setattr(ops, "DEPTHWISE_DOUBLE_BACKWARD", mode)
+        grads[mode] = torch.autograd.grad(jacobian_metric(model, x, 0.1, "linf", 0), params, allow_unused=True)
+    for a, b in zip(grads["never"], grads["always"]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
