@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from distsearch.search import SEARCHERS
 from distsearch.search.graphed import GraphedStep
-from search_spaces import Supernet, operations
+from search_spaces import Supernet, double_backward
 
 OPT = dict(
     w_lr=0.025,
@@ -166,10 +166,10 @@ def main() -> None:
         "--depthwise-double-backward",
         choices=["cuda", "always", "never"],
         default="cuda",
-        help="where depthwise convs differentiate their own backward (search_spaces.operations)",
+        help="where depthwise convs differentiate their own backward (search_spaces/double_backward.py)",
     )
     args = p.parse_args()
-    operations.DEPTHWISE_DOUBLE_BACKWARD = args.depthwise_double_backward
+    double_backward.DEPTHWISE_DOUBLE_BACKWARD = args.depthwise_double_backward
     device = torch.device(args.device)
     if device.type == "cuda":  # autotuning hundreds of conv shapes can take minutes on first use
         torch.backends.cudnn.benchmark = args.cudnn_benchmark

@@ -4,7 +4,8 @@ Every op is built from plain torch primitives (ReLU, Conv2d, BatchNorm2d, pools)
 `nn.Sequential` form, plus three small structural modules (`Zero`, `Identity`,
 `FactorizedReduce`), so bound propagation (distsearch/robust/bounds.py) can walk any op
 without special knowledge of it. The BatchNorm2d here can scale its output (the mixed op's
-weight, folded into the BN kernel). Ops take dtype and memory format from their input.
+weight, folded into the BN kernel); it and DepthwiseConv2d differentiate twice cheaply
+(double_backward.py). Ops take dtype and memory format from their input.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import double_backward
 
 PRIMITIVES: tuple[str, ...] = (
     "none",
@@ -42,94 +45,21 @@ class BatchNorm2d(nn.BatchNorm2d):
             scale = scale.expand(self.num_features)
             weight, bias = (scale, None) if weight is None else (weight * scale, bias * scale)
         stats = self.training or self.running_mean is None
-        if not stats and not torch.is_autocast_enabled(x.device.type):
-            return _FrozenBatchNorm.apply(x, self.running_mean, self.running_var, weight, bias, self.eps)
+        if not stats and double_backward.frozen_bn_applies(x):
+            return double_backward.FrozenBatchNorm.apply(x, self.running_mean, self.running_var, weight, bias, self.eps)
         return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, stats, self.momentum, self.eps)
 
 
-class _FrozenBatchNorm(torch.autograd.Function):
-    """Eval-mode batch norm, a per-channel affine map, whose backward, when it is itself
-    differentiated (create_graph), is that affine map's: torch's double backward of batch norm
-    is a generic formula of ~20 kernels per call. A plain backward calls torch's own kernel."""
-
-    @staticmethod
-    def forward(ctx, x, mean, var, weight, bias, eps):  # noqa: ANN001, ANN205
-        ctx.save_for_backward(x, mean, var, weight)
-        ctx.eps = eps
-        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
-
-    @staticmethod
-    def backward(ctx, g):  # noqa: ANN001, ANN205
-        x, mean, var, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        if not torch.is_grad_enabled():
-            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                g, x, weight, mean, var, None, None, False, ctx.eps, [need_x, need_w, need_b]
-            )
-            return gx, None, None, gw, gb, None
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        inv = torch.rsqrt(var + ctx.eps)
-        gx = (g * (inv if weight is None else inv * weight).view(shape)) if need_x else None
-        gw = (g * (x - mean.view(shape)) * inv.view(shape)).sum((0, *range(2, x.dim()))) if need_w else None
-        gb = g.sum((0, *range(2, x.dim()))) if need_b else None
-        return gx, None, None, gw, gb, None
-
-
-class _DepthwiseConv(torch.autograd.Function):
-    """conv2d with groups = in_channels whose backward, when it is itself differentiated
-    (create_graph: DSRNA's Jacobian norms, LeaSE's differentiated attack, exact hypergradient
-    tests), is built from grouped convolutions. torch's double backward of a grouped
-    convolution loops over the groups (one convolution per channel: 17 kernels at C = 16).
-    A plain backward calls torch's own convolution_backward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, stride, padding, dilation):  # noqa: ANN001, ANN205
-        ctx.save_for_backward(x, weight)
-        ctx.conf = stride, padding, dilation
-        return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
-
-    @staticmethod
-    def backward(ctx, g):  # noqa: ANN001, ANN205
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation = ctx.conf
-        C, need_x, need_w = x.shape[1], ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not torch.is_grad_enabled():
-            gx, gw, _ = torch.ops.aten.convolution_backward(
-                g, x, weight, None, stride, padding, dilation, False, [0, 0], C, [need_x, need_w, False]
-            )
-            return gx, gw, None, None, None
-        gx = gw = None
-        k = weight.shape[-2:]
-        if need_x:  # the adjoint: a transposed grouped convolution, sized back to x
-            extra = [
-                x.shape[2 + i] - ((g.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k[i] - 1) + 1)
-                for i in (0, 1)
-            ]
-            gx = F.conv_transpose2d(g, weight, None, stride, padding, extra, C, dilation)
-        if need_w:  # one grouped convolution of x (images as channels) with g as the filters
-            xs = x.transpose(0, 1).reshape(1, C * x.shape[0], *x.shape[2:])
-            gw = F.conv2d(xs, g.transpose(0, 1), None, dilation, padding, stride, C)  # stride and dilation swap
-            gw = gw[..., : k[0], : k[1]].transpose(0, 1)
-        return gx, gw, None, None, None
-
-
-# Where DepthwiseConv2d differentiates its backward itself: "cuda" (there torch's loop over
-# the groups costs a kernel launch per channel), "always" or "never". On the CPU the loop is
-# cheaper than the one large grouped convolution that replaces it (LeaSE steps 10-20 % slower).
-DEPTHWISE_DOUBLE_BACKWARD = "cuda"
-
-
 class DepthwiseConv2d(nn.Conv2d):
-    """nn.Conv2d for groups = in_channels with a cheap double backward (see _DepthwiseConv and
-    DEPTHWISE_DOUBLE_BACKWARD); under autocast, or when not depthwise, plain nn.Conv2d."""
+    """nn.Conv2d for groups = in_channels with a cheap double backward inside
+    double_backward.differentiated_twice(); elsewhere, or when not depthwise, plain nn.Conv2d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mode = DEPTHWISE_DOUBLE_BACKWARD
-        plain = self.groups != self.in_channels or self.bias is not None or self.padding_mode != "zeros"
-        plain = plain or mode == "never" or (mode == "cuda" and not x.is_cuda)
-        if plain or isinstance(self.padding, str) or torch.is_autocast_enabled(x.device.type):
+        depthwise = self.groups == self.in_channels and self.bias is None and self.padding_mode == "zeros"
+        if not (depthwise and double_backward.depthwise_applies(x)) or isinstance(self.padding, str):
             return super().forward(x)
-        return _DepthwiseConv.apply(x, self.weight, list(self.stride), list(self.padding), list(self.dilation))
+        conf = list(self.stride), list(self.padding), list(self.dilation)
+        return double_backward.DepthwiseConv.apply(x, self.weight, *conf)
 
 
 class Zero(nn.Module):

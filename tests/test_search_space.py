@@ -141,14 +141,18 @@ def test_depthwise_conv_backward_and_double_backward_equal_torchs(k, stride, pad
     gradgradcheck and the double backward of a Jacobian-norm-like objective."""
     import torch.nn.functional as F
 
-    import search_spaces.operations as ops
+    import search_spaces.double_backward as ops
     from search_spaces.operations import DepthwiseConv2d
 
     monkeypatch.setattr(ops, "DEPTHWISE_DOUBLE_BACKWARD", "always")
     torch.manual_seed(0)
     conv = DepthwiseConv2d(4, 4, k, stride, padding, dilation=dilation, groups=4, bias=False).double()
     x = torch.rand(3, 4, size, size, dtype=torch.float64, requires_grad=True)
-    mine = lambda x, w: torch.func.functional_call(conv, {"weight": w}, (x,))
+
+    def mine(x, w):
+        with ops.differentiated_twice():
+            return torch.func.functional_call(conv, {"weight": w}, (x,))
+
     torchs = lambda x, w: F.conv2d(x, w, None, stride, padding, dilation, 4)
     w = conv.weight.detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(mine, (x, w)) and torch.autograd.gradgradcheck(mine, (x, w))
@@ -166,6 +170,7 @@ def test_frozen_batch_norm_double_backward_equals_torchs(affine):
     torch's batch norm."""
     import torch.nn.functional as F
 
+    from search_spaces.double_backward import differentiated_twice
     from search_spaces.operations import BatchNorm2d
 
     torch.manual_seed(0)
@@ -174,7 +179,12 @@ def test_frozen_batch_norm_double_backward_equals_torchs(affine):
     bn.running_var.uniform_(0.5, 1.5)
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     a = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda x, a: bn(x, a), (x, a))
+
+    def mine(x, a):
+        with differentiated_twice():
+            return bn(x, a)
+
+    assert torch.autograd.gradgradcheck(mine, (x, a))
 
     def second(f):
         (gx,) = torch.autograd.grad(f(x, a).sin().sum(), x, create_graph=True)
@@ -182,24 +192,27 @@ def test_frozen_batch_norm_double_backward_equals_torchs(affine):
 
     w, b = (bn.weight, bn.bias) if affine else (None, None)
     ref = lambda x, a: a * F.batch_norm(x, bn.running_mean, bn.running_var, w, b, False, 0.0, bn.eps)
-    torch.testing.assert_close(second(lambda x, a: bn(x, a)), second(ref), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(second(mine), second(ref), rtol=1e-10, atol=1e-12)
 
 
 def test_supernet_second_derivatives_do_not_depend_on_the_depthwise_backward(monkeypatch):
     """The DSRNA Jacobian metric's alpha- and w-gradients (a double backward through the whole
     supernet, BN frozen) are the same with the depthwise convolutions' own double backward
     (as on CUDA) and with torch's."""
-    import search_spaces.operations as ops
+    import search_spaces.double_backward as ops
     from distsearch.robust.jacobian import jacobian_metric
 
     torch.manual_seed(0)
     model = Supernet(1, 4, C=4, layers=3, nodes=2).double().eval()
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
     params = [model.alphas_normal, model.alphas_reduce, *model.weight_parameters()]
-    grads = {}
+    grads, calls = {}, []
+    apply = ops.DepthwiseConv.apply
+    monkeypatch.setattr(ops.DepthwiseConv, "apply", lambda *a: calls.append(1) or apply(*a))
     for mode in ("never", "always"):
         monkeypatch.setattr(ops, "DEPTHWISE_DOUBLE_BACKWARD", mode)
         grads[mode] = torch.autograd.grad(jacobian_metric(model, x, 0.1, "linf", 0), params, allow_unused=True)
+        assert bool(calls) == (mode == "always")  # the metric's forward is marked differentiated_twice
     for a, b in zip(grads["never"], grads["always"]):
         assert (a is None) == (b is None)
         if a is not None:

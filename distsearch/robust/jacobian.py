@@ -29,10 +29,13 @@ error ~ 1e-7 / h relative to the logits: keep h around 1e-3 in input units, and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
 import torch
+
+from search_spaces.double_backward import differentiated_twice
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,12 +53,18 @@ def _inputs(x: torch.Tensor) -> torch.Tensor:
     return x.detach().clone().requires_grad_(True)
 
 
+def _forward(model: Model, xg: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    """model(xg), marked for a double backward when create_graph (search_spaces.operations)."""
+    with differentiated_twice() if create_graph else contextlib.nullcontext():
+        return model(xg)
+
+
 def jacobian_norms(model: Model, x: torch.Tensor, norm: str = "linf", create_graph: bool = True) -> torch.Tensor:
     """Exact ||J_k(x_i)||_q for every example i and class k: [B, K]."""
     q = dual_q(norm)
     with torch.enable_grad():
         xg = _inputs(x)
-        out = model(xg)
+        out = _forward(model, xg, create_graph)
         K = out.shape[1]
         norms = []
         for k in range(K):
@@ -118,7 +127,7 @@ def _projections(
         return (s.square() if q == 2 else math.sqrt(math.pi / 2) * s), K
     with torch.enable_grad():
         xg = _inputs(x)
-        out = model(xg)
+        out = _forward(model, xg, create_graph)
         samples = []
         for _ in range(n_proj):
             v = torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=generator)

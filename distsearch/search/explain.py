@@ -27,12 +27,15 @@ coordinate pinned at +-eps or at the box edge passes no gradient.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from search_spaces.double_backward import differentiated_twice
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 NORMS = ("linf", "l2")
@@ -124,7 +127,8 @@ def pgd_explanation(
             graph = t >= first_graph_step
             if not graph or not delta.requires_grad:
                 delta = delta.detach().requires_grad_(True)
-            loss = F.cross_entropy(forward(x + delta), target, reduction="sum")
+            with differentiated_twice() if graph else contextlib.nullcontext():
+                loss = F.cross_entropy(forward(x + delta), target, reduction="sum")
             (g,) = torch.autograd.grad(loss, delta, create_graph=graph)
             if graph:
                 delta = project(delta + step_size * step_direction(g, norm, True), x, eps, norm)

@@ -1,0 +1,117 @@
+"""Cheap second derivatives for DSRNA's Jacobian norms (Hosseini, Yang, Xie, CVPR 2021,
+section 3.1) and LeaSE's differentiated attack step: autograd Functions whose backward is
+written in differentiable ops, used inside `differentiated_twice()`.
+
+torch's double backward of a grouped convolution loops over the groups (one convolution per
+channel, 17 kernels for a 16-channel depthwise conv) and that of batch norm is a generic
+formula of ~20 kernels per call. Here a depthwise conv's backward is a transposed grouped
+conv (input) and one grouped conv of x with the output gradient as filters (weight), and an
+eval-mode batch norm's is its affine map's; a plain backward calls torch's own kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+_TWICE = [0]  # > 0 inside differentiated_twice()
+
+
+@contextmanager
+def differentiated_twice() -> Iterator[None]:
+    """Marks forwards whose backward will itself be differentiated (create_graph=True: DSRNA's
+    Jacobian norms, LeaSE's differentiated attack steps). Their eval-mode batch norms and
+    depthwise convolutions then record a backward that is cheap to differentiate; torch's own
+    double backward loops over a grouped convolution's groups (a kernel per channel) and runs
+    a generic ~20-kernel formula per batch norm. Elsewhere both are torch's plain ops (whose
+    backward computes only the gradients asked for)."""
+    _TWICE[0] += 1
+    try:
+        yield
+    finally:
+        _TWICE[0] -= 1
+
+
+# Where DepthwiseConv2d differentiates its backward itself: "cuda" (there torch's loop over
+# the groups costs a kernel launch per channel), "always" or "never". On the CPU the loop is
+# cheaper than the one large grouped convolution that replaces it (LeaSE steps 10-20 % slower).
+DEPTHWISE_DOUBLE_BACKWARD = "cuda"
+
+
+def depthwise_applies(x: torch.Tensor) -> bool:
+    mode = DEPTHWISE_DOUBLE_BACKWARD
+    on = mode == "always" or (mode == "cuda" and x.is_cuda)
+    return bool(_TWICE[0]) and on and not torch.is_autocast_enabled(x.device.type)
+
+
+def frozen_bn_applies(x: torch.Tensor) -> bool:
+    return bool(_TWICE[0]) and not torch.is_autocast_enabled(x.device.type)
+
+
+class FrozenBatchNorm(torch.autograd.Function):
+    """Eval-mode batch norm, a per-channel affine map, whose backward, when it is itself
+    differentiated (create_graph), is that affine map's: torch's double backward of batch norm
+    is a generic formula of ~20 kernels per call. A plain backward calls torch's own kernel."""
+
+    @staticmethod
+    def forward(ctx, x, mean, var, weight, bias, eps):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x, mean, var, weight)
+        ctx.eps = eps
+        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        x, mean, var, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        if not torch.is_grad_enabled():
+            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                g, x, weight, mean, var, None, None, False, ctx.eps, [need_x, need_w, need_b]
+            )
+            return gx, None, None, gw, gb, None
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        inv = torch.rsqrt(var + ctx.eps)
+        gx = (g * (inv if weight is None else inv * weight).view(shape)) if need_x else None
+        gw = (g * (x - mean.view(shape)) * inv.view(shape)).sum((0, *range(2, x.dim()))) if need_w else None
+        gb = g.sum((0, *range(2, x.dim()))) if need_b else None
+        return gx, None, None, gw, gb, None
+
+
+class DepthwiseConv(torch.autograd.Function):
+    """conv2d with groups = in_channels whose backward, when it is itself differentiated
+    (create_graph: DSRNA's Jacobian norms, LeaSE's differentiated attack, exact hypergradient
+    tests), is built from grouped convolutions. torch's double backward of a grouped
+    convolution loops over the groups (one convolution per channel: 17 kernels at C = 16).
+    A plain backward calls torch's own convolution_backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding, dilation):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x, weight)
+        ctx.conf = stride, padding, dilation
+        return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.conf
+        C, need_x, need_w = x.shape[1], ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not torch.is_grad_enabled():
+            gx, gw, _ = torch.ops.aten.convolution_backward(
+                g, x, weight, None, stride, padding, dilation, False, [0, 0], C, [need_x, need_w, False]
+            )
+            return gx, gw, None, None, None
+        gx = gw = None
+        k = weight.shape[-2:]
+        if need_x:  # the adjoint: a transposed grouped convolution, sized back to x
+            extra = [
+                x.shape[2 + i] - ((g.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (k[i] - 1) + 1)
+                for i in (0, 1)
+            ]
+            gx = F.conv_transpose2d(g, weight, None, stride, padding, extra, C, dilation)
+        if need_w:  # one grouped convolution of x (images as channels) with g as the filters
+            xs = x.transpose(0, 1).reshape(1, C * x.shape[0], *x.shape[2:])
+            gw = F.conv2d(xs, g.transpose(0, 1), None, dilation, padding, stride, C)  # stride and dilation swap
+            gw = gw[..., : k[0], : k[1]].transpose(0, 1)
+        return gx, gw, None, None, None
