@@ -23,11 +23,9 @@ _TWICE = [0]  # > 0 inside differentiated_twice()
 @contextmanager
 def differentiated_twice() -> Iterator[None]:
     """Marks forwards whose backward will itself be differentiated (create_graph=True: DSRNA's
-    Jacobian norms, LeaSE's differentiated attack steps). Their eval-mode batch norms and
-    depthwise convolutions then record a backward that is cheap to differentiate; torch's own
-    double backward loops over a grouped convolution's groups (a kernel per channel) and runs
-    a generic ~20-kernel formula per batch norm. Elsewhere both are torch's plain ops (whose
-    backward computes only the gradients asked for)."""
+    Jacobian norms, LeaSE's differentiated attack steps): their eval-mode batch norms and
+    depthwise convolutions record the backward of this module. Elsewhere both are torch's
+    plain ops, whose backward computes only the gradients asked for."""
     _TWICE[0] += 1
     try:
         yield
@@ -52,9 +50,7 @@ def frozen_bn_applies(x: torch.Tensor) -> bool:
 
 
 class FrozenBatchNorm(torch.autograd.Function):
-    """Eval-mode batch norm, a per-channel affine map, whose backward, when it is itself
-    differentiated (create_graph), is that affine map's: torch's double backward of batch norm
-    is a generic formula of ~20 kernels per call. A plain backward calls torch's own kernel."""
+    """Eval-mode batch norm (a per-channel affine map): differentiated twice as that map."""
 
     @staticmethod
     def forward(ctx, x, mean, var, weight, bias, eps):  # noqa: ANN001, ANN205
@@ -80,11 +76,7 @@ class FrozenBatchNorm(torch.autograd.Function):
 
 
 class DepthwiseConv(torch.autograd.Function):
-    """conv2d with groups = in_channels whose backward, when it is itself differentiated
-    (create_graph: DSRNA's Jacobian norms, LeaSE's differentiated attack, exact hypergradient
-    tests), is built from grouped convolutions. torch's double backward of a grouped
-    convolution loops over the groups (one convolution per channel: 17 kernels at C = 16).
-    A plain backward calls torch's own convolution_backward."""
+    """conv2d with groups = in_channels: differentiated twice through grouped convolutions."""
 
     @staticmethod
     def forward(ctx, x, weight, stride, padding, dilation):  # noqa: ANN001, ANN205

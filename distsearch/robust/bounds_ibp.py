@@ -5,8 +5,8 @@ For a box [lo, up] with centre m = (up + lo) / 2 and radius r = (up - lo) / 2, a
 z = W x + b gives the box W m + b +- |W| r (eq. 6); monotone maps (ReLU, max pooling) act on
 lo and up separately; linear maps with nonnegative coefficients (average pooling, shifts,
 positive weighted sums) on either form. A Box keeps the form it was made in and derives the
-other on first use, so runs of affine maps and sums stay in (m, r). A mixed op (DARTS eq. 2) is the
-softmax(alpha)-weighted sum of its ops, and the weights are positive, so its box is the
+other on first use, so runs of affine maps and sums stay in (m, r). A mixed op (DARTS eq. 2)
+is the softmax(alpha)-weighted sum of its ops, and the weights are positive, so its box is the
 weighted sum of the ops' boxes: every bound stays differentiable in alpha.
 
 BatchNorm is always the affine map of its *running* statistics (eval-mode semantics), even
@@ -82,9 +82,8 @@ class Box:
         """Whether (mid, rad) are at hand."""
         return self._mid is not None
 
-    def each(self, fn) -> Box:  # noqa: ANN001 - a linear map with nonnegative coefficients
-        """The box through `fn`, a reshape or a linear map with nonnegative coefficients
-        (average pooling, a zero-padded shift), applied to every form at hand."""
+    def each(self, fn) -> Box:  # noqa: ANN001 - a reshape
+        """The box through the reshape `fn`, applied to every form at hand and to the L2 centre."""
         app = lambda t: None if t is None else fn(t)
         box = Box.__new__(Box)
         box._lo, box._up, box._mid, box._rad = app(self._lo), app(self._up), app(self._mid), app(self._rad)
