@@ -27,7 +27,7 @@ grep -E "Name|---|^ *[a-z_].*%" "$OUT/step_darts.err" | head -22
 step lease 120 --algorithm lease --steps 5 --warmup 2
 step dsrna_jac 120 --algorithm dsrna-jacobian-fd dsrna-jacobian --projections 1 --steps 3 --warmup 1
 # the same double backward with torch's own depthwise double backward (its loop over groups)
-step dsrna_jac_torchdw 50 --algorithm dsrna-jacobian --projections 1 --steps 3 --warmup 1 --depthwise-double-backward never
+step dsrna_jac_torchdw 50 --algorithm dsrna-jacobian --projections 1 --steps 3 --warmup 1 --torch-depthwise-double-backward
 step dsrna_cb 50 --algorithm dsrna-certified --bound ibp --steps 3 --warmup 1
 timeout 90 python3 - <<'PY' 2>&1 | grep -v Warning | tee "$OUT/smoke.txt"
 import tempfile, time

@@ -163,13 +163,12 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one step (stderr)")
     p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN autotune each conv shape")
     p.add_argument(
-        "--depthwise-double-backward",
-        choices=["cuda", "always", "never"],
-        default="cuda",
-        help="where depthwise convs differentiate their own backward (search_spaces/double_backward.py)",
+        "--torch-depthwise-double-backward",
+        action="store_true",
+        help="depthwise convs keep torch's double backward (search_spaces/double_backward.py)",
     )
     args = p.parse_args()
-    double_backward.DEPTHWISE_DOUBLE_BACKWARD = args.depthwise_double_backward
+    double_backward.OWN_DEPTHWISE_BACKWARD = not args.torch_depthwise_double_backward
     device = torch.device(args.device)
     if device.type == "cuda":  # autotuning hundreds of conv shapes can take minutes on first use
         torch.backends.cudnn.benchmark = args.cudnn_benchmark

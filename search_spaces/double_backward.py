@@ -17,36 +17,36 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-_TWICE = [0]  # > 0 inside differentiated_twice()
+_MARKS: list[bool] = []  # one per open differentiated_twice(): whether it wants parameter gradients
 
 
 @contextmanager
-def differentiated_twice() -> Iterator[None]:
+def differentiated_twice(param_grads: bool = True) -> Iterator[None]:
     """Marks forwards whose backward will itself be differentiated (create_graph=True: DSRNA's
     Jacobian norms, LeaSE's differentiated attack steps): their eval-mode batch norms and
     depthwise convolutions record the backward of this module. Elsewhere both are torch's
-    plain ops, whose backward computes only the gradients asked for."""
-    _TWICE[0] += 1
+    plain ops, whose backward computes only the gradients asked for; a custom backward cannot
+    tell, so with `param_grads=False` their backward gives no parameter gradients (None) at
+    all: for first backward passes taken w.r.t. the inputs only, as both users do (the
+    parameters' gradients then come from differentiating those input gradients)."""
+    _MARKS.append(param_grads)
     try:
         yield
     finally:
-        _TWICE[0] -= 1
+        _MARKS.pop()
 
 
-# Where DepthwiseConv2d differentiates its backward itself: "cuda" (there torch's loop over
-# the groups costs a kernel launch per channel), "always" or "never". On the CPU the loop is
-# cheaper than the one large grouped convolution that replaces it (LeaSE steps 10-20 % slower).
-DEPTHWISE_DOUBLE_BACKWARD = "cuda"
+# False: depthwise convs keep torch's double backward even when marked (for comparisons; it
+# was slower on the CPU too: LeaSE steps 5.3-5.5 s vs 4.7-5.0 s, DSRNA-Jacobian 2.3 s vs 1.8-2.1 s).
+OWN_DEPTHWISE_BACKWARD = True
 
 
 def depthwise_applies(x: torch.Tensor) -> bool:
-    mode = DEPTHWISE_DOUBLE_BACKWARD
-    on = mode == "always" or (mode == "cuda" and x.is_cuda)
-    return bool(_TWICE[0]) and on and not torch.is_autocast_enabled(x.device.type)
+    return bool(_MARKS) and OWN_DEPTHWISE_BACKWARD and not torch.is_autocast_enabled(x.device.type)
 
 
 def frozen_bn_applies(x: torch.Tensor) -> bool:
-    return bool(_TWICE[0]) and not torch.is_autocast_enabled(x.device.type)
+    return bool(_MARKS) and not torch.is_autocast_enabled(x.device.type)
 
 
 class FrozenBatchNorm(torch.autograd.Function):
@@ -55,13 +55,14 @@ class FrozenBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mean, var, weight, bias, eps):  # noqa: ANN001, ANN205
         ctx.save_for_backward(x, mean, var, weight)
-        ctx.eps = eps
+        ctx.eps, ctx.param_grads = eps, _MARKS[-1] if _MARKS else True
         return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
     @staticmethod
     def backward(ctx, g):  # noqa: ANN001, ANN205
         x, mean, var, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        need_w, need_b = need_w and ctx.param_grads, need_b and ctx.param_grads
         if not torch.is_grad_enabled():
             gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
                 g, x, weight, mean, var, None, None, False, ctx.eps, [need_x, need_w, need_b]
@@ -81,14 +82,14 @@ class DepthwiseConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, stride, padding, dilation):  # noqa: ANN001, ANN205
         ctx.save_for_backward(x, weight)
-        ctx.conf = stride, padding, dilation
+        ctx.conf, ctx.param_grads = (stride, padding, dilation), _MARKS[-1] if _MARKS else True
         return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
 
     @staticmethod
     def backward(ctx, g):  # noqa: ANN001, ANN205
         x, weight = ctx.saved_tensors
         stride, padding, dilation = ctx.conf
-        C, need_x, need_w = x.shape[1], ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        C, need_x, need_w = x.shape[1], ctx.needs_input_grad[0], ctx.needs_input_grad[1] and ctx.param_grads
         if not torch.is_grad_enabled():
             gx, gw, _ = torch.ops.aten.convolution_backward(
                 g, x, weight, None, stride, padding, dilation, False, [0, 0], C, [need_x, need_w, False]

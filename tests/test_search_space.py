@@ -135,7 +135,7 @@ def test_sum_all_keeps_channels_last():
 @pytest.mark.parametrize(
     ("k", "stride", "padding", "dilation", "size"), [(3, 1, 1, 1, 7), (5, 2, 2, 1, 9), (3, 2, 1, 1, 8), (5, 2, 4, 2, 9)]
 )
-def test_depthwise_conv_backward_and_double_backward_equal_torchs(k, stride, padding, dilation, size, monkeypatch):
+def test_depthwise_conv_backward_and_double_backward_equal_torchs(k, stride, padding, dilation, size):
     """The depthwise convolution's own backward (grouped convolutions when differentiated
     again) has the gradients and second derivatives of torch's conv2d: gradcheck,
     gradgradcheck and the double backward of a Jacobian-norm-like objective."""
@@ -144,7 +144,6 @@ def test_depthwise_conv_backward_and_double_backward_equal_torchs(k, stride, pad
     import search_spaces.double_backward as ops
     from search_spaces.operations import DepthwiseConv2d
 
-    monkeypatch.setattr(ops, "DEPTHWISE_DOUBLE_BACKWARD", "always")
     torch.manual_seed(0)
     conv = DepthwiseConv2d(4, 4, k, stride, padding, dilation=dilation, groups=4, bias=False).double()
     x = torch.rand(3, 4, size, size, dtype=torch.float64, requires_grad=True)
@@ -195,25 +194,26 @@ def test_frozen_batch_norm_double_backward_equals_torchs(affine):
     torch.testing.assert_close(second(mine), second(ref), rtol=1e-10, atol=1e-12)
 
 
-def test_supernet_second_derivatives_do_not_depend_on_the_depthwise_backward(monkeypatch):
+def test_supernet_second_derivatives_do_not_depend_on_the_custom_backward(monkeypatch):
     """The DSRNA Jacobian metric's alpha- and w-gradients (a double backward through the whole
-    supernet, BN frozen) are the same with the depthwise convolutions' own double backward
-    (as on CUDA) and with torch's."""
-    import search_spaces.double_backward as ops
+    supernet, BN frozen) are the same through double_backward.py (no parameter gradients in
+    the first backward) and through torch's ops."""
+    import search_spaces.double_backward as db
     from distsearch.robust.jacobian import jacobian_metric
 
     torch.manual_seed(0)
     model = Supernet(1, 4, C=4, layers=3, nodes=2).double().eval()
     x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
     params = [model.alphas_normal, model.alphas_reduce, *model.weight_parameters()]
-    grads, calls = {}, []
-    apply = ops.DepthwiseConv.apply
-    monkeypatch.setattr(ops.DepthwiseConv, "apply", lambda *a: calls.append(1) or apply(*a))
-    for mode in ("never", "always"):
-        monkeypatch.setattr(ops, "DEPTHWISE_DOUBLE_BACKWARD", mode)
-        grads[mode] = torch.autograd.grad(jacobian_metric(model, x, 0.1, "linf", 0), params, allow_unused=True)
-        assert bool(calls) == (mode == "always")  # the metric's forward is marked differentiated_twice
-    for a, b in zip(grads["never"], grads["always"]):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    calls = []
+    for fn in (db.DepthwiseConv, db.FrozenBatchNorm):
+        monkeypatch.setattr(fn, "apply", lambda *a, _apply=fn.apply: calls.append(1) or _apply(*a))
+    ours = torch.autograd.grad(jacobian_metric(model, x, 0.1, "linf", 0), params, allow_unused=True)
+    assert calls  # the metric's forward is marked differentiated_twice
+    for name in ("depthwise_applies", "frozen_bn_applies"):
+        monkeypatch.setattr(db, name, lambda x: False)
+    torchs = torch.autograd.grad(jacobian_metric(model, x, 0.1, "linf", 0), params, allow_unused=True)
+    for a, b, p in zip(ours, torchs, params, strict=True):  # None: no dependence (torch may give zeros)
+        a, b = (torch.zeros_like(p) if g is None else g for g in (a, b))
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert sum(float(g.abs().sum()) for g in ours[:2]) > 0  # alpha gets a gradient

@@ -55,7 +55,7 @@ def _inputs(x: torch.Tensor) -> torch.Tensor:
 
 def _forward(model: Model, xg: torch.Tensor, create_graph: bool) -> torch.Tensor:
     """model(xg), marked for a double backward when create_graph (search_spaces.operations)."""
-    with differentiated_twice() if create_graph else contextlib.nullcontext():
+    with differentiated_twice(param_grads=False) if create_graph else contextlib.nullcontext():
         return model(xg)
 
 

@@ -127,7 +127,7 @@ def pgd_explanation(
             graph = t >= first_graph_step
             if not graph or not delta.requires_grad:
                 delta = delta.detach().requires_grad_(True)
-            with differentiated_twice() if graph else contextlib.nullcontext():
+            with differentiated_twice(param_grads=False) if graph else contextlib.nullcontext():
                 loss = F.cross_entropy(forward(x + delta), target, reduction="sum")
             (g,) = torch.autograd.grad(loss, delta, create_graph=graph)
             if graph:
