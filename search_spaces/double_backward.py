@@ -64,8 +64,9 @@ class FrozenBatchNorm(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         need_w, need_b = need_w and ctx.param_grads, need_b and ctx.param_grads
         if not torch.is_grad_enabled():
+            none = x.new_empty(0)  # eval mode: no saved batch statistics, as native_batch_norm leaves them
             gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                g, x, weight, mean, var, None, None, False, ctx.eps, [need_x, need_w, need_b]
+                g, x, weight, mean, var, none, none, False, ctx.eps, [need_x, need_w, need_b]
             )
             return gx, None, None, gw, gb, None
         shape = (1, -1) + (1,) * (x.dim() - 2)
