@@ -28,8 +28,8 @@ step lease 120 --algorithm lease --steps 5 --warmup 2
 step dsrna_jac 120 --algorithm dsrna-jacobian-fd dsrna-jacobian --projections 1 --steps 3 --warmup 1
 # the same double backward with torch's own depthwise double backward (its loop over groups)
 step dsrna_jac_torchdw 50 --algorithm dsrna-jacobian --projections 1 --steps 3 --warmup 1 --torch-depthwise-double-backward
-step dsrna_cb 50 --algorithm dsrna-certified --bound ibp --steps 3 --warmup 1
-timeout 90 python3 - <<'PY' 2>&1 | grep -v Warning | tee "$OUT/smoke.txt"
+step dsrna_cb 40 --algorithm dsrna-certified --bound ibp --steps 3 --warmup 1
+timeout 100 python3 - <<'PY' 2>&1 | grep -v Warning | tee "$OUT/smoke.txt"
 import tempfile, time
 from distsearch.config import parse_config
 from distsearch.runner import run_search
@@ -38,7 +38,8 @@ raw = {"epochs": 2, "device": "cuda", "data": {"name": "synthetic", "batch_size"
        "synthetic": {"n": 384, "channels": 3, "image_size": 16, "num_classes": 4}},
        "space": {"C": 8, "layers": 3, "nodes": 3}, "monitor": {"progress": False, "tensorboard": False}}
 runs = [({"name": "darts"}, False), ({"name": "darts"}, True), ({"name": "darts", "order": "second"}, True),
-        ({"name": "lease"}, False), ({"name": "dsrna", "variant": "combined", "projections": 1, "jacobian_fd_step": 1e-3}, False)]
+        ({"name": "lease"}, False), ({"name": "dsrna", "variant": "combined", "projections": 1, "jacobian_fd_step": 1e-3}, False),
+        ({"name": "dsrna", "variant": "jacobian", "projections": 1}, False)]  # double backward: double_backward.py on CUDA
 for algo, graph in runs:  # graphed vs eager DARTS: same data and seed, so close val/loss (not bitwise)
     d = tempfile.mkdtemp()
     cfg = parse_config({**raw, "algorithm": algo, "cuda_graph": graph, "storage": {"uri": d}})
