@@ -54,7 +54,7 @@ def _inputs(x: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(model: Model, xg: torch.Tensor, create_graph: bool) -> torch.Tensor:
-    """model(xg), marked for a double backward when create_graph (search_spaces.operations)."""
+    """model(xg), marked for a double backward when create_graph (search_spaces/double_backward.py)."""
     with differentiated_twice(param_grads=False) if create_graph else contextlib.nullcontext():
         return model(xg)
 
