@@ -196,7 +196,7 @@ def ibp(m: nn.Module, box: Box, trace: Trace, *, skip_head: bool = False) -> Box
             )
         return out
     if isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d, Shift)):  # linear, nonnegative coefficients
-        return Box(m(box.lo), m(box.up)) if not box.centred else Box(mid=m(box.mid), rad=m(box.rad))
+        return _join([box], lambda ts: m(ts[0]))
     if isinstance(m, (Identity, nn.Identity, nn.Dropout)):
         return box
     if isinstance(m, nn.Flatten):
@@ -221,16 +221,20 @@ def _scale(b: Box, w: torch.Tensor) -> Box:
     return Box(mid=w * b.mid, rad=w * b.rad)
 
 
-def _sum(boxes: list[Box]) -> Box:
+def _join(boxes: list[Box], fn) -> Box:  # noqa: ANN001 - linear with nonnegative coefficients
+    """fn (sum, concatenation, average pooling) applied to the boxes' centres and radii when
+    all have them at hand, else to their lower and upper bounds."""
     if all(b.centred for b in boxes):
-        return Box(mid=sum_all([b.mid for b in boxes]), rad=sum_all([b.rad for b in boxes]))
-    return Box(sum_all([b.lo for b in boxes]), sum_all([b.up for b in boxes]))
+        return Box(mid=fn([b.mid for b in boxes]), rad=fn([b.rad for b in boxes]))
+    return Box(fn([b.lo for b in boxes]), fn([b.up for b in boxes]))
+
+
+def _sum(boxes: list[Box]) -> Box:
+    return _join(boxes, sum_all)
 
 
 def _cat(boxes: list[Box]) -> Box:
-    if all(b.centred for b in boxes):
-        return Box(mid=torch.cat([b.mid for b in boxes], 1), rad=torch.cat([b.rad for b in boxes], 1))
-    return Box(torch.cat([b.lo for b in boxes], 1), torch.cat([b.up for b in boxes], 1))
+    return _join(boxes, lambda ts: torch.cat(ts, 1))
 
 
 def ibp_search_cell(cell: SearchCell, b0: Box, b1: Box, weights: torch.Tensor, trace: Trace) -> Box:
