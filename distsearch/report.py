@@ -54,15 +54,18 @@ def _curves(history: list[dict[str, float]], title: str) -> Any:
     return fig
 
 
-def _section(label: str, store: Store, folder: str) -> list[str]:
+def _read(store: Store) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A run's config.json and, once it finished, its result.json."""
+    return store.read_json("config.json"), (store.read_json("result.json") if store.exists("result.json") else None)
+
+
+def _section(label: str, store: Store, config: dict[str, Any], result: dict[str, Any] | None, folder: str) -> list[str]:
     from search_spaces import Genotype
     from search_spaces.operations import PRIMITIVES
 
     from . import plots
 
-    config = store.read_json("config.json")
     latest = store.load_latest()
-    result = store.read_json("result.json") if store.exists("result.json") else None
     algo = (config.get("algorithm") or {}).get("name")
     what = f"search ({algo})" if algo else "training"
     lines = [f"## {label}", "", f"`{store.uri}` — {what} on {config['data']['name']}, {config['epochs']} epochs", ""]
@@ -110,12 +113,11 @@ def _section(label: str, store: Store, folder: str) -> list[str]:
 SUMMARY = ("val/acc", "val/robust_acc", "test/acc", "test/robust_acc_pgd20")
 
 
-def _summary(runs: list[tuple[str, Store]]) -> list[str]:
-    """One row per run: what it ran and its final headline metrics, to compare trials at a glance."""
+def _summary(runs: list[tuple[str, dict[str, Any], dict[str, Any] | None]]) -> list[str]:
+    """One row per (label, config, result): what it ran and its final headline metrics."""
     rows = []
-    for label, store in runs:
-        config = store.read_json("config.json")
-        result = store.read_json("result.json") if store.exists("result.json") else {}
+    for label, config, result in runs:
+        result = result or {}
         metrics = result.get("metrics") or {}
         algo = (config.get("algorithm") or {}).get("name", "training")
         strategy = (config.get("weight_at") or config.get("strategy") or {}).get("strategy", "standard")
@@ -128,12 +130,15 @@ def _summary(runs: list[tuple[str, Store]]) -> list[str]:
     return [*lines, ""]
 
 
-def build_report(uri: str, folder: str) -> str:
-    """Write report.md and its images into the local `folder`; returns the page's path."""
-    runs = _stores(uri)
-    lines = [f"# distsearch report: {uri}", "", f"{len(runs)} run(s).", "", *_summary(runs)]
-    for label, store in runs:
-        lines += _section(label, store, folder)
+def build_report(uri: str, folder: str, runs: list[tuple[str, Store]] | None = None) -> str:
+    """Write report.md and its images into the local `folder`; returns the page's path.
+    `runs`: the (label, store) pairs of `uri` when the caller has them already."""
+    runs = _stores(uri) if runs is None else runs
+    read = [(label, store, *_read(store)) for label, store in runs]
+    lines = [f"# distsearch report: {uri}", "", f"{len(runs)} run(s).", ""]
+    lines += _summary([(label, config, result) for label, _, config, result in read])
+    for label, store, config, result in read:
+        lines += _section(label, store, config, result, folder)
     path = os.path.join(folder, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -144,7 +149,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .cli_robust import _outputs
 
     runs = _stores(args.uri)  # a bad URI fails here, before anything is written
-    where = _outputs(args, "report", lambda folder: build_report(args.uri, folder))
+    where = _outputs(args, "report", lambda folder: build_report(args.uri, folder, runs))
     print(f"report of {len(runs)} run(s): {where}/report.md")
     return 0
 
