@@ -56,7 +56,7 @@ def _curves(history: list[dict[str, float]], title: str) -> Any:
 
 def _read(store: Store) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """A run's config.json and, once it finished, its result.json."""
-    return store.read_json("config.json"), (store.read_json("result.json") if store.exists("result.json") else None)
+    return store.read_json("config.json"), store.read_json("result.json", None)
 
 
 def _section(label: str, store: Store, config: dict[str, Any], result: dict[str, Any] | None, folder: str) -> list[str]:

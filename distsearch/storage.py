@@ -37,6 +37,9 @@ class CorruptCheckpoint(RuntimeError):
     pass
 
 
+_REQUIRED = object()  # read_json without a default: a missing file raises
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -92,8 +95,14 @@ class Store:
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
 
-    def read_json(self, rel: str) -> Any:
-        return json.loads(self.read_bytes(rel))
+    def read_json(self, rel: str, default: Any = _REQUIRED) -> Any:
+        """The JSON file `rel`; `default` instead when given and the file does not exist."""
+        try:
+            return json.loads(self.read_bytes(rel))
+        except FileNotFoundError:
+            if default is _REQUIRED:
+                raise
+            return default
 
     def upload_dir(self, local_dir: str, rel: str) -> None:
         """Copy every file of a local folder under `rel` (used to mirror TensorBoard files)."""

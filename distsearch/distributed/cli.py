@@ -66,8 +66,8 @@ def trial_rows(uri: str) -> list[dict[str, Any]]:
     rows = []
     for trial in analysis.trials:
         store = Store(f"{spec['root']}/{trial.trial_id}/{SEARCH_DIR}")
-        genotype = store.read_json("genotype.json") if store.exists("genotype.json") else None
-        starts = store.read_json("trial_starts.json") if store.exists("trial_starts.json") else []
+        genotype = store.read_json("genotype.json", None)
+        starts = store.read_json("trial_starts.json", [])
         last = trial.last_result or {}
         rows.append(
             {

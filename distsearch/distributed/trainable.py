@@ -58,7 +58,7 @@ def _adopt(pointer: dict[str, Any], store: Store) -> None:
 def _record_start(store: Store, node_ip: str, params: dict[str, Any], source: str | None) -> None:
     """Append this start to trial_starts.json: the epoch it resumes from, the node it runs on,
     the sampled params it runs with and, after a PBT exploit, the store its checkpoint came from."""
-    starts = store.read_json("trial_starts.json") if store.exists("trial_starts.json") else []
+    starts = store.read_json("trial_starts.json", [])
     names = store.list_checkpoints()  # informational: meta.json only, run_search verifies and loads
     epoch = store.read_json(posixpath.join(CKPT_DIR, names[-1], "meta.json"))["epoch"] if names else 0
     starts.append(
