@@ -45,11 +45,15 @@ ALGORITHMS = {
 }
 
 
+def supernet(args: argparse.Namespace, device: torch.device) -> Supernet:
+    return Supernet(args.channels, args.classes, C=args.C, layers=args.layers, nodes=args.nodes).to(device)
+
+
 def make(algo: str, args: argparse.Namespace, device: torch.device):
     name, kw = ALGORITHMS[algo]
     if name not in SEARCHERS:
         raise SystemExit(f"--algorithm {algo}: '{name}' is not registered in distsearch.search.SEARCHERS")
-    model = Supernet(args.channels, args.classes, C=args.C, layers=args.layers, nodes=args.nodes).to(device)
+    model = supernet(args, device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     extra = dict(in_channels=args.channels, num_classes=args.classes) if name == "lease" else {}
@@ -129,7 +133,7 @@ def saved_for_backward_gib(args: argparse.Namespace, device: torch.device) -> fl
     """GiB that one training-mode supernet forward (alpha and w requiring grad) keeps for its
     backward: the activation memory of a search step's pass, measured the same on any device."""
     torch.manual_seed(0)
-    model = Supernet(args.channels, args.classes, C=args.C, layers=args.layers, nodes=args.nodes).to(device)
+    model = supernet(args, device)
     x = torch.rand(args.batch, args.channels, args.size, args.size, device=device)
     storages: dict[int, int] = {}
 
