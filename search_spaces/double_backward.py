@@ -41,12 +41,13 @@ def differentiated_twice(param_grads: bool = True) -> Iterator[None]:
 OWN_DEPTHWISE_BACKWARD = True
 
 
-def depthwise_applies(x: torch.Tensor) -> bool:
-    return bool(_MARKS) and OWN_DEPTHWISE_BACKWARD and not torch.is_autocast_enabled(x.device.type)
-
-
-def frozen_bn_applies(x: torch.Tensor) -> bool:
+def marked(x: torch.Tensor) -> bool:
+    """Whether a module seeing `x` runs inside differentiated_twice() (and not under autocast)."""
     return bool(_MARKS) and not torch.is_autocast_enabled(x.device.type)
+
+
+def depthwise_applies(x: torch.Tensor) -> bool:
+    return OWN_DEPTHWISE_BACKWARD and marked(x)
 
 
 class FrozenBatchNorm(torch.autograd.Function):

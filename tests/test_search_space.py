@@ -210,7 +210,7 @@ def test_supernet_second_derivatives_do_not_depend_on_the_custom_backward(monkey
         monkeypatch.setattr(fn, "apply", lambda *a, _apply=fn.apply: calls.append(1) or _apply(*a))
     ours = torch.autograd.grad(jacobian_metric(model, x, 0.1, "linf", 0), params, allow_unused=True)
     assert calls  # the metric's forward is marked differentiated_twice
-    for name in ("depthwise_applies", "frozen_bn_applies"):
+    for name in ("depthwise_applies", "marked"):
         monkeypatch.setattr(db, name, lambda x: False)
     torchs = torch.autograd.grad(jacobian_metric(model, x, 0.1, "linf", 0), params, allow_unused=True)
     for a, b, p in zip(ours, torchs, params, strict=True):  # None: no dependence (torch may give zeros)
