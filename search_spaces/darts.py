@@ -9,7 +9,8 @@ weights: `arch_parameters()` / `weight_parameters()`. All mixed-op arithmetic li
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,35 @@ from torch import nn
 from .genotype import Genotype
 from .operations import PRIMITIVES, BatchNorm2d, FactorizedReduce, Zero, make_op, relu_conv_bn
 
-Weights = torch.Tensor | Sequence[torch.Tensor]
+Weights = torch.Tensor | Sequence[torch.Tensor | None]
+Source = torch.Tensor | Iterator[torch.Tensor]
+
+
+class _FanOut(torch.autograd.Function):
+    """n aliases of x; their gradients are summed by one stack + sum in the backward, where
+    autograd would add them one by one (n - 1 kernels). Differentiable again."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
+        ctx.set_materialize_grads(False)
+        return tuple(x.view_as(x) for _ in range(n))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:  # noqa: ANN001
+        gs = [g for g in grads if g is not None]
+        return (sum_all(gs) if gs else None), None
+
+
+def fan_out(x: torch.Tensor, n: int) -> Iterator[torch.Tensor]:
+    """An iterator over the n readers' copies of x (aliases sharing one gradient sum when x
+    needs a gradient, else x itself)."""
+    if n > 1 and x.requires_grad and torch.is_grad_enabled():
+        return iter(_FanOut.apply(x, n))
+    return itertools.repeat(x, n)
+
+
+def _source(x: Source | None) -> Iterator[torch.Tensor] | None:
+    return x if x is None or isinstance(x, Iterator) else itertools.repeat(x)
 
 
 class MixedOp(nn.Module):
@@ -34,25 +63,29 @@ class MixedOp(nn.Module):
         super().__init__()
         self.ops = nn.ModuleList(make_op(name, C, stride, affine=False, search=True) for name in ops)
         self._plan = [_plan(op) for op in self.ops]  # not registered: the same modules as self.ops
-        self.reads_relu = any(step[0] for step in self._plan if step is not None)
+        steps = [step for step in self._plan if step is not None]
+        self.reads = sum(not s[0] for s in steps), sum(s[0] for s in steps)  # ops reading x, relu(x)
+        self.reads_relu = self.reads[1] > 0
 
     def forward(self, x: torch.Tensor, weights: Weights, rx: torch.Tensor | None = None) -> torch.Tensor:
         return sum_all(self.terms(x, weights, rx))
 
-    def terms(self, x: torch.Tensor, weights: Weights, rx: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """The weighted op outputs w_o * o(x); `weights` one per op (a 1-D tensor or 0-dim
-        tensors); `rx` = relu(x) when the caller has it."""
-        if rx is None and self.reads_relu:
-            rx = F.relu(x)
+    def terms(self, x: Source, weights: Weights, rx: Source | None = None) -> list[torch.Tensor]:
+        """The weighted op outputs w_o * o(x). `weights`: one per op, each 0-dim or a row of
+        one per channel ('none''s is not read); `rx` = relu(x) when the caller has it; x and
+        rx may be iterators giving each reading op its own copy (`fan_out`)."""
+        xs, rxs = _source(x), _source(rx)
+        if rxs is None and self.reads_relu:
+            rxs = itertools.repeat(F.relu(next(xs)))
         out = []
         for w, step in zip(weights, self._plan):
             if step is None:
                 continue
             reads_relu, body, bn = step
-            h = rx if reads_relu else x
+            h = next(rxs) if reads_relu else next(xs)
             for m in body:
                 h = m(h)
-            out.append(bn(h, w) if bn is not None else h * w)
+            out.append(bn(h, w) if bn is not None else h * (w[:, None, None] if w.dim() else w))
         return out
 
 
@@ -102,25 +135,40 @@ class SearchCell(nn.Module):
         )
         self.preprocess1 = relu_conv_bn(C_p, C, 1, 1, 0, affine=False)
         self.edges = nn.ModuleList()
+        self.C = C
+        readers: list[list[int]] = [[] for _ in range(1 + nodes)]  # the edges reading each state
         for i in range(nodes):
             for j in range(2 + i):
                 stride = 2 if reduction and j < 2 else 1
+                readers[j].append(len(self.edges))
                 self.edges.append(MixedOp(C, stride, ops))
+        self.reads = [tuple(sum(self.edges[e].reads[k] for e in es) for k in (0, 1)) for es in readers]
+        self.kept = [k for k, o in enumerate(ops) if o != "none"]
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        reads_relu = any(e.reads_relu for e in self.edges)
-        relus = [F.relu(s) for s in states] if reads_relu else [None, None]
-        w = weights.reshape(-1).unbind()  # one backward kernel (a stack) for all the 0-dim weights
-        n, offset = weights.shape[1], 0
+        # every op's weight as a row of C (the BN weight it becomes): one backward kernel (a
+        # stack) and one sum for all of them, where each 0-dim weight's expand summed its own
+        rows = iter(weights[:, self.kept].reshape(-1, 1).expand(-1, self.C).unbind())
+        w = [[next(rows) if o in self.kept else None for o in range(weights.shape[1])] for _ in self.edges]
+        sources = [self._fan_out(h, s) for s, h in enumerate(states)]
+        offset = 0
         for i in range(self.nodes):
             terms = []
-            for j, (h, rh) in enumerate(zip(states, relus)):
-                terms += self.edges[offset + j].terms(h, w[(offset + j) * n : (offset + j + 1) * n], rh)
-            offset += len(states)
+            for j, (xs, rxs) in enumerate(sources):
+                terms += self.edges[offset + j].terms(xs, w[offset + j], rxs)
+            offset += len(sources)
             states.append(sum_all(terms))
-            relus.append(F.relu(states[-1]) if reads_relu and i < self.nodes - 1 else None)
+            if i < self.nodes - 1:
+                sources.append(self._fan_out(states[-1], 2 + i))
         return torch.cat(states[-self.multiplier :], dim=1)
+
+    def _fan_out(self, h: torch.Tensor, s: int) -> tuple[Iterator[torch.Tensor], Iterator[torch.Tensor] | None]:
+        """State s as one copy per op that reads it and one per op that reads relu(s), so
+        each of their gradients is summed in one step (`fan_out`)."""
+        n_x, n_rx = self.reads[s]
+        xs = fan_out(h, n_x + (n_rx > 0))
+        return xs, (fan_out(F.relu(next(xs)), n_rx) if n_rx else None)
 
 
 def reduction_layers(layers: int) -> tuple[int, ...]:

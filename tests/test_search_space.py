@@ -122,6 +122,45 @@ def test_mixed_op_equals_the_weighted_sum_over_all_ops_including_none(stride, tr
             torch.testing.assert_close(b, b_ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize(("reduction", "train"), [(False, True), (True, True), (True, False)])
+def test_search_cell_equals_the_op_by_op_cell_to_second_derivatives(reduction, train):
+    """The cell (ops' weights as BN rows, states and relu(states) fanned out to their readers
+    with one gradient sum each) has the value, gradients and second derivatives of the plain
+    cell: every node the sum over edges and ops of softmax(alpha) * op(state)."""
+    import copy
+
+    from search_spaces import SearchCell
+
+    torch.manual_seed(0)
+    cell = SearchCell(3, 3, 5, 6, 4, reduction, False, PRIMITIVES).double().train(train)
+    ref = copy.deepcopy(cell)
+    s0, s1 = (torch.rand(2, c, 6, 6, dtype=torch.float64, requires_grad=True) for c in (5, 6))
+    a = torch.randn(9, len(PRIMITIVES), dtype=torch.float64, requires_grad=True)
+
+    def plain(s0, s1, w):
+        states, e = [ref.preprocess0(s0), ref.preprocess1(s1)], 0
+        for _ in range(ref.nodes):
+            node = 0
+            for h in list(states):
+                node = node + sum(wi * o(h) for wi, o in zip(w[e], ref.edges[e].ops))
+                e += 1
+            states.append(node)
+        return torch.cat(states[-ref.multiplier :], dim=1)
+
+    def derivatives(f, params):
+        out = f(s0, s1, torch.softmax(a, -1))
+        g0, g1 = torch.autograd.grad(out.sin().sum(), (s0, s1), create_graph=True)
+        second = torch.autograd.grad(g0.square().sum() + g1.abs().sum(), (a, *params))
+        return out, g0, g1, second
+
+    params = lambda m: [m.preprocess0[1].weight, m.edges[3].ops[4][1].weight]
+    for got, want in zip(derivatives(cell, params(cell)), derivatives(plain, params(ref))):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    for (name, b), (_, b_ref) in zip(cell.named_buffers(), ref.named_buffers()):
+        if "num_batches" not in name:
+            torch.testing.assert_close(b, b_ref, rtol=1e-12, atol=1e-12)
+
+
 def test_sum_all_keeps_channels_last():
     from search_spaces.darts import sum_all
 
