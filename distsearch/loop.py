@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import RunConfig
+from .errors import UsageError
 from .monitor import Monitor
 from .storage import Store
 
@@ -48,7 +49,14 @@ class EpochLoop:
         if latest is None:
             return False
         name, state, meta = latest
-        load(state)
+        try:
+            load(state)
+        except (RuntimeError, KeyError) as e:  # a layout mismatch: nothing is written
+            why = str(e).strip().splitlines()[0][:300]
+            raise UsageError(
+                f"--resume: checkpoint {name} does not fit this supernet and searcher ({why}); resume it with "
+                "the distsearch version and config it was written with, or search into a new --out"
+            ) from e
         self.sums, self.epoch, self.step, self.history = (
             state["sums"],
             meta["epoch"],

@@ -1,7 +1,7 @@
 """What can be searched: DARTS candidate ops, the cell supernet, genotypes and the
 discrete networks built from them. Pure torch, no training logic."""
 
-from .darts import MixedOp, SearchCell, Supernet, derive_cell, num_edges, reduction_layers
+from .darts import EdgeGroup, SearchCell, Supernet, derive_cell, num_edges, reduction_layers
 from .genotype import Genotype, GenotypeError
 from .network import Network
 from .operations import OPS, PRIMITIVES, make_op
@@ -11,7 +11,7 @@ __all__ = [
     "PRIMITIVES",
     "Genotype",
     "GenotypeError",
-    "MixedOp",
+    "EdgeGroup",
     "Network",
     "SearchCell",
     "Supernet",

@@ -1,26 +1,36 @@
 """The DARTS cell search space and supernet (Liu et al., ICLR 2019, eqs. 1-2 and section 2.4).
 
-Mixed op (eq. 2): o_bar(x) = sum_o softmax(alpha)_o * o(x). Each intermediate node sums
-the mixed ops of all earlier nodes; the cell output concatenates the last `multiplier`
-intermediates. Architecture weights (normal, reduce) are kept apart from the network
-weights: `arch_parameters()` / `weight_parameters()`. All mixed-op arithmetic lives in
-`MixedOp.terms`, the one place to batch candidate ops later.
+Mixed op (eq. 2): o_bar(x) = sum_o softmax(alpha)_o * o(x) on every edge. Each intermediate
+node sums the mixed ops of all earlier nodes; the cell output concatenates the last
+`multiplier` intermediates. Architecture weights (normal, reduce) are kept apart from the
+network weights: `arch_parameters()` / `weight_parameters()`.
+
+All mixed-op arithmetic lives in `EdgeGroup`: the edges that read one state run each
+candidate op once for all of them, as E * C channels side by side, so a cell launches its
+ops once per state instead of once per edge, with the value of the op-by-op sum
+(`SearchCell.edge_op` gives any edge's op as a module of its own).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .genotype import Genotype
-from .operations import PRIMITIVES, BatchNorm2d, FactorizedReduce, Zero, make_op, relu_conv_bn
-
-Weights = torch.Tensor | Sequence[torch.Tensor | None]
-Source = torch.Tensor | Iterator[torch.Tensor]
+from .operations import (
+    EDGEWISE,
+    PRIMITIVES,
+    BatchNorm2d,
+    FactorizedReduce,
+    Repeat,
+    Zero,
+    make_op,
+    relu_conv_bn,
+)
 
 
 class _FanOut(torch.autograd.Function):
@@ -46,74 +56,67 @@ def fan_out(x: torch.Tensor, n: int) -> Iterator[torch.Tensor]:
     return itertools.repeat(x, n)
 
 
-def _source(x: Source | None) -> Iterator[torch.Tensor] | None:
-    return x if x is None or isinstance(x, Iterator) else itertools.repeat(x)
-
-
-class MixedOp(nn.Module):
-    """One edge: sum_o softmax(alpha)_o * o(x) over the candidate ops (eq. 2).
-
-    Computed with fewer kernels than op by op, with the same value: each weight is folded
-    into the op's final BatchNorm (`BatchNorm2d(x, scale)`), the ops that begin with a ReLU
-    share `relu(x)` (which the cell computes once per state for all edges that read it), and
-    'none' is left out (w * 0 adds nothing; its alpha still enters the softmax).
-    """
-
-    def __init__(self, C: int, stride: int, ops: tuple[str, ...]):
-        super().__init__()
-        self.ops = nn.ModuleList(make_op(name, C, stride, affine=False, search=True) for name in ops)
-        self._plan = [_plan(op) for op in self.ops]  # not registered: the same modules as self.ops
-        steps = [step for step in self._plan if step is not None]
-        self.reads = sum(not s[0] for s in steps), sum(s[0] for s in steps)  # ops reading x, relu(x)
-        self.reads_relu = self.reads[1] > 0
-
-    def forward(self, x: torch.Tensor, weights: Weights, rx: torch.Tensor | None = None) -> torch.Tensor:
-        return sum_all(self.terms(x, weights, rx))
-
-    def terms(self, x: Source, weights: Weights, rx: Source | None = None) -> list[torch.Tensor]:
-        """The weighted op outputs w_o * o(x). `weights`: one per op, each 0-dim or a row of
-        one per channel ('none''s is not read); `rx` = relu(x) when the caller has it; x and
-        rx may be iterators giving each reading op its own copy (`fan_out`)."""
-        xs, rxs = _source(x), _source(rx)
-        if rxs is None and self.reads_relu:
-            rxs = itertools.repeat(F.relu(next(xs)))
-        out = []
-        for w, step in zip(weights, self._plan):
-            if step is None:
-                continue
-            reads_relu, body, bn = step
-            h = next(rxs) if reads_relu else next(xs)
-            for m in body:
-                h = m(h)
-            out.append(bn(h, w) if bn is not None else h * (w[:, None, None] if w.dim() else w))
-        return out
-
-
 def sum_all(ts: list[torch.Tensor]) -> torch.Tensor:
-    """The sum of equally shaped tensors in two kernels (stack, sum) instead of n - 1 adds;
-    channels_last inputs give a channels_last sum."""
+    """The sum of equally shaped tensors in two kernels (stack, sum) instead of n - 1 adds,
+    laid out in memory as the first one (channels_last in, channels_last out)."""
     if len(ts) == 1:
         return ts[0]
-    nhwc = ts[0].dim() == 4 and not ts[0].is_contiguous() and ts[0].is_contiguous(memory_format=torch.channels_last)
-    if nhwc:
-        return torch.stack([t.permute(0, 2, 3, 1) for t in ts]).sum(0).permute(0, 3, 1, 2)
-    return torch.stack(ts).sum(0)
+    order = sorted(range(ts[0].dim()), key=lambda d: -ts[0].stride(d))  # outermost first
+    if order == sorted(order):
+        return torch.stack(ts).sum(0)
+    return torch.stack([t.permute(order) for t in ts]).sum(0).permute([order.index(d) for d in range(len(order))])
 
 
-Plan = tuple[bool, tuple[nn.Module, ...], Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None] | None
+class EdgeGroup(nn.Module):
+    """The candidate ops of the E edges that read one state, each op run once for all of them.
+
+    The convolution ops (sep, dil, and skip at stride 2) hold E independent copies side by
+    side (`edges=E`: channels edge by edge, E * C) and read relu(x) repeated E times; each
+    edge's softmax(alpha) weight is folded into the op's last BatchNorm (`BatchNorm2d(x,
+    scale)`). The pools and the identity read x itself, the same on every edge: a pool and its
+    parameter-free BN give every edge the same output and running statistics, so they run
+    once and are scaled per edge. 'none' is left out (w * 0 adds nothing; its alpha still
+    enters the softmax). The ops' order: `names` (convolutions first).
+    """
+
+    def __init__(self, C: int, stride: int, ops: tuple[str, ...], edges: int):
+        super().__init__()
+        self.C, self.E, self.stride = C, edges, stride
+        self.relu = nn.ReLU(inplace=False)
+        self.repeat = Repeat(edges)
+        self.convs = nn.ModuleDict()  # on relu(x) repeated; their leading ReLU is not run
+        self.shared = nn.ModuleDict()  # on x
+        for name in ops:
+            op = make_op(name, C, stride, affine=False, search=True, edges=edges)
+            if name in EDGEWISE or isinstance(op, FactorizedReduce):
+                self.convs[name] = op
+            elif not isinstance(op, Zero):
+                self.shared[name] = op
+        self.names = [*self.convs, *self.shared]
+
+    def forward(self, x: torch.Tensor, rows: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Per edge, its mixed op sum_o w_o * o(x): E tensors [B, C, H', W']; rows: per op (in
+        `names` order) its weight on each edge, repeated C times: [E * C]."""
+        xs = fan_out(x, len(self.shared) + bool(self.convs))
+        out = []
+        if self.convs:
+            rxs = fan_out(self.repeat(self.relu(next(xs))), len(self.convs))
+            for op, w in zip(self.convs.values(), rows):
+                out.append(weighted(op, next(rxs), w).unflatten(1, (self.E, self.C)))
+        for op, w in zip(self.shared.values(), rows[len(self.convs) :]):
+            h = op(next(xs))
+            out.append(h.unsqueeze(1) * w.to(h.dtype).view(1, self.E, self.C, 1, 1))
+        return sum_all(out).unbind(1)  # [B, E, C, H', W'] apart; one backward kernel
 
 
-def _plan(op: nn.Module) -> Plan:
-    """How MixedOp runs `op`: (reads relu(x), the modules in between, the last step taking
-    the weight as its output scale: a BatchNorm2d or FactorizedReduce.from_relu; or None)."""
-    if isinstance(op, Zero):
-        return None
+def weighted(op: nn.Module, rx: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """scale * op(x) for a convolution op of EdgeGroup, given rx = relu(x): its modules after
+    the leading ReLU, the weight folded into the last BatchNorm."""
     if isinstance(op, FactorizedReduce):
-        return True, (), op.from_relu
-    mods = list(op) if isinstance(op, nn.Sequential) else [op]
-    reads_relu = isinstance(mods[0], nn.ReLU)
-    bn = mods[-1] if isinstance(mods[-1], BatchNorm2d) else None
-    return reads_relu, tuple(mods[int(reads_relu) : len(mods) - (bn is not None)]), bn
+        return op.from_relu(rx, scale)
+    for m in list(op)[1:-1]:
+        rx = m(rx)
+    return op[-1](rx, scale)
 
 
 class SearchCell(nn.Module):
@@ -129,46 +132,61 @@ class SearchCell(nn.Module):
         ops: tuple[str, ...],
     ):
         super().__init__()
-        self.reduction, self.nodes, self.multiplier = reduction, nodes, multiplier
+        self.reduction, self.nodes, self.multiplier, self.C = reduction, nodes, multiplier, C
         self.preprocess0 = (
             FactorizedReduce(C_pp, C, affine=False) if reduction_prev else relu_conv_bn(C_pp, C, 1, 1, 0, affine=False)
         )
         self.preprocess1 = relu_conv_bn(C_p, C, 1, 1, 0, affine=False)
-        self.edges = nn.ModuleList()
-        self.C = C
-        readers: list[list[int]] = [[] for _ in range(1 + nodes)]  # the edges reading each state
-        for i in range(nodes):
-            for j in range(2 + i):
-                stride = 2 if reduction and j < 2 else 1
-                readers[j].append(len(self.edges))
-                self.edges.append(MixedOp(C, stride, ops))
-        self.reads = [tuple(sum(self.edges[e].reads[k] for e in es) for k in (0, 1)) for es in readers]
-        self.kept = [k for k, o in enumerate(ops) if o != "none"]
+        # group s: the edges reading state s (s0, s1, then the nodes but the last), to nodes first(s)..
+        self.groups = nn.ModuleList(
+            EdgeGroup(C, 2 if reduction and s < 2 else 1, ops, nodes - self.first(s)) for s in range(nodes + 1)
+        )
+        # Every weight the groups read, gathered by one index_select: for each group and op,
+        # the alpha of its edges (node i <- state s: row sum(2 + t for t < i) + s) C times each
+        index = [
+            (sum(2 + t for t in range(i)) + s) * len(ops) + ops.index(name)
+            for s, g in enumerate(self.groups)
+            for name in g.names
+            for i in range(self.first(s), nodes)
+            for _ in range(C)
+        ]
+        self.register_buffer("_rows", torch.tensor(index, dtype=torch.long), persistent=False)
+
+    @staticmethod
+    def first(s: int) -> int:
+        """The first node that reads state s."""
+        return max(0, s - 1)
+
+    def arch_rows(self, weights: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Per group, per op (EdgeGroup.names), its edges' weights repeated C times: [E * C]."""
+        flat = iter(
+            weights.reshape(-1).index_select(0, self._rows).split([g.E * self.C for g in self.groups for _ in g.names])
+        )
+        return [list(itertools.islice(flat, len(g.names))) for g in self.groups]
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        # every op's weight as a row of C (the BN weight it becomes): one backward kernel (a
-        # stack) and one sum for all of them, where each 0-dim weight's expand summed its own
-        rows = iter(weights[:, self.kept].reshape(-1, 1).expand(-1, self.C).unbind())
-        w = [[next(rows) if o in self.kept else None for o in range(weights.shape[1])] for _ in self.edges]
-        sources = [self._fan_out(h, s) for s, h in enumerate(states)]
-        offset = 0
+        rows = self.arch_rows(weights)
+        outs = [self.groups[s](states[s], rows[s]) for s in (0, 1)]
         for i in range(self.nodes):
-            terms = []
-            for j, (xs, rxs) in enumerate(sources):
-                terms += self.edges[offset + j].terms(xs, w[offset + j], rxs)
-            offset += len(sources)
-            states.append(sum_all(terms))
+            states.append(sum_all([edges[i - self.first(s)] for s, edges in enumerate(outs)]))
             if i < self.nodes - 1:
-                sources.append(self._fan_out(states[-1], 2 + i))
+                outs.append(self.groups[2 + i](states[-1], rows[2 + i]))
         return torch.cat(states[-self.multiplier :], dim=1)
 
-    def _fan_out(self, h: torch.Tensor, s: int) -> tuple[Iterator[torch.Tensor], Iterator[torch.Tensor] | None]:
-        """State s as one copy per op that reads it and one per op that reads relu(s), so
-        each of their gradients is summed in one step (`fan_out`)."""
-        n_x, n_rx = self.reads[s]
-        xs = fan_out(h, n_x + (n_rx > 0))
-        return xs, (fan_out(F.relu(next(xs)), n_rx) if n_rx else None)
+    def edge_op(self, state: int, node: int, name: str) -> nn.Module:
+        """A copy of op `name` on the edge node <- state, as a module of its own (parameters
+        and BN statistics sliced out of the group's): for inspecting one edge, and tests."""
+        g = self.groups[state]
+        like = self.preprocess1[1].weight
+        op = make_op(name, self.C, g.stride, affine=False, search=True).to(like.device, like.dtype)
+        if name in g.convs:
+            e = node - self.first(state)
+            own = {k: (t.chunk(g.E)[e] if t.dim() else t) for k, t in g.convs[name].state_dict().items()}
+            op.load_state_dict(own)
+        elif name in g.shared:
+            op.load_state_dict(g.shared[name].state_dict())
+        return op
 
 
 def reduction_layers(layers: int) -> tuple[int, ...]:

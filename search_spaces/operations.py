@@ -87,28 +87,56 @@ class Shift(nn.Module):
         return F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
 
 
+class Repeat(nn.Module):
+    """x repeated `times` along the channels: one copy per edge of the search cell's batched
+    edges (darts.EdgeGroup); its backward sums the copies' gradients in one kernel."""
+
+    def __init__(self, times: int):
+        super().__init__()
+        self.times = times
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.times == 1:
+            return x
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):  # stays NHWC
+            return x.permute(0, 2, 3, 1).repeat(1, 1, 1, self.times).permute(0, 3, 1, 2)
+        return x.repeat(1, self.times, 1, 1)
+
+
 class FactorizedReduce(nn.Module):
     """Halve the resolution with two offset stride-2 1x1 convs, concatenated, then BN.
 
     Unlike the reference code, the second path pads before shifting, so odd sizes (7x7 on
-    MNIST after two reductions) work too.
+    MNIST after two reductions) work too. With `edges` = E > 1, E independent copies side by
+    side (the search cell's batched edges): input and output channels edge by edge, each
+    edge's output its conv_1 half then its conv_2 half (`interleave`).
     """
 
-    def __init__(self, C_in: int, C_out: int, affine: bool = True):
+    def __init__(self, C_in: int, C_out: int, affine: bool = True, edges: int = 1):
         super().__init__()
         assert C_out % 2 == 0, "FactorizedReduce needs an even number of output channels"
+        self.edges = edges
         self.relu = nn.ReLU(inplace=False)
         self.shift = Shift()
-        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
-        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
-        self.bn = BatchNorm2d(C_out, affine=affine)
+        E = edges
+        self.conv_1 = nn.Conv2d(E * C_in, E * C_out // 2, 1, stride=2, padding=0, bias=False, groups=E)
+        self.conv_2 = nn.Conv2d(E * C_in, E * C_out // 2, 1, stride=2, padding=0, bias=False, groups=E)
+        self.bn = BatchNorm2d(E * C_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.from_relu(self.relu(x))
 
     def from_relu(self, rx: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """scale * forward(x), given rx = relu(x)."""
-        return self.bn(torch.cat([self.conv_1(rx), self.conv_2(self.shift(rx))], dim=1), scale)
+        return self.bn(self.interleave(self.conv_1(rx), self.conv_2(self.shift(rx))), scale)
+
+    def interleave(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Edge by edge, a's channels then b's (torch.cat([a, b], 1) for one edge); NHWC stays NHWC."""
+        c = 1
+        if not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last):
+            a, b, c = a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1), 3
+        out = torch.stack([a.unflatten(c, (self.edges, -1)), b.unflatten(c, (self.edges, -1))], c + 1).flatten(c, c + 2)
+        return out if c == 1 else out.permute(0, 3, 1, 2)
 
 
 def relu_conv_bn(C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool = True) -> nn.Sequential:
@@ -120,21 +148,33 @@ def relu_conv_bn(C_in: int, C_out: int, kernel: int, stride: int, padding: int, 
 
 
 def dil_conv(
-    C_in: int, C_out: int, kernel: int, stride: int, padding: int, dilation: int, affine: bool = True
+    C_in: int,
+    C_out: int,
+    kernel: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+    affine: bool = True,
+    edges: int = 1,
 ) -> nn.Sequential:
+    """ReLU, depthwise conv, 1x1 conv, BN; `edges` = E > 1: E independent copies side by side
+    (channels edge by edge; the 1x1 conv grouped by edge)."""
+    E = edges
     return nn.Sequential(
         nn.ReLU(inplace=False),
-        DepthwiseConv2d(C_in, C_in, kernel, stride, padding, dilation=dilation, groups=C_in, bias=False),
-        nn.Conv2d(C_in, C_out, 1, bias=False),
-        BatchNorm2d(C_out, affine=affine),
+        DepthwiseConv2d(E * C_in, E * C_in, kernel, stride, padding, dilation=dilation, groups=E * C_in, bias=False),
+        nn.Conv2d(E * C_in, E * C_out, 1, bias=False, groups=E),
+        BatchNorm2d(E * C_out, affine=affine),
     )
 
 
-def sep_conv(C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool = True) -> nn.Sequential:
+def sep_conv(
+    C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool = True, edges: int = 1
+) -> nn.Sequential:
     """Two stacked depthwise-separable convs (the DARTS SepConv), flattened into one Sequential."""
     return nn.Sequential(
-        *dil_conv(C_in, C_in, kernel, stride, padding, 1, affine),
-        *dil_conv(C_in, C_out, kernel, 1, padding, 1, affine),
+        *dil_conv(C_in, C_in, kernel, stride, padding, 1, affine, edges),
+        *dil_conv(C_in, C_out, kernel, 1, padding, 1, affine, edges),
     )
 
 
@@ -149,22 +189,27 @@ def _pool(kind: str, C: int, stride: int, affine: bool, bn: bool) -> nn.Module:
     return nn.Sequential(pool, BatchNorm2d(C, affine=False)) if bn else nn.Sequential(pool)
 
 
-OpFactory = Callable[[int, int, bool, bool], nn.Module]
+OpFactory = Callable[[int, int, bool, bool, int], nn.Module]
 
-# name -> factory(C, stride, affine, search): `search` adds the pool BN of the supernet.
+# name -> factory(C, stride, affine, search, edges): `search` adds the pool BN of the supernet;
+# `edges` = E > 1 batches E independent copies of a convolution op (sep, dil, the stride-2
+# skip) side by side. The other ops read the state itself, the same for every edge.
 OPS: dict[str, OpFactory] = {
-    "none": lambda C, stride, affine, search: Zero(stride),
-    "max_pool_3x3": lambda C, stride, affine, search: _pool("max", C, stride, affine, search),
-    "avg_pool_3x3": lambda C, stride, affine, search: _pool("avg", C, stride, affine, search),
-    "skip_connect": lambda C, stride, affine, search: Identity() if stride == 1 else FactorizedReduce(C, C, affine),
-    "sep_conv_3x3": lambda C, stride, affine, search: sep_conv(C, C, 3, stride, 1, affine),
-    "sep_conv_5x5": lambda C, stride, affine, search: sep_conv(C, C, 5, stride, 2, affine),
-    "dil_conv_3x3": lambda C, stride, affine, search: dil_conv(C, C, 3, stride, 2, 2, affine),
-    "dil_conv_5x5": lambda C, stride, affine, search: dil_conv(C, C, 5, stride, 4, 2, affine),
+    "none": lambda C, stride, affine, search, edges: Zero(stride),
+    "max_pool_3x3": lambda C, stride, affine, search, edges: _pool("max", C, stride, affine, search),
+    "avg_pool_3x3": lambda C, stride, affine, search, edges: _pool("avg", C, stride, affine, search),
+    "skip_connect": lambda C, stride, affine, search, edges: (
+        Identity() if stride == 1 else FactorizedReduce(C, C, affine, edges)
+    ),
+    "sep_conv_3x3": lambda C, stride, affine, search, edges: sep_conv(C, C, 3, stride, 1, affine, edges),
+    "sep_conv_5x5": lambda C, stride, affine, search, edges: sep_conv(C, C, 5, stride, 2, affine, edges),
+    "dil_conv_3x3": lambda C, stride, affine, search, edges: dil_conv(C, C, 3, stride, 2, 2, affine, edges),
+    "dil_conv_5x5": lambda C, stride, affine, search, edges: dil_conv(C, C, 5, stride, 4, 2, affine, edges),
 }
+EDGEWISE = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")  # batched per edge, on relu(x)
 
 
-def make_op(name: str, C: int, stride: int, affine: bool = True, search: bool = False) -> nn.Module:
+def make_op(name: str, C: int, stride: int, affine: bool = True, search: bool = False, edges: int = 1) -> nn.Module:
     if name not in OPS:
         raise ValueError(f"unknown op {name!r}; known ops: {', '.join(OPS)}")
-    return OPS[name](C, stride, affine, search)
+    return OPS[name](C, stride, affine, search, edges)

@@ -63,6 +63,25 @@ def test_resume_refuses_a_store_with_another_config(tmp_path, tiny_config):
         run_search(tiny_config(store.uri, epochs=1, **{"space.C": 4}), store)
 
 
+def test_resume_refuses_a_checkpoint_of_another_layout_and_writes_nothing(tmp_path, tiny_config):
+    """A checkpoint whose supernet keys differ (an older layout): one clear error, no new files."""
+    from distsearch.errors import UsageError
+
+    store = Store(str(tmp_path / "old"))
+    cfg = tiny_config(store.uri, epochs=2)
+    with pytest.raises(Interrupted):
+        run_search(cfg, store, stop_after_steps=6)  # epoch 1 checkpointed at step 4
+    name, state, meta = store.load_latest()
+    model = state["searcher"]["model"]
+    key = next(k for k in model if ".groups." in k)
+    model[key.replace(".groups.", ".edges.")] = model.pop(key)
+    store.save_checkpoint(meta["global_step"] + 1, state, meta)
+    before = sorted(store.fs.find(store.path("")))
+    with pytest.raises(UsageError, match="--resume: checkpoint ckpt-.* does not fit"):
+        run_search(cfg, store)
+    assert sorted(store.fs.find(store.path(""))) == before
+
+
 def test_tensorboard_files_read_back(tmp_path, tiny_config):
     store = Store(str(tmp_path / "tb"))
     run_search(tiny_config(store.uri, epochs=2), store)

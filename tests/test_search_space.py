@@ -96,56 +96,32 @@ def test_bad_space_rejected():
         Supernet(layers=8, image_size=2)
 
 
-@pytest.mark.parametrize("train", [False, True])
-@pytest.mark.parametrize("stride", [1, 2])
-def test_mixed_op_equals_the_weighted_sum_over_all_ops_including_none(stride, train):
-    """The fused edge (weights folded into the BNs, a shared ReLU, 'none' left out) has the
-    value and the gradients (x, alpha) of the plain op-by-op weighted sum, and updates the BN
-    running statistics as the ops themselves do."""
-    import copy
-
-    from search_spaces import MixedOp
-
-    torch.manual_seed(0)
-    op = MixedOp(4, stride, PRIMITIVES).double().train(train)
-    ref = copy.deepcopy(op)
-    x = torch.rand(2, 4, 7, 7, dtype=torch.float64, requires_grad=True)
-    a = torch.randn(len(PRIMITIVES), dtype=torch.float64, requires_grad=True)
-    g = torch.randn(2, 4, 4 if stride == 2 else 7, 4 if stride == 2 else 7, dtype=torch.float64)
-    fused = op(x, torch.softmax(a, 0))
-    full = sum(wi * o(x) for wi, o in zip(torch.softmax(a, 0), ref.ops))
-    torch.testing.assert_close(fused, full, rtol=1e-12, atol=1e-12)
-    grads = torch.autograd.grad((fused * g).sum(), (x, a))
-    torch.testing.assert_close(grads, torch.autograd.grad((full * g).sum(), (x, a)), rtol=1e-10, atol=1e-12)
-    for (name, b), (_, b_ref) in zip(op.named_buffers(), ref.named_buffers()):
-        if "num_batches" not in name:
-            torch.testing.assert_close(b, b_ref, rtol=1e-12, atol=1e-12)
-
-
 @pytest.mark.parametrize(("reduction", "train"), [(False, True), (True, True), (True, False)])
 def test_search_cell_equals_the_op_by_op_cell_to_second_derivatives(reduction, train):
-    """The cell (ops' weights as BN rows, states and relu(states) fanned out to their readers
-    with one gradient sum each) has the value, gradients and second derivatives of the plain
-    cell: every node the sum over edges and ops of softmax(alpha) * op(state)."""
+    """The cell (each op run once for all the edges that read a state, weights folded into
+    the BNs, states fanned out to their readers) has the value, gradients, second derivatives
+    and BN running statistics of the plain cell: every node the sum over its edges and all
+    ops, 'none' included, of softmax(alpha) * op(state), each edge's op a module of its own."""
     import copy
 
     from search_spaces import SearchCell
 
     torch.manual_seed(0)
     cell = SearchCell(3, 3, 5, 6, 4, reduction, False, PRIMITIVES).double().train(train)
-    ref = copy.deepcopy(cell)
+    pre = copy.deepcopy([cell.preprocess0, cell.preprocess1])
+    edges = {(i, s): [cell.edge_op(s, i, o).train(train) for o in PRIMITIVES] for i in range(3) for s in range(2 + i)}
     s0, s1 = (torch.rand(2, c, 6, 6, dtype=torch.float64, requires_grad=True) for c in (5, 6))
     a = torch.randn(9, len(PRIMITIVES), dtype=torch.float64, requires_grad=True)
 
     def plain(s0, s1, w):
-        states, e = [ref.preprocess0(s0), ref.preprocess1(s1)], 0
-        for _ in range(ref.nodes):
+        states, row = [pre[0](s0), pre[1](s1)], 0
+        for i in range(3):
             node = 0
-            for h in list(states):
-                node = node + sum(wi * o(h) for wi, o in zip(w[e], ref.edges[e].ops))
-                e += 1
+            for s, h in enumerate(list(states)):
+                node = node + sum(wi * o(h) for wi, o in zip(w[row], edges[i, s]))
+                row += 1
             states.append(node)
-        return torch.cat(states[-ref.multiplier :], dim=1)
+        return torch.cat(states[-3:], dim=1)
 
     def derivatives(f, params):
         out = f(s0, s1, torch.softmax(a, -1))
@@ -153,12 +129,29 @@ def test_search_cell_equals_the_op_by_op_cell_to_second_derivatives(reduction, t
         second = torch.autograd.grad(g0.square().sum() + g1.abs().sum(), (a, *params))
         return out, g0, g1, second
 
-    params = lambda m: [m.preprocess0[1].weight, m.edges[3].ops[4][1].weight]
-    for got, want in zip(derivatives(cell, params(cell)), derivatives(plain, params(ref))):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
-    for (name, b), (_, b_ref) in zip(cell.named_buffers(), ref.named_buffers()):
-        if "num_batches" not in name:
-            torch.testing.assert_close(b, b_ref, rtol=1e-12, atol=1e-12)
+    sep = cell.groups[0].convs["sep_conv_3x3"][1].weight  # edge node 1 <- s0 is its second slice
+    got = derivatives(cell, [cell.preprocess0[1].weight, sep])
+    want = derivatives(plain, [pre[0][1].weight, edges[1, 0][PRIMITIVES.index("sep_conv_3x3")][1].weight])
+    got = (*got[:3], (*got[3][:2], got[3][2].chunk(3)[1]))
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    for (i, s), ops in edges.items():
+        for name, op in zip(PRIMITIVES, ops):
+            for k, t in cell.edge_op(s, i, name).state_dict().items():
+                if "num_batches" not in k:
+                    torch.testing.assert_close(t, op.state_dict()[k], rtol=1e-12, atol=1e-12, msg=f"{i} {s} {name} {k}")
+
+
+def test_batched_edges_keep_channels_last():
+    """The repeat and the stride-2 skip's interleave of the batched edges give NHWC for NHWC
+    inputs, with the same values as for NCHW ones."""
+    from search_spaces.operations import FactorizedReduce, Repeat
+
+    torch.manual_seed(0)
+    fr, x = FactorizedReduce(4, 4, affine=False, edges=3), torch.randn(2, 12, 6, 6)
+    for m in (fr, Repeat(3)):
+        nhwc = m(x.contiguous(memory_format=torch.channels_last))
+        assert nhwc.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(nhwc, m(x))
 
 
 def test_sum_all_keeps_channels_last():

@@ -7,7 +7,9 @@ lo and up separately; linear maps with nonnegative coefficients (average pooling
 positive weighted sums) on either form. A Box keeps the form it was made in and derives the
 other on first use, so runs of affine maps and sums stay in (m, r). A mixed op (DARTS eq. 2)
 is the softmax(alpha)-weighted sum of its ops, and the weights are positive, so its box is the
-weighted sum of the ops' boxes: every bound stays differentiable in alpha.
+weighted sum of the ops' boxes: every bound stays differentiable in alpha. The search cell's
+batched edges (search_spaces/darts.py, EdgeGroup) are walked as they run: each op once for
+all the edges reading a state, the boxes taken apart per edge only for the node sums.
 
 BatchNorm is always the affine map of its *running* statistics (eval-mode semantics), even
 when the module is in training mode: the bounded function is the eval-mode network (drop
@@ -26,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search_spaces.darts import MixedOp, SearchCell, Supernet, sum_all
+from search_spaces.darts import EdgeGroup, SearchCell, Supernet, sum_all
 from search_spaces.network import Cell, Network
-from search_spaces.operations import FactorizedReduce, Identity, Shift, Zero
+from search_spaces.operations import FactorizedReduce, Identity, Repeat, Shift, Zero
 
 
 class Box:
@@ -81,6 +83,18 @@ class Box:
     def centred(self) -> bool:
         """Whether (mid, rad) are at hand."""
         return self._mid is not None
+
+    def unbind(self, dim: int) -> list[Box]:
+        """The boxes of t.unbind(dim), every form at hand split alike."""
+        forms = [None if t is None else t.unbind(dim) for t in (self._lo, self._up, self._mid, self._rad)]
+        n = next(len(f) for f in forms if f is not None)
+        boxes = []
+        for k in range(n):
+            box = Box.__new__(Box)
+            box._lo, box._up, box._mid, box._rad = (None if f is None else f[k] for f in forms)
+            box.center, box.eps = None, self.eps
+            boxes.append(box)
+        return boxes
 
     def each(self, fn) -> Box:  # noqa: ANN001 - a reshape
         """The box through the reshape `fn`, applied to every form at hand and to the L2 centre."""
@@ -199,26 +213,40 @@ def ibp(m: nn.Module, box: Box, trace: Trace, *, skip_head: bool = False) -> Box
         return _join([box], lambda ts: m(ts[0]))
     if isinstance(m, (Identity, nn.Identity, nn.Dropout)):
         return box
-    if isinstance(m, nn.Flatten):
+    if isinstance(m, (nn.Flatten, Repeat)):
         return box.each(m)
     if isinstance(m, Zero):
         z = m(box.lo)
         return Box(z, z)
     if isinstance(m, FactorizedReduce):
-        h = ibp(m.relu, box, trace)
-        a, b = ibp(m.conv_1, h, trace), ibp(m.conv_2, ibp(m.shift, h, trace), trace)
-        return ibp(m.bn, _cat([a, b]), trace)
+        return _from_relu(m, ibp(m.relu, box, trace), trace)
     raise TypeError(f"bounds: no bound propagation rule for {type(m).__name__}")
 
 
-def ibp_mixed(m: MixedOp, box: Box, weights: torch.Tensor, trace: Trace) -> list[Box]:
-    """The ops' boxes scaled by their softmax(alpha) weights (> 0, so the boxes of a sum add);
-    'none' contributes nothing."""
-    return [_scale(ibp(op, box, trace), w) for w, op in zip(weights, m.ops) if not isinstance(op, Zero)]
+def _from_relu(m: nn.Module, box: Box, trace: Trace) -> Box:
+    """A convolution op of EdgeGroup (or FactorizedReduce) after its leading ReLU."""
+    if isinstance(m, FactorizedReduce):
+        a, b = ibp(m.conv_1, box, trace), ibp(m.conv_2, ibp(m.shift, box, trace), trace)
+        return ibp(m.bn, _join([a, b], lambda ts: m.interleave(*ts)), trace)
+    for c in list(m)[1:]:
+        box = ibp(c, box, trace)
+    return box
 
 
-def _scale(b: Box, w: torch.Tensor) -> Box:
-    return Box(mid=w * b.mid, rad=w * b.rad)
+def ibp_edge_group(g: EdgeGroup, box: Box, rows: list[torch.Tensor], trace: Trace) -> list[Box]:
+    """As EdgeGroup.forward: per edge, the sum of the ops' boxes scaled by their softmax(alpha)
+    weights (> 0, so the boxes of a sum add); 'none' contributes nothing."""
+    out = []
+    if g.convs:
+        rbox = ibp(g.repeat, ibp(g.relu, box, trace), trace)
+        for op, w in zip(g.convs.values(), rows):
+            b = _from_relu(op, rbox, trace)
+            w = w[:, None, None]
+            out.append(Box(mid=w * b.mid, rad=w * b.rad).each(lambda t: t.unflatten(1, (g.E, g.C))))
+    for op, w in zip(g.shared.values(), rows[len(g.convs) :]):
+        b, w = ibp(op, box, trace), w.view(1, g.E, g.C, 1, 1)
+        out.append(Box(mid=b.mid.unsqueeze(1) * w, rad=b.rad.unsqueeze(1) * w))
+    return _sum(out).unbind(1)
 
 
 def _join(boxes: list[Box], fn) -> Box:  # noqa: ANN001 - linear with nonnegative coefficients
@@ -238,12 +266,14 @@ def _cat(boxes: list[Box]) -> Box:
 
 
 def ibp_search_cell(cell: SearchCell, b0: Box, b1: Box, weights: torch.Tensor, trace: Trace) -> Box:
+    """As SearchCell.forward."""
     states = [ibp(cell.preprocess0, b0, trace), ibp(cell.preprocess1, b1, trace)]
-    offset = 0
-    for _ in range(cell.nodes):
-        parts = [ibp_mixed(cell.edges[offset + j], h, weights[offset + j], trace) for j, h in enumerate(states)]
-        offset += len(states)
-        states.append(_sum([b for p in parts for b in p]))
+    rows = cell.arch_rows(weights)
+    outs = [ibp_edge_group(cell.groups[s], states[s], rows[s], trace) for s in (0, 1)]
+    for i in range(cell.nodes):
+        states.append(_sum([edges[i - cell.first(s)] for s, edges in enumerate(outs)]))
+        if i < cell.nodes - 1:
+            outs.append(ibp_edge_group(cell.groups[2 + i], states[-1], rows[2 + i], trace))
     return _cat(states[-cell.multiplier :])
 
 

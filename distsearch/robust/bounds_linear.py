@@ -12,7 +12,8 @@ is relaxed per window as max_i z_i >= z_j* (j*: the input with the largest lower
 linear selection that the substitution continues through) and max_i z_i <= max_i up_i (a
 constant, for negative coefficients). A mixed op is the softmax(alpha)-weighted sum of its ops, so its
 linear bound is the weighted sum of the ops' bounds; cells are DAGs whose coefficients are
-accumulated node by node in reverse order.
+accumulated node by node in reverse order. The search cell's batched edges (EdgeGroup) go
+back as they ran: the coefficients of all the edges reading a state side by side, each op once.
 
 Intermediate bounds (ReLU inputs, max-pool inputs and outputs) come from the IBP pass
 (bounds_ibp.py): the CROWN-IBP scheme (Zhang et al. 2020), one backward pass per network.
@@ -26,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search_spaces.darts import MixedOp, SearchCell, Supernet
+from search_spaces.darts import EdgeGroup, SearchCell, Supernet
 from search_spaces.network import Cell, Network
-from search_spaces.operations import FactorizedReduce, Identity, Shift, Zero
+from search_spaces.operations import FactorizedReduce, Identity, Repeat, Shift, Zero
 
 from .bounds_ibp import Trace, bn_affine
 
@@ -132,38 +133,55 @@ def back(m: nn.Module, A: Coef, st: Back) -> Coef:
         return _adjoint(m, A, st.trace.shapes[id(m)])
     if isinstance(m, nn.Flatten):
         return A.reshape(*A.shape[:2], *st.trace.shapes[id(m)])
+    if isinstance(m, Repeat):  # the copies' coefficients add up
+        return A.unflatten(2, (m.times, -1)).sum(2)
     if isinstance(m, (Identity, nn.Identity, nn.Dropout)):
         return A
     if isinstance(m, Zero):
         return None
     if isinstance(m, FactorizedReduce):
-        A = back(m.bn, A, st)
-        a1, a2 = A.chunk(2, dim=2)
-        A = _acc(back(m.conv_1, a1, st), back(m.shift, back(m.conv_2, a2, st), st))
-        return back(m.relu, A, st)
+        return back(m.relu, _from_relu_back(m, A, st), st)
     raise TypeError(f"bounds: no linear bound rule for {type(m).__name__}")
 
 
-def back_mixed(m: MixedOp, A: torch.Tensor, weights: torch.Tensor, st: Back) -> Coef:
+def _from_relu_back(m: nn.Module, A: torch.Tensor, st: Back) -> Coef:
+    """Back through a convolution op of EdgeGroup (or FactorizedReduce) to its ReLU's output."""
+    if isinstance(m, FactorizedReduce):
+        A = back(m.bn, A, st).unflatten(2, (m.edges, 2, -1))  # edge by edge: conv_1's, conv_2's
+        a1, a2 = A[:, :, :, 0].flatten(2, 3), A[:, :, :, 1].flatten(2, 3)
+        return _acc(back(m.conv_1, a1, st), back(m.shift, back(m.conv_2, a2, st), st))
+    for c in reversed(list(m)[1:]):
+        A = back(c, A, st)
+    return A
+
+
+def back_edge_group(g: EdgeGroup, edges: list[Coef], rows: list[torch.Tensor], st: Back) -> Coef:
+    """The coefficients of the group's E edges (None: that node does not matter) back to x."""
+    if all(a is None for a in edges):
+        return None
+    like = next(a for a in edges if a is not None)
+    A = torch.stack([like.new_zeros(()).expand_as(like) if a is None else a for a in edges], 2)  # [B, S, E, C, ..]
     out: Coef = None
-    for w, op in zip(weights, m.ops):
-        if not isinstance(op, Zero):
-            out = _acc(out, back(op, w * A, st))
+    if g.convs:
+        rep: Coef = None
+        for op, w in zip(g.convs.values(), rows):
+            rep = _acc(rep, _from_relu_back(op, A.flatten(2, 3) * w[:, None, None], st))
+        out = back(g.relu, back(g.repeat, rep, st), st)
+    for op, w in zip(g.shared.values(), rows[len(g.convs) :]):
+        out = _acc(out, back(op, (A * w.view(1, 1, g.E, g.C, 1, 1)).sum(2), st))
     return out
 
 
 def back_search_cell(cell: SearchCell, A: torch.Tensor, weights: torch.Tensor, st: Back) -> tuple[Coef, Coef]:
+    """As SearchCell.forward, in reverse: each state once all the nodes reading it are done."""
     n = 2 + cell.nodes
     As: list[Coef] = [None] * n
     for idx, chunk in zip(range(n - cell.multiplier, n), A.chunk(cell.multiplier, dim=2)):
         As[idx] = chunk
-    offsets = [sum(2 + t for t in range(i)) for i in range(cell.nodes)]
-    for i in reversed(range(cell.nodes)):
-        Ai = As[2 + i]
-        if Ai is None:
-            continue
-        for j in range(2 + i):
-            As[j] = _acc(As[j], back_mixed(cell.edges[offsets[i] + j], Ai, weights[offsets[i] + j], st))
+    rows = cell.arch_rows(weights)
+    for s in reversed(range(cell.nodes + 1)):
+        edges = [As[2 + i] for i in range(cell.first(s), cell.nodes)]
+        As[s] = _acc(As[s], back_edge_group(cell.groups[s], edges, rows[s], st))
     return back(cell.preprocess0, As[0], st), back(cell.preprocess1, As[1], st)
 
 
