@@ -22,10 +22,10 @@ from torch import nn
 
 from .genotype import Genotype
 from .operations import (
-    EDGEWISE,
     PRIMITIVES,
     BatchNorm2d,
     FactorizedReduce,
+    Identity,
     Repeat,
     Zero,
     make_op,
@@ -70,13 +70,12 @@ def sum_all(ts: list[torch.Tensor]) -> torch.Tensor:
 class EdgeGroup(nn.Module):
     """The candidate ops of the E edges that read one state, each op run once for all of them.
 
-    The convolution ops (sep, dil, and skip at stride 2) hold E independent copies side by
-    side (`edges=E`: channels edge by edge, E * C) and read relu(x) repeated E times; each
+    Every op but the identity holds the E edges' copies side by side (`edges=E`: from C to
+    E * C channels, edge by edge; 1x1 convs grouped by edge; a pool runs once and is copied
+    per edge before its BN); the sep and dil convs share one relu(x) repeated E times. Each
     edge's softmax(alpha) weight is folded into the op's last BatchNorm (`BatchNorm2d(x,
-    scale)`). The pools and the identity read x itself, the same on every edge: a pool and its
-    parameter-free BN give every edge the same output and running statistics, so they run
-    once and are scaled per edge. 'none' is left out (w * 0 adds nothing; its alpha still
-    enters the softmax). The ops' order: `names` (convolutions first).
+    scale)`) or, for the identity, multiplies x per edge (`per_edge`). 'none' is left out
+    (w * 0 adds nothing; its alpha still enters the softmax). The ops' order: `names`.
     """
 
     def __init__(self, C: int, stride: int, ops: tuple[str, ...], edges: int):
@@ -84,39 +83,46 @@ class EdgeGroup(nn.Module):
         self.C, self.E, self.stride = C, edges, stride
         self.relu = nn.ReLU(inplace=False)
         self.repeat = Repeat(edges)
-        self.convs = nn.ModuleDict()  # on relu(x) repeated; their leading ReLU is not run
-        self.shared = nn.ModuleDict()  # on x
+        self.ops = nn.ModuleDict()
         for name in ops:
             op = make_op(name, C, stride, affine=False, search=True, edges=edges)
-            if name in EDGEWISE or isinstance(op, FactorizedReduce):
-                self.convs[name] = op
-            elif not isinstance(op, Zero):
-                self.shared[name] = op
-        self.names = [*self.convs, *self.shared]
+            if not isinstance(op, Zero):
+                self.ops[name] = op
+        self.names = list(self.ops)
+        self.plan = [_plan(op) for op in self.ops.values()]  # not registered: the same modules
 
     def forward(self, x: torch.Tensor, rows: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Per edge, its mixed op sum_o w_o * o(x): E tensors [B, C, H', W']; rows: per op (in
         `names` order) its weight on each edge, repeated C times: [E * C]."""
-        xs = fan_out(x, len(self.shared) + bool(self.convs))
+        n_rx = sum(step[0] for step in self.plan)
+        xs = fan_out(x, len(self.plan) - n_rx + (n_rx > 0))
+        rxs = fan_out(self.repeat(self.relu(next(xs))), n_rx) if n_rx else None
         out = []
-        if self.convs:
-            rxs = fan_out(self.repeat(self.relu(next(xs))), len(self.convs))
-            for op, w in zip(self.convs.values(), rows):
-                out.append(weighted(op, next(rxs), w).unflatten(1, (self.E, self.C)))
-        for op, w in zip(self.shared.values(), rows[len(self.convs) :]):
-            h = op(next(xs))
-            out.append(h.unsqueeze(1) * w.to(h.dtype).view(1, self.E, self.C, 1, 1))
-        return sum_all(out).unbind(1)  # [B, E, C, H', W'] apart; one backward kernel
+        for (on_relu, body, last), w in zip(self.plan, rows):
+            h = next(rxs) if on_relu else next(xs)
+            for m in body:
+                h = m(h)
+            out.append(self.per_edge(h, w) if last is None else last(h, w))
+        return sum_all(out).unflatten(1, (self.E, self.C)).unbind(1)  # one backward kernel
+
+    def per_edge(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """[B, C, ...] scaled by each edge's weights w [E * C]: [B, E * C, ...] (linear in h)."""
+        return (h.unsqueeze(1) * w.to(h.dtype).view(1, self.E, self.C, *[1] * (h.dim() - 2))).flatten(1, 2)
 
 
-def weighted(op: nn.Module, rx: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """scale * op(x) for a convolution op of EdgeGroup, given rx = relu(x): its modules after
-    the leading ReLU, the weight folded into the last BatchNorm."""
-    if isinstance(op, FactorizedReduce):
-        return op.from_relu(rx, scale)
-    for m in list(op)[1:-1]:
-        rx = m(rx)
-    return op[-1](rx, scale)
+Plan = tuple[bool, tuple[nn.Module, ...], nn.Module | None]
+
+
+def _plan(op: nn.Module) -> Plan:
+    """How EdgeGroup runs `op`: (reads the group's relu(x) repeated, the modules after that,
+    the last module, which takes the weight as its output scale: a BatchNorm2d or a
+    FactorizedReduce; None for the identity)."""
+    if isinstance(op, (FactorizedReduce, Identity)):
+        return False, (), (op if isinstance(op, FactorizedReduce) else None)
+    mods = list(op)
+    on_relu = isinstance(mods[0], nn.ReLU)
+    skip = on_relu + (on_relu and len(mods) > 1 and isinstance(mods[1], Repeat))
+    return on_relu, tuple(mods[skip:-1]), mods[-1]
 
 
 class SearchCell(nn.Module):
@@ -180,12 +186,11 @@ class SearchCell(nn.Module):
         g = self.groups[state]
         like = self.preprocess1[1].weight
         op = make_op(name, self.C, g.stride, affine=False, search=True).to(like.device, like.dtype)
-        if name in g.convs:
+        if name in g.ops:  # the same tensors in the same order (Repeat has none)
             e = node - self.first(state)
-            own = {k: (t.chunk(g.E)[e] if t.dim() else t) for k, t in g.convs[name].state_dict().items()}
-            op.load_state_dict(own)
-        elif name in g.shared:
-            op.load_state_dict(g.shared[name].state_dict())
+            with torch.no_grad():
+                for mine, t in zip(op.state_dict().values(), g.ops[name].state_dict().values(), strict=True):
+                    mine.copy_(t.chunk(g.E)[e] if t.dim() else t)
         return op
 
 

@@ -108,8 +108,8 @@ class FactorizedReduce(nn.Module):
 
     Unlike the reference code, the second path pads before shifting, so odd sizes (7x7 on
     MNIST after two reductions) work too. With `edges` = E > 1, E independent copies side by
-    side (the search cell's batched edges): input and output channels edge by edge, each
-    edge's output its conv_1 half then its conv_2 half (`interleave`).
+    side (the search cell's batched edges): relu(x) repeated E times, outputs edge by edge,
+    each edge's output its conv_1 half then its conv_2 half (`interleave`).
     """
 
     def __init__(self, C_in: int, C_out: int, affine: bool = True, edges: int = 1):
@@ -119,15 +119,14 @@ class FactorizedReduce(nn.Module):
         self.relu = nn.ReLU(inplace=False)
         self.shift = Shift()
         E = edges
+        self.repeat = Repeat(edges)
         self.conv_1 = nn.Conv2d(E * C_in, E * C_out // 2, 1, stride=2, padding=0, bias=False, groups=E)
         self.conv_2 = nn.Conv2d(E * C_in, E * C_out // 2, 1, stride=2, padding=0, bias=False, groups=E)
         self.bn = BatchNorm2d(E * C_out, affine=affine)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.from_relu(self.relu(x))
-
-    def from_relu(self, rx: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """scale * forward(x), given rx = relu(x)."""
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """scale * FR(x), the scale folded into the BN."""
+        rx = self.repeat(self.relu(x))
         return self.bn(self.interleave(self.conv_1(rx), self.conv_2(self.shift(rx))), scale)
 
     def interleave(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -158,10 +157,11 @@ def dil_conv(
     edges: int = 1,
 ) -> nn.Sequential:
     """ReLU, depthwise conv, 1x1 conv, BN; `edges` = E > 1: E independent copies side by side
-    (channels edge by edge; the 1x1 conv grouped by edge)."""
+    (relu(x) repeated E times, channels edge by edge, the 1x1 conv grouped by edge)."""
     E = edges
     return nn.Sequential(
         nn.ReLU(inplace=False),
+        *([Repeat(E)] if E > 1 else []),
         DepthwiseConv2d(E * C_in, E * C_in, kernel, stride, padding, dilation=dilation, groups=E * C_in, bias=False),
         nn.Conv2d(E * C_in, E * C_out, 1, bias=False, groups=E),
         BatchNorm2d(E * C_out, affine=affine),
@@ -172,13 +172,12 @@ def sep_conv(
     C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool = True, edges: int = 1
 ) -> nn.Sequential:
     """Two stacked depthwise-separable convs (the DARTS SepConv), flattened into one Sequential."""
-    return nn.Sequential(
-        *dil_conv(C_in, C_in, kernel, stride, padding, 1, affine, edges),
-        *dil_conv(C_in, C_out, kernel, 1, padding, 1, affine, edges),
-    )
+    first = dil_conv(C_in, C_in, kernel, stride, padding, 1, affine, edges)
+    second = list(dil_conv(C_in, C_out, kernel, 1, padding, 1, affine, edges))  # reads E * C: no repeat
+    return nn.Sequential(*first, *[m for m in second if not isinstance(m, Repeat)])
 
 
-def _pool(kind: str, C: int, stride: int, affine: bool, bn: bool) -> nn.Module:
+def _pool(kind: str, C: int, stride: int, affine: bool, bn: bool, edges: int = 1) -> nn.Module:
     pool = (
         nn.MaxPool2d(3, stride=stride, padding=1)
         if kind == "max"
@@ -186,18 +185,22 @@ def _pool(kind: str, C: int, stride: int, affine: bool, bn: bool) -> nn.Module:
     )
     # In the search space DARTS follows each pool by a parameter-free BN so its scale
     # matches the convolutions' (model_search.py, MixedOp).
-    return nn.Sequential(pool, BatchNorm2d(C, affine=False)) if bn else nn.Sequential(pool)
+    # With edges = E > 1 the pool runs once and its output is copied per edge before the BN.
+    if not bn:
+        return nn.Sequential(pool)
+    return nn.Sequential(pool, *([Repeat(edges)] if edges > 1 else []), BatchNorm2d(edges * C, affine=False))
 
 
 OpFactory = Callable[[int, int, bool, bool, int], nn.Module]
 
 # name -> factory(C, stride, affine, search, edges): `search` adds the pool BN of the supernet;
-# `edges` = E > 1 batches E independent copies of a convolution op (sep, dil, the stride-2
-# skip) side by side. The other ops read the state itself, the same for every edge.
+# `edges` = E > 1 builds E independent copies of the op side by side, from C input channels to E * C
+# output channels edge by edge (the search cell's batched edges); the identity stays one (the
+# cell scales it per edge).
 OPS: dict[str, OpFactory] = {
     "none": lambda C, stride, affine, search, edges: Zero(stride),
-    "max_pool_3x3": lambda C, stride, affine, search, edges: _pool("max", C, stride, affine, search),
-    "avg_pool_3x3": lambda C, stride, affine, search, edges: _pool("avg", C, stride, affine, search),
+    "max_pool_3x3": lambda C, stride, affine, search, edges: _pool("max", C, stride, affine, search, edges),
+    "avg_pool_3x3": lambda C, stride, affine, search, edges: _pool("avg", C, stride, affine, search, edges),
     "skip_connect": lambda C, stride, affine, search, edges: (
         Identity() if stride == 1 else FactorizedReduce(C, C, affine, edges)
     ),
@@ -206,7 +209,6 @@ OPS: dict[str, OpFactory] = {
     "dil_conv_3x3": lambda C, stride, affine, search, edges: dil_conv(C, C, 3, stride, 2, 2, affine, edges),
     "dil_conv_5x5": lambda C, stride, affine, search, edges: dil_conv(C, C, 5, stride, 4, 2, affine, edges),
 }
-EDGEWISE = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")  # batched per edge, on relu(x)
 
 
 def make_op(name: str, C: int, stride: int, affine: bool = True, search: bool = False, edges: int = 1) -> nn.Module:

@@ -129,7 +129,7 @@ def test_search_cell_equals_the_op_by_op_cell_to_second_derivatives(reduction, t
         second = torch.autograd.grad(g0.square().sum() + g1.abs().sum(), (a, *params))
         return out, g0, g1, second
 
-    sep = cell.groups[0].convs["sep_conv_3x3"][1].weight  # edge node 1 <- s0 is its second slice
+    sep = cell.groups[0].ops["sep_conv_3x3"][2].weight  # after ReLU, Repeat; edge node 1 <- s0: 2nd slice
     got = derivatives(cell, [cell.preprocess0[1].weight, sep])
     want = derivatives(plain, [pre[0][1].weight, edges[1, 0][PRIMITIVES.index("sep_conv_3x3")][1].weight])
     got = (*got[:3], (*got[3][:2], got[3][2].chunk(3)[1]))
@@ -147,7 +147,7 @@ def test_batched_edges_keep_channels_last():
     from search_spaces.operations import FactorizedReduce, Repeat
 
     torch.manual_seed(0)
-    fr, x = FactorizedReduce(4, 4, affine=False, edges=3), torch.randn(2, 12, 6, 6)
+    fr, x = FactorizedReduce(4, 4, affine=False, edges=3), torch.randn(2, 4, 6, 6)
     for m in (fr, Repeat(3)):
         nhwc = m(x.contiguous(memory_format=torch.channels_last))
         assert nhwc.is_contiguous(memory_format=torch.channels_last)

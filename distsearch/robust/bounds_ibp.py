@@ -219,34 +219,27 @@ def ibp(m: nn.Module, box: Box, trace: Trace, *, skip_head: bool = False) -> Box
         z = m(box.lo)
         return Box(z, z)
     if isinstance(m, FactorizedReduce):
-        return _from_relu(m, ibp(m.relu, box, trace), trace)
-    raise TypeError(f"bounds: no bound propagation rule for {type(m).__name__}")
-
-
-def _from_relu(m: nn.Module, box: Box, trace: Trace) -> Box:
-    """A convolution op of EdgeGroup (or FactorizedReduce) after its leading ReLU."""
-    if isinstance(m, FactorizedReduce):
-        a, b = ibp(m.conv_1, box, trace), ibp(m.conv_2, ibp(m.shift, box, trace), trace)
+        h = ibp(m.repeat, ibp(m.relu, box, trace), trace)
+        a, b = ibp(m.conv_1, h, trace), ibp(m.conv_2, ibp(m.shift, h, trace), trace)
         return ibp(m.bn, _join([a, b], lambda ts: m.interleave(*ts)), trace)
-    for c in list(m)[1:]:
-        box = ibp(c, box, trace)
-    return box
+    raise TypeError(f"bounds: no bound propagation rule for {type(m).__name__}")
 
 
 def ibp_edge_group(g: EdgeGroup, box: Box, rows: list[torch.Tensor], trace: Trace) -> list[Box]:
     """As EdgeGroup.forward: per edge, the sum of the ops' boxes scaled by their softmax(alpha)
     weights (> 0, so the boxes of a sum add); 'none' contributes nothing."""
+    rbox = ibp(g.repeat, ibp(g.relu, box, trace), trace) if any(step[0] for step in g.plan) else None
     out = []
-    if g.convs:
-        rbox = ibp(g.repeat, ibp(g.relu, box, trace), trace)
-        for op, w in zip(g.convs.values(), rows):
-            b = _from_relu(op, rbox, trace)
-            w = w[:, None, None]
-            out.append(Box(mid=w * b.mid, rad=w * b.rad).each(lambda t: t.unflatten(1, (g.E, g.C))))
-    for op, w in zip(g.shared.values(), rows[len(g.convs) :]):
-        b, w = ibp(op, box, trace), w.view(1, g.E, g.C, 1, 1)
-        out.append(Box(mid=b.mid.unsqueeze(1) * w, rad=b.rad.unsqueeze(1) * w))
-    return _sum(out).unbind(1)
+    for (on_relu, body, last), w in zip(g.plan, rows):
+        b = rbox if on_relu else box
+        for m in body:
+            b = ibp(m, b, trace)
+        if last is None:
+            out.append(Box(mid=g.per_edge(b.mid, w), rad=g.per_edge(b.rad, w)))
+        else:
+            b, w = ibp(last, b, trace), w[:, None, None]
+            out.append(Box(mid=w * b.mid, rad=w * b.rad))
+    return _sum(out).each(lambda t: t.unflatten(1, (g.E, g.C))).unbind(1)
 
 
 def _join(boxes: list[Box], fn) -> Box:  # noqa: ANN001 - linear with nonnegative coefficients

@@ -140,19 +140,11 @@ def back(m: nn.Module, A: Coef, st: Back) -> Coef:
     if isinstance(m, Zero):
         return None
     if isinstance(m, FactorizedReduce):
-        return back(m.relu, _from_relu_back(m, A, st), st)
-    raise TypeError(f"bounds: no linear bound rule for {type(m).__name__}")
-
-
-def _from_relu_back(m: nn.Module, A: torch.Tensor, st: Back) -> Coef:
-    """Back through a convolution op of EdgeGroup (or FactorizedReduce) to its ReLU's output."""
-    if isinstance(m, FactorizedReduce):
         A = back(m.bn, A, st).unflatten(2, (m.edges, 2, -1))  # edge by edge: conv_1's, conv_2's
         a1, a2 = A[:, :, :, 0].flatten(2, 3), A[:, :, :, 1].flatten(2, 3)
-        return _acc(back(m.conv_1, a1, st), back(m.shift, back(m.conv_2, a2, st), st))
-    for c in reversed(list(m)[1:]):
-        A = back(c, A, st)
-    return A
+        A = _acc(back(m.conv_1, a1, st), back(m.shift, back(m.conv_2, a2, st), st))
+        return back(m.relu, back(m.repeat, A, st), st)
+    raise TypeError(f"bounds: no linear bound rule for {type(m).__name__}")
 
 
 def back_edge_group(g: EdgeGroup, edges: list[Coef], rows: list[torch.Tensor], st: Back) -> Coef:
@@ -161,15 +153,16 @@ def back_edge_group(g: EdgeGroup, edges: list[Coef], rows: list[torch.Tensor], s
         return None
     like = next(a for a in edges if a is not None)
     A = torch.stack([like.new_zeros(()).expand_as(like) if a is None else a for a in edges], 2)  # [B, S, E, C, ..]
-    out: Coef = None
-    if g.convs:
-        rep: Coef = None
-        for op, w in zip(g.convs.values(), rows):
-            rep = _acc(rep, _from_relu_back(op, A.flatten(2, 3) * w[:, None, None], st))
-        out = back(g.relu, back(g.repeat, rep, st), st)
-    for op, w in zip(g.shared.values(), rows[len(g.convs) :]):
-        out = _acc(out, back(op, (A * w.view(1, 1, g.E, g.C, 1, 1)).sum(2), st))
-    return out
+    on: list[Coef] = [None, None]  # on x, on the group's relu(x) repeated
+    for (on_relu, body, last), w in zip(g.plan, rows):
+        if last is None:  # the adjoint of EdgeGroup.per_edge
+            a = (A * w.view(1, 1, g.E, g.C, *[1] * (A.dim() - 4))).sum(2)
+        else:
+            a = back(last, A.flatten(2, 3) * w[:, None, None], st)
+        for m in reversed(body):
+            a = back(m, a, st)
+        on[on_relu] = _acc(on[on_relu], a)
+    return _acc(on[0], back(g.relu, back(g.repeat, on[1], st), st))
 
 
 def back_search_cell(cell: SearchCell, A: torch.Tensor, weights: torch.Tensor, st: Back) -> tuple[Coef, Coef]:
