@@ -98,7 +98,7 @@ def spec_bounds(
     else:
         out = ibp(model, box, trace)
         out = out.each(lambda t: t.flatten(1))
-        K = out.lo.shape[1]
+        K = out.shape[1]
         C = torch.eye(K, dtype=x.dtype, device=x.device).expand(x.shape[0], K, K) if C is None else C
         out = spec_linear(torch.eye(K, dtype=x.dtype, device=x.device), None, C, out)
     lower, upper = out.lo, out.up

@@ -70,14 +70,18 @@ class Box:
     @property
     def mid(self) -> torch.Tensor:
         if self._mid is None:
-            self._mid = (self._up + self._lo) / 2
+            self._mid = torch.lerp(self._lo, self._up, 0.5)  # up - (up - lo) / 2: one kernel
         return self._mid
 
     @property
     def rad(self) -> torch.Tensor:
         if self._rad is None:
-            self._rad = (self._up - self._lo) / 2
+            self._rad = self._up - self.mid  # >= 0: mid = up - (a nonnegative number) rounded down
         return self._rad
+
+    @property
+    def shape(self) -> torch.Size:
+        return (self._lo if self._lo is not None else self._mid).shape
 
     @property
     def centred(self) -> bool:
@@ -132,6 +136,32 @@ def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
+def _bn(m: nn.BatchNorm2d, box: Box, scale: torch.Tensor | None = None) -> Box:
+    """scale * m(z) over the box, with m's running statistics (scale >= 0, per channel): the
+    centre and the radius each through one eval-mode batch norm (one kernel each way), the
+    radius with mean 0 and |weight|."""
+    if m.running_mean is None or m.running_var is None:
+        raise ValueError("bounds: BatchNorm2d without running statistics (track_running_stats=False)")
+    weight, bias = m.weight, m.bias
+    if scale is not None:
+        weight, bias = (scale, None) if weight is None else (weight * scale, bias * scale)
+    mid = F.batch_norm(box.mid, m.running_mean, m.running_var, weight, bias, False, 0.0, m.eps)
+    w_abs = weight if m.weight is None else weight.abs()
+    rad = F.batch_norm(box.rad, _zeros(m.running_mean), m.running_var, w_abs, None, False, 0.0, m.eps)
+    return Box(mid=mid, rad=rad)
+
+
+_ZEROS: dict[tuple, torch.Tensor] = {}
+
+
+def _zeros(like: torch.Tensor) -> torch.Tensor:
+    """A zero tensor like `like`, made once per shape, dtype and device (read only)."""
+    key = (like.shape, like.dtype, like.device)
+    if key not in _ZEROS:
+        _ZEROS[key] = torch.zeros_like(like)
+    return _ZEROS[key]
+
+
 def _affine(fn, fn_abs, box: Box, l2_rad=None) -> Box:
     c, rad = fn(box.mid), fn_abs(box.rad)
     if box.center is None or l2_rad is None:
@@ -146,7 +176,7 @@ def _conv(m: nn.Conv2d, box: Box) -> Box:
     fn = lambda z: F.conv2d(z, m.weight, m.bias, **kw)
     fn_abs = lambda z: F.conv2d(z, m.weight.abs(), None, **kw)
     # exact L2 norm of each output unit's row (border taps that fall on padding excluded)
-    l2 = lambda: F.conv2d(torch.ones_like(box.lo[:1]), m.weight.square(), None, **kw).clamp_min(0).sqrt()
+    l2 = lambda: F.conv2d(box.mid.new_ones((1, *box.shape[1:])), m.weight.square(), None, **kw).clamp_min(0).sqrt()
     return _affine(fn, fn_abs, box, l2)
 
 
@@ -189,18 +219,16 @@ def ibp(m: nn.Module, box: Box, trace: Trace, *, skip_head: bool = False) -> Box
         for c in children:
             box = ibp(c, box, trace)
         return box
-    trace.shapes[id(m)] = box.lo.shape[1:]
+    trace.shapes[id(m)] = box.shape[1:]
     if isinstance(m, nn.Conv2d):
         return _conv(m, box)
     if isinstance(m, nn.Linear):
         return _linear(m, box)
     if isinstance(m, nn.BatchNorm2d):
-        s, t = bn_affine(m)
-        s4, t4 = s.reshape(1, -1, 1, 1), t.reshape(1, -1, 1, 1)
-        return _affine(lambda z: torch.addcmul(t4, z, s4), lambda z: z * s4.abs(), box)
+        return _bn(m, box)
     if isinstance(m, nn.ReLU):
         trace.put(m, box.lo, box.up)
-        return Box(box.lo.clamp_min(0), box.up.clamp_min(0))
+        return Box(F.relu(box.lo), F.relu(box.up))
     if isinstance(m, nn.MaxPool2d):
         out = _monotone(m, box)
         trace.put(m, out.lo, out.up)
@@ -236,6 +264,9 @@ def ibp_edge_group(g: EdgeGroup, box: Box, rows: list[torch.Tensor], trace: Trac
             b = ibp(m, b, trace)
         if last is None:
             out.append(Box(mid=g.per_edge(b.mid, w), rad=g.per_edge(b.rad, w)))
+        elif isinstance(last, nn.BatchNorm2d):
+            trace.shapes[id(last)] = b.shape[1:]
+            out.append(_bn(last, b, w))
         else:
             b, w = ibp(last, b, trace), w[:, None, None]
             out.append(Box(mid=w * b.mid, rad=w * b.rad))
