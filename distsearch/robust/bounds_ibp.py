@@ -155,9 +155,12 @@ _ZEROS: dict[tuple, torch.Tensor] = {}
 
 
 def _zeros(like: torch.Tensor) -> torch.Tensor:
-    """A zero tensor like `like`, made once per shape, dtype and device (read only)."""
+    """A zero tensor like `like`, made once per shape, dtype and device (read only); never
+    kept from inside a CUDA graph capture (there it would be filled only on replay)."""
     key = (like.shape, like.dtype, like.device)
     if key not in _ZEROS:
+        if like.is_cuda and torch.cuda.is_current_stream_capturing():
+            return torch.zeros_like(like)
         _ZEROS[key] = torch.zeros_like(like)
     return _ZEROS[key]
 
