@@ -25,7 +25,6 @@ from .operations import (
     PRIMITIVES,
     BatchNorm2d,
     FactorizedReduce,
-    Identity,
     Repeat,
     Zero,
     make_op,
@@ -72,10 +71,12 @@ class EdgeGroup(nn.Module):
 
     Every op but the identity holds the E edges' copies side by side (`edges=E`: from C to
     E * C channels, edge by edge; 1x1 convs grouped by edge; a pool runs once and is copied
-    per edge before its BN); the sep and dil convs share one relu(x) repeated E times. Each
-    edge's softmax(alpha) weight is folded into the op's last BatchNorm (`BatchNorm2d(x,
-    scale)`) or, for the identity, multiplies x per edge (`per_edge`). 'none' is left out
-    (w * 0 adds nothing; its alpha still enters the softmax). The ops' order: `names`.
+    per edge); the sep and dil convs share one relu(x) repeated E times. The ops that end in a
+    parameter-free BatchNorm (`normed`: sep, dil, pools) share one, over all their outputs
+    side by side, whose weight is each edge's softmax(alpha) for that op, and are summed as
+    they leave it; the stride-2 skip folds its weight into its own BN, the identity is scaled
+    per edge (`per_edge`). 'none' is left out (w * 0 adds nothing; its alpha still enters the
+    softmax). The ops' order: `names` (the normed ones first).
     """
 
     def __init__(self, C: int, stride: int, ops: tuple[str, ...], edges: int):
@@ -83,26 +84,40 @@ class EdgeGroup(nn.Module):
         self.C, self.E, self.stride = C, edges, stride
         self.relu = nn.ReLU(inplace=False)
         self.repeat = Repeat(edges)
-        self.ops = nn.ModuleDict()
-        for name in ops:
-            op = make_op(name, C, stride, affine=False, search=True, edges=edges)
-            if not isinstance(op, Zero):
-                self.ops[name] = op
-        self.names = list(self.ops)
-        self.plan = [_plan(op) for op in self.ops.values()]  # not registered: the same modules
+        built = {name: make_op(name, C, stride, affine=False, search=True, edges=edges) for name in ops}
+        built = {name: op for name, op in built.items() if not isinstance(op, Zero)}
+        self.normed = [
+            n for n, op in built.items() if isinstance(op, nn.Sequential) and isinstance(op[-1], BatchNorm2d)
+        ]
+        self.names = [*self.normed, *(n for n in built if n not in self.normed)]
+        self.ops = nn.ModuleDict(
+            {n: nn.Sequential(*built[n][:-1]) if n in self.normed else built[n] for n in self.names}
+        )
+        self.bn = BatchNorm2d(len(self.normed) * edges * C, affine=False) if self.normed else None
+        self.plan = [_plan(self.ops[n]) for n in self.normed]  # not registered: the same modules
+        self.sizes = [len(self.normed) * edges * C] * bool(self.normed) + [edges * C] * (
+            len(self.names) - len(self.normed)
+        )
 
     def forward(self, x: torch.Tensor, rows: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """Per edge, its mixed op sum_o w_o * o(x): E tensors [B, C, H', W']; rows: per op (in
-        `names` order) its weight on each edge, repeated C times: [E * C]."""
-        n_rx = sum(step[0] for step in self.plan)
-        xs = fan_out(x, len(self.plan) - n_rx + (n_rx > 0))
+        """Per edge, its mixed op sum_o w_o * o(x): E tensors [B, C, H', W']; rows: the weights
+        of the edges repeated C times, for the normed ops together, then per other op."""
+        n_rx = sum(on_relu for on_relu, _ in self.plan)
+        xs = fan_out(x, len(self.names) - n_rx + (n_rx > 0))
         rxs = fan_out(self.repeat(self.relu(next(xs))), n_rx) if n_rx else None
-        out = []
-        for (on_relu, body, last), w in zip(self.plan, rows):
-            h = next(rxs) if on_relu else next(xs)
-            for m in body:
-                h = m(h)
-            out.append(self.per_edge(h, w) if last is None else last(h, w))
+        rows, out = iter(rows), []
+        if self.plan:
+            pre = []
+            for on_relu, body in self.plan:
+                h = next(rxs) if on_relu else next(xs)
+                for m in body:
+                    h = m(h)
+                pre.append(h)
+            z = self.bn(torch.cat(pre, 1) if len(pre) > 1 else pre[0], next(rows))
+            out.append(z.unflatten(1, (len(pre), -1)).sum(1))
+        for name in self.names[len(self.normed) :]:
+            op, w = self.ops[name], next(rows)
+            out.append(op(next(xs), w) if isinstance(op, FactorizedReduce) else self.per_edge(next(xs), w))
         return sum_all(out).unflatten(1, (self.E, self.C)).unbind(1)  # one backward kernel
 
     def per_edge(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -110,19 +125,12 @@ class EdgeGroup(nn.Module):
         return (h.unsqueeze(1) * w.to(h.dtype).view(1, self.E, self.C, *[1] * (h.dim() - 2))).flatten(1, 2)
 
 
-Plan = tuple[bool, tuple[nn.Module, ...], nn.Module | None]
-
-
-def _plan(op: nn.Module) -> Plan:
-    """How EdgeGroup runs `op`: (reads the group's relu(x) repeated, the modules after that,
-    the last module, which takes the weight as its output scale: a BatchNorm2d or a
-    FactorizedReduce; None for the identity)."""
-    if isinstance(op, (FactorizedReduce, Identity)):
-        return False, (), (op if isinstance(op, FactorizedReduce) else None)
+def _plan(op: nn.Sequential) -> tuple[bool, tuple[nn.Module, ...]]:
+    """How EdgeGroup runs a normed op: (reads the group's relu(x) repeated, its modules after that)."""
     mods = list(op)
     on_relu = isinstance(mods[0], nn.ReLU)
     skip = on_relu + (on_relu and len(mods) > 1 and isinstance(mods[1], Repeat))
-    return on_relu, tuple(mods[skip:-1]), mods[-1]
+    return on_relu, tuple(mods[skip:])
 
 
 class SearchCell(nn.Module):
@@ -164,11 +172,10 @@ class SearchCell(nn.Module):
         return max(0, s - 1)
 
     def arch_rows(self, weights: torch.Tensor) -> list[list[torch.Tensor]]:
-        """Per group, per op (EdgeGroup.names), its edges' weights repeated C times: [E * C]."""
-        flat = iter(
-            weights.reshape(-1).index_select(0, self._rows).split([g.E * self.C for g in self.groups for _ in g.names])
-        )
-        return [list(itertools.islice(flat, len(g.names))) for g in self.groups]
+        """Per group, the rows its forward reads (EdgeGroup.sizes): its edges' weights for
+        each op (EdgeGroup.names) repeated C times."""
+        flat = iter(weights.reshape(-1).index_select(0, self._rows).split([n for g in self.groups for n in g.sizes]))
+        return [list(itertools.islice(flat, len(g.sizes))) for g in self.groups]
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
@@ -186,10 +193,14 @@ class SearchCell(nn.Module):
         g = self.groups[state]
         like = self.preprocess1[1].weight
         op = make_op(name, self.C, g.stride, affine=False, search=True).to(like.device, like.dtype)
-        if name in g.ops:  # the same tensors in the same order (Repeat has none)
+        if name in g.ops:  # the same tensors in the same order (Repeat has none), the BN's last
             e = node - self.first(state)
+            theirs = list(g.ops[name].state_dict().values())
+            if name in g.normed:
+                k = g.normed.index(name)
+                theirs += [t.chunk(len(g.normed))[k] if t.dim() else t for t in g.bn.state_dict().values()]
             with torch.no_grad():
-                for mine, t in zip(op.state_dict().values(), g.ops[name].state_dict().values(), strict=True):
+                for mine, t in zip(op.state_dict().values(), theirs, strict=True):
                     mine.copy_(t.chunk(g.E)[e] if t.dim() else t)
         return op
 

@@ -259,20 +259,26 @@ def ibp(m: nn.Module, box: Box, trace: Trace, *, skip_head: bool = False) -> Box
 def ibp_edge_group(g: EdgeGroup, box: Box, rows: list[torch.Tensor], trace: Trace) -> list[Box]:
     """As EdgeGroup.forward: per edge, the sum of the ops' boxes scaled by their softmax(alpha)
     weights (> 0, so the boxes of a sum add); 'none' contributes nothing."""
-    rbox = ibp(g.repeat, ibp(g.relu, box, trace), trace) if any(step[0] for step in g.plan) else None
-    out = []
-    for (on_relu, body, last), w in zip(g.plan, rows):
-        b = rbox if on_relu else box
-        for m in body:
-            b = ibp(m, b, trace)
-        if last is None:
-            out.append(Box(mid=g.per_edge(b.mid, w), rad=g.per_edge(b.rad, w)))
-        elif isinstance(last, nn.BatchNorm2d):
-            trace.shapes[id(last)] = b.shape[1:]
-            out.append(_bn(last, b, w))
-        else:
-            b, w = ibp(last, b, trace), w[:, None, None]
+    rows, out = iter(rows), []
+    if g.plan:
+        rbox = ibp(g.repeat, ibp(g.relu, box, trace), trace) if any(on for on, _ in g.plan) else None
+        pre = []
+        for on_relu, body in g.plan:
+            b = rbox if on_relu else box
+            for m in body:
+                b = ibp(m, b, trace)
+            pre.append(b)
+        trace.shapes[id(g.bn)] = (len(pre) * pre[0].shape[1], *pre[0].shape[2:])
+        z = _bn(g.bn, _cat(pre), next(rows))
+        per_op = lambda t: t.unflatten(1, (len(pre), -1)).sum(1)  # noqa: E731
+        out.append(Box(mid=per_op(z.mid), rad=per_op(z.rad)))
+    for name in g.names[len(g.normed) :]:
+        op, w = g.ops[name], next(rows)
+        if isinstance(op, FactorizedReduce):
+            b, w = ibp(op, box, trace), w[:, None, None]
             out.append(Box(mid=w * b.mid, rad=w * b.rad))
+        else:
+            out.append(Box(mid=g.per_edge(box.mid, w), rad=g.per_edge(box.rad, w)))
     return _sum(out).each(lambda t: t.unflatten(1, (g.E, g.C))).unbind(1)
 
 

@@ -153,15 +153,22 @@ def back_edge_group(g: EdgeGroup, edges: list[Coef], rows: list[torch.Tensor], s
         return None
     like = next(a for a in edges if a is not None)
     A = torch.stack([like.new_zeros(()).expand_as(like) if a is None else a for a in edges], 2)  # [B, S, E, C, ..]
+    flat, rows = A.flatten(2, 3), iter(rows)
     on: list[Coef] = [None, None]  # on x, on the group's relu(x) repeated
-    for (on_relu, body, last), w in zip(g.plan, rows):
-        if last is None:  # the adjoint of EdgeGroup.per_edge
+    if g.plan:  # the shared BN's output: every normed op's block reads the same coefficients
+        n = len(g.plan)
+        An = back(g.bn, flat.repeat(1, 1, n, *[1] * (flat.dim() - 3)) * next(rows)[:, None, None], st)
+        for (on_relu, body), a in zip(g.plan, An.chunk(n, dim=2)):
+            for m in reversed(body):
+                a = back(m, a, st)
+            on[on_relu] = _acc(on[on_relu], a)
+    for name in g.names[len(g.normed) :]:
+        op, w = g.ops[name], next(rows)
+        if isinstance(op, FactorizedReduce):
+            a = back(op, flat * w[:, None, None], st)
+        else:  # the adjoint of EdgeGroup.per_edge
             a = (A * w.view(1, 1, g.E, g.C, *[1] * (A.dim() - 4))).sum(2)
-        else:
-            a = back(last, A.flatten(2, 3) * w[:, None, None], st)
-        for m in reversed(body):
-            a = back(m, a, st)
-        on[on_relu] = _acc(on[on_relu], a)
+        on[0] = _acc(on[0], a)
     return _acc(on[0], back(g.relu, back(g.repeat, on[1], st), st))
 
 
