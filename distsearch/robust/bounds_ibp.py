@@ -268,7 +268,6 @@ def ibp_edge_group(g: EdgeGroup, box: Box, rows: list[torch.Tensor], trace: Trac
             for m in body:
                 b = ibp(m, b, trace)
             pre.append(b)
-        trace.shapes[id(g.bn)] = (len(pre) * pre[0].shape[1], *pre[0].shape[2:])
         z = _bn(g.bn, _cat(pre), next(rows))
         per_op = lambda t: t.unflatten(1, (len(pre), -1)).sum(1)  # noqa: E731
         out.append(Box(mid=per_op(z.mid), rad=per_op(z.rad)))
