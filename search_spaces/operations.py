@@ -1,11 +1,13 @@
 """The eight DARTS candidate operations (Liu et al., ICLR 2019, section 3 / appendix A).
 
 Every op is built from plain torch primitives (ReLU, Conv2d, BatchNorm2d, pools) in
-`nn.Sequential` form, plus three small structural modules (`Zero`, `Identity`,
+`nn.Sequential` form, plus small structural modules (`Zero`, `Identity`, `Shift`, `Repeat`,
 `FactorizedReduce`), so bound propagation (distsearch/robust/bounds.py) can walk any op
-without special knowledge of it. The BatchNorm2d here can scale its output (the mixed op's
-weight, folded into the BN kernel); it and DepthwiseConv2d differentiate twice cheaply
-(double_backward.py). Ops take dtype and memory format from their input.
+without special knowledge of it. `make_op(..., edges=E)` builds E independent copies of an op
+side by side, for the search cell's batched edges (darts.py, EdgeGroup). The BatchNorm2d here
+can scale its output (the mixed op's weight, folded into the BN kernel); it and
+DepthwiseConv2d differentiate twice cheaply (double_backward.py). Ops take dtype and memory
+format from their input.
 """
 
 from __future__ import annotations
