@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import RunConfig
-from .errors import UsageError
+from .errors import checkpoint_mismatch
 from .monitor import Monitor
 from .storage import Store
 
@@ -52,11 +52,8 @@ class EpochLoop:
         try:
             load(state)
         except (RuntimeError, KeyError) as e:  # a layout mismatch: nothing is written
-            why = str(e).strip().splitlines()[0][:300]
-            raise UsageError(
-                f"--resume: checkpoint {name} does not fit this supernet and searcher ({why}); resume it with "
-                "the distsearch version and config it was written with, or search into a new --out"
-            ) from e
+            fix = "resume it with the distsearch version that wrote it, or write to a new --out"
+            raise checkpoint_mismatch("--resume", name, e, fix) from e
         self.sums, self.epoch, self.step, self.history = (
             state["sums"],
             meta["epoch"],

@@ -16,7 +16,7 @@ from search_spaces import Genotype, GenotypeError, Network
 
 from .config import SearchConfig, TrainConfig
 from .data import BatchStream, DataSplits
-from .errors import UsageError
+from .errors import UsageError, checkpoint_mismatch
 from .loop import EpochLoop
 from .runner import build_data, build_supernet, check_store_matches, evaluate, robust_accuracy, setup_torch
 from .search.base import rng_state, set_rng_state
@@ -142,16 +142,18 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> tuple[torch.nn.M
     latest = store.load_latest(map_location=device)
     if latest is None:
         raise UsageError(f"URI: no valid checkpoint under {uri!r}")
-    _, state, meta = latest
+    name, state, meta = latest
     if "model" in raw:
         cfg = parse_config(raw, TrainConfig)
         data = build_data(cfg)
         genotype = Genotype.from_dict(store.read_json("genotype.json")) if cfg.model.genotype else None
-        model = build_network(cfg, data, genotype)
-        model.load_state_dict(state["model"])
+        model, weights = build_network(cfg, data, genotype), state["model"]
     else:
         cfg = parse_config(raw, SearchConfig)
         data = build_data(cfg)
-        model = build_supernet(cfg, data)
-        model.load_state_dict(state["searcher"]["model"])
+        model, weights = build_supernet(cfg, data), state["searcher"]["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise checkpoint_mismatch("URI", name, e, "read it with the distsearch version that wrote it") from e
     return model.to(device).eval(), data, {"config": raw, "meta": meta}

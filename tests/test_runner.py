@@ -80,6 +80,10 @@ def test_resume_refuses_a_checkpoint_of_another_layout_and_writes_nothing(tmp_pa
     with pytest.raises(UsageError, match="--resume: checkpoint ckpt-.* does not fit"):
         run_search(cfg, store)
     assert sorted(store.fs.find(store.path(""))) == before
+    from distsearch.train import load_model  # certify / evaluate read it the same way
+
+    with pytest.raises(UsageError, match="URI: checkpoint ckpt-.* does not fit"):
+        load_model(store.uri)
 
 
 def test_tensorboard_files_read_back(tmp_path, tiny_config):
