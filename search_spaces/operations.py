@@ -86,7 +86,7 @@ class Shift(nn.Module):
     """Shift by one pixel right/down with zero padding, keeping the size (x[i+1, j+1])."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
+        return F.pad(x, (-1, 1, -1, 1))  # crop the first row and column, pad the last: one kernel
 
 
 class Repeat(nn.Module):

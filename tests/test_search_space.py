@@ -141,6 +141,16 @@ def test_search_cell_equals_the_op_by_op_cell_to_second_derivatives(reduction, t
                     torch.testing.assert_close(t, op.state_dict()[k], rtol=1e-12, atol=1e-12, msg=f"{i} {s} {name} {k}")
 
 
+def test_shift_moves_one_pixel_and_pads_with_zeros():
+    from search_spaces.operations import Shift
+
+    x = torch.randn(2, 3, 5, 4)
+    y = Shift()(x)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y[:, :, :-1, :-1], x[:, :, 1:, 1:])
+    assert (y[:, :, -1] == 0).all() and (y[:, :, :, -1] == 0).all()
+
+
 def test_batched_edges_keep_channels_last():
     """The repeat and the stride-2 skip's interleave of the batched edges give NHWC for NHWC
     inputs, with the same values as for NCHW ones."""
