@@ -89,6 +89,11 @@ class Shift(nn.Module):
         return F.pad(x, (-1, 1, -1, 1))  # crop the first row and column, pad the last: one kernel
 
 
+def nhwc(x: torch.Tensor) -> bool:
+    """Whether x is laid out channels_last (and not also plain contiguous)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 class Repeat(nn.Module):
     """x repeated `times` along the channels: one copy per edge of the search cell's batched
     edges (darts.EdgeGroup); its backward sums the copies' gradients in one kernel."""
@@ -100,7 +105,7 @@ class Repeat(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.times == 1:
             return x
-        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):  # stays NHWC
+        if nhwc(x):  # stays NHWC
             return x.permute(0, 2, 3, 1).repeat(1, 1, 1, self.times).permute(0, 3, 1, 2)
         return x.repeat(1, self.times, 1, 1)
 
@@ -134,7 +139,7 @@ class FactorizedReduce(nn.Module):
     def interleave(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Edge by edge, a's channels then b's (torch.cat([a, b], 1) for one edge); NHWC stays NHWC."""
         c = 1
-        if not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last):
+        if nhwc(a):
             a, b, c = a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1), 3
         out = torch.stack([a.unflatten(c, (self.edges, -1)), b.unflatten(c, (self.edges, -1))], c + 1).flatten(c, c + 2)
         return out if c == 1 else out.permute(0, 3, 1, 2)
