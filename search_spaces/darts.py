@@ -156,9 +156,9 @@ class SearchCell(nn.Module):
             EdgeGroup(C, 2 if reduction and s < 2 else 1, ops, nodes - self.first(s)) for s in range(nodes + 1)
         )
         # Every weight the groups read, gathered by one index_select: for each group and op,
-        # the alpha of its edges (node i <- state s: row sum(2 + t for t < i) + s) C times each
+        # the alpha of its edges (node i <- state s: row num_edges(i) + s) C times each
         index = [
-            (sum(2 + t for t in range(i)) + s) * len(ops) + ops.index(name)
+            (num_edges(i) + s) * len(ops) + ops.index(name)
             for s, g in enumerate(self.groups)
             for name in g.names
             for i in range(self.first(s), nodes)

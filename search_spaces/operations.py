@@ -39,12 +39,12 @@ class BatchNorm2d(nn.BatchNorm2d):
     usual); counting costs one kernel launch per call, 1,858 per DARTS search step."""
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        scale = None if scale is None else scale.expand(self.num_features)
         if self.momentum is None:
             out = super().forward(x)
-            return out if scale is None else out * scale
+            return out if scale is None else out * scale.view(1, -1, *[1] * (x.dim() - 2))
         weight, bias = self.weight, self.bias
         if scale is not None:
-            scale = scale.expand(self.num_features)
             weight, bias = (scale, None) if weight is None else (weight * scale, bias * scale)
         stats = self.training or self.running_mean is None
         if not stats and double_backward.marked(x):
@@ -162,13 +162,15 @@ def dil_conv(
     dilation: int,
     affine: bool = True,
     edges: int = 1,
+    repeat: bool = True,
 ) -> nn.Sequential:
     """ReLU, depthwise conv, 1x1 conv, BN; `edges` = E > 1: E independent copies side by side
-    (relu(x) repeated E times, channels edge by edge, the 1x1 conv grouped by edge)."""
+    (relu(x) repeated E times unless `repeat` is False, channels edge by edge, the 1x1 conv
+    grouped by edge)."""
     E = edges
     return nn.Sequential(
         nn.ReLU(inplace=False),
-        *([Repeat(E)] if E > 1 else []),
+        *([Repeat(E)] if E > 1 and repeat else []),
         DepthwiseConv2d(E * C_in, E * C_in, kernel, stride, padding, dilation=dilation, groups=E * C_in, bias=False),
         nn.Conv2d(E * C_in, E * C_out, 1, bias=False, groups=E),
         BatchNorm2d(E * C_out, affine=affine),
@@ -179,9 +181,10 @@ def sep_conv(
     C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool = True, edges: int = 1
 ) -> nn.Sequential:
     """Two stacked depthwise-separable convs (the DARTS SepConv), flattened into one Sequential."""
-    first = dil_conv(C_in, C_in, kernel, stride, padding, 1, affine, edges)
-    second = list(dil_conv(C_in, C_out, kernel, 1, padding, 1, affine, edges))  # reads E * C: no repeat
-    return nn.Sequential(*first, *[m for m in second if not isinstance(m, Repeat)])
+    return nn.Sequential(
+        *dil_conv(C_in, C_in, kernel, stride, padding, 1, affine, edges),
+        *dil_conv(C_in, C_out, kernel, 1, padding, 1, affine, edges, repeat=False),  # reads E * C already
+    )
 
 
 def _pool(kind: str, C: int, stride: int, affine: bool, bn: bool, edges: int = 1) -> nn.Module:
