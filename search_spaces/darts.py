@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .genotype import Genotype
+from .layout import is_per_edge, regroup
 from .operations import (
     PRIMITIVES,
     BatchNorm2d,
@@ -190,19 +191,33 @@ class SearchCell(nn.Module):
     def edge_op(self, state: int, node: int, name: str) -> nn.Module:
         """A copy of op `name` on the edge node <- state, as a module of its own (parameters
         and BN statistics sliced out of the group's): for inspecting one edge, and tests."""
-        g = self.groups[state]
         like = self.preprocess1[1].weight
-        op = make_op(name, self.C, g.stride, affine=False, search=True).to(like.device, like.dtype)
-        if name in g.ops:  # the same tensors in the same order (Repeat has none), the BN's last
-            e = node - self.first(state)
-            theirs = list(g.ops[name].state_dict().values())
-            if name in g.normed:
-                k = g.normed.index(name)
-                theirs += [t.chunk(len(g.normed))[k] if t.dim() else t for t in g.bn.state_dict().values()]
-            with torch.no_grad():
-                for mine, t in zip(op.state_dict().values(), theirs, strict=True):
-                    mine.copy_(t.chunk(g.E)[e] if t.dim() else t)
+        op = make_op(name, self.C, self.groups[state].stride, affine=False, search=True).to(like.device, like.dtype)
+        mine, slots = self.state_dict(), self.edge_slots(state, node, name)
+        with torch.no_grad():
+            for k, t in op.state_dict().items():
+                key, rows = slots[k]
+                t.copy_(mine[key] if rows is None else mine[key][rows])
         return op
+
+    def edge_slots(self, state: int, node: int, name: str) -> dict[str, tuple[str, slice | None]]:
+        """Where each tensor of op `name` on the edge node <- state (named as in that op built
+        alone, `make_op(name, C, stride)`) lives in this cell's state_dict: (key, its rows along
+        dim 0; None for a scalar). The group's op holds the same tensors in the same order, E
+        edges' rows each; a normed op's BN is its part of the group's BN, the edges' rows in it."""
+        g, e = self.groups[state], node - self.first(state)
+        if name not in g.ops:  # 'none': no tensors
+            return {}
+        alone = make_op(name, self.C, g.stride, affine=False, search=True).state_dict()
+        held = [(f"groups.{state}.ops.{name}.{k}", t, 1, 0) for k, t in g.ops[name].state_dict().items()]
+        if name in g.normed:
+            parts, part = len(g.normed), g.normed.index(name)
+            held += [(f"groups.{state}.bn.{k}", t, parts, part) for k, t in g.bn.state_dict().items()]
+        slots = {}
+        for k, (key, t, parts, part) in zip(alone, held, strict=True):
+            n = len(t) // (parts * g.E) if t.dim() else 0  # one edge's rows
+            slots[k] = (key, slice((part * g.E + e) * n, (part * g.E + e + 1) * n) if t.dim() else None)
+        return slots
 
 
 def reduction_layers(layers: int) -> tuple[int, ...]:
@@ -269,6 +284,7 @@ class Supernet(nn.Module):
         k = num_edges(nodes)
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(k, len(ops)))
         self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(k, len(ops)))
+        self.register_load_state_dict_pre_hook(_read_per_edge)
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return [self.alphas_normal, self.alphas_reduce]
@@ -293,6 +309,16 @@ class Supernet(nn.Module):
         return Genotype(
             derive_cell(w_normal, self.ops, self.nodes), concat, derive_cell(w_reduce, self.ops, self.nodes), concat
         )
+
+
+def _read_per_edge(model: Supernet, state: dict[str, torch.Tensor], prefix: str, *_: object) -> None:
+    """load_state_dict pre-hook: a per-edge checkpoint (search_spaces/layout.py) in place,
+    regrouped; any other left as it is."""
+    mine = [k for k in state if k.startswith(prefix)]
+    if not is_per_edge(k[len(prefix) :] for k in mine):
+        return
+    grouped = regroup(model, {k[len(prefix) :]: state.pop(k) for k in mine}, model.state_dict())
+    state.update({prefix + k: v for k, v in grouped.items()})
 
 
 def derive_cell(weights: torch.Tensor, ops: tuple[str, ...], nodes: int) -> tuple[tuple[str, int], ...]:

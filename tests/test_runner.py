@@ -64,7 +64,8 @@ def test_resume_refuses_a_store_with_another_config(tmp_path, tiny_config):
 
 
 def test_resume_refuses_a_checkpoint_of_another_layout_and_writes_nothing(tmp_path, tiny_config):
-    """A checkpoint whose supernet keys differ (an older layout): one clear error, no new files."""
+    """A checkpoint whose supernet keys fit no layout (neither today's nor the per-edge one that
+    tests/test_layout.py reads): one clear error, no new files."""
     from distsearch.errors import UsageError
 
     store = Store(str(tmp_path / "old"))

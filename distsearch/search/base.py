@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from search_spaces import Genotype
+from search_spaces.layout import is_per_edge, regroup_optimizer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 SCHEDULE_KEYS = ("base_lrs", "eta_min", "T_max")
@@ -88,8 +89,11 @@ class Searcher(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = next(self.model.parameters()).device
         configured = self._hyperparameters()
-        self.model.load_state_dict(state["model"])
-        self.w_optimizer.load_state_dict(state["w_optimizer"])
+        w_state = state["w_optimizer"]
+        if is_per_edge(state["model"]):  # a checkpoint of the per-edge supernet: its momenta regrouped
+            w_state = regroup_optimizer(self.model, state["model"], w_state)
+        self.model.load_state_dict(state["model"])  # regroups a per-edge state itself
+        self.w_optimizer.load_state_dict(w_state)
         self.a_optimizer.load_state_dict(state["a_optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], device)
