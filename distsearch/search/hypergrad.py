@@ -13,19 +13,22 @@ objective works: DSRNA passes L_val - gamma * R, LeaSE composes these pieces.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
 Loss = Callable[[], torch.Tensor]
 
 
-def _grads(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    gs = torch.autograd.grad(loss, list(params), allow_unused=True)
+def param_grads(loss: torch.Tensor, params: Sequence[torch.Tensor], **kw: Any) -> list[torch.Tensor]:
+    """d loss / d params, zeros for a parameter it does not reach (kw: torch.autograd.grad's)."""
+    gs = torch.autograd.grad(loss, list(params), allow_unused=True, **kw)
     return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
 
 
 @torch.no_grad()
-def _copy_(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+def restore(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    """dst[i] <- src[i] in one foreach copy (undoes virtual_step with its backup)."""
     torch._foreach_copy_(list(dst), list(src))
 
 
@@ -48,11 +51,11 @@ def finite_diff_hvp(
     R = r / torch.cat([x.reshape(-1) for x in v]).norm().clamp_min(1e-12)
     with torch.no_grad():
         torch._foreach_add_(list(weights), torch._foreach_mul(list(v), R))
-    g_pos = _grads(loss(), arch)
+    g_pos = param_grads(loss(), arch)
     with torch.no_grad():
         torch._foreach_add_(list(weights), torch._foreach_mul(list(v), -2 * R))
-    g_neg = _grads(loss(), arch)
-    _copy_(weights, backup)
+    g_neg = param_grads(loss(), arch)
+    restore(weights, backup)
     return [(gp - gn) / (2 * R) for gp, gn in zip(g_pos, g_neg)]
 
 
@@ -60,7 +63,7 @@ def virtual_step(
     weights: Sequence[torch.Tensor], train_loss: Loss, xi: float, weight_decay: float = 0.0
 ) -> list[torch.Tensor]:
     """Move the weights in place to w' = w - xi (grad L_tr + wd w); returns the backup of w."""
-    g = _grads(train_loss(), weights)
+    g = param_grads(train_loss(), weights)
     backup = _backup(weights)
     with torch.no_grad():  # the same arithmetic as w.sub_(xi * (g + wd * w)), a few kernels for all tensors
         step = torch._foreach_mul(list(weights), weight_decay)
@@ -82,9 +85,9 @@ def unrolled_arch_grad(
     """Second-order DARTS gradient of val_loss w.r.t. arch (eq. 7). Returns (grads, L_val(w'))."""
     backup = virtual_step(weights, train_loss, xi, weight_decay)
     lv = val_loss()
-    g = _grads(lv, list(arch) + list(weights))
+    g = param_grads(lv, list(arch) + list(weights))
     d_arch, d_w = g[: len(arch)], g[len(arch) :]
-    _copy_(weights, backup)
+    restore(weights, backup)
     hv = finite_diff_hvp(arch, weights, train_loss, d_w, r)
     return [da - xi * h for da, h in zip(d_arch, hv)], lv.detach()
 
@@ -92,7 +95,7 @@ def unrolled_arch_grad(
 def first_order_arch_grad(arch: Sequence[torch.Tensor], val_loss: Loss) -> tuple[list[torch.Tensor], torch.Tensor]:
     """First-order DARTS: grad_a L_val(w, a) at the current weights."""
     lv = val_loss()
-    return _grads(lv, arch), lv.detach()
+    return param_grads(lv, arch), lv.detach()
 
 
 def assign_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:

@@ -62,19 +62,9 @@ from .explain import (
     to_display,
     weight_input,
 )
-from .hypergrad import assign_grads, finite_diff_hvp, virtual_step
+from .hypergrad import assign_grads, finite_diff_hvp, param_grads, restore, virtual_step
 
 OBJECTIVES = ("prediction", "label")
-
-
-def _grads(loss: torch.Tensor, params: list[torch.Tensor], **kw: Any) -> list[torch.Tensor]:
-    gs = torch.autograd.grad(loss, params, allow_unused=True, **kw)
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)]
-
-
-@torch.no_grad()
-def _restore(params: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
-    torch._foreach_copy_(params, backup)
 
 
 class LeaseSearcher(DartsSearcher):
@@ -203,11 +193,11 @@ class LeaseSearcher(DartsSearcher):
         backup = virtual_step(aud, aud_train, xi_w, self.w_weight_decay)
         logits = self.audience(xav)
         lva = F.cross_entropy(logits, yav)
-        v_w = _grads(lva, aud)
-        _restore(aud, backup)
+        v_w = param_grads(lva, aud)
+        restore(aud, backup)
         (hvp,) = finite_diff_hvp([delta], aud, aud_train, v_w, self.fd_r)
         u = -xi_w * hvp
-        grads = _grads(delta_graph, explainer, grad_outputs=u)
+        grads = param_grads(delta_graph, explainer, grad_outputs=u)
         metrics.update(audience_val_loss=lva.detach(), audience_val_acc=accuracy(logits, yav).detach())
         return grads, metrics, delta.detach()
 
@@ -225,7 +215,7 @@ class LeaseSearcher(DartsSearcher):
         second = self.order == "second"
         backup = virtual_step(weights, train_loss, xi_e, self.w_weight_decay) if second else None
         lv, metrics = self.arch_objective(xev, yev)
-        g = _grads(lv, arch + weights)
+        g = param_grads(lv, arch + weights)
         h, m, delta = self._audience_term(xa, ya, xav, yav, arch + weights)
         metrics.update(m)
         metrics["val_loss"] = lv.detach()
@@ -234,7 +224,7 @@ class LeaseSearcher(DartsSearcher):
         grads = [ga + self.gamma * ha for ga, ha in zip(g[:n], h[:n])]
         if second:
             v = [ge + self.gamma * he for ge, he in zip(g[n:], h[n:])]
-            _restore(weights, backup)
+            restore(weights, backup)
             hv = finite_diff_hvp(arch, weights, train_loss, v, self.fd_r)
             grads = [ga - xi_e * hi for ga, hi in zip(grads, hv)]
         return grads, metrics, delta
