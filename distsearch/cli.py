@@ -95,7 +95,7 @@ def cmd_derive(args: argparse.Namespace) -> int:
 
 def build_parser() -> Parser:
     parser = Parser(prog="distsearch", description="Search robust neural architectures (DARTS, LeaSE, DSRNA).")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     p = sub.add_parser("search", help="run one search in this process")
     add_config_args(p)
@@ -103,7 +103,7 @@ def build_parser() -> Parser:
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     p.set_defaults(func=cmd_search)
     p = sub.add_parser("derive", help="print the genotype of the newest checkpoint under URI")
-    p.add_argument("uri")
+    p.add_argument("uri", help="a search's --out (path, file://, s3://, gs://)")
     p.set_defaults(func=cmd_derive)
     p = sub.add_parser("validate", help="check a config file and exit")
     add_config_args(p)

@@ -175,46 +175,66 @@ def _positive_float(text: str) -> float:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    uri = "a search's or training's --out (path, file://, s3://, gs://); its newest valid checkpoint is used"
     p = sub.add_parser("train", help="train a genotype's network or a named model with an AT strategy")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--genotype", help="genotype.json (path/URI) or a search's storage URI")
     src.add_argument("--model", help="small_cnn | mlp | resnet18 | resnet34 | resnet50")
     p.add_argument(
-        "--strategy", default="standard", help="standard | fgsm | fgsm_rs | fgm | pgd | free | yopo | freelb | trades"
+        "--strategy",
+        default="standard",
+        help="standard | fgsm | fgsm_rs | fgm | pgd | free | yopo | freelb | trades (default: %(default)s)",
     )
-    p.add_argument("--eps", type=_positive_float, help="attack budget of the strategy")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--eps", type=_positive_float, help="attack budget of the strategy (default: the config's)")
+    p.add_argument("--epochs", type=int, help="epochs (default: the config's)")
     p.add_argument("--config", help="optional TrainConfig YAML (data, model, optim, eval, storage, monitor)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
     p.add_argument("--out", help="storage URI of the run")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="game-based robustness table and plot for a run's newest checkpoint")
-    p.add_argument("uri")
-    p.add_argument("--eps-linf", type=_positive_float, nargs="*", default=[0.05, 0.1, 0.2])
-    p.add_argument("--eps-l2", type=_positive_float, nargs="*", default=[])
-    p.add_argument("--attacks", nargs="+", default=["fgsm", "pgd-20", "pgd-100", "cw"])
-    p.add_argument("--n", type=int, default=200, help="test images used")
+    p.add_argument("uri", help=uri)
+    p.add_argument(
+        "--eps-linf",
+        type=_positive_float,
+        nargs="*",
+        default=[0.05, 0.1, 0.2],
+        help="L-inf budgets (default: %(default)s)",
+    )
+    p.add_argument("--eps-l2", type=_positive_float, nargs="*", default=[], help="L2 budgets (default: none)")
+    p.add_argument(
+        "--attacks",
+        nargs="+",
+        default=["fgsm", "pgd-20", "pgd-100", "cw"],
+        help="any of fgsm, pgd-20, pgd-100, cw (default: all four)",
+    )
+    p.add_argument("--n", type=int, default=200, help="test images used (default: %(default)s)")
     p.add_argument("--out", help="local folder for the table and plot (default: <uri>/eval)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("attack", help="adversarial examples and a before/after grid for a run")
-    p.add_argument("uri")
-    p.add_argument("--attack", default="pgd", choices=["fgsm", "fgm", "pgd", "lbfgs", "cw"])
-    p.add_argument("--eps", type=_positive_float, default=0.1)
-    p.add_argument("--norm", default="linf", choices=["linf", "l2"])
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--n", type=int, default=64)
+    p.add_argument("uri", help=uri)
+    p.add_argument("--attack", default="pgd", choices=["fgsm", "fgm", "pgd", "lbfgs", "cw"], help="(default: pgd)")
+    p.add_argument("--eps", type=_positive_float, default=0.1, help="budget in the --norm ball (default: %(default)s)")
+    p.add_argument("--norm", default="linf", choices=["linf", "l2"], help="(default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="iterations of the iterative attacks (default: %(default)s)")
+    p.add_argument("--n", type=int, default=64, help="test images attacked (default: %(default)s)")
     p.add_argument("--out", help="local folder (default: <uri>/attack)")
     p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("certify", help="certified accuracy and radius (verification-based evaluation)")
-    p.add_argument("uri")
-    p.add_argument("--eps", type=_positive_float, nargs="+", default=[0.005, 0.01, 0.02])
-    p.add_argument("--norm", default="linf", choices=["linf", "l2"])
-    p.add_argument("--method", default="crown", choices=["ibp", "crown"])
-    p.add_argument("--n", type=int, default=100)
+    p.add_argument("uri", help=uri)
+    p.add_argument(
+        "--eps", type=_positive_float, nargs="+", default=[0.005, 0.01, 0.02], help="budgets (default: %(default)s)"
+    )
+    p.add_argument("--norm", default="linf", choices=["linf", "l2"], help="(default: %(default)s)")
+    p.add_argument(
+        "--method", default="crown", choices=["ibp", "crown"], help="interval or linear bounds (default: %(default)s)"
+    )
+    p.add_argument("--n", type=int, default=100, help="test images certified (default: %(default)s)")
     p.add_argument("--out", help="local folder (default: <uri>/certify)")
     p.set_defaults(func=cmd_certify)
     register_transfer(sub)
@@ -297,6 +317,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 def register_transfer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("transfer", help="Szegedy transfer table: each model's adversarial examples against the others")
     p.add_argument("--config", required=True, help="TransferConfig YAML (see launch/configs/transfer_mnist.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
     p.add_argument("--out", help="storage URI (overrides storage.uri)")
     p.set_defaults(func=cmd_transfer)
