@@ -57,10 +57,10 @@ def fan_out(x: torch.Tensor, n: int) -> Iterator[torch.Tensor]:
 
 
 def sum_all(ts: list[torch.Tensor]) -> torch.Tensor:
-    """The sum of equally shaped tensors in two kernels (stack, sum) instead of n - 1 adds,
-    laid out in memory as the first one (channels_last in, channels_last out)."""
-    if len(ts) == 1:
-        return ts[0]
+    """The sum of equally shaped tensors in two kernels (stack, sum) instead of n - 1 adds (one
+    add for two), laid out in memory as the first one (channels_last in, channels_last out)."""
+    if len(ts) <= 2:
+        return ts[0] if len(ts) == 1 else ts[0] + ts[1]
     order = sorted(range(ts[0].dim()), key=lambda d: -ts[0].stride(d))  # outermost first
     if order == sorted(order):
         return torch.stack(ts).sum(0)
