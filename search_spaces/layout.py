@@ -53,6 +53,7 @@ def regroup(
     that nothing fills; ValueError a shape that does not fit."""
     out: dict[str, torch.Tensor] = {}
     filled: dict[str, torch.Tensor] = {}  # rows written so far, per grouped tensor
+    slots: dict[tuple[int, int, int], dict[str, tuple[str, slice | None]]] = {}
     for k, v in old.items():
         m = PER_EDGE.fullmatch(k)
         if m is None:
@@ -64,7 +65,9 @@ def regroup(
         node, state = _edge(j)
         if c >= len(model.cells) or node >= model.nodes or o >= len(model.ops):
             raise LayoutError(f"{k!r} has no place in this supernet")
-        slot = model.cells[c].edge_slots(state, node, model.ops[o]).get(rest)
+        if (c, j, o) not in slots:  # one edge op's tensors come in a run: build its map once
+            slots[c, j, o] = model.cells[c].edge_slots(state, node, model.ops[o])
+        slot = slots[c, j, o].get(rest)
         if slot is None:
             raise LayoutError(f"{k!r} has no place in this supernet (op {model.ops[o]!r})")
         key, rows = f"cells.{c}.{slot[0]}", slot[1]
