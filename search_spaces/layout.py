@@ -49,8 +49,8 @@ def regroup(
 ) -> dict[str, torch.Tensor]:
     """`old`, named tensors of the per-edge layout (a state_dict, or one tensor per parameter
     such as momenta), as the tensors named by `like` (the same selection of `model`'s
-    state_dict in the grouped layout). KeyError names a tensor that has no place, or a place
-    that nothing fills; ValueError a shape that does not fit."""
+    state_dict in the grouped layout). LayoutError names a tensor that has no place or does not
+    fit it, or a place that nothing fills."""
     out: dict[str, torch.Tensor] = {}
     filled: dict[str, torch.Tensor] = {}  # rows written so far, per grouped tensor
     slots: dict[tuple[int, int, int], dict[str, tuple[str, slice | None]]] = {}
