@@ -14,10 +14,11 @@ The weight step is plain DARTS (or the configured adversarial-training strategy)
 
 BatchNorm while computing R (`bn_stats`): the supernet searches in train mode, where BN
 normalises by batch statistics and couples the examples of a batch. R is computed on the
-same validation batch with BN *frozen* to an affine map: "batch" (default) freezes it to the
-statistics of the clean validation forward that gives L_val (captured by hooks, detached),
-so R describes the function the search trains; "running" uses the running statistics (the
-eval-mode network the certify tables report). Either way each example's bound and Jacobian
+same validation batch with BN *frozen* to an affine map: "running" (default) uses the running
+statistics (the eval-mode network the certify tables report; interval widths stay finite on
+deep supernets); "batch" freezes it to the statistics of the clean validation forward that
+gives L_val (captured by hooks, detached), so R describes the function the search trains
+(its interval bounds explode with depth). Either way each example's bound and Jacobian
 are its own, the running statistics are not touched, and no host sync happens in a step.
 """
 
