@@ -252,7 +252,9 @@ class TransferConfig(RunConfig):
 class SearchConfig(RunConfig):
     space: SpaceConfig = SpaceConfig()
     eval: RobustEvalConfig = Field(
-        RobustEvalConfig(n=0), description="per-epoch PGD accuracy on the first n D_val images (val/robust_acc)"
+        RobustEvalConfig(n=0),
+        description="per-epoch PGD accuracy on the first n D_val images (val/robust_acc, right on x and "
+        "under attack; val/robust_clean_acc: their clean accuracy)",
     )
     algorithm: AlgorithmConfig = DartsConfig()
     optim: OptimConfig = OptimConfig()

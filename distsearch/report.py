@@ -110,7 +110,15 @@ def _section(label: str, store: Store, config: dict[str, Any], result: dict[str,
     return lines
 
 
-SUMMARY = ("val/acc", "val/robust_acc", "test/acc", "test/robust_acc_pgd20")
+# robust_clean_acc: the clean accuracy of the examples robust_acc attacks (the first eval.n)
+SUMMARY = (
+    "val/acc",
+    "val/robust_clean_acc",
+    "val/robust_acc",
+    "test/acc",
+    "test/robust_clean_acc",
+    "test/robust_acc_pgd20",
+)
 
 
 def _summary(runs: list[tuple[str, dict[str, Any], dict[str, Any] | None]]) -> list[str]:

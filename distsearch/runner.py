@@ -135,13 +135,15 @@ def evaluate(
 
 def robust_accuracy(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: RobustEvalConfig, batch_size: int
-) -> float:
-    """Accuracy under PGD-`steps` at `eps` on the first `n` examples (a fraction, eval mode)."""
+) -> tuple[float, float]:
+    """(clean, robust) accuracy of the first `n` examples under PGD-`steps` at `eps`, as
+    fractions, in eval mode; robust counts an example right on x and under attack."""
     from .robust.attacks import PGD
-    from .robust.evaluate import accuracy
+    from .robust.evaluate import accuracies
 
     attack = PGD(eps=cfg.eps, steps=cfg.steps, norm=cfg.norm)
-    return accuracy(model, x[: cfg.n], y[: cfg.n], attack, batch_size) / 100.0
+    clean, robust = accuracies(model, x[: cfg.n], y[: cfg.n], attack, batch_size)
+    return clean / 100.0, robust / 100.0
 
 
 def check_store_matches(store: Store, cfg: RunConfig, keys: tuple[str, ...] = STRUCTURAL) -> None:
@@ -193,7 +195,8 @@ def run_search(
         t = evaluate(model, data.x_test, data.y_test, cfg.data.eval_batch_size, device)
         record = {"val/loss": v["loss"], "val/acc": v["acc"], "test/loss": t["loss"], "test/acc": t["acc"]}
         if cfg.eval.n:
-            record["val/robust_acc"] = robust_accuracy(model, xv, yv, cfg.eval, cfg.data.eval_batch_size)
+            clean, robust = robust_accuracy(model, xv, yv, cfg.eval, cfg.data.eval_batch_size)
+            record.update({"val/robust_clean_acc": clean, "val/robust_acc": robust})
         record.update(searcher.learning_rates())
         images = epoch % cfg.monitor.images_every == 0 or epoch == cfg.epochs
         monitor.architecture(model, epoch, images=images)

@@ -105,9 +105,8 @@ def run_training(cfg: TrainConfig, store: Store, stop_after_steps: int | None = 
         t = evaluate(model, data.x_test, data.y_test, cfg.data.eval_batch_size, device)
         record = {"test/loss": t["loss"], "test/acc": t["acc"], "lr": optimizer.param_groups[0]["lr"]}
         if cfg.eval.n:
-            record[f"test/robust_acc_pgd{cfg.eval.steps}"] = robust_accuracy(
-                model, data.x_test, data.y_test, cfg.eval, cfg.data.eval_batch_size
-            )
+            clean, robust = robust_accuracy(model, data.x_test, data.y_test, cfg.eval, cfg.data.eval_batch_size)
+            record.update({"test/robust_clean_acc": clean, f"test/robust_acc_pgd{cfg.eval.steps}": robust})
         return record
 
     def state() -> tuple[dict[str, Any], dict[str, Any]]:

@@ -194,3 +194,23 @@ def test_min_distortion_attacks_beat_fgsm_distortion(cnn, test_set, attack) -> N
     assert rate >= 0.8
     dist = float(l2_norm(x_adv - x)[ok].mean())
     assert dist < fgsm_distortion_at_success(cnn, x, y, rate)
+
+
+def test_robust_accuracy_counts_an_image_only_when_clean_and_attacked_are_right(cnn, test_set) -> None:
+    """An 'attack' that moves every image to one the model gets right cannot lift robust
+    accuracy above clean accuracy: delta = 0 is in the ball, so a clean error is an error."""
+    from distsearch.robust.evaluate import accuracies
+
+    x, y = test_set
+    x, y = x[:300], y[:300]
+    with torch.no_grad():
+        right = cnn(x).argmax(1) == y
+    assert not right.all(), "needs some clean errors"
+    helper = x[right]  # per class, an image the model gets right
+    fix = {int(c): helper[cnn(helper).argmax(1) == c][0] for c in y.unique()}
+    teleport = lambda model, xb, yb: torch.stack([fix[int(c)] for c in yb])  # noqa: E731
+    clean, robust = accuracies(cnn, x, y, teleport, batch_size=64)
+    assert clean == pytest.approx(100.0 * right.float().mean().item())
+    assert robust == clean  # the teleport is always right; the clean errors stay errors
+    clean_pgd, robust_pgd = accuracies(cnn, x, y, PGD(0.1, steps=10), batch_size=64)
+    assert clean_pgd == clean and robust_pgd <= clean

@@ -22,7 +22,7 @@ from .attacks import FGM, FGSM, PGD
 from .lbfgs_cw import CarliniWagnerL2
 from .tables import Row, write_csv, write_markdown
 
-__all__ = ["EVAL_ATTACKS", "accuracy", "game_table", "plot_robustness", "write_csv", "write_markdown"]
+__all__ = ["EVAL_ATTACKS", "accuracies", "accuracy", "game_table", "plot_robustness", "write_csv", "write_markdown"]
 
 AttackFactory = Callable[[float, str], Attack | None]
 
@@ -39,6 +39,40 @@ EVAL_ATTACKS: dict[str, AttackFactory] = {
 }
 
 
+def accuracies(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: Attack | None = None,
+    batch_size: int = 256,
+    bar: tqdm | None = None,
+) -> tuple[float, float]:
+    """(clean, robust) accuracy (%) of the model in eval mode on x; mode restored. An example
+    counts as robust when the model is right on it and on attack(model, x, y): δ = 0 lies in
+    every ball, so the clean point is one of the attacker's choices and robust <= clean on the
+    same examples (robust = clean without an attack). `bar`: advanced by one per batch."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    clean = robust = 0
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+            with torch.no_grad():
+                right = model(xb).argmax(1) == yb
+            if attack is not None:
+                xa = attack(model, xb, yb)
+                with torch.no_grad():
+                    robust += int((right & (model(xa).argmax(1) == yb)).sum())
+            clean += int(right.sum())
+            if bar is not None:
+                bar.update(1)
+    finally:
+        model.train(was_training)
+    n = max(1, x.shape[0])
+    return 100.0 * clean / n, 100.0 * (robust if attack is not None else clean) / n
+
+
 def accuracy(
     model: nn.Module,
     x: torch.Tensor,
@@ -47,24 +81,8 @@ def accuracy(
     batch_size: int = 256,
     bar: tqdm | None = None,
 ) -> float:
-    """Accuracy (%) of the model in eval mode on x, or on attack(model, x, y); mode restored.
-    `bar`: a progress bar advanced by one per batch."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    correct = 0
-    try:
-        for i in range(0, x.shape[0], batch_size):
-            xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
-            if attack is not None:
-                xb = attack(model, xb, yb)
-            with torch.no_grad():
-                correct += int((model(xb).argmax(1) == yb).sum())
-            if bar is not None:
-                bar.update(1)
-    finally:
-        model.train(was_training)
-    return 100.0 * correct / max(1, x.shape[0])
+    """Accuracy (%) on x, or the robust accuracy under `attack` (see `accuracies`)."""
+    return accuracies(model, x, y, attack, batch_size, bar)[1]
 
 
 def game_table(
