@@ -4,7 +4,9 @@ As reported in DSRNA (Hosseini et al. 2021, section 5.2): clean accuracy and acc
 FGSM (FGM for L2; Goodfellow et al. 2015), PGD-20 and PGD-100 (Madry et al. 2018, random
 start, step 2.5·ε/steps) and Carlini–Wagner L2 (Carlini & Wagner 2017; the found example
 projected onto the ε-ball, so "robust" means no adversarial example within ε was found).
-C&W is L2-only and is skipped for L∞ rows. Accuracies are percentages over the given set.
+C&W is L2-only and is skipped for L∞ rows. Accuracies are percentages over the given set;
+under an attack an image counts when the model is right on it and on the attack's output
+(δ = 0 is in the ball), so no row exceeds the clean one.
 """
 
 from __future__ import annotations
