@@ -94,8 +94,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     model, data, _ = load_model(args.uri)
     x, y = _eval_set(data, args.n)
-    if args.attack in ("fgm", "cw") and args.norm != "l2":
-        raise UsageError(f"--norm: attack {args.attack!r} is L2 only; pass --norm l2")
+    l2_only = args.attack in ("fgm", "cw")
+    if args.norm is None:
+        args.norm = "l2" if l2_only else "linf"
+    if l2_only and args.norm != "l2":
+        raise UsageError(f"--norm: attack {args.attack!r} is L2 only; pass --norm l2 or leave --norm out")
     if args.attack == "pgd":
         spec = ("pgd", {"eps": args.eps, "steps": args.steps, "norm": args.norm})
     elif args.attack == "fgsm":  # FGSM's L2 form is FGM
@@ -126,7 +129,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     where = _outputs(args, "attack", write)
     print(
         f"{args.attack}: fooled {fooled:.1%} of the correctly classified, clean acc "
-        f"{float((pred == y).float().mean()):.1%} -> {float((pred_adv == y).float().mean()):.1%}, "
+        f"{float((pred == y).float().mean()):.1%} -> {float(((pred == y) & (pred_adv == y)).float().mean()):.1%}, "
         f"mean L2 distortion {float(dist.mean()):.4f}"
     )
     print(f"adversarial examples and the before/after grid (rows: clean, adversarial, |difference|) in {where}")
@@ -219,7 +222,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("uri", help=uri)
     p.add_argument("--attack", default="pgd", choices=["fgsm", "fgm", "pgd", "lbfgs", "cw"], help="(default: pgd)")
     p.add_argument("--eps", type=_positive_float, default=0.1, help="budget in the --norm ball (default: %(default)s)")
-    p.add_argument("--norm", default="linf", choices=["linf", "l2"], help="(default: %(default)s)")
+    p.add_argument("--norm", choices=["linf", "l2"], help="(default: l2 for fgm and cw, else linf)")
     p.add_argument("--steps", type=int, default=20, help="iterations of the iterative attacks (default: %(default)s)")
     p.add_argument("--n", type=int, default=64, help="test images attacked (default: %(default)s)")
     p.add_argument("--out", help="local folder (default: <uri>/attack)")

@@ -89,9 +89,7 @@ def test_evaluate_attack_certify_write_tables_and_pictures(trained, tmp_path, ca
                 "attack",
                 str(trained),
                 "--attack",
-                "fgm",
-                "--norm",
-                "l2",
+                "fgm",  # L2 without --norm
                 "--eps",
                 "0.5",
                 "--n",
