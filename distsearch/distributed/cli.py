@@ -53,6 +53,9 @@ def _starts(starts: list[dict[str, Any]]) -> str:
     return f"{len(starts)} (<-{donor}@{exploits[-1]['epoch']})"
 
 
+SHOWN = ("val/robust_clean_acc", "val/robust_acc")
+
+
 def trial_rows(uri: str) -> list[dict[str, Any]]:
     """One dict per trial of the experiment at `uri`: id, state, params, metrics, genotype."""
     from ray.tune import ExperimentAnalysis
@@ -63,6 +66,9 @@ def trial_rows(uri: str) -> list[dict[str, Any]]:
         analysis = ExperimentAnalysis(spec["root"])
     except (ValueError, FileNotFoundError, OSError):
         return []
+    shown = objectives + [  # the PGD accuracy beside the objectives when the trials measure it
+        m for m in SHOWN if m not in objectives and any(m in (t.last_result or {}) for t in analysis.trials)
+    ]
     rows = []
     for trial in analysis.trials:
         store = Store(f"{spec['root']}/{trial.trial_id}/{SEARCH_DIR}")
@@ -76,7 +82,7 @@ def trial_rows(uri: str) -> list[dict[str, Any]]:
                 "epochs": last.get("done_epochs", 0),
                 "starts": _starts(starts),
                 "params": trial.config,
-                **{m: last.get(m) for m in objectives},
+                **{m: last.get(m) for m in shown},
                 "genotype": genotype,
             }
         )
