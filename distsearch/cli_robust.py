@@ -92,17 +92,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from .robust.attacks import make_attack
     from .train import load_model
 
+    l2_only = args.attack in ("fgm", "cw")
+    norm = args.norm or ("l2" if l2_only else "linf")
+    if l2_only and norm != "l2":
+        raise UsageError(f"--norm: attack {args.attack!r} is L2 only; pass --norm l2 or leave --norm out")
     model, data, _ = load_model(args.uri)
     x, y = _eval_set(data, args.n)
-    l2_only = args.attack in ("fgm", "cw")
-    if args.norm is None:
-        args.norm = "l2" if l2_only else "linf"
-    if l2_only and args.norm != "l2":
-        raise UsageError(f"--norm: attack {args.attack!r} is L2 only; pass --norm l2 or leave --norm out")
     if args.attack == "pgd":
-        spec = ("pgd", {"eps": args.eps, "steps": args.steps, "norm": args.norm})
+        spec = ("pgd", {"eps": args.eps, "steps": args.steps, "norm": norm})
     elif args.attack == "fgsm":  # FGSM's L2 form is FGM
-        spec = ("fgsm", {"eps": args.eps}) if args.norm == "linf" else ("fgm", {"eps": args.eps})
+        spec = ("fgsm", {"eps": args.eps}) if norm == "linf" else ("fgm", {"eps": args.eps})
     elif args.attack == "lbfgs":  # minimum-distortion attack: no budget
         spec = ("lbfgs", {})
     else:

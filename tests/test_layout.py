@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distsearch.runner import Interrupted, run_search
+from distsearch.runner import Interrupted, build_data, build_supernet, run_search
 from distsearch.search.darts import DartsSearcher
 from distsearch.storage import Store
 from search_spaces.darts import Supernet, num_edges
@@ -99,7 +99,7 @@ def test_a_search_resumed_from_a_per_edge_checkpoint_equals_an_uninterrupted_one
         run_search(cfg, store, stop_after_steps=6)  # epoch 1 checkpointed at step 4
     name, state, meta = store.load_latest()
     searcher = state["searcher"]
-    model = _supernet_of(cfg)
+    model = build_supernet(cfg, build_data(cfg))
     names = [n for n, _ in model.named_parameters() if n not in ARCH]
     opt = searcher["w_optimizer"]
     momenta = _per_edge(model, {names[i]: s["momentum_buffer"] for i, s in opt["state"].items()})
@@ -117,9 +117,3 @@ def test_a_search_resumed_from_a_per_edge_checkpoint_equals_an_uninterrupted_one
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert store.read_json("genotype.json") == straight.read_json("genotype.json")
-
-
-def _supernet_of(cfg) -> Supernet:
-    from distsearch.runner import build_data, build_supernet
-
-    return build_supernet(cfg, build_data(cfg))
