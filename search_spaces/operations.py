@@ -36,7 +36,13 @@ class BatchNorm2d(nn.BatchNorm2d):
     """nn.BatchNorm2d that can scale its output, `bn(x, scale) = scale * bn(x)`, inside the BN
     kernel (the mixed op's softmax(alpha) weight, search_spaces/darts.py), and that does not
     count batches: `num_batches_tracked` is only read when momentum is None (then it counts as
-    usual); counting costs one kernel launch per call, 1,858 per DARTS search step."""
+    usual); counting costs one kernel launch per call, 1,858 per DARTS search step.
+
+    `split = (n, mean, var)` (set by the DSRNA searcher's `split_batch_norm`) runs two batches
+    in one: the first n examples in train mode (batch statistics, running ones updated), the
+    rest frozen to the statistics (mean, var)."""
+
+    split: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         scale = None if scale is None else scale.expand(self.num_features)
@@ -46,6 +52,11 @@ class BatchNorm2d(nn.BatchNorm2d):
         weight, bias = self.weight, self.bias
         if scale is not None:
             weight, bias = (scale, None) if weight is None else (weight * scale, bias * scale)
+        if self.split is not None:
+            n, mean, var = self.split
+            head, tail = x.split([n, x.shape[0] - n])  # backward: one cat of the two gradients
+            head = F.batch_norm(head, self.running_mean, self.running_var, weight, bias, True, self.momentum, self.eps)
+            return torch.cat([head, F.batch_norm(tail, mean, var, weight, bias, False, 0.0, self.eps)])
         stats = self.training or self.running_mean is None
         if not stats and double_backward.marked(x):
             return double_backward.FrozenBatchNorm.apply(x, self.running_mean, self.running_var, weight, bias, self.eps)

@@ -91,6 +91,67 @@ def test_finite_difference_jacobian_gives_the_double_backward_arch_gradient(bn_s
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-10)
 
 
+@pytest.mark.parametrize(
+    "variant,order,proj", [("jacobian", "first", 0), ("jacobian", "second", 2), ("combined", "first", 1)]
+)
+def test_fused_forward_equals_separate_forwards(variant: str, order: str, proj: int) -> None:
+    """With finite differences and running statistics, L_val's train-mode forward shares one
+    batch with the moved points (split_batch_norm): two steps land on the same alphas,
+    weights, BN running statistics and metrics as separate forwards (float64), in one model
+    forward fewer per objective."""
+    net, tb, vb = tiny(6)
+    net = net.double()
+    tb, vb = (tb[0].double(), tb[1]), (vb[0].double(), vb[1])
+    kw = dict(epochs=2, order=order, variant=variant, projections=proj, bound="crown", jacobian_fd_step=1e-6)
+    runs = []
+    for fused in (True, False):
+        s = DsrnaSearcher(copy.deepcopy(net), **kw)
+        assert s.fused
+        s.fused = fused
+        sizes: list[int] = []
+        s.model.register_forward_pre_hook(lambda m, args, sizes=sizes: sizes.append(len(args[0])))
+        torch.manual_seed(7)  # the projection draws
+        metrics = [s.step(tb, vb) for _ in range(2)]
+        runs.append((s, metrics, sizes))
+    (fused, m_fused, sizes_fused), (separate, m_separate, sizes_separate) = runs
+    sa, sb = fused.model.state_dict(), separate.model.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-9, atol=1e-12, msg=k)
+    for a, b in zip(m_fused, m_separate):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-12, msg=k)
+    directions = proj or 4  # the exact norms move along one direction per class
+    assert len(sizes_fused) < len(sizes_separate) and max(sizes_fused) == len(vb[0]) * (2 + directions)
+    assert all(m.split is None for m in fused.model.modules() if hasattr(m, "split"))
+
+
+@pytest.mark.parametrize("variant,fd_step", [("jacobian", 0.0), ("combined", 1e-6), ("certified", 0.0)])
+def test_arch_objective_gradient_matches_finite_differences(variant: str, fd_step: float) -> None:
+    """The alpha-gradient the arch step takes equals central differences of the objective
+    (float64, L2 norms: no kinks of |.| within the step): L_val's forward updates the running
+    statistics in place while R's graph still holds the ones R read, so R must read a copy,
+    or its gradient is silently wrong."""
+    net, _, (x, y) = tiny(8)
+    net, x = net.double(), x.double()
+    kw = dict(epochs=2, variant=variant, norm="l2", jacobian_fd_step=fd_step, gamma=5.0)
+
+    def objective(shift: float = 0.0, direction: list[torch.Tensor] | None = None):
+        s = DsrnaSearcher(copy.deepcopy(net), **kw)
+        with torch.no_grad():
+            for a, d in zip(s.model.arch_parameters(), direction or []):
+                a.add_(shift * d)
+        return s, s.arch_objective(x, y)[0]
+
+    s, value = objective()
+    grads = torch.autograd.grad(value, s.model.arch_parameters(), allow_unused=True)
+    g = torch.Generator().manual_seed(0)
+    direction = [torch.randn(a.shape, generator=g, dtype=a.dtype) for a in s.model.arch_parameters()]
+    slope = sum((gr * d).sum() for gr, d in zip(grads, direction) if gr is not None)
+    t = 1e-6
+    central = (objective(t, direction)[1] - objective(-t, direction)[1]) / (2 * t)
+    torch.testing.assert_close(central.detach(), slope, rtol=1e-5, atol=1e-9)
+
+
 def test_frozen_bn_restores_modes_and_buffers() -> None:
     net, _, (x, _) = tiny(2)
     before = copy.deepcopy(net.state_dict())

@@ -87,11 +87,17 @@ def projection_samples(
 
 
 def directional_norms(
-    model: Model, x: torch.Tensor, weights: Callable[[torch.Tensor], torch.Tensor], norm: str, fd_step: float
+    model: Model,
+    x: torch.Tensor,
+    weights: Callable[[torch.Tensor], torch.Tensor],
+    norm: str,
+    fd_step: float,
+    evaluate: Model | None = None,
 ) -> tuple[torch.Tensor, int]:
     """[n, B] ||V_i^T J(x)||_q for the n row weightings V = weights(f(x)) [n, B, K], by the
     finite difference along each dual direction (see the module text), differentiable in the
-    model's parameters; and K."""
+    model's parameters; and K. `evaluate` (default: the model) runs the batch of x and the
+    moved points: the DSRNA searcher passes one that also runs its validation batch."""
     q = dual_q(norm)
     with torch.enable_grad():
         xg = _inputs(x)
@@ -104,7 +110,7 @@ def directional_norms(
             u = g.sign() if q == 1 else g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
             dirs.append(x.detach() + fd_step * u.view_as(x))
         # f(x) again beside all the moved points: one batch, so (alpha, w) take one backward
-        both = model(torch.cat([x.detach(), *dirs]))
+        both = (evaluate or model)(torch.cat([x.detach(), *dirs]))
         base, moved = both[: x.shape[0]], both[x.shape[0] :].view(V.shape)
     return ((moved - base.unsqueeze(0)) * V).sum(-1) / fd_step, out.shape[1]
 
@@ -117,13 +123,14 @@ def _projections(
     create_graph: bool,
     generator: torch.Generator | None,
     fd_step: float = 0.0,
+    evaluate: Model | None = None,
 ) -> tuple[torch.Tensor, int]:
     q = dual_q(norm)
     if fd_step > 0:
         draw = lambda out: torch.stack(  # the same draws, in the same order, as the double-backward path
             [torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=generator) for _ in range(n_proj)]
         )
-        s, K = directional_norms(model, x, draw, norm, fd_step)
+        s, K = directional_norms(model, x, draw, norm, fd_step, evaluate)
         return (s.square() if q == 2 else math.sqrt(math.pi / 2) * s), K
     with torch.enable_grad():
         xg = _inputs(x)
@@ -174,18 +181,20 @@ def jacobian_metric(
     create_graph: bool = True,
     generator: torch.Generator | None = None,
     fd_step: float = 0.0,
+    evaluate: Model | None = None,
 ) -> torch.Tensor:
     """R_jac = -(eps / K) sum_k ||J_k(x)||_q averaged over x (exact when projections == 0,
     else with the projected surrogate above); a differentiable 0-dim tensor. `fd_step` > 0:
-    the norms by finite differences along their dual directions instead of a double backward."""
+    the norms by finite differences along their dual directions instead of a double backward
+    (`evaluate`: see directional_norms)."""
     if projections > 0:
-        samples, K = _projections(model, x, norm, projections, create_graph, generator, fd_step)
+        samples, K = _projections(model, x, norm, projections, create_graph, generator, fd_step, evaluate)
         total = _surrogate(samples, norm)
     elif fd_step > 0:  # v = e_k for every example and class
         unit = lambda out: torch.eye(out.shape[1], dtype=out.dtype, device=out.device)[:, None, :].expand(
             -1, *out.shape
         )
-        norms, K = directional_norms(model, x, unit, norm, fd_step)
+        norms, K = directional_norms(model, x, unit, norm, fd_step, evaluate)
         total = norms.sum(0)
     else:
         norms = jacobian_norms(model, x, norm, create_graph)

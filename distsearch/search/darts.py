@@ -35,6 +35,11 @@ def frozen(params: list[torch.nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(f)
 
 
+def val_objective(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """L_val and the validation accuracy from the supernet's logits."""
+    return F.cross_entropy(logits, y), {"val_acc": accuracy(logits, y).detach()}
+
+
 class DartsSearcher(Searcher):
     def __init__(
         self,
@@ -68,8 +73,7 @@ class DartsSearcher(Searcher):
 
     # -- the architecture objective: L_val here; DSRNA subtracts gamma * R ------------------
     def arch_objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = self.model(x)
-        return F.cross_entropy(logits, y), {"val_acc": accuracy(logits, y).detach()}
+        return val_objective(self.model(x), y)
 
     def arch_step(self, train_batch: Batch, val_batch: Batch) -> dict[str, torch.Tensor]:
         (xt, yt), (xv, yv) = train_batch, val_batch
