@@ -25,7 +25,7 @@ step() {  # name, timeout, search_step args...
 step darts 150 --algorithm darts darts2 --steps 10 --warmup 3 --profile --cuda-graph
 grep -E "Name|---|^ *[a-z_].*%" "$OUT/step_darts.err" | head -22
 step lease 120 --algorithm lease --steps 5 --warmup 2
-step dsrna_jac 120 --algorithm dsrna-jacobian-fd dsrna-jacobian --projections 1 --steps 3 --warmup 1
+step dsrna_jac 150 --algorithm dsrna-jacobian-fd dsrna-jacobian-fd-separate dsrna-jacobian --projections 1 --steps 3 --warmup 1
 # the same double backward with torch's own depthwise double backward (its loop over groups)
 step dsrna_jac_torchdw 50 --algorithm dsrna-jacobian --projections 1 --steps 3 --warmup 1 --torch-depthwise-double-backward
 step dsrna_cb 40 --algorithm dsrna-certified --bound ibp --steps 3 --warmup 1

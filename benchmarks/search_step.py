@@ -41,6 +41,8 @@ ALGORITHMS = {
     "lease": ("lease", dict(order="first")),
     "dsrna-jacobian": ("dsrna", dict(variant="jacobian")),
     "dsrna-jacobian-fd": ("dsrna", dict(variant="jacobian", jacobian_fd_step=1e-3)),
+    # the same step with L_val's forward apart from the finite differences' (search/dsrna.py)
+    "dsrna-jacobian-fd-separate": ("dsrna", dict(variant="jacobian", jacobian_fd_step=1e-3)),
     "dsrna-certified": ("dsrna", dict(variant="certified")),
 }
 
@@ -59,7 +61,10 @@ def make(algo: str, args: argparse.Namespace, device: torch.device):
     extra = dict(in_channels=args.channels, num_classes=args.classes) if name == "lease" else {}
     if name == "dsrna":
         extra = dict(projections=args.projections, bound=args.bound)
-    return SEARCHERS[name](model, epochs=50, **OPT, **kw, **extra)
+    searcher = SEARCHERS[name](model, epochs=50, **OPT, **kw, **extra)
+    if algo.endswith("-separate"):
+        searcher.fused = False
+    return searcher
 
 
 class _KernelCount(TorchDispatchMode):
