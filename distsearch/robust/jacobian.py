@@ -17,7 +17,8 @@ alike but is a different number: `R_jac` is only comparable at equal `projection
 
 Without a double backward (`fd_step` > 0): ||g||_q for g = v^T J(x) (v = e_k exactly, or a
 random projection) is max over ||u||_p <= 1 of v^T J u, attained at the dual direction
-u* = sign(g) (L-inf) or g / ||g||_2 (L2). u* comes from one plain backward (no graph), then
+u* = sign(g) (L-inf) or g / ||g||_2 (L2). Every u* (all rows v, all classes for the exact
+norms) comes from one plain backward (no graph) through copies of x side by side, then
     ||g||_q ~ v^T (f(x + h u*) - f(x)) / h
 from one more forward (batched with f(x) again, so that the parameters' gradient takes one
 backward through one graph), and by Danskin's theorem the gradient in (alpha, w) of the
@@ -90,28 +91,32 @@ def directional_norms(
     model: Model,
     x: torch.Tensor,
     weights: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
     norm: str,
     fd_step: float,
     evaluate: Model | None = None,
 ) -> tuple[torch.Tensor, int]:
     """[n, B] ||V_i^T J(x)||_q for the n row weightings V = weights(f(x)) [n, B, K], by the
     finite difference along each dual direction (see the module text), differentiable in the
-    model's parameters; and K. `evaluate` (default: the model) runs the batch of x and the
-    moved points: the DSRNA searcher passes one that also runs its validation batch."""
+    model's parameters; and K. The n dual directions come from one backward through a batch
+    of n copies of x (the model must treat its examples apart: BN frozen): more forward work
+    than n backwards through one forward of x, but 1/n of the kernel launches. `evaluate`
+    (default: the model) runs the batch of x and the moved points: the DSRNA searcher passes
+    one that also runs its validation batch."""
     q = dual_q(norm)
+    B = x.shape[0]
     with torch.enable_grad():
-        xg = _inputs(x)
+        xg = _inputs(x.repeat(n, *[1] * (x.dim() - 1)))
         out = model(xg)
-        V = weights(out.detach())
-        dirs = []
-        for i, v in enumerate(V):  # out's graph serves these input gradients only
-            (g,) = torch.autograd.grad(out, xg, v, retain_graph=i < len(V) - 1)
-            g = g.flatten(1)
-            u = g.sign() if q == 1 else g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
-            dirs.append(x.detach() + fd_step * u.view_as(x))
+        V = weights(out[:B].detach())
+        if V.shape[0] != n:
+            raise ValueError(f"weights gave {V.shape[0]} row weightings for {n} copies of x")
+        (g,) = torch.autograd.grad(out, xg, V.flatten(0, 1))  # out's graph serves these only
+        g = g.flatten(1)
+        u = g.sign() if q == 1 else g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)
         # f(x) again beside all the moved points: one batch, so (alpha, w) take one backward
-        both = (evaluate or model)(torch.cat([x.detach(), *dirs]))
-        base, moved = both[: x.shape[0]], both[x.shape[0] :].view(V.shape)
+        both = (evaluate or model)(torch.cat([x.detach(), xg.detach() + fd_step * u.view_as(xg)]))
+        base, moved = both[:B], both[B:].view(V.shape)
     return ((moved - base.unsqueeze(0)) * V).sum(-1) / fd_step, out.shape[1]
 
 
@@ -130,7 +135,7 @@ def _projections(
         draw = lambda out: torch.stack(  # the same draws, in the same order, as the double-backward path
             [torch.randn(out.shape, dtype=out.dtype, device=out.device, generator=generator) for _ in range(n_proj)]
         )
-        s, K = directional_norms(model, x, draw, norm, fd_step, evaluate)
+        s, K = directional_norms(model, x, draw, n_proj, norm, fd_step, evaluate)
         return (s.square() if q == 2 else math.sqrt(math.pi / 2) * s), K
     with torch.enable_grad():
         xg = _inputs(x)
@@ -182,19 +187,24 @@ def jacobian_metric(
     generator: torch.Generator | None = None,
     fd_step: float = 0.0,
     evaluate: Model | None = None,
+    classes: int | None = None,
 ) -> torch.Tensor:
     """R_jac = -(eps / K) sum_k ||J_k(x)||_q averaged over x (exact when projections == 0,
     else with the projected surrogate above); a differentiable 0-dim tensor. `fd_step` > 0:
     the norms by finite differences along their dual directions instead of a double backward
-    (`evaluate`: see directional_norms)."""
+    (`evaluate`: see directional_norms; exact norms need K = `classes`, else one forward of
+    one example finds it)."""
     if projections > 0:
         samples, K = _projections(model, x, norm, projections, create_graph, generator, fd_step, evaluate)
         total = _surrogate(samples, norm)
     elif fd_step > 0:  # v = e_k for every example and class
+        if classes is None:
+            with torch.no_grad():
+                classes = model(x[:1]).shape[1]
         unit = lambda out: torch.eye(out.shape[1], dtype=out.dtype, device=out.device)[:, None, :].expand(
             -1, *out.shape
         )
-        norms, K = directional_norms(model, x, unit, norm, fd_step, evaluate)
+        norms, K = directional_norms(model, x, unit, classes, norm, fd_step, evaluate)
         total = norms.sum(0)
     else:
         norms = jacobian_norms(model, x, norm, create_graph)

@@ -175,6 +175,7 @@ class DsrnaSearcher(DartsSearcher):
                 create_graph=differentiable,
                 fd_step=self.jacobian_fd_step,
                 evaluate=evaluate,
+                classes=self.model.classifier.out_features,
             )
         if self.variant in ("certified", "combined"):
             with frozen_bn(self.model, stats), torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
