@@ -22,14 +22,14 @@ step() {  # name, timeout, search_step args...
   echo "== $name rc=$?"
   python3 -c "import json; d=json.load(open('$OUT/step_$name.json')); [print(r['algorithm'], r.get('error') or '%s ms/step %s img/s %s GiB x%s %s kernels' % (r['ms_per_step'], r['images_per_s'], r.get('peak_mem_gib'), r['ratio_to_darts_first_order'], r.get('kernels_per_step'))) for r in d['results']]" 2>/dev/null || tail -3 "$OUT/step_$name.err"
 }
-step darts 150 --algorithm darts darts2 --steps 10 --warmup 3 --profile --cuda-graph
+step darts 140 --algorithm darts darts2 --steps 10 --warmup 3 --profile --cuda-graph
 grep -E "Name|---|^ *[a-z_].*%" "$OUT/step_darts.err" | head -22
-step lease 120 --algorithm lease --steps 5 --warmup 2
-step dsrna_jac 150 --algorithm dsrna-jacobian-fd dsrna-jacobian-fd-separate dsrna-jacobian --projections 1 --steps 3 --warmup 1
-# the same double backward with torch's own depthwise double backward (its loop over groups)
-step dsrna_jac_torchdw 50 --algorithm dsrna-jacobian --projections 1 --steps 3 --warmup 1 --torch-depthwise-double-backward
+step lease 100 --algorithm lease --steps 5 --warmup 2
+step dsrna_jac 120 --algorithm dsrna-jacobian-fd dsrna-jacobian-fd-separate dsrna-jacobian --projections 1 --steps 3 --warmup 1
+# exact norms by finite differences (launch/configs/cifar10_dsrna.yaml): 12 x 64 images in one pass
+step dsrna_exact 80 --algorithm dsrna-jacobian-fd --projections 0 --steps 3 --warmup 1
 step dsrna_cb 40 --algorithm dsrna-certified --bound ibp --steps 3 --warmup 1
-timeout 100 python3 - <<'PY' 2>&1 | grep -v Warning | tee "$OUT/smoke.txt"
+timeout 90 python3 - <<'PY' 2>&1 | grep -v Warning | tee "$OUT/smoke.txt"
 import tempfile, time
 from distsearch.config import parse_config
 from distsearch.runner import run_search
