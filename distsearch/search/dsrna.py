@@ -31,7 +31,7 @@ step's kernel launches 10,459 -> 8,454 at the paper size (DARTS first order: 5,2
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -155,7 +155,12 @@ class DsrnaSearcher(DartsSearcher):
         self.fused = variant != "certified" and jacobian_fd_step > 0 and bn_stats == "running" and splittable(model)
 
     def robustness(
-        self, x: torch.Tensor, y: torch.Tensor, differentiable: bool = True, stats: Stats | None = None, evaluate=None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        differentiable: bool = True,
+        stats: Stats | None = None,
+        evaluate: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The metrics of the variant at the current weights, BN frozen to `stats` (default:
         the running statistics themselves); `evaluate`: jacobian_metric's."""
