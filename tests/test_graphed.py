@@ -40,7 +40,14 @@ def test_zero_initialised_optimiser_states_equal_lazy_ones(over):
                 assert torch.equal(torch.as_tensor(v), torch.as_tensor(b[name]["state"][i][key])), (name, i, key)
 
 
-@pytest.mark.parametrize("over", [{}, {"algorithm": {"name": "lease", "attack_steps": 2}}])
+@pytest.mark.parametrize(
+    "over",
+    [
+        {},
+        {"algorithm": {"name": "lease", "attack_steps": 2}},
+        {"algorithm": {"name": "dsrna", "projections": 2, "jacobian_fd_step": 1e-3}},  # the split BN
+    ],
+)
 def test_staged_steps_equal_plain_steps_across_lr_changes(over):
     torch.manual_seed(0)
     plain, batches = tiny_searcher(**over)
