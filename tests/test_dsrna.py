@@ -170,9 +170,10 @@ def _same_state_dict(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_exact_resume() -> None:
+@pytest.mark.parametrize("fd_step", [0.0, 1e-3])  # double backward; finite differences, fused
+def test_exact_resume(fd_step: float) -> None:
     net, tb, vb = tiny(3)
-    kw = dict(epochs=2, variant="combined", projections=1, bound="crown")
+    kw = dict(epochs=2, variant="combined", projections=1, bound="crown", jacobian_fd_step=fd_step)
     s1 = DsrnaSearcher(net, **kw)
     s1.step(tb, vb)
     state = copy.deepcopy(s1.state_dict())
