@@ -39,8 +39,8 @@ class BatchNorm2d(nn.BatchNorm2d):
     usual); counting costs one kernel launch per call, 1,858 per DARTS search step.
 
     `split = (n, mean, var)` (set by the DSRNA searcher's `split_batch_norm`) runs two batches
-    in one: the first n examples in train mode (batch statistics, running ones updated), the
-    rest frozen to the statistics (mean, var)."""
+    in one: the first n examples as the module's mode says (in train mode: batch statistics,
+    running ones updated), the rest frozen to the statistics (mean, var)."""
 
     split: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
@@ -55,7 +55,9 @@ class BatchNorm2d(nn.BatchNorm2d):
         if self.split is not None:
             n, mean, var = self.split
             head, tail = x.split([n, x.shape[0] - n])  # backward: one cat of the two gradients
-            head = F.batch_norm(head, self.running_mean, self.running_var, weight, bias, True, self.momentum, self.eps)
+            head = F.batch_norm(
+                head, self.running_mean, self.running_var, weight, bias, self.training, self.momentum, self.eps
+            )
             return torch.cat([head, F.batch_norm(tail, mean, var, weight, bias, False, 0.0, self.eps)])
         stats = self.training or self.running_mean is None
         if not stats and double_backward.marked(x):

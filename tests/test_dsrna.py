@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from distsearch.config import load_config
 from distsearch.robust.certify import certify_table, plot_certified_accuracy, write_csv, write_markdown
 from distsearch.search import DartsSearcher, DsrnaSearcher
 from distsearch.search.dsrna import capture_bn_stats, frozen_bn
 from search_spaces import Supernet
+from search_spaces.operations import BatchNorm2d
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["quickstart_dsrna", "mnist_dsrna_cb", "cifar10_dsrna"]
@@ -123,6 +125,37 @@ def test_fused_forward_equals_separate_forwards(variant: str, order: str, proj: 
     directions = proj or 4  # the exact norms move along one direction per class
     assert len(sizes_fused) < len(sizes_separate) and max(sizes_fused) == len(vb[0]) * (2 + directions)
     assert all(m.split is None for m in fused.model.modules() if hasattr(m, "split"))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_split_batch_norm_is_two_batch_norms(training: bool) -> None:
+    """A split BatchNorm gives the head's rows as the module's mode would (train mode: batch
+    statistics, running ones updated) and the tail's frozen to the given statistics: values,
+    input and scale gradients and running statistics as two separate calls (float64)."""
+    torch.manual_seed(0)
+    bn = BatchNorm2d(3, affine=False).double().train(training)
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(7, 3, 4, 4, dtype=torch.double, requires_grad=True)
+    scale = torch.rand(3, dtype=torch.double, requires_grad=True)
+    probe = torch.randn(7, 3, 4, 4, dtype=torch.double)
+    mean, var = bn.running_mean.clone(), bn.running_var.clone()
+    results = []
+    for split in (True, False):
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        if split:
+            bn.split = (3, mean.clone(), var.clone())
+            out = bn(x, scale)
+            bn.split = None
+        else:
+            tail = F.batch_norm(x[3:], mean.clone(), var.clone(), scale, None, False, 0.0, bn.eps)
+            out = torch.cat([bn(x[:3], scale), tail])
+        grads = torch.autograd.grad((out * probe).sum(), [x, scale])
+        results.append((out.detach(), *grads, bn.running_mean.clone(), bn.running_var.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert training != torch.equal(results[0][3], mean)  # the head updates the running mean in train mode only
 
 
 @pytest.mark.parametrize("variant,fd_step", [("jacobian", 0.0), ("combined", 1e-6), ("certified", 0.0)])

@@ -84,8 +84,9 @@ def running_stats(model: nn.Module) -> Stats:
 
 @contextmanager
 def split_batch_norm(model: nn.Module, n: int, stats: Stats) -> Iterator[None]:
-    """Every BatchNorm runs the first n examples of its batch in train mode (updating its
-    running statistics) and the rest frozen to `stats` (running_stats), whatever its mode."""
+    """Every BatchNorm runs the first n examples of its batch as its mode says (the searching
+    supernet's: train mode, updating the running statistics) and the rest frozen to `stats`
+    (running_stats)."""
     bns = [m for m in model.modules() if isinstance(m, BatchNorm2d)]
     for m in bns:
         m.split = (n, *stats[id(m)])
