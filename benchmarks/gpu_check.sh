@@ -38,7 +38,7 @@ raw = {"epochs": 2, "device": "cuda", "data": {"name": "synthetic", "batch_size"
        "synthetic": {"n": 384, "channels": 3, "image_size": 16, "num_classes": 4}},
        "space": {"C": 8, "layers": 3, "nodes": 3}, "monitor": {"progress": False, "tensorboard": False}}
 runs = [({"name": "darts"}, False), ({"name": "darts"}, True), ({"name": "darts", "order": "second"}, True),
-        ({"name": "lease"}, False), ({"name": "dsrna", "variant": "combined", "projections": 1, "jacobian_fd_step": 1e-3}, False),
+        ({"name": "lease"}, False), ({"name": "dsrna", "variant": "combined", "projections": 1, "jacobian_fd_step": 1.0}, False),
         ({"name": "dsrna", "variant": "jacobian", "projections": 1}, False)]  # double backward: double_backward.py on CUDA
 for algo, graph in runs:  # graphed vs eager DARTS: same data and seed, so close val/loss (not bitwise)
     d = tempfile.mkdtemp()

@@ -40,9 +40,9 @@ ALGORITHMS = {
     "darts2": ("darts", dict(order="second")),
     "lease": ("lease", dict(order="first")),
     "dsrna-jacobian": ("dsrna", dict(variant="jacobian")),
-    "dsrna-jacobian-fd": ("dsrna", dict(variant="jacobian", jacobian_fd_step=1e-3)),
+    "dsrna-jacobian-fd": ("dsrna", dict(variant="jacobian", jacobian_fd_step=1.0)),
     # the same step with L_val's forward apart from the finite differences' (search/dsrna.py)
-    "dsrna-jacobian-fd-separate": ("dsrna", dict(variant="jacobian", jacobian_fd_step=1e-3)),
+    "dsrna-jacobian-fd-separate": ("dsrna", dict(variant="jacobian", jacobian_fd_step=1.0)),
     "dsrna-certified": ("dsrna", dict(variant="certified")),
 }
 

@@ -134,8 +134,9 @@ class DsrnaConfig(Strict):
     jacobian_fd_step: float = Field(
         0.0,
         ge=0,
-        description="0 = Jacobian norms by double backward; > 0 (e.g. 1e-3, fp32 only): by finite differences "
-        "along their dual directions, same gradients (Danskin), no second-order graph",
+        description="0 = Jacobian norms by double backward; > 0 (1.0 advised, fp32 only): by finite differences "
+        "along their dual directions with the activation pattern frozen, same gradients (Danskin), no "
+        "second-order graph",
     )
     bn_stats: Literal["batch", "running"] = Field(
         "running",

@@ -31,6 +31,7 @@ from .operations import (
     make_op,
     relu_conv_bn,
 )
+from .pattern import ReLU
 
 
 class _FanOut(torch.autograd.Function):
@@ -83,7 +84,7 @@ class EdgeGroup(nn.Module):
     def __init__(self, C: int, stride: int, ops: tuple[str, ...], edges: int):
         super().__init__()
         self.C, self.E, self.stride = C, edges, stride
-        self.relu = nn.ReLU(inplace=False)
+        self.relu = ReLU(inplace=False)
         self.repeat = Repeat(edges)
         built = {name: make_op(name, C, stride, affine=False, search=True, edges=edges) for name in ops}
         built = {name: op for name, op in built.items() if not isinstance(op, Zero)}

@@ -14,6 +14,7 @@ from torch import nn
 from .darts import reduction_layers
 from .genotype import Genotype
 from .operations import FactorizedReduce, Identity, make_op, relu_conv_bn
+from .pattern import ReLU
 
 
 def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
@@ -55,14 +56,14 @@ class AuxiliaryHead(nn.Module):
     def __init__(self, C: int, num_classes: int):
         super().__init__()
         self.features = nn.Sequential(
-            nn.ReLU(inplace=False),
+            ReLU(inplace=False),
             nn.AdaptiveAvgPool2d(2),
             nn.Conv2d(C, 128, 1, bias=False),
             nn.BatchNorm2d(128),
-            nn.ReLU(inplace=False),
+            ReLU(inplace=False),
             nn.Conv2d(128, 768, 2, bias=False),
             nn.BatchNorm2d(768),
-            nn.ReLU(inplace=False),
+            ReLU(inplace=False),
         )
         self.classifier = nn.Linear(768, num_classes)
 

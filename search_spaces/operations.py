@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import double_backward
+from .pattern import MaxPool2d, ReLU
 
 PRIMITIVES: tuple[str, ...] = (
     "none",
@@ -136,7 +137,7 @@ class FactorizedReduce(nn.Module):
         super().__init__()
         assert C_out % 2 == 0, "FactorizedReduce needs an even number of output channels"
         self.edges = edges
-        self.relu = nn.ReLU(inplace=False)
+        self.relu = ReLU(inplace=False)
         self.shift = Shift()
         E = edges
         self.repeat = Repeat(edges)
@@ -160,7 +161,7 @@ class FactorizedReduce(nn.Module):
 
 def relu_conv_bn(C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool = True) -> nn.Sequential:
     return nn.Sequential(
-        nn.ReLU(inplace=False),
+        ReLU(inplace=False),
         nn.Conv2d(C_in, C_out, kernel, stride=stride, padding=padding, bias=False),
         BatchNorm2d(C_out, affine=affine),
     )
@@ -182,7 +183,7 @@ def dil_conv(
     grouped by edge)."""
     E = edges
     return nn.Sequential(
-        nn.ReLU(inplace=False),
+        ReLU(inplace=False),
         *([Repeat(E)] if E > 1 and repeat else []),
         DepthwiseConv2d(E * C_in, E * C_in, kernel, stride, padding, dilation=dilation, groups=E * C_in, bias=False),
         nn.Conv2d(E * C_in, E * C_out, 1, bias=False, groups=E),
@@ -202,7 +203,7 @@ def sep_conv(
 
 def _pool(kind: str, C: int, stride: int, affine: bool, bn: bool, edges: int = 1) -> nn.Module:
     pool = (
-        nn.MaxPool2d(3, stride=stride, padding=1)
+        MaxPool2d(3, stride=stride, padding=1)
         if kind == "max"
         else nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)
     )

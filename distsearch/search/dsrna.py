@@ -26,7 +26,8 @@ One forward fewer (finite differences with "running"): the train-mode forward of
 the frozen forward of the finite differences' points run as one batch, each BatchNorm
 normalising the first B rows by their batch statistics and the rest by the copy
 (`split_batch_norm`); the same values and gradients as two forwards (tested), the DSRNA
-step's kernel launches 10,459 -> 8,454 at the paper size (DARTS first order: 5,248).
+step's kernel launches 10,459 -> 8,454 at the paper size (8,858 with the frozen activation
+patterns of robust/jacobian.py; DARTS first order: 5,248).
 """
 
 from __future__ import annotations

@@ -1,0 +1,57 @@
+"""Frozen activation patterns (search_spaces/pattern.py): inside frozen_pattern a frozen-BN
+supernet is linear along x + h u (the difference is exactly h times the one at h = 1, far
+past every ReLU and max-pool kink), the rows before the base rows and the base rows
+themselves are the plain forward's, and outside it the modules are torch's."""
+
+from __future__ import annotations
+
+import torch
+
+from search_spaces import Supernet
+from search_spaces.pattern import MaxPool2d, ReLU, frozen_pattern
+
+
+def frozen_supernet() -> Supernet:
+    torch.manual_seed(0)
+    net = Supernet(in_channels=1, num_classes=4, C=4, layers=3, nodes=2).double()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def test_moved_rows_are_linear_in_the_step_and_other_rows_unchanged() -> None:
+    net = frozen_supernet()
+    g = torch.Generator().manual_seed(1)
+    free, x = (
+        torch.rand(3, 1, 8, 8, generator=g, dtype=torch.double),
+        torch.rand(4, 1, 8, 8, generator=g, dtype=torch.double),
+    )
+    u = torch.randn(2, 4, 1, 8, 8, generator=g, dtype=torch.double)  # two directions per example
+    with torch.no_grad():
+        plain = net(torch.cat([free, x]))
+
+        def difference(h: float, frozen: bool) -> torch.Tensor:
+            batch = torch.cat([free, x, (x + h * u).flatten(0, 1)])
+            if not frozen:
+                return net(batch)[7:].view(2, 4, -1) - plain[3:]
+            with frozen_pattern(base=4, copies=2):
+                out = net(batch)
+            torch.testing.assert_close(out[:7], plain, rtol=0, atol=1e-14)  # free and base rows
+            return out[7:].view(2, 4, -1) - out[3:7]
+
+        for h in (1e-3, 0.1, 3.0):
+            torch.testing.assert_close(difference(h, True), h * difference(1.0, True), rtol=1e-9, atol=1e-12)
+        plain_diff = difference(1.0, False)  # the control: kinks crossed, not linear
+        assert (plain_diff - 1e3 * difference(1e-3, False)).abs().max() > 1e-3 * plain_diff.abs().max()
+
+
+def test_modules_are_torch_s_outside_the_context() -> None:
+    x = torch.randn(5, 3, 7, 7, requires_grad=True)
+    ours, torchs = [ReLU(), MaxPool2d(3, 2, 1)], [torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2, 1)]
+    for a, b in zip(ours, torchs):
+        assert torch.equal(a(x), b(x))
+    with frozen_pattern(base=5, copies=0):  # every row its own leader: the same values
+        for a, b in zip(ours, torchs):
+            assert torch.equal(a(x), b(x))
