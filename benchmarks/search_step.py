@@ -8,6 +8,7 @@ launch-bound GPU step's cost, counted the same on any device) and each algorithm
 the baseline. Fast-path switches: --channels-last and --bf16 (autocast).
 
     python benchmarks/search_step.py --algorithm darts darts2 lease dsrna-jacobian dsrna-jacobian-fd dsrna-certified
+    python benchmarks/search_step.py --algorithm dsrna-jacobian-fd dsrna-jacobian-fd-quarter  # R on B/4 examples
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ ALGORITHMS = {
     # the same step with L_val's forward apart from the finite differences' (search/dsrna.py)
     "dsrna-jacobian-fd-separate": ("dsrna", dict(variant="jacobian", jacobian_fd_step=1.0)),
     "dsrna-certified": ("dsrna", dict(variant="certified")),
+    # R on the first quarter of each validation batch (algorithm.robust_batch = B / 4)
+    "dsrna-jacobian-fd-quarter": ("dsrna", dict(variant="jacobian", jacobian_fd_step=1.0)),
+    "dsrna-certified-quarter": ("dsrna", dict(variant="certified")),
 }
 
 
@@ -61,6 +65,8 @@ def make(algo: str, args: argparse.Namespace, device: torch.device):
     extra = dict(in_channels=args.channels, num_classes=args.classes) if name == "lease" else {}
     if name == "dsrna":
         extra = dict(projections=args.projections, bound=args.bound)
+        if algo.endswith("-quarter"):
+            extra["robust_batch"] = max(1, args.batch // 4)
     searcher = SEARCHERS[name](model, epochs=50, **OPT, **kw, **extra)
     if algo.endswith("-separate"):
         searcher.fused = False

@@ -144,6 +144,12 @@ class DsrnaConfig(Strict):
         "deep supernets) or the clean val batch's (exploding interval widths: NaN on 8 cells)",
     )
     cb_scale: Literal["symlog", "linear"] = Field("symlog", description="R_cb = mean of symlog(margin) or margin")
+    robust_batch: int = Field(
+        0,
+        ge=0,
+        description="R on the first N examples of each validation batch (a random subset: batches are "
+        "shuffled), 0 = all; R's share of the step's work scales with N / data.batch_size",
+    )
 
 
 AlgorithmConfig = Annotated[DartsConfig | LeaseConfig | DsrnaConfig, Field(discriminator="name")]
@@ -284,6 +290,11 @@ class SearchConfig(RunConfig):
         if self.cuda_graph and self.device == "cpu":
             raise ValueError("cuda_graph: needs device cuda or auto on a GPU machine, not cpu")
         fd = isinstance(self.algorithm, DsrnaConfig) and self.algorithm.jacobian_fd_step > 0
+        if isinstance(self.algorithm, DsrnaConfig) and self.algorithm.robust_batch > self.data.batch_size:
+            raise ValueError(
+                f"algorithm.robust_batch: {self.algorithm.robust_batch} is more than data.batch_size "
+                f"({self.data.batch_size}); use at most that, or 0 for the whole batch"
+            )
         if self.precision == "bf16" and fd:
             raise ValueError("algorithm.jacobian_fd_step: finite differences need fp32; use precision: fp32")
         if self.cuda_graph and self.weight_at is not None and self.weight_at.strategy == "free":

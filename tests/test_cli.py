@@ -35,6 +35,7 @@ def _write(tmp_path, raw, name="c.yaml"):
         ({"data.train_portion": 1.5}, "data.train_portion"),
         ({"space.ops": ["none", "conv9"]}, "space.ops"),
         ({"bogus": 1}, "bogus"),
+        ({"algorithm": {"name": "dsrna", "robust_batch": 17}}, "algorithm.robust_batch"),  # > data.batch_size
     ],
 )
 def test_bad_config_exits_2_naming_the_field_and_writes_nothing(tmp_path, capsys, over, field):

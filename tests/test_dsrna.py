@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from distsearch.config import load_config
 from distsearch.robust.certify import certify_table, plot_certified_accuracy, write_csv, write_markdown
 from distsearch.search import DartsSearcher, DsrnaSearcher
-from distsearch.search.dsrna import capture_bn_stats, frozen_bn
+from distsearch.search.dsrna import capture_bn_stats, frozen_bn, running_stats
 from search_spaces import Supernet
 from search_spaces.operations import BatchNorm2d
 
@@ -183,6 +183,44 @@ def test_arch_objective_gradient_matches_finite_differences(variant: str, fd_ste
     t = 1e-6
     central = (objective(t, direction)[1] - objective(-t, direction)[1]) / (2 * t)
     torch.testing.assert_close(central.detach(), slope, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "variant,fd_step,bn_stats",
+    [
+        ("jacobian", 1e-6, "running"),
+        ("jacobian", 0.0, "batch"),
+        ("combined", 0.0, "running"),
+        ("certified", 0.0, "batch"),
+    ],
+)
+def test_robust_batch_takes_r_on_the_first_examples(variant: str, fd_step: float, bn_stats: str) -> None:
+    """robust_batch = r: the objective is L_val on the whole batch minus gamma R on its first r
+    examples (value and alpha-gradient, float64), on every path (the fused forward, the double
+    backward, the bounds); R differs from the whole batch's."""
+    net, _, (x, y) = tiny(9)
+    net, x = net.double(), x.double()
+    r = 3
+    kw = dict(epochs=2, variant=variant, bound="crown", jacobian_fd_step=fd_step, bn_stats=bn_stats, gamma=5.0)
+    s = DsrnaSearcher(copy.deepcopy(net), robust_batch=r, **kw)
+    assert s.fused == (fd_step > 0)
+    objective, metrics = s.arch_objective(x, y)
+    got = torch.autograd.grad(objective, s.model.arch_parameters(), allow_unused=True)
+
+    ref = DsrnaSearcher(copy.deepcopy(net), **kw)
+    stats = running_stats(ref.model)
+    with capture_bn_stats(ref.model) as batch_stats:
+        loss = F.cross_entropy(ref.model(x), y)
+    R = sum(ref.robustness(x[:r], y[:r], True, stats if bn_stats == "running" else batch_stats).values())
+    want = torch.autograd.grad(loss - 5.0 * R, ref.model.arch_parameters(), allow_unused=True)
+    torch.testing.assert_close(objective.detach(), (loss - 5.0 * R).detach(), rtol=1e-10, atol=1e-12)
+    assert sum(a is not None for a in got) > 0
+    for a, b in zip(got, want, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+    whole = DsrnaSearcher(copy.deepcopy(net), **kw).arch_objective(x, y)[1]["R"]
+    assert not torch.isclose(metrics["R"], whole)
 
 
 def test_frozen_bn_restores_modes_and_buffers() -> None:
