@@ -10,6 +10,14 @@ moved rows (copy c of row i is x_i + h u_ci); each ReLU and max pool here applie
 choice (its mask, its argmax) to the moved rows of x_i. The network is then linear along
 every segment, so the difference is h J(x) u exactly, for any h, and its gradient is that of
 J(x) u. Rows before the base rows (the DSRNA searcher's validation batch) run as usual.
+
+The same kinks break the second-order hypergradient's finite differences in the weights
+(DARTS eq. 8, distsearch/search/hypergrad.py): (grad_a L(w + R v) - grad_a L(w - R v)) / 2R
+was 770 % off the exact mixed second derivative on a 5-cell supernet at the paper's r = 0.01.
+A `Pattern` holds the choices of one forward in call order: `recording(p)` fills it (the
+virtual step's forward at w), `replaying(p)` applies them to forwards of the same batch at
+other weights (w +- R v). The loss is then smooth in w along the segment and the central
+difference is the exact derivative up to O(R^2).
 """
 
 from __future__ import annotations
@@ -22,6 +30,52 @@ import torch.nn.functional as F
 from torch import nn
 
 _FROZEN: list[tuple[int, int, dict]] = []  # (base rows, copies, row indices by (rows, device))
+
+
+class Pattern:
+    """The ReLU masks and max-pool argmaxes of one forward, in call order (module text)."""
+
+    def __init__(self) -> None:
+        self.choices: list[torch.Tensor] = []
+        self.next: int | None = None  # None while recording
+
+    def take(self, shape: torch.Size, dims: int | None = None) -> torch.Tensor:
+        """The next recorded choice; its shape's first `dims` entries (all: None) must be `shape`'s."""
+        n = self.next
+        if n is None or n >= len(self.choices) or self.choices[n].shape[:dims] != shape[:dims]:
+            raise RuntimeError(
+                f"replaying a Pattern: call {self.next} (shape {tuple(shape)}) does not follow the recorded "
+                f"forward ({len(self.choices)} choices): replay the same batch through the same model"
+            )
+        self.next += 1
+        return self.choices[self.next - 1]
+
+
+_PATTERN: list[Pattern] = []
+
+
+@contextmanager
+def recording(pattern: Pattern) -> Iterator[Pattern]:
+    """Every ReLU and max pool here records its choice into `pattern` (and runs as usual)."""
+    pattern.choices, pattern.next = [], None
+    _PATTERN.append(pattern)
+    try:
+        yield pattern
+    finally:
+        _PATTERN.pop()
+
+
+@contextmanager
+def replaying(pattern: Pattern) -> Iterator[None]:
+    """Every ReLU and max pool here applies the recorded choice, in the recorded order."""
+    pattern.next = 0
+    _PATTERN.append(pattern)
+    try:
+        yield
+    finally:
+        _PATTERN.pop()
+    if pattern.next != len(pattern.choices):
+        raise RuntimeError(f"replaying a Pattern: {pattern.next} of {len(pattern.choices)} recorded choices used")
 
 
 @contextmanager
@@ -50,15 +104,31 @@ class ReLU(nn.ReLU):
     """nn.ReLU; inside frozen_pattern, x * mask with each moved row taking its base row's mask."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _FROZEN:
+        if _FROZEN:
+            return x * (x > 0).index_select(0, _leaders(x.shape[0], x.device))
+        if not _PATTERN:
             return super().forward(x)
-        return x * (x > 0).index_select(0, _leaders(x.shape[0], x.device))
+        p = _PATTERN[-1]
+        if p.next is not None:
+            return x * p.take(x.shape)
+        p.choices.append(x > 0)
+        return super().forward(x)
 
 
 class MaxPool2d(nn.MaxPool2d):
     """nn.MaxPool2d; inside frozen_pattern, each moved row picks its base row's argmax."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _PATTERN and not _FROZEN:
+            p = _PATTERN[-1]
+            if p.next is None:
+                out, idx = F.max_pool2d(
+                    x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode, return_indices=True
+                )
+                p.choices.append(idx)
+                return out
+            idx = p.take(x.shape, dims=2)
+            return x.flatten(2).gather(2, idx.flatten(2)).view_as(idx)
         if not _FROZEN:
             return super().forward(x)
         with torch.no_grad():

@@ -7,6 +7,8 @@ so YOPO (Zhang et al. 2019, eq. 6: the adjoint p at the first layer's output) ap
 - `mlp`: a fully connected ReLU network, Szegedy et al. 2014's FC family (section 4.1).
 - `resnet18`, `resnet34`, `resnet50`: torchvision ResNets (He et al. 2016) adapted to small
   inputs: 3×3 stride-1 stem on any number of input channels, no max-pool, untrained.
+ReLUs and max pools are search_spaces.pattern's (torch's outside its contexts), so an
+audience's finite-difference Hessian-vector products in LeaSE can replay them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from search_spaces.pattern import MaxPool2d, ReLU
+
 
 class SmallCNN(nn.Module):
     def __init__(
@@ -24,15 +28,15 @@ class SmallCNN(nn.Module):
         super().__init__()
         self.first_layer = nn.Conv2d(in_channels, width, 3, padding=1)
         self.rest = nn.Sequential(
-            nn.ReLU(),
-            nn.MaxPool2d(2),
+            ReLU(),
+            MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
+            ReLU(),
+            MaxPool2d(2),
             nn.AdaptiveAvgPool2d(7),
             nn.Flatten(),
             nn.Linear(2 * width * 49, hidden),
-            nn.ReLU(),
+            ReLU(),
             nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
@@ -53,8 +57,8 @@ class MLP(nn.Module):
         self.first_layer = nn.Sequential(nn.Flatten(), nn.Linear(sizes[0], sizes[1]))
         layers: list[nn.Module] = []
         for a, b in zip(sizes[1:], sizes[2:]):
-            layers += [nn.ReLU(), nn.Linear(a, b)]
-        self.rest = nn.Sequential(*layers, nn.ReLU(), nn.Linear(sizes[-1], num_classes))
+            layers += [ReLU(), nn.Linear(a, b)]
+        self.rest = nn.Sequential(*layers, ReLU(), nn.Linear(sizes[-1], num_classes))
 
     def forward_rest(self, z: torch.Tensor) -> torch.Tensor:
         return self.rest(z)

@@ -24,8 +24,9 @@ The stage-4 hypergradient, chained one-step unrolled approximations (as DARTS eq
 Which terms are approximated and how:
   * Both mixed second derivatives (grad^2_{delta,W} for the audience, grad^2_{A,E} for
     the explainer) are central finite differences, hypergrad.finite_diff_hvp (r = fd_r):
-    error O(R^2), R = r / ||v||, for smooth losses; ReLU/max-pool kinks inside the step
-    make it O(R) (tiny float64 test nets: 5-20 % max error at r = 0.01, ~1e-9 at r = 1e-6).
+    error O(R^2), R = r / ||v||: w +- R v replay the ReLU masks and max-pool choices of the
+    virtual step's forward at w (search_spaces/pattern.py), so no kink within R adds its
+    O(1/R) term (the torchvision ResNet audiences keep torch's ReLUs: plain differences).
     The explainer's two vectors share one difference.
   * (d delta / d(A, E'))^T u is a vector-Jacobian product through the attack built with
     create_graph: `first_order=False` differentiates all `attack_steps` unrolled PGD steps
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from search_spaces import Supernet
+from search_spaces.pattern import Pattern
 
 from .base import Batch, accuracy
 from .darts import DartsSearcher
@@ -190,12 +192,13 @@ class LeaseSearcher(DartsSearcher):
         aud = list(self.audience.parameters())
         xi_w = self.aud_optimizer.param_groups[0]["lr"]
         aud_train = lambda: F.cross_entropy(self.audience(weight_input(delta, xa, self.weighting)), ya)
-        backup = virtual_step(aud, aud_train, xi_w, self.w_weight_decay)
+        pattern = Pattern()  # the audience's choices at W, replayed at W +- R v
+        backup = virtual_step(aud, aud_train, xi_w, self.w_weight_decay, pattern)
         logits = self.audience(xav)
         lva = F.cross_entropy(logits, yav)
         v_w = param_grads(lva, aud)
         restore(aud, backup)
-        (hvp,) = finite_diff_hvp([delta], aud, aud_train, v_w, self.fd_r)
+        (hvp,) = finite_diff_hvp([delta], aud, aud_train, v_w, self.fd_r, pattern)
         u = -xi_w * hvp
         grads = param_grads(delta_graph, explainer, grad_outputs=u)
         metrics.update(audience_val_loss=lva.detach(), audience_val_acc=accuracy(logits, yav).detach())
@@ -213,7 +216,8 @@ class LeaseSearcher(DartsSearcher):
         train_loss = lambda: F.cross_entropy(self.model(xe), ye)
         xi_e = self.w_optimizer.param_groups[0]["lr"]
         second = self.order == "second"
-        backup = virtual_step(weights, train_loss, xi_e, self.w_weight_decay) if second else None
+        pattern = Pattern()  # the explainer's choices at E, replayed at E +- R v
+        backup = virtual_step(weights, train_loss, xi_e, self.w_weight_decay, pattern) if second else None
         lv, metrics = self.arch_objective(xev, yev)
         g = param_grads(lv, arch + weights)
         h, m, delta = self._audience_term(xa, ya, xav, yav, arch + weights)
@@ -225,7 +229,7 @@ class LeaseSearcher(DartsSearcher):
         if second:
             v = [ge + self.gamma * he for ge, he in zip(g[n:], h[n:])]
             restore(weights, backup)
-            hv = finite_diff_hvp(arch, weights, train_loss, v, self.fd_r)
+            hv = finite_diff_hvp(arch, weights, train_loss, v, self.fd_r, pattern)
             grads = [ga - xi_e * hi for ga, hi in zip(grads, hv)]
         return grads, metrics, delta
 
