@@ -101,7 +101,8 @@ def _leaders(rows: int, device: torch.device) -> torch.Tensor:
 
 
 class ReLU(nn.ReLU):
-    """nn.ReLU; inside frozen_pattern, x * mask with each moved row taking its base row's mask."""
+    """nn.ReLU; inside frozen_pattern, x * mask with each moved row taking its base row's mask;
+    recording a Pattern, torch's op and the mask recorded; replaying one, x * the recorded mask."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _FROZEN:
@@ -116,24 +117,24 @@ class ReLU(nn.ReLU):
 
 
 class MaxPool2d(nn.MaxPool2d):
-    """nn.MaxPool2d; inside frozen_pattern, each moved row picks its base row's argmax."""
+    """nn.MaxPool2d; inside frozen_pattern, each moved row picks its base row's argmax;
+    recording a Pattern, the argmax recorded; replaying one, x at the recorded argmax."""
+
+    def _with_indices(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.max_pool2d(
+            x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode, return_indices=True
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _PATTERN and not _FROZEN:
-            p = _PATTERN[-1]
-            if p.next is None:
-                out, idx = F.max_pool2d(
-                    x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode, return_indices=True
-                )
-                p.choices.append(idx)
-                return out
-            idx = p.take(x.shape, dims=2)
-            return x.flatten(2).gather(2, idx.flatten(2)).view_as(idx)
-        if not _FROZEN:
+        if _FROZEN:
+            with torch.no_grad():
+                idx = self._with_indices(x)[1].index_select(0, _leaders(x.shape[0], x.device))
+        elif not _PATTERN:
             return super().forward(x)
-        with torch.no_grad():
-            out, idx = F.max_pool2d(
-                x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode, return_indices=True
-            )
-        idx = idx.index_select(0, _leaders(x.shape[0], x.device))
-        return x.flatten(2).gather(2, idx.flatten(2)).view_as(out)
+        elif _PATTERN[-1].next is None:
+            out, idx = self._with_indices(x)
+            _PATTERN[-1].choices.append(idx)
+            return out
+        else:
+            idx = _PATTERN[-1].take(x.shape, dims=2)
+        return x.flatten(2).gather(2, idx.flatten(2)).view_as(idx)

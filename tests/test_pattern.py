@@ -1,14 +1,17 @@
 """Frozen activation patterns (search_spaces/pattern.py): inside frozen_pattern a frozen-BN
 supernet is linear along x + h u (the difference is exactly h times the one at h = 1, far
 past every ReLU and max-pool kink), the rows before the base rows and the base rows
-themselves are the plain forward's, and outside it the modules are torch's."""
+themselves are the plain forward's, and outside it the modules are torch's. Recording a
+Pattern leaves the forward as it was, its replay at the same weights gives the same function,
+and a replay that does not follow the recorded forward is refused."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from search_spaces import Supernet
-from search_spaces.pattern import MaxPool2d, ReLU, frozen_pattern
+from search_spaces.pattern import MaxPool2d, Pattern, ReLU, frozen_pattern, recording, replaying
 
 
 def frozen_supernet() -> Supernet:
@@ -55,3 +58,35 @@ def test_modules_are_torch_s_outside_the_context() -> None:
     with frozen_pattern(base=5, copies=0):  # every row its own leader: the same values
         for a, b in zip(ours, torchs):
             assert torch.equal(a(x), b(x))
+
+
+def test_recording_changes_nothing_and_replaying_at_the_same_weights_is_the_same_forward() -> None:
+    torch.manual_seed(3)
+    net = Supernet(in_channels=1, num_classes=4, C=4, layers=3, nodes=2).double()  # train mode
+    x = torch.rand(5, 1, 8, 8, dtype=torch.double)
+    plain = net(x)
+    p = Pattern()
+    with recording(p):
+        recorded = net(x)
+    assert torch.equal(recorded, plain) and len(p.choices) > 0
+    assert {t.dtype for t in p.choices} == {torch.bool, torch.int64}  # ReLU masks and max-pool argmaxes
+    for _ in range(2):  # replayable more than once (w + R v, then w - R v)
+        with replaying(p):
+            replayed = net(x)
+        assert torch.equal(replayed, plain)
+    grads = [torch.autograd.grad(out.square().sum(), net.arch_parameters()) for out in (plain, replayed)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_a_replay_that_does_not_follow_the_recording_is_refused() -> None:
+    net = Supernet(in_channels=1, num_classes=4, C=4, layers=3, nodes=2)
+    x = torch.rand(4, 1, 8, 8)
+    p = Pattern()
+    with recording(p):
+        net(x)
+    with pytest.raises(RuntimeError, match="does not follow the recorded forward"), replaying(p):
+        net(x[:2])  # another batch
+    with pytest.raises(RuntimeError, match="recorded choices used"), replaying(p):
+        assert p.choices[0].dtype == torch.bool
+        ReLU()(torch.zeros(p.choices[0].shape))  # a forward that stops after its first ReLU
