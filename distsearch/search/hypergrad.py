@@ -104,9 +104,11 @@ def unrolled_arch_grad(
     xi: float,
     weight_decay: float = 0.0,
     r: float = 0.01,
+    replay: bool = True,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Second-order DARTS gradient of val_loss w.r.t. arch (eq. 7). Returns (grads, L_val(w'))."""
-    pattern = Pattern()
+    """Second-order DARTS gradient of val_loss w.r.t. arch (eq. 7). Returns (grads, L_val(w')).
+    replay=False: plain differences (for comparison: benchmarks/hypergrad_accuracy.py)."""
+    pattern = Pattern() if replay else None
     backup = virtual_step(weights, train_loss, xi, weight_decay, pattern)
     lv = val_loss()
     g = param_grads(lv, list(arch) + list(weights))
