@@ -65,7 +65,7 @@ class OptimConfig(Strict):
     w_lr_min: float = Field(0.001, ge=0)
     w_momentum: float = Field(0.9, ge=0, lt=1)
     w_weight_decay: float = Field(3e-4, ge=0)
-    grad_clip: float = Field(5.0, gt=0, description="weight-gradient norm clip (plain SGD step; not with weight_at)")
+    grad_clip: float = Field(5.0, gt=0, description="weight-gradient norm clip (the SGD step, plain or weight_at's)")
     arch_lr: float = Field(3e-4, gt=0)
     arch_betas: tuple[float, float] = (0.5, 0.999)
     arch_weight_decay: float = Field(1e-3, ge=0)

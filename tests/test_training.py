@@ -1,6 +1,7 @@
 """Properties of the adversarial-training strategies (distsearch/robust/training*.py): counted
-passes match each method's definition, FreeAT's budget rule, exact resume, FreeLB's shared
-dropout mask, no gradient outside the optimizer, and robustness gained on mnist5k."""
+passes match each method's definition, every update clipped to grad_clip, FreeAT's budget
+rule, exact resume, FreeLB's shared dropout mask, no gradient outside the optimizer, and
+robustness gained on mnist5k."""
 
 from __future__ import annotations
 
@@ -70,6 +71,43 @@ def test_counted_passes_match_definition(name: str) -> None:
     assert len(steps) == (3 if name == "free" else 1)  # FreeAT updates θ on every replay
     for key in ("loss", "acc"):
         assert metrics[key].dim() == 0 and not metrics[key].requires_grad
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_grad_clip_bounds_every_update(name: str) -> None:
+    """With grad_clip = c (as a search's optim.grad_clip sets it) every optimizer step moves
+    plain SGD (lr 1) by at most c; without it the same step moves further (the control)."""
+    kwargs = EXPECTED[name][0]
+    moves = {}
+    for clip in (1e-3, None):
+        model, (x, y) = mlp(), tiny_batch()
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        params = list(model.parameters())
+        steps: list[float] = []
+        before = [p.detach().clone() for p in params]
+
+        def moved(*_: object, before: list[torch.Tensor] = before, params=params, steps=steps) -> None:
+            steps.append(float(torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)]).norm()))
+            for b, p in zip(before, params):
+                b.copy_(p.detach())
+
+        opt.register_step_post_hook(moved)
+        strategy = make_strategy(name, **kwargs)
+        strategy.grad_clip = clip
+        strategy.step(model, x, y, opt)
+        moves[clip] = steps
+    assert len(moves[1e-3]) == (3 if name == "free" else 1)
+    assert max(moves[1e-3]) <= 1e-3 * (1 + 1e-5)
+    assert min(moves[None]) > 2e-3
+
+
+def test_searcher_gives_its_grad_clip_to_the_weight_strategy() -> None:
+    from distsearch.search import DartsSearcher
+    from search_spaces import Supernet
+
+    strategy = make_strategy("fgsm_rs", eps=0.1)
+    DartsSearcher(Supernet(1, 3, C=2, layers=2, nodes=2), epochs=1, grad_clip=0.5, weight_strategy=strategy)
+    assert strategy.grad_clip == 0.5
 
 
 def test_free_over_epochs_div_m_matches_standard_passes() -> None:

@@ -48,7 +48,7 @@ class Standard(Strategy):
         logits = model(x)
         loss = cross_entropy(logits, y)
         accumulate(loss, optimizer_params(optimizer))
-        optimizer.step()
+        self.update(optimizer)
         return {"loss": loss, "acc": accuracy(logits, y)}
 
 
@@ -74,7 +74,7 @@ class FGSMTraining(Strategy):
         logits = model(x_adv)
         loss_adv = cross_entropy(logits, y)
         accumulate(loss_adv, params, scale=self.weights[1])
-        optimizer.step()
+        self.update(optimizer)
         return {"loss": self.weights[0] * loss_clean + self.weights[1] * loss_adv, "acc": accuracy(logits, y)}
 
 
@@ -104,7 +104,7 @@ class FastAT(Strategy):
         logits = model(x + delta)
         loss = cross_entropy(logits, y)
         accumulate(loss, optimizer_params(optimizer))
-        optimizer.step()
+        self.update(optimizer)
         return {"loss": loss, "acc": accuracy(logits, y)}
 
 
@@ -126,7 +126,7 @@ class PGDTraining(Strategy):
         logits = model(x_adv)
         loss = cross_entropy(logits, y)
         accumulate(loss, optimizer_params(optimizer))
-        optimizer.step()
+        self.update(optimizer)
         return {"loss": loss, "acc": accuracy(logits, y)}
 
 
@@ -156,7 +156,7 @@ class Trades(Strategy):
         robust = kl_per_example(logits_adv, F.softmax(logits_nat, dim=1)).mean()
         loss = cross_entropy(logits_nat, y) + self.beta * robust
         accumulate(loss, optimizer_params(optimizer))
-        optimizer.step()
+        self.update(optimizer)
         return {"loss": loss, "acc": accuracy(logits_adv, y), "clean_acc": accuracy(logits_nat, y)}
 
 

@@ -56,7 +56,7 @@ class Free(Strategy):
             loss = cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             (g,) = accumulate(loss, params, [delta])
-            optimizer.step()
+            self.update(optimizer)
             delta = clip_box(x, project(delta.detach() + self.eps * normalize(g, self.norm), self.eps, self.norm))
             losses.append(loss.detach())
             accs.append(accuracy(logits, y))
@@ -99,7 +99,7 @@ class Yopo(Strategy):
                 delta = clip_box(x, project(delta.detach() + self.alpha * g.sign(), self.eps, "linf"))
             losses.append(loss.detach())
             accs.append(accuracy(logits, y))
-        optimizer.step()
+        self.update(optimizer)
         return {"loss": torch.stack(losses).mean(), "acc": torch.stack(accs).mean()}
 
 
@@ -147,5 +147,5 @@ class FreeLB(Strategy):
             delta = clip_box(x, project(delta.detach() + self.alpha * normalize(g, self.norm), self.eps, self.norm))
             losses.append(loss.detach())
             accs.append(accuracy(logits, y))
-        optimizer.step()
+        self.update(optimizer)
         return {"loss": torch.stack(losses).mean(), "acc": torch.stack(accs).mean()}

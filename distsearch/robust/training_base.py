@@ -1,7 +1,9 @@
 """The adversarial-training strategy interface, min_θ E max_{‖δ‖≤ε} L(f(x+δ; θ), y) (Madry et al. 2018, eq. 2.1).
 
 `strategy.step(model, x, y, optimizer) -> metrics` does the whole update: zero_grad,
-the inner maximisation, the parameter gradients and `optimizer.step()`. Gradients are taken
+the inner maximisation, the parameter gradients and `update(optimizer)` (the gradients'
+norm clipped to `grad_clip` when set, as a DARTS search's weight step clips them, then
+`optimizer.step()`). Gradients are taken
 only with respect to the optimizer's parameters (torch.autograd.grad), so a DARTS supernet's
 architecture weights, which that optimizer does not hold, are never touched. Metrics are
 detached 0-dim tensors (no host synchronisation inside a step): 'loss', 'acc' and the passes
@@ -89,6 +91,13 @@ class Strategy:
 
     name = "base"
     needs_first_layer = False
+    grad_clip: float | None = None  # the searchers set optim.grad_clip
+
+    def update(self, optimizer: torch.optim.Optimizer) -> None:
+        """optimizer.step(), after clipping the gradients' total norm to `grad_clip` if set."""
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(optimizer_params(optimizer), self.grad_clip, foreach=True)
+        optimizer.step()
 
     def _step(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, counter: PassCounter

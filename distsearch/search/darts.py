@@ -63,6 +63,8 @@ class DartsSearcher(Searcher):
         self.model, self.order, self.grad_clip, self.fd_r = model, order, grad_clip, fd_r
         self.w_weight_decay = w_weight_decay
         self.weight_strategy = weight_strategy
+        if weight_strategy is not None:  # an adversarial weight step clips as the plain one does
+            weight_strategy.grad_clip = grad_clip
         self.w_optimizer = torch.optim.SGD(
             model.weight_parameters(), lr=w_lr, momentum=w_momentum, weight_decay=w_weight_decay, foreach=True
         )
