@@ -147,9 +147,16 @@ def robust_accuracy(
 
 
 def check_store_matches(store: Store, cfg: RunConfig, keys: tuple[str, ...] = STRUCTURAL) -> None:
+    """A store holding a run must hold this config's run. The stored config is read as this
+    version reads it, so a field added since (at its default, which keeps the old behaviour)
+    does not stop a run written by an earlier version from resuming."""
     if not store.exists("config.json"):
         return
     old, new = store.read_json("config.json"), cfg.model_dump(mode="json")
+    try:
+        old = type(cfg).model_validate(old).model_dump(mode="json")
+    except ValueError:  # a field since renamed or removed: compare as written
+        pass
     for key in keys:
         if old.get(key) != new.get(key):
             raise UsageError(

@@ -63,6 +63,23 @@ def test_resume_refuses_a_store_with_another_config(tmp_path, tiny_config):
         run_search(tiny_config(store.uri, epochs=1, **{"space.C": 4}), store)
 
 
+def test_resume_reads_a_config_written_before_a_field_was_added(tmp_path, tiny_config):
+    """config.json of an earlier version lacks a field added since (algorithm.robust_batch):
+    at its default the run resumes; set to another value it is refused."""
+    from distsearch.errors import UsageError
+
+    store = Store(str(tmp_path / "x"))
+    dsrna = {"algorithm.name": "dsrna", "algorithm.projections": 1}
+    with pytest.raises(Interrupted):
+        run_search(tiny_config(store.uri, epochs=2, **dsrna), store, stop_after_steps=6)
+    old = store.read_json("config.json")
+    del old["algorithm"]["robust_batch"]
+    store.write_json("config.json", old)
+    assert run_search(tiny_config(store.uri, epochs=2, **dsrna), store).genotype is not None
+    with pytest.raises(UsageError, match="different 'algorithm'"):
+        run_search(tiny_config(store.uri, epochs=3, **dsrna, **{"algorithm.robust_batch": 4}), store)
+
+
 def test_resume_refuses_a_checkpoint_of_another_layout_and_writes_nothing(tmp_path, tiny_config):
     """A checkpoint whose supernet keys fit no layout (neither today's nor the per-edge one that
     tests/test_layout.py reads): one clear error, no new files."""
