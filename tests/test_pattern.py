@@ -90,3 +90,21 @@ def test_a_replay_that_does_not_follow_the_recording_is_refused() -> None:
     with pytest.raises(RuntimeError, match="recorded choices used"), replaying(p):
         assert p.choices[0].dtype == torch.bool
         ReLU()(torch.zeros(p.choices[0].shape))  # a forward that stops after its first ReLU
+
+
+def test_the_built_in_audiences_record_and_replay() -> None:
+    """small_cnn, mlp and the ResNets (torchvision's in-place ReLUs swapped) run every ReLU and
+    max pool through the pattern, so LeaSE's audience differences can replay them."""
+    from distsearch.robust.models import build_model
+
+    torch.manual_seed(0)
+    for name, kw in (("small_cnn", {}), ("mlp", {"image_size": 16}), ("resnet18", {})):
+        model = build_model(name, 3, 10, **kw)
+        assert not any(type(m) in (torch.nn.ReLU, torch.nn.MaxPool2d) for m in model.modules()), name
+        x = torch.rand(2, 3, 16, 16)
+        p = Pattern()
+        with recording(p):
+            out = model(x)
+        with replaying(p):
+            assert torch.equal(model(x), out) and out.shape == (2, 10)
+        assert len(p.choices) > 0

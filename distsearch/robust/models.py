@@ -7,8 +7,9 @@ so YOPO (Zhang et al. 2019, eq. 6: the adjoint p at the first layer's output) ap
 - `mlp`: a fully connected ReLU network, Szegedy et al. 2014's FC family (section 4.1).
 - `resnet18`, `resnet34`, `resnet50`: torchvision ResNets (He et al. 2016) adapted to small
   inputs: 3×3 stride-1 stem on any number of input channels, no max-pool, untrained.
-ReLUs and max pools are search_spaces.pattern's (torch's outside its contexts), so an
-audience's finite-difference Hessian-vector products in LeaSE can replay them.
+ReLUs and max pools are search_spaces.pattern's (torch's outside its contexts; the ResNets'
+in-place ReLUs are swapped for them), so an audience's finite-difference Hessian-vector
+products in LeaSE can replay them.
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ class SmallInputResNet(nn.Module):
         import torchvision
 
         net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+        for module in list(net.modules()):  # torchvision's in-place ReLUs -> the replayable ones
+            for name, child in module.named_children():
+                if type(child) is nn.ReLU:
+                    setattr(module, name, ReLU())
         self.first_layer = nn.Conv2d(in_channels, net.conv1.out_channels, 3, stride=1, padding=1, bias=False)
         self.bn1, self.relu = net.bn1, net.relu
         self.layers = nn.Sequential(net.layer1, net.layer2, net.layer3, net.layer4)

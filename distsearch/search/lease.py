@@ -26,7 +26,7 @@ Which terms are approximated and how:
     the explainer) are central finite differences, hypergrad.finite_diff_hvp (r = fd_r):
     error O(R^2), R = r / ||v||: w +- R v replay the ReLU masks and max-pool choices of the
     virtual step's forward at w (search_spaces/pattern.py), so no kink within R adds its
-    O(1/R) term (the torchvision ResNet audiences keep torch's ReLUs: plain differences).
+    O(1/R) term (an audience_model of one's own with torch's nn.ReLU: plain differences).
     The explainer's two vectors share one difference.
   * (d delta / d(A, E'))^T u is a vector-Jacobian product through the attack built with
     create_graph: `first_order=False` differentiates all `attack_steps` unrolled PGD steps
