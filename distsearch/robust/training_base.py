@@ -3,11 +3,11 @@
 `strategy.step(model, x, y, optimizer) -> metrics` does the whole update: zero_grad,
 the inner maximisation, the parameter gradients and `update(optimizer)` (the gradients'
 norm clipped to `grad_clip` when set, as a DARTS search's weight step clips them, then
-`optimizer.step()`). Gradients are taken
-only with respect to the optimizer's parameters (torch.autograd.grad), so a DARTS supernet's
-architecture weights, which that optimizer does not hold, are never touched. Metrics are
-detached 0-dim tensors (no host synchronisation inside a step): 'loss', 'acc' and the passes
-the step used, counted by hooks rather than assumed: 'forward_passes' (calls of the model),
+`optimizer.step()`). Gradients are taken only with respect to the optimizer's parameters
+(torch.autograd.grad), so a DARTS supernet's architecture weights, which that optimizer
+does not hold, are never touched. Metrics are detached 0-dim tensors (no host
+synchronisation inside a step): 'loss', 'acc' and the passes the step used, counted by
+hooks rather than assumed: 'forward_passes' (calls of the model),
 'backward_passes' (backward passes through a model output) and, for YOPO,
 'first_layer_passes' (extra forward-backward passes through `model.first_layer` only).
 `fit` is a minimal epoch loop for tests, benchmarks and the CLI (the runner owns the real one).
