@@ -100,6 +100,26 @@ def _leaders(rows: int, device: torch.device) -> torch.Tensor:
     return cache[rows, device]
 
 
+def make_replayable(module: nn.Module) -> int:
+    """Swap every torch nn.ReLU and nn.MaxPool2d inside `module` (in place) for this module's
+    subclasses: the same function, now recorded and replayed by the contexts above. Returns
+    how many were swapped. ReLUs called as F.relu in a forward cannot be reached."""
+    swapped = 0
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.ReLU:
+                setattr(parent, name, ReLU())
+            elif type(child) is nn.MaxPool2d and not child.return_indices:
+                pool = MaxPool2d(
+                    child.kernel_size, child.stride, child.padding, child.dilation, ceil_mode=child.ceil_mode
+                )
+                setattr(parent, name, pool)
+            else:
+                continue
+            swapped += 1
+    return swapped
+
+
 class ReLU(nn.ReLU):
     """nn.ReLU; inside frozen_pattern, x * mask with each moved row taking its base row's mask;
     recording a Pattern, torch's op and the mask recorded; replaying one, x * the recorded mask."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from search_spaces import Supernet
-from search_spaces.pattern import MaxPool2d, Pattern, ReLU, frozen_pattern, recording, replaying
+from search_spaces.pattern import MaxPool2d, Pattern, ReLU, frozen_pattern, make_replayable, recording, replaying
 
 
 def frozen_supernet() -> Supernet:
@@ -108,3 +108,15 @@ def test_the_built_in_audiences_record_and_replay() -> None:
         with replaying(p):
             assert torch.equal(model(x), out) and out.shape == (2, 10)
         assert len(p.choices) > 0
+
+
+def test_make_replayable_swaps_torch_modules_for_the_same_function() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(inplace=True), torch.nn.MaxPool2d(2, ceil_mode=True), torch.nn.ReLU()
+    )
+    x = torch.randn(3, 1, 9, 9)
+    want = net(x)
+    assert make_replayable(net) == 3
+    assert isinstance(net[1], ReLU) and isinstance(net[2], MaxPool2d) and net[2].ceil_mode
+    assert torch.equal(net(x), want)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from search_spaces.pattern import MaxPool2d, ReLU
+from search_spaces.pattern import MaxPool2d, ReLU, make_replayable
 
 
 class SmallCNN(nn.Module):
@@ -76,10 +76,7 @@ class SmallInputResNet(nn.Module):
         import torchvision
 
         net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
-        for module in list(net.modules()):  # torchvision's in-place ReLUs -> the replayable ones
-            for name, child in module.named_children():
-                if type(child) is nn.ReLU:
-                    setattr(module, name, ReLU())
+        make_replayable(net)  # torchvision's in-place ReLUs -> the pattern's
         self.first_layer = nn.Conv2d(in_channels, net.conv1.out_channels, 3, stride=1, padding=1, bias=False)
         self.bn1, self.relu = net.bn1, net.relu
         self.layers = nn.Sequential(net.layer1, net.layer2, net.layer3, net.layer4)

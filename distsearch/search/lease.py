@@ -26,7 +26,8 @@ Which terms are approximated and how:
     the explainer) are central finite differences, hypergrad.finite_diff_hvp (r = fd_r):
     error O(R^2), R = r / ||v||: w +- R v replay the ReLU masks and max-pool choices of the
     virtual step's forward at w (search_spaces/pattern.py), so no kink within R adds its
-    O(1/R) term (an audience_model of one's own with torch's nn.ReLU: plain differences).
+    O(1/R) term (an audience_model's torch nn.ReLU / nn.MaxPool2d modules are swapped for the
+    pattern's; ReLUs it calls as F.relu stay plain differences).
     The explainer's two vectors share one difference.
   * (d delta / d(A, E'))^T u is a vector-Jacobian product through the attack built with
     create_graph: `first_order=False` differentiates all `attack_steps` unrolled PGD steps
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from search_spaces import Supernet
-from search_spaces.pattern import Pattern
+from search_spaces.pattern import Pattern, make_replayable
 
 from .base import Batch, accuracy
 from .darts import DartsSearcher
@@ -112,6 +113,7 @@ class LeaseSearcher(DartsSearcher):
             from ..robust.models import build_model  # lazy: the model zoo is optional at import time
 
             audience_model = build_model(audience, in_channels=in_channels, num_classes=num_classes)
+        make_replayable(audience_model)  # its ReLUs and max pools, for finite_diff_hvp's replay
         p = next(model.parameters())
         self.audience = audience_model.to(device=p.device, dtype=p.dtype).train()
         # the audience follows the explainer's SGD settings and cosine schedule, scaled to its lr
