@@ -24,10 +24,12 @@ step() {  # name, timeout, search_step args...
 }
 step darts 140 --algorithm darts darts2 --steps 10 --warmup 3 --profile --cuda-graph
 grep -E "Name|---|^ *[a-z_].*%" "$OUT/step_darts.err" | head -22
-step lease 90 --algorithm lease --steps 5 --warmup 2
-step dsrna_jac 150 --algorithm dsrna-jacobian-fd dsrna-jacobian-fd-quarter dsrna-jacobian-fd-separate dsrna-jacobian --projections 1 --steps 3 --warmup 1
+step lease 80 --algorithm lease --steps 5 --warmup 2
+step dsrna_jac 120 --algorithm dsrna-jacobian-fd dsrna-jacobian-fd-quarter dsrna-jacobian --projections 1 --steps 3 --warmup 1
+# the route to the 1.5x goal: launches gone (CUDA graph), R on B/4 (algorithm.robust_batch)
+step dsrna_graph 60 --algorithm dsrna-jacobian-fd-quarter --projections 1 --steps 3 --warmup 2 --cuda-graph
 # exact norms by finite differences (launch/configs/cifar10_dsrna.yaml): 12 x 64 images in one pass
-step dsrna_exact 80 --algorithm dsrna-jacobian-fd --projections 0 --steps 3 --warmup 1
+step dsrna_exact 60 --algorithm dsrna-jacobian-fd --projections 0 --steps 3 --warmup 1
 step dsrna_cb 40 --algorithm dsrna-certified --bound ibp --steps 3 --warmup 1
 timeout 90 python3 - <<'PY' 2>&1 | grep -v Warning | tee "$OUT/smoke.txt"
 import tempfile, time
