@@ -46,6 +46,16 @@ def test_zero_initialised_optimiser_states_equal_lazy_ones(over):
         {},
         {"algorithm": {"name": "lease", "attack_steps": 2}},
         {"algorithm": {"name": "dsrna", "projections": 2, "jacobian_fd_step": 1e-3}},  # the split BN
+        # second order (the replayed pattern), R on part of the batch
+        {
+            "algorithm": {
+                "name": "dsrna",
+                "order": "second",
+                "projections": 1,
+                "jacobian_fd_step": 1.0,
+                "robust_batch": 3,
+            }
+        },
     ],
 )
 def test_staged_steps_equal_plain_steps_across_lr_changes(over):
