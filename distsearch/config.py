@@ -97,9 +97,23 @@ class WeightATConfig(Strict):
         return self
 
 
+def _fd_r() -> Any:
+    return Field(0.01, gt=0, description="finite-difference step of the Hessian-vector products (DARTS r)")
+
+
+def _fd_replay() -> Any:
+    return Field(
+        True,
+        description="the Hessian-vector products' moved weights replay the ReLU/max-pool choices of w (exact to "
+        "O(r^2)); false: plain differences, as the reference DARTS code (O(1/r) off at kinks)",
+    )
+
+
 class DartsConfig(Strict):
     name: Literal["darts"] = "darts"
     order: Literal["first", "second"] = "first"
+    fd_r: float = _fd_r()
+    fd_replay: bool = _fd_replay()
 
 
 class LeaseConfig(Strict):
@@ -119,7 +133,8 @@ class LeaseConfig(Strict):
     fresh_explanations: bool = Field(
         False, description="stage 3 on a second attack at the updated weights (default: the hypergradient's delta)"
     )
-    fd_r: float = Field(0.01, gt=0, description="finite-difference step of the Hessian-vector products (DARTS r)")
+    fd_r: float = _fd_r()
+    fd_replay: bool = _fd_replay()
 
 
 class DsrnaConfig(Strict):
@@ -144,6 +159,8 @@ class DsrnaConfig(Strict):
         "deep supernets) or the clean val batch's (exploding interval widths: NaN on 8 cells)",
     )
     cb_scale: Literal["symlog", "linear"] = Field("symlog", description="R_cb = mean of symlog(margin) or margin")
+    fd_r: float = _fd_r()
+    fd_replay: bool = _fd_replay()
     robust_batch: int = Field(
         0,
         ge=0,

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from distsearch.runner import Interrupted, build_data, build_supernet, run_search
-from distsearch.search import hypergrad
 from distsearch.search.darts import DartsSearcher
 from distsearch.storage import Store
 from search_spaces.darts import Supernet, num_edges
@@ -28,12 +27,12 @@ def _eval_logits(model: Supernet, x: torch.Tensor) -> torch.Tensor:
         return model.eval()(x)
 
 
-def test_a_per_edge_search_continues_where_the_per_edge_code_went(per_edge, monkeypatch):
+def test_a_per_edge_search_continues_where_the_per_edge_code_went(per_edge):
     """Its state loaded here, one more second-order step: the same parameters, and the same
     eval-mode logits (so the same BN statistics) as the per-edge code reached. That code took
-    plain finite differences for the hypergradient, so this step does too (no Pattern)."""
-    monkeypatch.setattr(hypergrad, "Pattern", lambda: None)
-    searcher = DartsSearcher(Supernet(**per_edge["space"]).double(), epochs=4, order="second", arch_lr=0.05)
+    plain finite differences for the hypergradient, so this step does too (fd_replay=False)."""
+    model = Supernet(**per_edge["space"]).double()
+    searcher = DartsSearcher(model, epochs=4, order="second", arch_lr=0.05, fd_replay=False)
     searcher.load_state_dict(per_edge["before"])
     searcher.step(*per_edge["batch"])
     model = searcher.model

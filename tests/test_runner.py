@@ -210,3 +210,14 @@ def test_every_algorithm_runs_under_bf16(tmp_path, tiny_config, algorithm):
     result = run_search(tiny_config(store.uri, precision="bf16", epochs=1, algorithm=algorithm), store)
     result.genotype.validate()
     assert all(torch.isfinite(torch.tensor(v)) for v in result.metrics.values())
+
+
+@pytest.mark.parametrize("name", ["darts", "lease", "dsrna"])
+def test_the_hypergradient_switches_reach_the_searcher(tmp_path, tiny_config, name):
+    from distsearch.runner import build_data, build_searcher, build_supernet
+
+    over = {"algorithm.name": name, "algorithm.fd_r": 0.05, "algorithm.fd_replay": False}
+    cfg = tiny_config(str(tmp_path / "x"), **over)
+    data = build_data(cfg)
+    searcher = build_searcher(cfg, build_supernet(cfg, data), data)
+    assert searcher.fd_r == 0.05 and searcher.fd_replay is False

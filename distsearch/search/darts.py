@@ -56,11 +56,13 @@ class DartsSearcher(Searcher):
         arch_betas: tuple[float, float] = (0.5, 0.999),
         arch_weight_decay: float = 1e-3,
         fd_r: float = 0.01,
+        fd_replay: bool = True,
         weight_strategy: Any = None,
     ):
         if order not in ("first", "second"):
             raise ValueError(f"algorithm.order: {order!r} is not one of 'first', 'second'")
         self.model, self.order, self.grad_clip, self.fd_r = model, order, grad_clip, fd_r
+        self.fd_replay = fd_replay  # False: plain differences, as the reference DARTS code (hypergrad.py)
         self.w_weight_decay = w_weight_decay
         self.weight_strategy = weight_strategy
         if weight_strategy is not None:  # an adversarial weight step clips as the plain one does
@@ -91,7 +93,9 @@ class DartsSearcher(Searcher):
         if self.order == "second":
             xi = self.w_optimizer.param_groups[0]["lr"]
             train_loss = lambda: F.cross_entropy(self.model(xt), yt)
-            grads, lv = unrolled_arch_grad(arch, weights, train_loss, val_loss, xi, self.w_weight_decay, self.fd_r)
+            grads, lv = unrolled_arch_grad(
+                arch, weights, train_loss, val_loss, xi, self.w_weight_decay, self.fd_r, self.fd_replay
+            )
         else:
             grads, lv = first_order_arch_grad(arch, val_loss)
         # A non-finite objective (e.g. an exploding certified bound) must never reach alpha:

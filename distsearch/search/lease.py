@@ -93,7 +93,7 @@ class LeaseSearcher(DartsSearcher):
         fresh_explanations: bool = False,
         weight_strategy: Any = None,
         audience_model: nn.Module | None = None,
-        **optim: Any,  # DartsSearcher's optimiser options (w_lr, w_momentum, ..., fd_r)
+        **optim: Any,  # DartsSearcher's optimiser options (w_lr, w_momentum, ..., fd_r, fd_replay)
     ):
         super().__init__(model, epochs=epochs, order=order, weight_strategy=weight_strategy, **optim)
         for field, value, allowed in (
@@ -194,7 +194,7 @@ class LeaseSearcher(DartsSearcher):
         aud = list(self.audience.parameters())
         xi_w = self.aud_optimizer.param_groups[0]["lr"]
         aud_train = lambda: F.cross_entropy(self.audience(weight_input(delta, xa, self.weighting)), ya)
-        pattern = Pattern()  # the audience's choices at W, replayed at W +- R v
+        pattern = Pattern() if self.fd_replay else None  # the audience's choices at W, replayed at W +- R v
         backup = virtual_step(aud, aud_train, xi_w, self.w_weight_decay, pattern)
         logits = self.audience(xav)
         lva = F.cross_entropy(logits, yav)
@@ -218,7 +218,7 @@ class LeaseSearcher(DartsSearcher):
         train_loss = lambda: F.cross_entropy(self.model(xe), ye)
         xi_e = self.w_optimizer.param_groups[0]["lr"]
         second = self.order == "second"
-        pattern = Pattern()  # the explainer's choices at E, replayed at E +- R v
+        pattern = Pattern() if self.fd_replay else None  # the explainer's choices at E, replayed at E +- R v
         backup = virtual_step(weights, train_loss, xi_e, self.w_weight_decay, pattern) if second else None
         lv, metrics = self.arch_objective(xev, yev)
         g = param_grads(lv, arch + weights)
