@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from distsearch.search.hypergrad import first_order_arch_grad, unrolled_arch_grad
+from distsearch.search.hypergrad import unrolled_arch_grad
 from search_spaces import Supernet
 
 
@@ -38,14 +38,11 @@ def exact(model: Supernet, xt, yt, xv, yv, xi: float, wd: float) -> tuple[torch.
     g = torch.autograd.grad(lt, [params[n] for n in names], create_graph=True)
     unrolled = {**params, **{n: params[n] - xi * (gi + wd * params[n]) for n, gi in zip(names, g)}}
     lv = F.cross_entropy(functional_call(model, unrolled, (xv,)), yv)
-    whole = flat(list(torch.autograd.grad(lv, model.arch_parameters())))
-    moved = copy.deepcopy(model)
-    with torch.no_grad():
-        for n, p in moved.named_parameters():
-            if n in unrolled:
-                p.copy_(unrolled[n])
-    first, _ = first_order_arch_grad(moved.arch_parameters(), lambda: F.cross_entropy(moved(xv), yv))
-    return whole, flat(first)
+    arch = model.arch_parameters()
+    whole = flat(list(torch.autograd.grad(lv, arch, retain_graph=True)))
+    at_w1 = {**params, **{n: unrolled[n].detach() for n in names}}  # w' held fixed
+    first = torch.autograd.grad(F.cross_entropy(functional_call(model, at_w1, (xv,)), yv), arch)
+    return whole, flat(list(first))
 
 
 def main() -> None:
