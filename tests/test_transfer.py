@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distsearch.robust.attacks import PGD
-from distsearch.robust.evaluate import game_table, plot_robustness
+from distsearch.robust.evaluate import EVAL_ATTACKS, game_table, plot_robustness
 from distsearch.robust.models import MODELS, build_model
 from distsearch.robust.tables import read_csv, to_markdown, write_csv, write_markdown
 from distsearch.robust.transfer import distortion, gaussian_like, plot_heatmap, transfer_table
@@ -93,17 +93,20 @@ def test_game_table(cnn, test_set, tmp_path) -> None:
         attacks=("fgsm", "pgd-20", "cw"),
         cw_kwargs={"steps": 20, "search_steps": 2},
     )
-    assert rows[0]["attack"] == "clean" and len(rows) == 1 + 2 * 2 + 3
+    assert rows[0]["attack"] == "clean" and len(rows) == 1 + 2 * 2 + 3 + 3
     assert {(r["attack"], r["norm"]) for r in rows[1:]} == {
         ("fgsm", "linf"),
         ("pgd-20", "linf"),
         ("fgm", "l2"),
         ("pgd-20", "l2"),
         ("cw", "l2"),
+        ("worst", "linf"),
+        ("worst", "l2"),
     }
     acc = {(r["attack"], r["norm"], r["eps"]): r["accuracy"] for r in rows}
-    assert acc[("pgd-20", "linf", 0.1)] <= acc[("pgd-20", "linf", 0.05)] <= rows[0]["accuracy"]
-    assert acc[("pgd-20", "linf", 0.1)] <= acc[("fgsm", "linf", 0.1)] + 5.0
+    # worst: the examples every attack failed on, at most the weakest single attack's row
+    for norm, e, names in (("linf", 0.05, ("fgsm", "pgd-20")), ("linf", 0.1, ("fgsm", "pgd-20"))):
+        assert acc[("worst", norm, e)] <= min(acc[(a, norm, e)] for a in names)
     write_csv(rows, tmp_path / "e.csv")
     assert "| pgd-20 | linf | 0.1000 |" in to_markdown(rows)
     plot_robustness(rows, tmp_path / "e.png")
@@ -114,6 +117,36 @@ def test_game_table(cnn, test_set, tmp_path) -> None:
         game_table(cnn, x, y, {"l1": [0.1]})
     with pytest.raises(ValueError, match="^attacks: unknown attack"):
         game_table(cnn, x, y, {"linf": [0.1]}, attacks=("deepfool",))
+
+
+def test_game_table_worst_row_is_the_per_example_minimum(cnn, test_set, monkeypatch) -> None:
+    """Two 'attacks' that each break a different half of the images: each alone leaves about
+    half, the worst row (right on every attack's output) none; a minimum over rows would not."""
+    x, y = test_set[:2]
+    x, y = x[:64], y[:64]
+    with torch.no_grad():
+        right = cnn(x).argmax(1) == y
+
+    def breaks(half: int):
+        def attack(model, xb, yb):  # a blank image where half is 0 (first rows) or 1 (the rest)
+            out = xb.clone()
+            rows = slice(0, xb.shape[0] // 2) if half == 0 else slice(xb.shape[0] // 2, None)
+            out[rows] = 0.0
+            return out
+
+        return lambda eps, norm: attack
+
+    monkeypatch.setitem(EVAL_ATTACKS, "first", breaks(0))
+    monkeypatch.setitem(EVAL_ATTACKS, "second", breaks(1))
+    rows = game_table(cnn, x, y, {"linf": [0.1]}, attacks=("first", "second"), batch_size=64)
+    with torch.no_grad():
+        blank = cnn(torch.zeros_like(x)).argmax(1) == y
+    first = right & torch.cat([blank[:32], torch.ones(32, dtype=torch.bool)])
+    second = right & torch.cat([torch.ones(32, dtype=torch.bool), blank[32:]])
+    want = [100.0 * int(m.sum()) / 64 for m in (right, first, second, first & second)]
+    assert [r["accuracy"] for r in rows] == want
+    assert [r["attack"] for r in rows] == ["clean", "first", "second", "worst"]
+    assert want[3] < min(want[1], want[2])
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -6,7 +6,8 @@ start, step 2.5·ε/steps) and Carlini–Wagner L2 (Carlini & Wagner 2017; the f
 projected onto the ε-ball, so "robust" means no adversarial example within ε was found).
 C&W is L2-only and is skipped for L∞ rows. Accuracies are percentages over the given set;
 under an attack an image counts when the model is right on it and on the attack's output
-(δ = 0 is in the ball), so no row exceeds the clean one.
+(δ = 0 is in the ball), so no row exceeds the clean one; a `worst` row per budget counts the
+examples that survive every attack (the per-example minimum, as AutoAttack reports).
 """
 
 from __future__ import annotations
@@ -24,7 +25,16 @@ from .attacks import FGM, FGSM, PGD
 from .lbfgs_cw import CarliniWagnerL2
 from .tables import Row, write_csv, write_markdown
 
-__all__ = ["EVAL_ATTACKS", "accuracies", "accuracy", "game_table", "plot_robustness", "write_csv", "write_markdown"]
+__all__ = [
+    "EVAL_ATTACKS",
+    "accuracies",
+    "accuracy",
+    "game_table",
+    "plot_robustness",
+    "right_masks",
+    "write_csv",
+    "write_markdown",
+]
 
 AttackFactory = Callable[[float, str], Attack | None]
 
@@ -41,6 +51,40 @@ EVAL_ATTACKS: dict[str, AttackFactory] = {
 }
 
 
+def right_masks(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attack: Attack | None = None,
+    batch_size: int = 256,
+    bar: tqdm | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example (clean, robust) booleans (cpu) of the model in eval mode on x; mode restored.
+    An example is robust when the model is right on it and on attack(model, x, y): δ = 0 lies in
+    every ball, so the clean point is one of the attacker's choices and robust implies clean
+    (robust = clean without an attack). `bar`: advanced by one per batch."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    clean, robust = [], []
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+            with torch.no_grad():
+                right = model(xb).argmax(1) == yb
+            clean.append(right.cpu())
+            if attack is not None:
+                xa = attack(model, xb, yb)
+                with torch.no_grad():
+                    robust.append((right & (model(xa).argmax(1) == yb)).cpu())
+            if bar is not None:
+                bar.update(1)
+    finally:
+        model.train(was_training)
+    c = torch.cat(clean) if clean else torch.zeros(0, dtype=torch.bool)
+    return c, (torch.cat(robust) if attack is not None and robust else c)
+
+
 def accuracies(
     model: nn.Module,
     x: torch.Tensor,
@@ -49,30 +93,10 @@ def accuracies(
     batch_size: int = 256,
     bar: tqdm | None = None,
 ) -> tuple[float, float]:
-    """(clean, robust) accuracy (%) of the model in eval mode on x; mode restored. An example
-    counts as robust when the model is right on it and on attack(model, x, y): δ = 0 lies in
-    every ball, so the clean point is one of the attacker's choices and robust <= clean on the
-    same examples (robust = clean without an attack). `bar`: advanced by one per batch."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    clean = robust = 0
-    try:
-        for i in range(0, x.shape[0], batch_size):
-            xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
-            with torch.no_grad():
-                right = model(xb).argmax(1) == yb
-            if attack is not None:
-                xa = attack(model, xb, yb)
-                with torch.no_grad():
-                    robust += int((right & (model(xa).argmax(1) == yb)).sum())
-            clean += int(right.sum())
-            if bar is not None:
-                bar.update(1)
-    finally:
-        model.train(was_training)
+    """(clean, robust) accuracy (%) over x, from `right_masks`; robust <= clean."""
+    clean, robust = right_masks(model, x, y, attack, batch_size, bar)
     n = max(1, x.shape[0])
-    return 100.0 * clean / n, 100.0 * (robust if attack is not None else clean) / n
+    return 100.0 * int(clean.sum()) / n, 100.0 * int(robust.sum()) / n
 
 
 def accuracy(
@@ -98,7 +122,10 @@ def game_table(
     seed: int = 0,
     progress: bool = False,
 ) -> list[Row]:
-    """Rows {attack, norm, eps, accuracy, n}: one clean row, then each attack at each (norm, ε).
+    """Rows {attack, norm, eps, accuracy, n}: one clean row, then each attack at each (norm, ε),
+    and where more than one attack ran at a (norm, ε), a `worst` row: the examples right on
+    every attack's output (each attack finds different examples, so this per-example minimum
+    is the table's best estimate of robust accuracy, lower than any one attack's row).
     `eps` maps a norm ('linf' or 'l2') to its budgets, e.g. {'linf': [0.1, 0.3], 'l2': [1.0]}.
     `progress`: a bar over every (attack, budget, batch) on stderr."""
     for norm, budgets in eps.items():
@@ -120,11 +147,21 @@ def game_table(
                     plan.append(("fgm" if name == "fgsm" and norm == "l2" else name, norm, float(e), attack))
     batches = -(-n // batch_size)
     rows: list[Row] = []
+    worst: dict[tuple[str, float], list[torch.Tensor]] = {}
+
+    def row(label: str, norm: str, e: float, right: torch.Tensor) -> Row:
+        return {"attack": label, "norm": norm, "eps": e, "accuracy": 100.0 * int(right.sum()) / max(1, n), "n": n}
+
     with tqdm(total=(1 + len(plan)) * batches, desc="evaluate", unit="batch", disable=not progress) as bar:
         for label, norm, e, attack in [("clean", "-", 0.0, None), *plan]:
             bar.set_postfix_str(label if attack is None else f"{label} {norm} eps={e:g}")
-            acc = accuracy(model, x, y, attack, batch_size, bar)
-            rows.append({"attack": label, "norm": norm, "eps": e, "accuracy": acc, "n": n})
+            right = right_masks(model, x, y, attack, batch_size, bar)[1]
+            rows.append(row(label, norm, e, right))
+            if attack is not None:
+                worst.setdefault((norm, e), []).append(right)
+    for (norm, e), masks in worst.items():
+        if len(masks) > 1:
+            rows.append(row("worst", norm, e, torch.stack(masks).all(0)))
     return rows
 
 
@@ -146,6 +183,7 @@ def plot_robustness(rows: Sequence[Row], path: str | os.PathLike[str], title: st
                 [clean if clean is not None else 100.0] + [p[1] for p in pts],
                 marker="o",
                 label=name,
+                **({"color": "black", "linewidth": 2.5} if name == "worst" else {}),
             )
         if clean is not None:
             ax.axhline(clean, linestyle="--", color="grey", linewidth=1, label="clean")
