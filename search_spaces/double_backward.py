@@ -26,9 +26,11 @@ def differentiated_twice(param_grads: bool = True) -> Iterator[None]:
     Jacobian norms, LeaSE's differentiated attack steps): their eval-mode batch norms and
     depthwise convolutions record the backward of this module. Elsewhere both are torch's
     plain ops, whose backward computes only the gradients asked for; a custom backward cannot
-    tell, so with `param_grads=False` their backward gives no parameter gradients (None) at
-    all: for first backward passes taken w.r.t. the inputs only, as both users do (the
-    parameters' gradients then come from differentiating those input gradients)."""
+    tell, so with `param_grads=False` their differentiable backward (create_graph=True) gives
+    no parameter gradients: for the first backward, taken w.r.t. the inputs only, as both users
+    do. A later plain backward through the same forward (LeaSE's: the attack's CE gradient
+    depends on the logits, so the parameter gradients flow through the forward nodes as well
+    as through the recorded backward) computes every parameter gradient it reaches."""
     _MARKS.append(param_grads)
     try:
         yield
@@ -63,13 +65,13 @@ class FrozenBatchNorm(torch.autograd.Function):
     def backward(ctx, g):  # noqa: ANN001, ANN205
         x, mean, var, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        need_w, need_b = need_w and ctx.param_grads, need_b and ctx.param_grads
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():  # a plain backward: every gradient asked for
             none = x.new_empty(0)  # eval mode: no saved batch statistics, as native_batch_norm leaves them
             gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
                 g, x, weight, mean, var, none, none, False, ctx.eps, [need_x, need_w, need_b]
             )
             return gx, None, None, gw, gb, None
+        need_w, need_b = need_w and ctx.param_grads, need_b and ctx.param_grads
         shape = (1, -1) + (1,) * (x.dim() - 2)
         inv = torch.rsqrt(var + ctx.eps)
         gx = (g * (inv if weight is None else inv * weight).view(shape)) if need_x else None
@@ -91,13 +93,14 @@ class DepthwiseConv(torch.autograd.Function):
     def backward(ctx, g):  # noqa: ANN001, ANN205
         x, weight = ctx.saved_tensors
         stride, padding, dilation = ctx.conf
-        C, need_x, need_w = x.shape[1], ctx.needs_input_grad[0], ctx.needs_input_grad[1] and ctx.param_grads
-        if not torch.is_grad_enabled():
+        C, need_x, need_w = x.shape[1], ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not torch.is_grad_enabled():  # a plain backward: every gradient asked for
             gx, gw, _ = torch.ops.aten.convolution_backward(
                 g, x, weight, None, stride, padding, dilation, False, [0, 0], C, [need_x, need_w, False]
             )
             return gx, gw, None, None, None
         gx = gw = None
+        need_w = need_w and ctx.param_grads
         k = weight.shape[-2:]
         if need_x:  # the adjoint: a transposed grouped convolution, sized back to x
             extra = [

@@ -180,7 +180,9 @@ def test_sum_all_keeps_channels_last():
 def test_depthwise_conv_backward_and_double_backward_equal_torchs(k, stride, padding, dilation, size):
     """The depthwise convolution's own backward (grouped convolutions when differentiated
     again) has the gradients and second derivatives of torch's conv2d: gradcheck,
-    gradgradcheck and the double backward of a Jacobian-norm-like objective."""
+    gradgradcheck and the double backward of a Jacobian-norm-like objective, also with
+    param_grads=False (the input gradient depends on the output, as LeaSE's attack's does, so
+    the weight's gradient also flows through the forward)."""
     import torch.nn.functional as F
 
     import search_spaces.double_backward as ops
@@ -204,6 +206,12 @@ def test_depthwise_conv_backward_and_double_backward_equal_torchs(k, stride, pad
 
     torch.testing.assert_close(second(mine), second(torchs), rtol=1e-10, atol=1e-12)
 
+    def input_only(x, w):
+        with ops.differentiated_twice(param_grads=False):
+            return torch.func.functional_call(conv, {"weight": w}, (x,))
+
+    torch.testing.assert_close(second(input_only), second(torchs), rtol=1e-10, atol=1e-12)
+
 
 @pytest.mark.parametrize("affine", [False, True])
 def test_frozen_batch_norm_double_backward_equals_torchs(affine):
@@ -221,19 +229,22 @@ def test_frozen_batch_norm_double_backward_equals_torchs(affine):
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     a = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
 
-    def mine(x, a):
-        with differentiated_twice():
+    def mine(x, a, param_grads=True):
+        with differentiated_twice(param_grads):
             return bn(x, a)
 
     assert torch.autograd.gradgradcheck(mine, (x, a))
 
     def second(f):
         (gx,) = torch.autograd.grad(f(x, a).sin().sum(), x, create_graph=True)
-        return torch.autograd.grad(gx.square().sum(), (x, a))
+        return torch.autograd.grad(gx.square().sum(), (x, a, *bn.parameters()))
 
     w, b = (bn.weight, bn.bias) if affine else (None, None)
     ref = lambda x, a: a * F.batch_norm(x, bn.running_mean, bn.running_var, w, b, False, 0.0, bn.eps)
     torch.testing.assert_close(second(mine), second(ref), rtol=1e-10, atol=1e-12)
+    # the first backward w.r.t. x only: the scale's and affine's gradients still flow through the forward
+    input_only = lambda x, a: mine(x, a, param_grads=False)
+    torch.testing.assert_close(second(input_only), second(ref), rtol=1e-10, atol=1e-12)
 
 
 def test_supernet_second_derivatives_do_not_depend_on_the_custom_backward(monkeypatch):
