@@ -224,12 +224,22 @@ class TrainOptimConfig(Strict):
 
 
 class RobustEvalConfig(Strict):
-    """Per-epoch robust accuracy: PGD at eps on the first `n` test images (0 disables)."""
+    """Per-epoch robust accuracy: PGD at eps on the first `n` test images (0 disables). With an
+    adversarial strategy (training, or a search's weight_at), eps and norm not given are the
+    strategy's: robust accuracy is reported at the budget the network is trained for."""
 
     eps: float = Field(0.1, ge=0)
     norm: Literal["linf", "l2"] = "linf"
     steps: int = Field(20, ge=1)
     n: int = Field(256, ge=0)
+
+    def at_budget_of(self, strategy: WeightATConfig | None) -> RobustEvalConfig:
+        """This config with the strategy's eps and norm where they were not given."""
+        if strategy is None or strategy.strategy == "standard":
+            return self
+        built = strategy.build()
+        update = {k: getattr(built, k) for k in ("eps", "norm") if k not in self.model_fields_set and hasattr(built, k)}
+        return self.model_copy(update=update) if update else self
 
 
 class TrainConfig(RunConfig):
@@ -239,6 +249,12 @@ class TrainConfig(RunConfig):
     strategy: WeightATConfig = WeightATConfig()
     optim: TrainOptimConfig = TrainOptimConfig()
     eval: RobustEvalConfig = RobustEvalConfig()
+
+    @model_validator(mode="after")
+    def _eval_at_training_budget(self) -> TrainConfig:
+        if (at := self.eval.at_budget_of(self.strategy)) is not self.eval:
+            self.eval = at  # validated again (validate_assignment), then unchanged
+        return self
 
 
 class TransferModel(Strict):
@@ -316,6 +332,8 @@ class SearchConfig(RunConfig):
             raise ValueError("algorithm.jacobian_fd_step: finite differences need fp32; use precision: fp32")
         if self.cuda_graph and self.weight_at is not None and self.weight_at.strategy == "free":
             raise ValueError("cuda_graph: weight_at strategy free carries delta across steps; use cuda_graph: false")
+        if (at := self.eval.at_budget_of(self.weight_at)) is not self.eval:
+            self.eval = at  # validated again (validate_assignment), then unchanged
         return self
 
     tune: TuneConfig | None = Field(None, description="Ray Tune section (distsearch run): distributed/schema.py")

@@ -178,3 +178,24 @@ def test_transfer_command(tmp_path, capsys):
     names = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"transfer.csv", "transfer.md", "transfer.png", "units_a_direction.png"} <= names
     assert "noise(a)" in capsys.readouterr().out
+
+
+def test_robust_accuracy_defaults_to_the_training_budget():
+    """eval.eps / eval.norm not given: the strategy's (the budget the network is trained for)."""
+    from distsearch.config import SearchConfig
+
+    def train_eval(strategy: dict, **ev) -> tuple[float, str]:
+        cfg = parse_config({"model": {"name": "mlp"}, "strategy": strategy, "eval": ev}, TrainConfig)
+        return cfg.eval.eps, cfg.eval.norm
+
+    assert train_eval({"strategy": "pgd", "eps": 0.3}) == (0.3, "linf")
+    assert train_eval({"strategy": "pgd", "eps": 0.3, "kwargs": {"norm": "l2"}}) == (0.3, "l2")
+    assert train_eval({"strategy": "fgm"}) == (1.0, "l2")  # FGM's default budget, L2
+    assert train_eval({"strategy": "trades"}) == pytest.approx((8 / 255, "linf"))
+    assert train_eval({"strategy": "pgd", "eps": 0.3}, eps=0.2) == (0.2, "linf")  # given: kept
+    assert train_eval({"strategy": "fgm"}, norm="linf", eps=0.05) == (0.05, "linf")
+    assert train_eval({"strategy": "standard"}) == (0.1, "linf")  # no training budget: the default
+    search = parse_config({"weight_at": {"strategy": "fgsm_rs", "eps": 0.2}, "eval": {"n": 8}}, SearchConfig)
+    assert (search.eval.eps, search.eval.norm, search.eval.n) == (0.2, "linf", 8)
+    again = parse_config(json.loads(search.model_dump_json()), SearchConfig)  # a stored config reads back equal
+    assert again == search
