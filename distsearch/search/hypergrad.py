@@ -13,6 +13,10 @@ choices the virtual step's forward at w recorded (search_spaces/pattern.py): the
 smooth along the segment and the difference exact to O(R^2).
 The loss closures are re-evaluated at the current (temporarily modified) weights, so any
 objective works: DSRNA passes L_val - gamma * R, LeaSE composes these pieces.
+As the paper's eq. 6 (not the reference code), the virtual step has no momentum term (the
+reference adds 0.9 times the optimizer's momentum buffer to it). Every extra forward (at w,
+at w', at w +- R v) runs on the live model in its mode: in train mode their batches move the
+BN running statistics, as the reference code's do (except its L_val at w', run on a copy).
 """
 
 from __future__ import annotations
