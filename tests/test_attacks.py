@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from distsearch.robust.apgd import APGD, checkpoints, dlr_loss
 from distsearch.robust.attack_base import l2_norm
 from distsearch.robust.attacks import ATTACKS, FGM, FGSM, PGD, make_attack
 from distsearch.robust.lbfgs_cw import LBFGS, CarliniWagnerL2
@@ -30,6 +31,8 @@ def tiny_model(seed: int) -> nn.Module:
 def make(name: str, eps: float, norm: str, targeted: bool) -> nn.Module:
     if name == "pgd":
         return PGD(eps, steps=3, norm=norm, targeted=targeted, restarts=2)
+    if name == "apgd":  # untargeted only: `targeted` picks the loss instead
+        return APGD(eps, steps=6, norm=norm, loss="dlr" if targeted else "ce", restarts=2)
     if name == "lbfgs":
         return LBFGS(targeted=targeted, search_steps=2, max_iter=5, eps=eps)
     if name == "cw":
@@ -214,3 +217,66 @@ def test_robust_accuracy_counts_an_image_only_when_clean_and_attacked_are_right(
     assert robust == clean  # the teleport is always right; the clean errors stay errors
     clean_pgd, robust_pgd = accuracies(cnn, x, y, PGD(0.1, steps=10), batch_size=64)
     assert clean_pgd == clean and robust_pgd <= clean
+
+
+def test_apgd_checkpoints_follow_the_paper() -> None:
+    """p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06): w_j = ceil(p_j N)."""
+    assert checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert checkpoints(10) == [3, 5, 6, 7, 8, 9]
+
+
+def test_dlr_loss_closed_form_and_invariance() -> None:
+    z = torch.tensor([[3.0, 1.0, 2.0, -1.0], [0.5, 4.0, 1.0, 0.0]])
+    y = torch.tensor([0, 2])
+    # -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3)
+    want = torch.tensor([-(3.0 - 2.0) / (3.0 - 1.0), -(1.0 - 4.0) / (4.0 - 0.5)])
+    torch.testing.assert_close(dlr_loss(z, y), want)
+    torch.testing.assert_close(dlr_loss(7.0 * z - 3.0, y), want)  # shift and scale of the logits
+    with pytest.raises(ValueError, match="^loss: dlr needs at least 3 classes"):
+        dlr_loss(z[:, :2], y.clamp(max=1))
+    with pytest.raises(ValueError, match="^loss: must be one of"):
+        make_attack("apgd", loss="hinge")
+
+
+class Scaled(nn.Module):
+    """The same classifier with its logits multiplied by c: a saturated softmax for large c."""
+
+    def __init__(self, model: nn.Module, c: float):
+        super().__init__()
+        self.model, self.c = model, c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) * self.c
+
+
+def test_apgd_dlr_sees_through_saturated_logits(cnn, test_set) -> None:
+    """Logits x 1000 saturate the softmax: cross-entropy's input gradient underflows and PGD-CE
+    finds nothing, while DLR's ratio is unchanged, so APGD-DLR finds the same examples as on
+    the unscaled model. APGD-CE is at least as strong as PGD at the same number of steps."""
+    from distsearch.robust.evaluate import accuracies
+
+    x, y = test_set[0][:150], test_set[1][:150]
+    robust = {}
+    for c in (1.0, 1000.0):
+        for name, attack in (
+            ("pgd", PGD(0.1, steps=20)),
+            ("apgd-ce", APGD(0.1, steps=20)),
+            ("apgd-dlr", APGD(0.1, steps=20, loss="dlr")),
+        ):
+            torch.manual_seed(0)
+            clean, robust[name, c] = accuracies(Scaled(cnn, c), x, y, attack)
+    assert robust["pgd", 1000.0] == clean  # masked: no example found
+    assert robust["apgd-dlr", 1000.0] == pytest.approx(robust["apgd-dlr", 1.0], abs=100 / 150 + 1e-9)
+    assert robust["apgd-dlr", 1000.0] < clean - 20
+    assert robust["apgd-ce", 1.0] <= robust["pgd", 1.0]
+
+
+def test_apgd_restarts_only_add_successes(cnn, test_set) -> None:
+    x, y = correct_subset(cnn, *test_set, 64)
+    fooled = {}
+    for restarts in (1, 3):
+        torch.manual_seed(1)  # the first run is the same in both
+        x_adv = APGD(0.08, steps=10, restarts=restarts)(cnn, x, y)
+        with torch.no_grad():
+            fooled[restarts] = cnn(x_adv).argmax(1) != y
+    assert (fooled[3] >= fooled[1]).all() and fooled[1].any()

@@ -75,14 +75,34 @@ def test_train_writes_a_resumable_run_with_robust_metrics(trained):
 
 def test_evaluate_attack_certify_write_tables_and_pictures(trained, tmp_path, capsys):
     assert (
-        main(["evaluate", str(trained), "--n", "16", "--attacks", "fgsm", "pgd-20", "--eps-linf", "0.05", "0.1"]) == 0
+        main(
+            [
+                "evaluate",
+                str(trained),
+                "--n",
+                "16",
+                "--attacks",
+                "fgsm",
+                "pgd-20",
+                "apgd-dlr",
+                "--eps-linf",
+                "0.05",
+                "0.1",
+            ]
+        )
+        == 0
     )
-    assert "| pgd-20 | linf |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| pgd-20 | linf |" in out and "| apgd-dlr | linf |" in out and "| worst | linf |" in out
     assert {p.name for p in (trained / "eval").iterdir()} == {"robustness.csv", "robustness.md", "robustness.png"}
     assert main(["attack", str(trained), "--attack", "pgd", "--eps", "0.1", "--n", "8", "--out", str(tmp_path)]) == 0
     saved = torch.load(tmp_path / "adversarial.pt", weights_only=True)
     assert (saved["x_adv"] - saved["x"]).abs().max() <= 0.1 + 1e-6
     assert (tmp_path / "before_after.png").stat().st_size > 0
+    argv = ["attack", str(trained), "--attack", "apgd", "--eps", "0.5", "--norm", "l2", "--steps", "10", "--n", "8"]
+    assert main([*argv, "--out", str(tmp_path / "apgd")]) == 0
+    saved = torch.load(tmp_path / "apgd" / "adversarial.pt", weights_only=True)
+    assert float((saved["x_adv"] - saved["x"]).flatten(1).norm(dim=1).max()) <= 0.5 + 1e-5
     assert (
         main(
             [

@@ -10,7 +10,8 @@
   the per-example cross-entropy, and y may then be anything it accepts: LeaSE passes
   y = argmax f(x) to change the explainer's own prediction; TRADES passes y = softmax f(x)
   with a KL loss.
-Szegedy's box-constrained L-BFGS and Carlini–Wagner L2 are in lbfgs_cw.py.
+Szegedy's box-constrained L-BFGS and Carlini–Wagner L2 are in lbfgs_cw.py, APGD (AutoAttack's
+step-size-free PGD with the CE or DLR loss) in apgd.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .apgd import APGD
 from .attack_base import (
     Attack,
     LossFn,
@@ -123,6 +125,7 @@ ATTACKS: dict[str, type[Attack]] = {
     "fgsm": FGSM,
     "fgm": FGM,
     "pgd": PGD,
+    "apgd": APGD,
     "lbfgs": LBFGS,
     "cw": CarliniWagnerL2,
 }

@@ -2,7 +2,8 @@
 
 As reported in DSRNA (Hosseini et al. 2021, section 5.2): clean accuracy and accuracy under
 FGSM (FGM for L2; Goodfellow et al. 2015), PGD-20 and PGD-100 (Madry et al. 2018, random
-start, step 2.5·ε/steps) and Carlini–Wagner L2 (Carlini & Wagner 2017; the found example
+start, step 2.5·ε/steps), AutoAttack's APGD-CE and APGD-DLR (Croce & Hein 2020, 100 steps;
+its targeted APGD-T, FAB and Square are not implemented) and Carlini–Wagner L2 (Carlini & Wagner 2017; the found example
 projected onto the ε-ball, so "robust" means no adversarial example within ε was found).
 C&W is L2-only and is skipped for L∞ rows. Accuracies are percentages over the given set;
 under an attack an image counts when the model is right on it and on the attack's output
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .apgd import APGD
 from .attack_base import Attack, check_norm
 from .attacks import FGM, FGSM, PGD
 from .lbfgs_cw import CarliniWagnerL2
@@ -47,6 +49,8 @@ EVAL_ATTACKS: dict[str, AttackFactory] = {
     "fgsm": lambda eps, norm: FGSM(eps) if norm == "linf" else FGM(eps),
     "pgd-20": lambda eps, norm: PGD(eps, steps=20, norm=norm),
     "pgd-100": lambda eps, norm: PGD(eps, steps=100, norm=norm),
+    "apgd-ce": lambda eps, norm: APGD(eps, steps=100, norm=norm, loss="ce"),
+    "apgd-dlr": lambda eps, norm: APGD(eps, steps=100, norm=norm, loss="dlr"),
     "cw": _cw,
 }
 
@@ -116,7 +120,7 @@ def game_table(
     x: torch.Tensor,
     y: torch.Tensor,
     eps: dict[str, Sequence[float]],
-    attacks: Sequence[str] = ("fgsm", "pgd-20", "pgd-100", "cw"),
+    attacks: Sequence[str] = ("fgsm", "pgd-20", "pgd-100", "apgd-ce", "apgd-dlr", "cw"),
     batch_size: int = 256,
     cw_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
