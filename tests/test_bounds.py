@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from distsearch.robust.bounds import certified_metric, certified_radius, margin_bounds, spec_bounds
+from distsearch.robust.models import build_model
 from search_spaces import Genotype, Network, Supernet
 
 TOL = 1e-9
@@ -51,6 +52,9 @@ def make_model(kind: str, seed: int = 0) -> nn.Module:
         with torch.no_grad():
             m.alphas_normal.normal_(generator=g)
             m.alphas_reduce.normal_(generator=g)
+    elif kind in ("small_cnn", "mlp"):  # robust/models.py: first_layer, then the rest
+        kw = {"width": 3, "hidden": 12} if kind == "small_cnn" else {"image_size": 8, "hidden": (12, 10)}
+        m = build_model(kind, 1, 5, **kw)
     else:
         m = Network(GENO, in_channels=1, num_classes=5, C=4, layers=3)
     return _randomise_bn(m, g)
@@ -125,7 +129,7 @@ def sample_ball(x: torch.Tensor, eps: float, norm: str, g: torch.Generator, n: i
     return x + project(d, x, eps, norm)
 
 
-@pytest.mark.parametrize("kind", ["seq", "supernet", "network"])
+@pytest.mark.parametrize("kind", ["seq", "supernet", "network", "small_cnn", "mlp"])
 @pytest.mark.parametrize("norm,eps", [("linf", 0.02), ("l2", 0.1)])
 def test_bounds_contain_sampled_and_pgd_outputs(kind: str, norm: str, eps: float) -> None:
     model, x = make_model(kind), inputs(n=4)
@@ -151,7 +155,7 @@ def test_bounds_contain_sampled_and_pgd_outputs(kind: str, norm: str, eps: float
         assert (mb <= margin(f_marg, y) + TOL).all() and (mb <= margin(f0, y) + TOL).all()
 
 
-@pytest.mark.parametrize("kind", ["seq", "supernet", "network"])
+@pytest.mark.parametrize("kind", ["seq", "supernet", "network", "small_cnn", "mlp"])
 @pytest.mark.parametrize("norm,eps", [("linf", 0.03), ("l2", 0.2)])
 def test_linear_bounds_never_looser_than_ibp(kind: str, norm: str, eps: float) -> None:
     model, x = make_model(kind, seed=3), inputs(seed=4)
@@ -215,3 +219,61 @@ def test_certified_margin_alpha_gradient_matches_finite_differences(method: str)
             model.alphas_reduce[idx] += h
         fd = (rp - rm) / (2 * h)
         assert torch.isclose(g[idx], fd, rtol=1e-4, atol=1e-7), (idx, g[idx], fd)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid", 1])
+def test_conv_string_padding_bounds_are_sound(padding) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=padding), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
+    x = inputs(n=3)
+    model = model.double()
+    model(x)  # materialise the lazy head
+    with torch.no_grad():
+        fs = model(sample_ball(x, 0.05, "linf", torch.Generator().manual_seed(1), n=8)).view(8, 3, 4)
+    for method in ("ibp", "crown"):
+        lo, up = spec_bounds(model, x, 0.05, "linf", method)
+        assert (fs >= lo - TOL).all() and (fs <= up + TOL).all(), method
+
+
+@pytest.mark.parametrize(
+    "model,needle",
+    [
+        (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten()), "padding_mode='reflect'"),
+        (nn.Sequential(nn.Conv2d(1, 2, 2, padding="same"), nn.Flatten()), "asymmetric"),
+        (nn.Sequential(nn.Conv2d(1, 2, 1), nn.Tanh(), nn.Flatten()), "no bound propagation rule for Tanh"),
+        (build_model("resnet18", 1, 5), "no bound propagation rule for SmallInputResNet"),
+    ],
+    ids=["reflect", "same-even", "tanh", "resnet"],
+)
+def test_unsupported_modules_are_refused_by_name(model: nn.Module, needle: str) -> None:
+    """Non-zero padding modes would give unsound bounds: refused, like every op without a rule."""
+    x = inputs(n=2).float()
+    for method in ("ibp", "crown"):
+        with pytest.raises(ValueError, match=needle.replace("(", r"\(")):
+            spec_bounds(model.eval(), x, 0.1, "linf", method)
+
+
+def test_module_reused_at_two_sizes_is_refused() -> None:
+    pool = nn.AvgPool2d(2)
+    model = nn.Sequential(pool, pool, nn.Flatten()).double()
+    with pytest.raises(ValueError, match="called on inputs of two sizes"):
+        spec_bounds(model, inputs(n=2), 0.1, "linf", "crown")
+
+
+def test_l2_ball_through_a_repeat_stays_sound() -> None:
+    """Repeat copies the input, so the copy of an L2 ball of radius eps has radius eps*sqrt(2):
+    the exact-L2 first-layer rule must not apply after it (it gave 1.141 where 1.2 is reached)."""
+    from search_spaces.operations import Repeat
+
+    conv = nn.Conv2d(2, 1, 1, bias=False).double()
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    model = nn.Sequential(Repeat(2), conv, nn.Flatten())
+    x = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
+    delta = torch.zeros_like(x)
+    delta[0, 0, 0, 0] = 0.1  # ||delta||_2 = 0.1, unit 0 moves by 2 * 0.1
+    with torch.no_grad():
+        reached = model(x + delta)[0, 0]
+    for method in ("ibp", "crown"):
+        _, up = spec_bounds(model, x, 0.1, "l2", method)
+        assert float(reached) == pytest.approx(1.2) and float(up[0, 0]) >= 1.2 - TOL, method

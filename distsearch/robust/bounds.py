@@ -15,6 +15,9 @@ Margins: m_j = f_y - f_j, j != y, via C = e_y - e_j. `margin_lower_bound` is
 min_j of their certified lower bounds (> 0 certifies the example at eps), differentiable
 in alpha and w. `certified_radius` bisects on eps; the returned radius was verified.
 BatchNorm uses running statistics: the bounds are those of the eval-mode network.
+Models: a Supernet, a genotype's Network, robust/models.py's small_cnn and mlp, and any
+nn.Sequential of the ops bounds_ibp.py knows; anything else (the ResNets' residual blocks, a
+Conv2d padding other than zeros, a module called at two input sizes) is refused by name.
 """
 
 from __future__ import annotations

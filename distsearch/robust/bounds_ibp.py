@@ -32,6 +32,8 @@ from search_spaces.darts import EdgeGroup, SearchCell, Supernet, sum_all
 from search_spaces.network import Cell, Network
 from search_spaces.operations import FactorizedReduce, Identity, Repeat, Shift, Zero
 
+from .models import MLP, SmallCNN
+
 
 class Box:
     """Elementwise bounds lo <= z <= up, held as (lo, up) or as centre and radius (mid, rad):
@@ -174,8 +176,22 @@ def _affine(fn, fn_abs, box: Box, l2_rad=None) -> Box:
     return Box(torch.maximum(c - rad, c2 - e * rad2), torch.minimum(c + rad, c2 + e * rad2))
 
 
+def conv_padding(m: nn.Conv2d) -> tuple[int, ...]:
+    """m's zero padding as numbers ('valid', symmetric 'same'); other padding modes refused."""
+    if m.padding_mode != "zeros":
+        raise ValueError(f"bounds: Conv2d with padding_mode={m.padding_mode!r}; only zero padding is supported")
+    if m.padding == "valid":
+        return (0,) * len(m.kernel_size)
+    if m.padding == "same":
+        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+        if any(t % 2 for t in total):
+            raise ValueError("bounds: Conv2d with padding='same' and an even kernel (asymmetric); pad explicitly")
+        return tuple(t // 2 for t in total)
+    return tuple(m.padding)
+
+
 def _conv(m: nn.Conv2d, box: Box) -> Box:
-    kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
+    kw = dict(stride=m.stride, padding=conv_padding(m), dilation=m.dilation, groups=m.groups)
     fn = lambda z: F.conv2d(z, m.weight, m.bias, **kw)
     fn_abs = lambda z: F.conv2d(z, m.weight.abs(), None, **kw)
     # exact L2 norm of each output unit's row (border taps that fall on padding excluded)
@@ -215,6 +231,8 @@ def ibp(m: nn.Module, box: Box, trace: Trace, *, skip_head: bool = False) -> Box
         return _supernet(m, box, trace, skip_head)
     if isinstance(m, Network):
         return _network(m, box, trace, skip_head)
+    if isinstance(m, CHAINS):
+        return ibp(chain(m), box, trace, skip_head=skip_head)
     if isinstance(m, nn.Sequential):
         children = list(m)
         if skip_head:
@@ -222,7 +240,11 @@ def ibp(m: nn.Module, box: Box, trace: Trace, *, skip_head: bool = False) -> Box
         for c in children:
             box = ibp(c, box, trace)
         return box
-    trace.shapes[id(m)] = box.shape[1:]
+    if trace.shapes.setdefault(id(m), box.shape[1:]) != box.shape[1:]:
+        raise ValueError(
+            f"bounds: module {type(m).__name__} is called on inputs of two sizes in one forward; not supported "
+            "(use one module per call)"
+        )
     if isinstance(m, nn.Conv2d):
         return _conv(m, box)
     if isinstance(m, nn.Linear):
@@ -244,8 +266,12 @@ def ibp(m: nn.Module, box: Box, trace: Trace, *, skip_head: bool = False) -> Box
         return _join([box], lambda ts: m(ts[0]))
     if isinstance(m, (Identity, nn.Identity, nn.Dropout)):
         return box
-    if isinstance(m, (nn.Flatten, Repeat)):
+    if isinstance(m, nn.Flatten):
         return box.each(m)
+    if isinstance(m, Repeat):  # copies: ||repeat(d)||_2 > ||d||_2, so the exact L2 ball is dropped
+        box = box.each(m)
+        box.center = None
+        return box
     if isinstance(m, Zero):
         z = m(box.lo)
         return Box(z, z)
@@ -253,7 +279,7 @@ def ibp(m: nn.Module, box: Box, trace: Trace, *, skip_head: bool = False) -> Box
         h = ibp(m.repeat, ibp(m.relu, box, trace), trace)
         a, b = ibp(m.conv_1, h, trace), ibp(m.conv_2, ibp(m.shift, h, trace), trace)
         return ibp(m.bn, _join([a, b], lambda ts: m.interleave(*ts)), trace)
-    raise TypeError(f"bounds: no bound propagation rule for {type(m).__name__}")
+    raise ValueError(f"bounds: no bound propagation rule for {type(m).__name__}; {SUPPORTED}")
 
 
 def ibp_edge_group(g: EdgeGroup, box: Box, rows: list[torch.Tensor], trace: Trace) -> list[Box]:
@@ -337,8 +363,25 @@ def _network(m: Network, box: Box, trace: Trace, skip_head: bool) -> Box:
     return _head(m, s1, trace, skip_head)
 
 
+SUPPORTED = (
+    "supported: Supernet, a genotype's Network, small_cnn, mlp and nn.Sequential of Conv2d, Linear, "
+    "BatchNorm2d, ReLU, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten, Dropout and the search space's ops"
+)
+
+
+CHAINS = (SmallCNN, MLP)
+
+
+def chain(m: nn.Module) -> nn.Sequential:
+    """robust/models.py's small_cnn and mlp (first_layer, then the Sequential rest) as one
+    Sequential of the same modules."""
+    return nn.Sequential(m.first_layer, *m.rest)
+
+
 def head_of(m: nn.Module) -> nn.Linear | None:
     """The final Linear layer that a specification matrix C can be folded into."""
+    if isinstance(m, CHAINS):
+        return head_of(chain(m))
     if isinstance(m, (Supernet, Network)):
         return m.classifier
     if isinstance(m, nn.Sequential) and len(m) and isinstance(m[-1], nn.Linear):

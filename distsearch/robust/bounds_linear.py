@@ -31,7 +31,7 @@ from search_spaces.darts import EdgeGroup, SearchCell, Supernet
 from search_spaces.network import Cell, Network
 from search_spaces.operations import FactorizedReduce, Identity, Repeat, Shift, Zero
 
-from .bounds_ibp import Trace, bn_affine
+from .bounds_ibp import CHAINS, SUPPORTED, Trace, bn_affine, chain, conv_padding
 
 Coef = torch.Tensor | None
 
@@ -66,11 +66,12 @@ def _conv_back(m: nn.Conv2d, A: torch.Tensor, st: Back) -> torch.Tensor:
     in_shape = st.trace.shapes[id(m)]
     H_out, W_out = A.shape[-2:]
     out_pad = []
-    for n_in, n_out, s, p, d, k in zip(in_shape[1:], (H_out, W_out), m.stride, m.padding, m.dilation, m.kernel_size):
+    padding = conv_padding(m)
+    for n_in, n_out, s, p, d, k in zip(in_shape[1:], (H_out, W_out), m.stride, padding, m.dilation, m.kernel_size):
         out_pad.append(n_in - ((n_out - 1) * s - 2 * p + d * (k - 1) + 1))
     BS = A.shape[:2]
     A2 = F.conv_transpose2d(
-        A.reshape(-1, *A.shape[2:]), m.weight, None, m.stride, m.padding, tuple(out_pad), m.groups, m.dilation
+        A.reshape(-1, *A.shape[2:]), m.weight, None, m.stride, padding, tuple(out_pad), m.groups, m.dilation
     )
     if m.bias is not None:
         st.add(torch.einsum("bschw,c->bs", A, m.bias))
@@ -109,6 +110,8 @@ def back(m: nn.Module, A: Coef, st: Back) -> Coef:
         return _supernet_back(m, A, st)
     if isinstance(m, Network):
         return _network_back(m, A, st)
+    if isinstance(m, CHAINS):
+        return back(chain(m), A, st)
     if isinstance(m, nn.Sequential):
         for c in reversed(list(m)):
             A = back(c, A, st)
@@ -144,7 +147,7 @@ def back(m: nn.Module, A: Coef, st: Back) -> Coef:
         a1, a2 = A[:, :, :, 0].flatten(2, 3), A[:, :, :, 1].flatten(2, 3)
         A = _acc(back(m.conv_1, a1, st), back(m.shift, back(m.conv_2, a2, st), st))
         return back(m.relu, back(m.repeat, A, st), st)
-    raise TypeError(f"bounds: no linear bound rule for {type(m).__name__}")
+    raise ValueError(f"bounds: no linear bound rule for {type(m).__name__}; {SUPPORTED}")
 
 
 def back_edge_group(g: EdgeGroup, edges: list[Coef], rows: list[torch.Tensor], st: Back) -> Coef:
