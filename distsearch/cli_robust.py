@@ -6,6 +6,7 @@ folder) or, by default, into the run's store under eval/, attack/, certify/.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -171,8 +172,8 @@ def _positive_float(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not 0 < v < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return v
 
 
@@ -262,7 +263,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     try:
         attack = make_attack(cfg.attack.name, **cfg.attack.kwargs)
     except ValueError as e:
-        raise UsageError(f"attack: {e}") from None
+        msg = str(e)
+        raise UsageError(msg if msg.startswith("attack:") else f"attack: {msg}") from None
     labels = [m.label for m in cfg.models]
     if len(set(labels)) != len(labels):
         raise UsageError(f"models: labels must be distinct, got {labels}")
@@ -272,6 +274,19 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     store.check_writable()
     device = setup_torch(cfg)
     data = build_data(cfg)
+    # every model built once before any training: a bad option or units section fails in seconds
+    built = {m.label: named_model(m.name, data, m.kwargs, field=f"models[{m.label}]") for m in cfg.models}
+    if cfg.units is not None:
+        layers = [name for name, _ in built[cfg.units.model].named_modules() if name]
+        if cfg.units.layer not in layers:
+            raise UsageError(
+                f"units.layer: {cfg.units.model} has no module {cfg.units.layer!r}; choose one of {layers}"
+            )
+        n_test = min(cfg.n, len(data.x_test))
+        if cfg.units.k > n_test:
+            raise UsageError(
+                f"units.k: {cfg.units.k} is more than the {n_test} test images attacked; lower it or raise n"
+            )
     models = {}
     half = len(data.x_train) // 2
     for m in cfg.models:

@@ -18,7 +18,7 @@ from .errors import UsageError
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SyntheticConfig(Strict):
@@ -82,14 +82,17 @@ class WeightATConfig(Strict):
     def build(self) -> Any:
         from .robust.training import make_strategy
 
-        kw = dict(self.kwargs) | ({"eps": self.eps} if self.eps is not None and self.strategy != "standard" else {})
+        kw = dict(self.kwargs) | ({"eps": self.eps} if self.eps is not None else {})
         try:
             return make_strategy(self.strategy, **kw)
         except (ValueError, TypeError) as e:
-            raise UsageError(f"strategy: {e}") from None
+            msg = str(e)
+            raise UsageError(msg if msg.startswith("strategy:") else f"strategy: {msg}") from None
 
     @model_validator(mode="after")
     def _buildable(self) -> WeightATConfig:
+        if self.strategy == "standard" and self.eps is not None:
+            raise ValueError("eps: strategy standard trains on clean images and has no budget; drop eps")
         try:
             self.build()  # unknown names and options fail when the file is read
         except UsageError as e:

@@ -133,6 +133,10 @@ def test_evaluate_attack_certify_write_tables_and_pictures(trained, tmp_path, ca
         (["train", "--model", "small_cnn", "--strategy", "magic"], "strategy"),
         (["train", "--model", "small_cnn", "--strategy", "pgd", "--set", "strategy.kwargs={{steps: 0}}"], "steps"),
         (["train", "--model", "small_cnn", "--eps", "-1"], "--eps"),
+        (["train", "--model", "small_cnn", "--eps", "inf"], "--eps"),
+        (["train", "--model", "small_cnn", "--strategy", "pgd", "--set", "strategy.eps=.nan"], "strategy.eps"),
+        (["certify", "{run}", "--eps", "nan"], "--eps"),
+        (["evaluate", "{run}", "--eps-linf", "inf"], "--eps-linf"),
         (["evaluate", "{tmp}/nothing"], "no run"),
         (["evaluate", "{run}", "--attacks", "magic"], "attacks"),
         (["attack", "{run}", "--attack", "cw", "--norm", "linf"], "L2 only"),
@@ -198,6 +202,10 @@ def test_transfer_command(tmp_path, capsys):
     names = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"transfer.csv", "transfer.md", "transfer.png", "units_a_direction.png"} <= names
     assert "noise(a)" in capsys.readouterr().out
+    for bad, needle in (("units.layer=nope", "units.layer"), ("units.k=65", "units.k")):  # before any training
+        out = tmp_path / "bad"
+        assert main(["transfer", "--config", str(path), "--out", str(out), "--set", bad]) == 2
+        assert needle in capsys.readouterr().err and not out.exists()
 
 
 def test_robust_accuracy_defaults_to_the_training_budget():

@@ -31,7 +31,7 @@ KINDS = ("choice", "grid", "uniform", "loguniform")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ParamSpec(_Strict):

@@ -14,6 +14,7 @@ the box" lands inside the intersection.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -51,8 +52,8 @@ def attack_context(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
 def check_positive(name: str, value: float | int | None, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{name}: must be a number > 0, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+        raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
 
 
 def check_int(name: str, value: int, minimum: int = 1) -> None:

@@ -13,6 +13,7 @@ examples that survive every attack (the per-example minimum, as AutoAttack repor
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -135,8 +136,8 @@ def game_table(
     for norm, budgets in eps.items():
         check_norm(norm)
         for e in budgets:
-            if not isinstance(e, (int, float)) or e <= 0:
-                raise ValueError(f"eps: budgets must be numbers > 0, got {e!r} for norm {norm!r}")
+            if not isinstance(e, (int, float)) or not 0 < e < math.inf:
+                raise ValueError(f"eps: budgets must be finite numbers > 0, got {e!r} for norm {norm!r}")
     for name in attacks:
         if name not in EVAL_ATTACKS:
             raise ValueError(f"attacks: unknown attack {name!r}; choose from {', '.join(EVAL_ATTACKS)}")
