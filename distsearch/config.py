@@ -82,7 +82,8 @@ class WeightATConfig(Strict):
     def build(self) -> Any:
         from .robust.training import make_strategy
 
-        kw = dict(self.kwargs) | ({"eps": self.eps} if self.eps is not None else {})
+        # standard ignores eps: an experiment sweeping weight_at.strategy shares one eps across strategies
+        kw = dict(self.kwargs) | ({"eps": self.eps} if self.eps is not None and self.strategy != "standard" else {})
         try:
             return make_strategy(self.strategy, **kw)
         except (ValueError, TypeError) as e:
@@ -91,8 +92,6 @@ class WeightATConfig(Strict):
 
     @model_validator(mode="after")
     def _buildable(self) -> WeightATConfig:
-        if self.strategy == "standard" and self.eps is not None:
-            raise ValueError("eps: strategy standard trains on clean images and has no budget; drop eps")
         try:
             self.build()  # unknown names and options fail when the file is read
         except UsageError as e:

@@ -72,6 +72,14 @@ def test_bad_flags_exit_2(tmp_path, capsys, argv, needle):
     assert needle in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "launch").rglob("*.yaml")))
+def test_every_shipped_config_validates(path, capsys):
+    """launch/configs and launch/experiments: each reads through its schema (a schema change
+    that breaks a shipped file fails here, not on a user's machine)."""
+    assert main(["validate", "--config", str(ROOT / path)]) == 0
+    assert capsys.readouterr().out.startswith("ok: ")
+
+
 def test_existing_search_needs_resume(tmp_path, capsys):
     cfg = _write(tmp_path, tiny_raw(str(tmp_path / "o"), epochs=1))
     assert main(["search", "--config", cfg]) == 0

@@ -13,7 +13,7 @@ bound are valid, and the tighter one is kept.
 
 Margins: m_j = f_y - f_j, j != y, via C = e_y - e_j. `margin_lower_bound` is
 min_j of their certified lower bounds (> 0 certifies the example at eps), differentiable
-in alpha and w. `certified_radius` bisects on eps; the returned radius was verified.
+in alpha and w. `certified_radius` bisects on log eps; the returned radius was verified.
 BatchNorm uses running statistics: the bounds are those of the eval-mode network.
 Models: a Supernet, a genotype's Network, robust/models.py's small_cnn and mlp, and any
 nn.Sequential of the ops bounds_ibp.py knows; anything else (the ResNets' residual blocks, a
@@ -183,18 +183,20 @@ def certified_radius(
     eps_max: float = 1.0,
     steps: int = 12,
     domain: Domain = (0.0, 1.0),
+    octaves: int = 20,
 ) -> torch.Tensor:
-    """Per-example certified radius by bisection on eps in [0, eps_max]; 0 when x itself is
-    misclassified. Every returned radius r was verified (margin lower bound > 0 at r)."""
-    B = x.shape[0]
-    certified = lambda e: margin_lower_bound(model, x, y, e, norm, method, domain) > 0
-    lo = torch.zeros(B, dtype=x.dtype, device=x.device)
-    hi = torch.full_like(lo, eps_max)
-    ok_hi = certified(hi)
-    lo = torch.where(ok_hi, hi, lo)
+    """Per-example certified radius in [0, eps_max]: eps_max if certified there, else a
+    bisection of log eps on [eps_max / 2^octaves, eps_max], so the radius is found to a
+    relative precision of 2^(octaves / 2^steps) (0.34 % by default) whatever its size: a
+    linear bisection of the L2 box's diameter (28 for MNIST) would resolve only 0.007. 0 when
+    the example is not certified at eps_max / 2^octaves (misclassified ones among them).
+    Every returned radius r was verified (margin lower bound > 0 at r)."""
+    certified = lambda e: margin_lower_bound(model, x, y, e, norm, method, domain) > 0  # noqa: E731
+    hi = torch.full((x.shape[0],), float(eps_max), dtype=x.dtype, device=x.device)
+    lo = hi * 2.0**-octaves
+    ok_hi, ok_lo = certified(hi), certified(lo)
     for _ in range(steps):
-        mid = (lo + hi) / 2
-        ok = certified(mid) & ~ok_hi
-        lo = torch.where(ok, mid, lo)
-        hi = torch.where(ok | ok_hi, hi, mid)
-    return lo
+        mid = (lo * hi).sqrt()
+        ok = certified(mid)
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    return torch.where(ok_hi, hi.new_tensor(float(eps_max)), torch.where(ok_lo, lo, torch.zeros_like(lo)))
