@@ -47,6 +47,10 @@ class EpochLoop:
         """Load the newest valid checkpoint into the run (`load`) and the loop; False if none."""
         latest = self.store.load_latest(map_location=device)
         if latest is None:
+            if committed := self.store.list_checkpoints():
+                log.warning(
+                    "none of the %d checkpoints in %s verifies: starting from step 0", len(committed), self.store.uri
+                )
             return False
         name, state, meta = latest
         try:
@@ -110,7 +114,8 @@ class EpochLoop:
                         scalars = {f"step/{k}": float(v) for k, v in metrics.items()}
                         monitor.scalars(scalars, self.step)
                         bar.set_postfix({k[5:]: f"{v:.3f}" for k, v in list(scalars.items())[:4]})
-                    if cfg.storage.every_n_steps and self.step % cfg.storage.every_n_steps == 0:
+                    last = self.step - self.epoch * n == n  # the epoch-end checkpoint follows under this name
+                    if cfg.storage.every_n_steps and self.step % cfg.storage.every_n_steps == 0 and not last:
                         self.checkpoint(*state_fn())
                     if stop_after_steps is not None and self.step >= stop_after_steps:
                         raise Interrupted(f"stopped after {self.step} steps")

@@ -136,12 +136,14 @@ class Store:
         torch.save(state, buf)
         files = {"state.pt": buf.getvalue(), "meta.json": json.dumps(meta, indent=2, sort_keys=True).encode()}
         rel = posixpath.join(CKPT_DIR, name)
+        if self.exists(posixpath.join(rel, MANIFEST)):  # rewritten: uncommitted while its files change
+            self.fs.rm(self.path(rel, MANIFEST))
         for fname, data in files.items():
             self.write_bytes(posixpath.join(rel, fname), data)
         manifest = {"step": step, "files": {k: {"sha256": _sha256(v), "size": len(v)} for k, v in files.items()}}
         self.write_json(posixpath.join(rel, MANIFEST), manifest)  # the commit point
         if keep:
-            self.prune(keep)
+            self.prune(keep, upto=step)
         return name
 
     def list_checkpoints(self) -> list[str]:
@@ -162,14 +164,22 @@ class Store:
             manifest = self.read_json(posixpath.join(rel, MANIFEST))
         except (OSError, ValueError) as e:
             raise CorruptCheckpoint(f"{name}: unreadable manifest ({e})") from None
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not (
+            isinstance(files, dict)
+            and {"state.pt", "meta.json"} <= files.keys()
+            and all(isinstance(i, dict) and {"size", "sha256"} <= i.keys() for i in files.values())
+        ):
+            raise CorruptCheckpoint(f"{name}: malformed manifest (no size and sha256 for state.pt and meta.json)")
         out = {}
-        for fname, info in manifest["files"].items():
+        for fname, info in files.items():
             try:
                 data = self.read_bytes(posixpath.join(rel, fname))
             except (OSError, FileNotFoundError):
                 raise CorruptCheckpoint(f"{name}: {fname} is missing") from None
             if len(data) != info["size"]:
-                raise CorruptCheckpoint(f"{name}: {fname} is truncated ({len(data)} of {info['size']} bytes)")
+                how = "truncated" if len(data) < info["size"] else "longer than its manifest says"
+                raise CorruptCheckpoint(f"{name}: {fname} is {how} ({len(data)} of {info['size']} bytes)")
             if _sha256(data) != info["sha256"]:
                 raise CorruptCheckpoint(f"{name}: {fname} does not match its sha256")
             out[fname] = data
@@ -204,8 +214,12 @@ class Store:
                 log.warning("skipping corrupt checkpoint %s", e)
         return None
 
-    def prune(self, keep: int) -> None:
-        for name in self.list_checkpoints()[:-keep]:
+    def prune(self, keep: int, upto: int | None = None) -> None:
+        """Remove all but the newest `keep` checkpoints at steps <= `upto` (default: all). Those
+        past `upto`, left by an earlier attempt whose checkpoints all failed to verify, are kept:
+        counting them would delete the checkpoint just written."""
+        names = [n for n in self.list_checkpoints() if upto is None or _step_of(n) <= upto]
+        for name in names[:-keep]:
             rel = self.path(CKPT_DIR, name)
             self.fs.rm(posixpath.join(rel, MANIFEST))  # uncommit first, then remove the rest
             self.fs.rm(rel, recursive=True)

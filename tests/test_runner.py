@@ -40,6 +40,20 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_config, or
     assert resumed.read_json("genotype.json") == r1.genotype.to_dict()
 
 
+def test_each_checkpoint_is_written_once(tmp_path, tiny_config, monkeypatch):
+    """every_n_steps dividing the epoch: the epoch-end checkpoint is not written twice under one
+    name (a rewrite leaves the name uncommitted for a moment: with keep=1, no valid checkpoint)."""
+    saved = []
+    original = Store.save_checkpoint
+    monkeypatch.setattr(
+        Store, "save_checkpoint", lambda self, step, *a, **k: saved.append(step) or original(self, step, *a, **k)
+    )
+    cfg = tiny_config(str(tmp_path / "once"), **{"storage.every_n_steps": 2, "storage.keep": 1})
+    run_search(cfg, Store(cfg.storage.uri))
+    assert saved == [2, 4, 6, 8]  # 4 steps per epoch: step 2, epoch end 4, step 6, epoch end 8
+    assert Store(cfg.storage.uri).list_checkpoints() == ["ckpt-0000000008"]
+
+
 def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path, tiny_config):
     straight = Store(str(tmp_path / "a"))
     run_search(tiny_config(straight.uri, epochs=3), straight)

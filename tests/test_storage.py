@@ -48,6 +48,44 @@ def test_corrupt_or_truncated_checkpoint_falls_back_to_previous(store, damage, c
     assert "ckpt-0000000002" in caplog.text
 
 
+@pytest.mark.parametrize("manifest", [{}, [], {"files": {"meta.json": {"size": 1, "sha256": "x"}}}, {"files": 3}])
+def test_malformed_manifest_is_skipped_like_a_corrupt_checkpoint(store, manifest, caplog):
+    store.save_checkpoint(1, {"w": torch.ones(2)}, {"step": 1})
+    store.save_checkpoint(2, {"w": torch.ones(2) * 2}, {"step": 2})
+    store.write_json("checkpoints/ckpt-0000000002/MANIFEST.json", manifest)
+    assert store.load_latest()[0] == store.latest() == "ckpt-0000000001"
+    assert "malformed manifest" in caplog.text
+
+
+def test_prune_keeps_the_checkpoint_just_written_past_newer_corrupt_ones(store):
+    """A run restarted from scratch because every checkpoint was corrupt: the stale ones carry
+    higher steps, and must not count toward `keep` (they would evict each new checkpoint)."""
+    for step in (20, 30):
+        store.save_checkpoint(step, {"w": torch.ones(2)}, {"step": step})
+        store.write_bytes(f"checkpoints/ckpt-{step:010d}/state.pt", b"garbage")
+    assert store.latest() is None
+    for step in (3, 6, 9):
+        store.save_checkpoint(step, {"w": torch.full((2,), float(step))}, {"step": step}, keep=2)
+    assert store.latest() == "ckpt-0000000009"
+    assert store.list_checkpoints() == ["ckpt-0000000006", "ckpt-0000000009", "ckpt-0000000020", "ckpt-0000000030"]
+
+
+def test_rewriting_a_checkpoint_uncommits_it_first(store):
+    store.save_checkpoint(4, {"w": torch.ones(2)}, {"step": 4})
+    writes = []
+    original = store.write_bytes
+
+    def spy(rel, data):  # what is committed while each file of the rewrite lands
+        writes.append((rel.rsplit("/", 1)[-1], store.exists("checkpoints/ckpt-0000000004/MANIFEST.json")))
+        original(rel, data)
+
+    store.write_bytes = spy
+    store.save_checkpoint(4, {"w": torch.zeros(2)}, {"step": 4, "again": True})
+    assert writes[:2] == [("state.pt", False), ("meta.json", False)]
+    name, state, meta = store.load_latest()
+    assert torch.equal(state["w"], torch.zeros(2)) and meta["again"]
+
+
 def test_uncommitted_checkpoint_is_invisible(store):
     store.save_checkpoint(1, {"w": torch.ones(1)}, {})
     store.write_bytes("checkpoints/ckpt-0000000002/state.pt", b"partial")  # crashed before its manifest
