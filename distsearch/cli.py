@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from search_spaces import GenotypeError
 
 from .data import DataError
-from .errors import UsageError
+from .errors import UsageError, out_uri
 
 # Modules with `register(subparsers)`; each adds its commands with set_defaults(func=...).
 COMMAND_MODULES: tuple[str, ...] = ("distsearch.cli_robust", "distsearch.report", "distsearch.distributed.cli")
@@ -88,6 +88,8 @@ def cmd_derive(args: argparse.Namespace) -> int:
     if latest is None:
         raise UsageError(f"URI: no valid checkpoint under {args.uri!r}; point it at a search's --out folder")
     name, _, meta = latest
+    if "genotype" not in meta:
+        raise UsageError(f"URI: {args.uri!r} is not a search (a training run?): its checkpoints hold no genotype")
     print(json.dumps(meta["genotype"], indent=2))
     print(f"# from {name} (epoch {meta['epoch']}, step {meta['global_step']})", file=sys.stderr)
     return 0
@@ -99,7 +101,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     p = sub.add_parser("search", help="run one search in this process")
     add_config_args(p)
-    p.add_argument("--out", help="storage URI (overrides storage.uri): a path, file://, s3://, gs://")
+    p.add_argument("--out", type=out_uri, help="storage URI (overrides storage.uri): a path, file://, s3://, gs://")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     p.set_defaults(func=cmd_search)
     p = sub.add_parser("derive", help="print the genotype of the newest checkpoint under URI")
@@ -113,13 +115,26 @@ def build_parser() -> Parser:
     return parser
 
 
+STORAGE_ERRORS = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google")  # a remote store failing, not our code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args) or 0)
     except (UsageError, DataError, GenotypeError) as e:
-        print(f"distsearch {args.command}: {e}", file=sys.stderr)
+        print(f"distsearch {args.command}: {' '.join(str(e).split())}", file=sys.stderr)  # one line
+        return 2
+    except Exception as e:
+        if not type(e).__module__.startswith(STORAGE_ERRORS):
+            raise
+        msg = " ".join(str(e).split())
+        print(
+            f"distsearch {args.command}: storage: {type(e).__name__}: {msg}; check the endpoint, credentials "
+            "and bucket (a run continues with --resume)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted: rerun with --resume to continue from the last checkpoint", file=sys.stderr)

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-from .errors import UsageError
+from .errors import UsageError, out_folder, out_uri
 
 
 def _outputs(args: argparse.Namespace, sub: str, write: Callable[[str], None]) -> str:
@@ -194,7 +194,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
-    p.add_argument("--out", help="storage URI of the run")
+    p.add_argument("--out", type=out_uri, help="storage URI of the run")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     p.set_defaults(func=cmd_train)
 
@@ -215,7 +215,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="any of fgsm, pgd-20, pgd-100, apgd-ce, apgd-dlr (APGD, 100 steps), cw (default: all six)",
     )
     p.add_argument("--n", type=int, default=200, help="test images used (default: %(default)s)")
-    p.add_argument("--out", help="local folder for the table and plot (default: <uri>/eval)")
+    p.add_argument("--out", type=out_folder, help="local folder for the table and plot (default: <uri>/eval)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("attack", help="adversarial examples and a before/after grid for a run")
@@ -227,7 +227,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--norm", choices=["linf", "l2"], help="(default: l2 for fgm and cw, else linf)")
     p.add_argument("--steps", type=int, default=20, help="iterations of the iterative attacks (default: %(default)s)")
     p.add_argument("--n", type=int, default=64, help="test images attacked (default: %(default)s)")
-    p.add_argument("--out", help="local folder (default: <uri>/attack)")
+    p.add_argument("--out", type=out_folder, help="local folder (default: <uri>/attack)")
     p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("certify", help="certified accuracy and radius (verification-based evaluation)")
@@ -240,7 +240,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--method", default="crown", choices=["ibp", "crown"], help="interval or linear bounds (default: %(default)s)"
     )
     p.add_argument("--n", type=int, default=100, help="test images certified (default: %(default)s)")
-    p.add_argument("--out", help="local folder (default: <uri>/certify)")
+    p.add_argument("--out", type=out_folder, help="local folder (default: <uri>/certify)")
     p.set_defaults(func=cmd_certify)
     register_transfer(sub)
 
@@ -339,5 +339,5 @@ def register_transfer(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
-    p.add_argument("--out", help="storage URI (overrides storage.uri)")
+    p.add_argument("--out", type=out_uri, help="storage URI (overrides storage.uri)")
     p.set_defaults(func=cmd_transfer)

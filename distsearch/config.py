@@ -67,7 +67,7 @@ class OptimConfig(Strict):
     w_weight_decay: float = Field(3e-4, ge=0)
     grad_clip: float = Field(5.0, gt=0, description="weight-gradient norm clip (the SGD step, plain or weight_at's)")
     arch_lr: float = Field(3e-4, gt=0)
-    arch_betas: tuple[float, float] = (0.5, 0.999)
+    arch_betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.5, 0.999)
     arch_weight_decay: float = Field(1e-3, ge=0)
 
 
@@ -122,7 +122,7 @@ class LeaseConfig(Strict):
     name: Literal["lease"] = "lease"
     order: Literal["first", "second"] = "first"
     gamma: float = Field(1.0, ge=0)
-    audience: str = "small_cnn"
+    audience: str = Field("small_cnn", description="small_cnn | mlp | resnet18 | resnet34 | resnet50")
     objective: Literal["prediction", "label"] = "prediction"
     weighting: Literal["delta", "abs_delta", "abs_delta_plus_one"] = "delta"
     eps: float = Field(8 / 255, ge=0)
@@ -137,6 +137,15 @@ class LeaseConfig(Strict):
     )
     fd_r: float = _fd_r()
     fd_replay: bool = _fd_replay()
+
+    @field_validator("audience")
+    @classmethod
+    def _known_audience(cls, name: str) -> str:
+        from .robust.models import MODELS
+
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+        return name
 
 
 class DsrnaConfig(Strict):
@@ -191,7 +200,7 @@ class RunConfig(Strict):
     """What a search and a training run share."""
 
     name: str = "search"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     epochs: int = Field(50, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = True
@@ -264,7 +273,7 @@ class TransferModel(Strict):
     name: str = "small_cnn"
     kwargs: dict[str, Any] = {}
     half: Literal[0, 1] | None = Field(None, description="train on one half of the training set (disjoint halves)")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     epochs: int | None = Field(None, gt=0)
 
 
@@ -380,6 +389,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key, value = item.split("=", 1)
         node = raw
         parts = key.strip().split(".")
+        if not all(parts):
+            raise UsageError(f"--set {item!r}: {key.strip()!r} is not a key; expected key.sub=value, e.g. epochs=3")
         for p in parts[:-1]:
             if not isinstance(node.get(p, {}), dict):
                 raise UsageError(f"--set {key}: {p!r} is not a section")
@@ -391,9 +402,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"--config: no such file {str(p)!r}")
+        raise UsageError(
+            f"--config: {str(p)!r} is a folder; give a YAML file"
+            if p.is_dir()
+            else f"--config: no such file {str(p)!r}"
+        )
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise UsageError(f"--config: {p} is not a UTF-8 text file") from None
     except yaml.YAMLError as e:
         raise UsageError(f"--config: {p} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):

@@ -14,7 +14,7 @@ import os
 import posixpath
 from typing import Any
 
-from .errors import UsageError
+from .errors import UsageError, out_folder
 from .storage import Store
 
 TABLES = (("eval", "robustness.md", "robustness.png"), ("certify", "certified.md", "certified.png"))
@@ -56,7 +56,7 @@ def _curves(history: list[dict[str, float]], title: str) -> Any:
 
 def _read(store: Store) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """A run's config.json and, once it finished, its result.json."""
-    return store.read_json("config.json"), store.read_json("result.json", None)
+    return store.read_config(), store.read_json("result.json", None)
 
 
 def _section(label: str, store: Store, config: dict[str, Any], result: dict[str, Any] | None, folder: str) -> list[str]:
@@ -165,5 +165,5 @@ def cmd_report(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="a Markdown report with plots of a run or an experiment at URI")
     p.add_argument("uri", help="a search / training store, or an experiment root (<storage>/<name>)")
-    p.add_argument("--out", help="local folder for report.md and its images (default: <URI>/report)")
+    p.add_argument("--out", type=out_folder, help="local folder for report.md and its images (default: <URI>/report)")
     p.set_defaults(func=cmd_report)

@@ -152,7 +152,7 @@ def check_store_matches(store: Store, cfg: RunConfig, keys: tuple[str, ...] = ST
     does not stop a run written by an earlier version from resuming."""
     if not store.exists("config.json"):
         return
-    old, new = store.read_json("config.json"), cfg.model_dump(mode="json")
+    old, new = store.read_config(), cfg.model_dump(mode="json")
     try:
         old = type(cfg).model_validate(old).model_dump(mode="json")
     except ValueError:  # a field since renamed or removed: compare as written

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import posixpath
+import tempfile
 import uuid
 from typing import Any
 
@@ -104,6 +105,20 @@ class Store:
                 raise
             return default
 
+    def read_config(self) -> dict[str, Any]:
+        """The run's config.json as a dict; one clear error when it is damaged or not a run's."""
+        try:
+            raw = self.read_json("config.json")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UsageError(
+                f"storage.uri: {self.uri}/config.json is not valid JSON ({e}); the store is damaged"
+            ) from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
+            raise UsageError(
+                f"storage.uri: {self.uri}/config.json is not a distsearch run's config (no 'data' section)"
+            )
+        return raw
+
     def upload_dir(self, local_dir: str, rel: str) -> None:
         """Copy every file of a local folder under `rel` (used to mirror TensorBoard files)."""
         for dirpath, _, files in os.walk(local_dir):
@@ -119,8 +134,14 @@ class Store:
             parent = self.root
             while not os.path.exists(parent):
                 parent = os.path.dirname(parent) or "."
-            if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
-                raise UsageError(f"storage.uri: cannot write under {parent!r} (for {self.uri!r})")
+            try:  # a real write (os.access says yes to root, and to read-only or special file systems)
+                if not os.path.isdir(parent):
+                    raise NotADirectoryError(parent)
+                fd, probe = tempfile.mkstemp(prefix=".probe-", dir=parent)
+                os.close(fd)
+                os.remove(probe)
+            except OSError as e:
+                raise UsageError(f"storage.uri: cannot write under {parent!r} (for {self.uri!r}: {e})") from None
             return
         probe = f".probe-{uuid.uuid4().hex}"
         try:

@@ -137,7 +137,7 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> tuple[torch.nn.M
     store = Store(uri)
     if not store.exists("config.json"):
         raise UsageError(f"URI: {uri!r} holds no run (no config.json); point it at a search or training --out")
-    raw = store.read_json("config.json")
+    raw = store.read_config()
     latest = store.load_latest(map_location=device)
     if latest is None:
         raise UsageError(f"URI: no valid checkpoint under {uri!r}")

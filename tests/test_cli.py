@@ -35,6 +35,10 @@ def _write(tmp_path, raw, name="c.yaml"):
         ({"data.train_portion": 1.5}, "data.train_portion"),
         ({"space.ops": ["none", "conv9"]}, "space.ops"),
         ({"bogus": 1}, "bogus"),
+        ({"seed": -1}, "seed"),
+        ({"optim.arch_betas": [0.5, 1.5]}, "optim.arch_betas"),
+        ({"optim.w_lr": float("inf")}, "optim.w_lr"),
+        ({"algorithm": {"name": "lease", "audience": "foo"}}, "algorithm.audience"),
         ({"algorithm": {"name": "dsrna", "robust_batch": 17}}, "algorithm.robust_batch"),  # > data.batch_size
     ],
 )
@@ -54,6 +58,14 @@ def test_bad_config_exits_2_naming_the_field_and_writes_nothing(tmp_path, capsys
         (["search"], "--config"),
         (["search", "--config", "/nonexistent.yaml"], "no such file"),
         (["search", "--config", "{cfg}", "--set", "epochs"], "key=value"),
+        (["search", "--config", "{cfg}", "--set", ".epochs=3"], "is not a key"),
+        (["search", "--config", "{tmp}"], "is a folder"),
+        (["search", "--config", "{tmp}/latin1.yaml"], "not a UTF-8"),
+        (["search", "--config", "{cfg}", "--out", ""], "--out"),
+        (["search", "--config", "{cfg}", "--out", "/proc/nope"], "cannot write"),
+        (["report", "{tmp}", "--out", "{cfg}"], "is a file"),
+        (["report", "{tmp}/damaged"], "not valid JSON"),
+        (["search", "--config", "{cfg}", "--out", "{tmp}/damaged", "--resume"], "not valid JSON"),
         (["search", "--config", "{cfg}", "--set", "epochs=-3"], "epochs"),
         (["search", "--config", "{cfg}", "--out", "nosuchproto://x/y"], "storage.uri"),
         (["derive", "{tmp}/empty"], "no valid checkpoint"),
@@ -62,6 +74,9 @@ def test_bad_config_exits_2_naming_the_field_and_writes_nothing(tmp_path, capsys
 )
 def test_bad_flags_exit_2(tmp_path, capsys, argv, needle):
     cfg = _write(tmp_path, tiny_raw(str(tmp_path / "o")))
+    (tmp_path / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "config.json").write_text("garbage{")
     argv = [a.format(cfg=cfg, tmp=tmp_path) for a in argv]
     try:
         code = main(argv)
@@ -70,6 +85,21 @@ def test_bad_flags_exit_2(tmp_path, capsys, argv, needle):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_unreachable_storage_is_one_line(tmp_path, capsys, monkeypatch):
+    """A remote store that cannot be reached: one line naming the error, exit 2, no traceback."""
+    pytest.importorskip("s3fs")
+    for k, v in {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:1",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+    }.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    assert main(["derive", "s3://nobucket/run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "storage: EndpointConnectionError" in err and len(err.splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "launch").rglob("*.yaml")))

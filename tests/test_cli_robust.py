@@ -139,6 +139,7 @@ def test_evaluate_attack_certify_write_tables_and_pictures(trained, tmp_path, ca
         (["evaluate", "{run}", "--eps-linf", "inf"], "--eps-linf"),
         (["evaluate", "{tmp}/nothing"], "no run"),
         (["evaluate", "{run}", "--attacks", "magic"], "attacks"),
+        (["derive", "{run}"], "not a search"),
         (["attack", "{run}", "--attack", "cw", "--norm", "linf"], "L2 only"),
     ],
 )
