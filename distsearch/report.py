@@ -54,23 +54,35 @@ def _curves(history: list[dict[str, float]], title: str) -> Any:
     return fig
 
 
-def _read(store: Store) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """A run's config.json and, once it finished, its result.json."""
-    return store.read_config(), store.read_json("result.json", None)
+Latest = tuple[str, dict[str, Any], dict[str, Any]] | None  # Store.load_latest: (name, state, meta)
 
 
-def _section(label: str, store: Store, config: dict[str, Any], result: dict[str, Any] | None, folder: str) -> list[str]:
+def _read(store: Store) -> tuple[dict[str, Any], dict[str, Any] | None, Latest]:
+    """A run's config.json, its result.json once it finished, and its newest valid checkpoint."""
+    return store.read_config(), store.read_json("result.json", None), store.load_latest()
+
+
+def _headline(result: dict[str, Any] | None, latest: Latest) -> tuple[dict[str, Any], str]:
+    """(metrics, epochs): the result's, or an unfinished run's newest checkpoint's."""
+    meta = latest[2] if latest else {}
+    if result:
+        return result.get("metrics") or {}, str(result.get("epochs", ""))
+    return (meta.get("history") or [{}])[-1], f"{meta.get('epoch', 0)} (unfinished)"
+
+
+def _section(
+    label: str, store: Store, config: dict[str, Any], result: dict[str, Any] | None, latest: Latest, folder: str
+) -> list[str]:
     from search_spaces import Genotype
     from search_spaces.operations import PRIMITIVES
 
     from . import plots
 
-    latest = store.load_latest()
     algo = (config.get("algorithm") or {}).get("name")
     what = f"search ({algo})" if algo else "training"
     lines = [f"## {label}", "", f"`{store.uri}` — {what} on {config['data']['name']}, {config['epochs']} epochs", ""]
     meta = latest[2] if latest else {}
-    metrics = (result or {}).get("metrics") or (meta.get("history") or [{}])[-1]
+    metrics = _headline(result, latest)[0]
     state = "finished" if result else f"at epoch {meta.get('epoch', 0)} (unfinished)"
     lines += [f"State: {state}.", ""]
     if metrics:
@@ -121,15 +133,14 @@ SUMMARY = (
 )
 
 
-def _summary(runs: list[tuple[str, dict[str, Any], dict[str, Any] | None]]) -> list[str]:
-    """One row per (label, config, result): what it ran and its final headline metrics."""
+def _summary(runs: list[tuple[str, dict[str, Any], dict[str, Any] | None, Latest]]) -> list[str]:
+    """One row per (label, config, result, latest): what it ran and its latest headline metrics."""
     rows = []
-    for label, config, result in runs:
-        result = result or {}
-        metrics = result.get("metrics") or {}
+    for label, config, result, latest in runs:
+        metrics, epochs = _headline(result, latest)
         algo = (config.get("algorithm") or {}).get("name", "training")
         strategy = (config.get("weight_at") or config.get("strategy") or {}).get("strategy", "standard")
-        rows.append([label, algo, strategy, str(result.get("epochs", "unfinished"))])
+        rows.append([label, algo, strategy, epochs])
         rows[-1] += [f"{metrics[k]:.4f}" if k in metrics else "" for k in SUMMARY]
     keep = [i for i in range(4, 4 + len(SUMMARY)) if any(r[i] for r in rows)]
     head = ["run", "algorithm", "AT", "epochs", *[SUMMARY[i - 4] for i in keep]]
@@ -144,9 +155,9 @@ def build_report(uri: str, folder: str, runs: list[tuple[str, Store]] | None = N
     runs = _stores(uri) if runs is None else runs
     read = [(label, store, *_read(store)) for label, store in runs]
     lines = [f"# distsearch report: {uri}", "", f"{len(runs)} run(s).", ""]
-    lines += _summary([(label, config, result) for label, _, config, result in read])
-    for label, store, config, result in read:
-        lines += _section(label, store, config, result, folder)
+    lines += _summary([(label, config, result, latest) for label, _, config, result, latest in read])
+    for label, store, config, result, latest in read:
+        lines += _section(label, store, config, result, latest, folder)
     path = os.path.join(folder, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

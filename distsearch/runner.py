@@ -146,23 +146,42 @@ def robust_accuracy(
     return clean / 100.0, robust / 100.0
 
 
+# Fields of those sections a resumed run may change: where the files are, not what they hold.
+MOVABLE = frozenset({"data.root", "data.download", "data.eval_batch_size"})
+
+
+def _leaves(value: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        out.update(_leaves(v, f"{prefix}.{k}"))
+    return out if value else {prefix: value}
+
+
 def check_store_matches(store: Store, cfg: RunConfig, keys: tuple[str, ...] = STRUCTURAL) -> None:
-    """A store holding a run must hold this config's run. The stored config is read as this
-    version reads it, so a field added since (at its default, which keeps the old behaviour)
-    does not stop a run written by an earlier version from resuming."""
+    """A store holding a run must hold this config's run: the same `keys` sections, but for
+    MOVABLE fields. The stored config is read as this version reads it, so a field added since
+    (at its default, which keeps the old behaviour) does not stop a run written by an earlier
+    version from resuming."""
     if not store.exists("config.json"):
         return
     old, new = store.read_config(), cfg.model_dump(mode="json")
+    if ("model" in old) != ("model" in new):
+        kind = "a training run" if "model" in old else "a search"
+        raise UsageError(f"storage.uri: {store.uri} holds {kind}, not this kind of run; choose another --out")
     try:
         old = type(cfg).model_validate(old).model_dump(mode="json")
     except ValueError:  # a field since renamed or removed: compare as written
         pass
     for key in keys:
-        if old.get(key) != new.get(key):
-            raise UsageError(
-                f"storage.uri: {store.uri} holds a run with a different '{key}' section; "
-                "resume with the same config or choose another --out"
-            )
+        was, now = _leaves(old.get(key), key), _leaves(new.get(key), key)
+        for name in sorted(was.keys() | now.keys()):
+            if name not in MOVABLE and was.get(name) != now.get(name):
+                raise UsageError(
+                    f"storage.uri: {store.uri} holds a run with {name} = {was.get(name)!r}, not {now.get(name)!r}; "
+                    "resume with the same config or choose another --out"
+                )
 
 
 def run_search(
@@ -191,8 +210,8 @@ def run_search(
         val.load_state_dict(state["val_stream"])
 
     check_store_matches(store, cfg)
-    if not loop.resume(device, load):
-        store.write_json("config.json", cfg.model_dump(mode="json"))
+    loop.resume(device, load)
+    store.write_json("config.json", cfg.model_dump(mode="json"))  # a resume's too (epochs, monitor may change)
     monitor = loop.open_monitor(monitor)
 
     def end_epoch(epoch: int) -> dict[str, float]:

@@ -89,10 +89,10 @@ def run_training(cfg: TrainConfig, store: Store, stop_after_steps: int | None = 
         set_rng_state(state["rng"], device)
 
     check_store_matches(store, cfg, ("seed", "data", "model", "strategy", "optim"))
-    if not loop.resume(device, load):
-        store.write_json("config.json", cfg.model_dump(mode="json"))
-        if genotype is not None:
-            store.write_json("genotype.json", genotype.to_dict())
+    resumed = loop.resume(device, load)
+    store.write_json("config.json", cfg.model_dump(mode="json"))  # a resume's too (epochs, monitor may change)
+    if not resumed and genotype is not None:
+        store.write_json("genotype.json", genotype.to_dict())
     monitor = loop.open_monitor()
 
     def before_epoch(epoch: int) -> None:

@@ -42,6 +42,21 @@ def test_report_of_an_experiment_root(tmp_path, tiny_config):
     _images_exist(tmp_path / "out", text)
 
 
+def test_report_of_an_unfinished_run_shows_its_latest_metrics(tmp_path, tiny_config):
+    import pytest
+
+    from distsearch.runner import Interrupted
+
+    store = Store(str(tmp_path / "half"))
+    with pytest.raises(Interrupted):
+        run_search(tiny_config(store.uri, epochs=3), store, stop_after_steps=6)  # epoch 1 of 3 checkpointed
+    assert main(["report", store.uri, "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| half |"))
+    assert "| 1 (unfinished) |" in row and re.search(r"\| 0\.\d{4} \|", row), row  # epoch 1's metrics
+    assert "State: at epoch 1 (unfinished)." in text
+
+
 def test_report_refuses_a_uri_without_runs(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
