@@ -90,10 +90,19 @@ class WeightATConfig(Strict):
             msg = str(e)
             raise UsageError(msg if msg.startswith("strategy:") else f"strategy: {msg}") from None
 
+    @field_validator("strategy")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from .robust.training import STRATEGIES
+
+        if name not in STRATEGIES:
+            raise ValueError(f"unknown name {name!r}; choose one of {', '.join(STRATEGIES)}")
+        return name
+
     @model_validator(mode="after")
     def _buildable(self) -> WeightATConfig:
         try:
-            self.build()  # unknown names and options fail when the file is read
+            self.build()  # unknown options fail when the file is read
         except UsageError as e:
             raise ValueError(str(e).removeprefix("strategy: ")) from None
         return self

@@ -376,33 +376,47 @@ def test_killed_driver_then_resume(ray_local, tmp_path):
             assert len(starts) == 2 and starts[1]["epoch"] >= 1, starts  # continued from its checkpoint
 
 
+def _start_head(tmp_path) -> tuple[subprocess.Popen, int, int, list[subprocess.Popen]]:
+    """`ray start --head` on 127.0.0.2 with free ports; tried again with new ports if a port
+    chosen here is taken before Ray binds it (seen once in a full run). (head, port, dash, sessions)."""
+    sessions, err = [], ""
+    for attempt in range(3):
+        port, dash = _free_port("127.0.0.2"), _free_port("127.0.0.2")
+        log = tmp_path / f"head-{attempt}.err"
+        with open(log, "w") as stderr:
+            head = start_session(
+                [
+                    "ray",
+                    "start",
+                    "--head",
+                    "--node-ip-address=127.0.0.2",
+                    f"--port={port}",
+                    "--num-cpus=1",
+                    "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.2",
+                    f"--dashboard-port={dash}",
+                    # own agent ports: the session's local Ray already holds the default ones
+                    f"--dashboard-agent-listen-port={_free_port()}",
+                    f"--dashboard-agent-grpc-port={_free_port()}",
+                    f"--metrics-export-port={_free_port()}",
+                    "--disable-usage-stats",
+                    f"--temp-dir=/tmp/dsr-h{port}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        sessions.append(head)
+        if head.wait(timeout=120) == 0:
+            return head, port, dash, sessions
+        end_pids(in_session(head.pid))
+        err = log.read_text()[-2000:]
+    raise AssertionError(f"ray start --head failed three times; last stderr:\n{err}")
+
+
 @pytest.mark.slow
 def test_two_node_cluster_runs_submitted_job(tmp_path):
-    port, dash = _free_port("127.0.0.2"), _free_port("127.0.0.2")
-    head = start_session(
-        [
-            "ray",
-            "start",
-            "--head",
-            "--node-ip-address=127.0.0.2",
-            f"--port={port}",
-            "--num-cpus=1",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.2",
-            f"--dashboard-port={dash}",
-            # own agent ports: the session's local Ray already holds the default ones
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            "--disable-usage-stats",
-            f"--temp-dir=/tmp/dsr-h{port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    sessions = [head]
+    _, port, dash, sessions = _start_head(tmp_path)
     try:
-        assert head.wait(timeout=120) == 0
         node2 = start_session(
             [
                 "ray",
