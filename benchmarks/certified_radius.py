@@ -5,7 +5,7 @@ and DSRNA `variant: certified` (Hosseini, Yang, Xie, CVPR 2021, eq. 1: the arch 
 minimises L_val - gamma * R_cb, R_cb from IBP/CROWN bounds at eps). Each derived genotype is
 retrained the same way (standard training, same seed and epochs), then measured on the same
 first `--n-eval` test images: clean accuracy, PGD-20 accuracy (L-inf), certified accuracy at
-`--cert-eps`, and the mean certified L-inf radius by IBP and by CROWN (bisection on eps in
+`--cert-eps`, and the mean certified L-inf radius by IBP and by CROWN (bisection of log eps in
 [0, --eps-max]; 0 for a misclassified image). Accuracies are in percent. Prints one Markdown
 table, the DSRNA/DARTS ratio of the mean certified radius and both genotypes.
 
@@ -108,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pgd-eps", type=float, default=0.05, help="L-inf eps of the PGD-20 accuracy")
     p.add_argument("--cert-eps", type=float, default=0.01, help="L-inf eps of the certified accuracy")
     p.add_argument("--eps-max", type=float, default=0.05, help="upper end of the radius bisection")
-    p.add_argument("--bisect-steps", type=int, default=16, help="resolution eps_max / 2**steps")
+    p.add_argument(
+        "--bisect-steps",
+        type=int,
+        default=16,
+        help="bisection steps on log eps (relative precision 2**(20 / 2**steps))",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--progress", action="store_true", help="show tqdm bars")
     p.add_argument("--json", default=None, help="also write rows, ratios and genotypes here")
@@ -160,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     space = f"C={a.C}, {a.layers} cells, {a.nodes} nodes"
     print(f"\nmnist5k, subset {a.subset}, {a.epochs} epochs, {space}, seed {a.seed}")
     print(f"DSRNA certified: {a.bound}, eps {a.eps:g}, gamma {a.gamma:g}, bn_stats running; retrain: standard.")
-    print(f"Measured on the first {a.n_eval} test images; radius = L-inf, bisection in [0, {a.eps_max:g}].\n")
+    print(f"Measured on the first {a.n_eval} test images; radius = L-inf, bisection of log eps below {a.eps_max:g}.\n")
     shown = [
         {k: f"{v:.3e}" if k.startswith("mcr_") else round(v, 1) if k.endswith("_s") else v for k, v in r.items()}
         for r in rows
