@@ -186,6 +186,22 @@ BAD = {
     "unknown search_alg": ({"search_alg": "hyperopt", "params": {"seed": {"choice": [0, 1]}}}, "search_alg"),
     "unreachable storage": ({"storage": "/proc/distsearch-nope", "params": {"seed": {"choice": [0, 1]}}}, "storage"),
     "unreachable s3": ({"storage": "s3://nobucket/x", "params": {"seed": {"choice": [0, 1]}}}, "storage"),
+    "point outside its choice": (
+        {
+            "params": {"algorithm.name": {"choice": ["darts", "dsrna"]}},
+            "points_to_evaluate": [{"algorithm.name": "nas"}],
+        },
+        "points_to_evaluate: algorithm.name = 'nas' is outside its choice",
+    ),
+    "point outside its range": (
+        {"params": {"optim.arch_lr": {"uniform": [0.001, 0.01]}}, "points_to_evaluate": [{"optim.arch_lr": 5.0}]},
+        "optim.arch_lr = 5.0 is outside its uniform",
+    ),
+    "range over an integer": ({"params": {"space.C": {"uniform": [2, 3]}}}, "space.C: Input should be a valid integer"),
+    "robust metric without eval": (
+        {"params": {"seed": {"choice": [0, 1]}}, "metric": "val/robust_acc"},
+        "'val/robust_acc' is reported only with eval.n > 0",
+    ),
 }
 
 
@@ -205,6 +221,29 @@ def test_bad_experiment_exits_2_before_any_trial(case, tmp_path, capsys, monkeyp
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and needle in err, err
     assert not (tmp_path / "runs").exists() and ray.is_initialized() == was_up
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden", "a/b", "a b"])
+def test_experiment_name_must_be_a_plain_folder(name, tmp_path, capsys):
+    raw = tiny_raw("unused", tune={"params": {"seed": {"choice": [0, 1]}}})
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(raw))
+    rc = main(["run", "--config", str(tmp_path / "exp.yaml"), "--name", name, "--storage", str(tmp_path / "runs")])
+    assert rc == 2 and "--name" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "distsearch_experiment.json").exists()
+
+
+def test_random_search_is_seeded_and_tries_its_points_first():
+    from distsearch.distributed import tuner as T
+
+    t = T.TuneConfig.model_validate(
+        {
+            "search_alg": "random",
+            "params": {"optim.arch_lr": {"uniform": [0.001, 0.01]}},
+            "points_to_evaluate": [{"optim.arch_lr": 0.005}],
+        }
+    )
+    alg = T.search_algorithm(t, seed=7)
+    assert alg._points_to_evaluate == [{"optim.arch_lr": 0.005}]
 
 
 @pytest.mark.parametrize(

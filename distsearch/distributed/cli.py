@@ -117,6 +117,10 @@ def _finish(uri: str) -> int:
     if bad:
         print(f"{len(bad)} trial(s) errored ({', '.join(bad)}); continue: distsearch resume {uri}", file=sys.stderr)
         return 1
+    open_ = [r["trial"] for r in rows if r["state"] in ("PENDING", "PAUSED", "RUNNING")]
+    if open_:  # Tune returns normally after Ctrl-C, leaving these
+        print(f"interrupted with {len(open_)} trial(s) unfinished; continue: distsearch resume {uri}", file=sys.stderr)
+        return 130
     return 0
 
 

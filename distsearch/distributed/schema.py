@@ -64,8 +64,19 @@ class ParamSpec(_Strict):
 
     @property
     def candidates(self) -> list[Any]:
-        """Values to check against the config schema: every listed value, or both range ends."""
-        return list(getattr(self, self.kind))
+        """Values to check against the config schema: every listed value, or both range ends and
+        a value inside (so a range over an integer field fails here, not in every trial)."""
+        if self.kind in ("choice", "grid"):
+            return list(getattr(self, self.kind))
+        lo, hi = getattr(self, self.kind)
+        inside = lo + 0.382 * (hi - lo) if self.kind == "uniform" else lo * (hi / lo) ** 0.382
+        return [lo, inside, hi]
+
+    def contains(self, value: Any) -> bool:
+        if self.kind in ("choice", "grid"):
+            return value in getattr(self, self.kind)
+        lo, hi = getattr(self, self.kind)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
 
 
 class Resources(_Strict):
@@ -128,6 +139,12 @@ class TuneConfig(_Strict):
             unknown = sorted(set(point) - set(self.params))
             if unknown:
                 raise ValueError(f"points_to_evaluate: keys {unknown} are not in params")
+            for key, value in point.items():
+                spec = self.params[key]
+                if not spec.contains(value):
+                    raise ValueError(
+                        f"points_to_evaluate: {key} = {value!r} is outside its {spec.kind} {getattr(spec, spec.kind)}"
+                    )
         return self
 
     @property
@@ -142,6 +159,12 @@ class TuneConfig(_Strict):
 
         from ..config import SearchConfig, format_validation_error
 
+        robust = [m for m, _ in self.objectives if m.startswith("val/robust")]
+        n_eval = self.params.get("eval.n")
+        if robust and not (base.get("eval") or {}).get("n") and not (n_eval and all(n_eval.candidates)):
+            raise ValueError(
+                f"metric {robust[0]!r} is reported only with eval.n > 0; set eval: {{n: 64}} in the config"
+            )
         for key, spec in self.params.items():
             for value in spec.candidates:
                 try:

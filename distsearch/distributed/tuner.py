@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import re
 from typing import Any
 
 from ..config import SearchConfig
@@ -72,8 +73,10 @@ def param_space(t: TuneConfig) -> dict[str, Any]:
 
 
 def search_algorithm(t: TuneConfig, seed: int) -> Any:
-    if t.search_alg == "random":
-        return None  # Tune's BasicVariantGenerator: random sampling and grids
+    if t.search_alg == "random":  # Tune's BasicVariantGenerator: random sampling and grids, seeded
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(points_to_evaluate=t.points_to_evaluate, random_state=seed)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -136,8 +139,10 @@ def experiment_spec(cfg: SearchConfig, storage: str | None = None, name: str | N
         raise UsageError("tune: the experiment file has no `tune:` section (see launch/experiments/quickstart.yaml)")
     storage = normalize_storage(storage or cfg.tune.storage)
     name = name or cfg.name
-    if not name or "/" in name:
-        raise UsageError(f"--name: {name!r} must be a plain folder name")
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name or ""):
+        raise UsageError(
+            f"--name: {name!r} must be a plain folder name (letters, digits, '_', '-', '.'; not starting with '.')"
+        )
     return {
         "name": name,
         "storage": storage,
