@@ -171,7 +171,9 @@ def build_tuner(spec: dict[str, Any], verbose: int = 1) -> Any:
         max_concurrent_trials=t.max_concurrent_trials,
         trial_dirname_creator=trial_dirname,
         trial_name_creator=trial_dirname,
-        reuse_actors=t.reuse_actors,  # reusing a finished trial's worker saves a second torch import
+        # reusing a finished trial's worker saves a second torch import; not under PBT, whose pauses
+        # and exploits hand workers between live trials (a trial once ended early, "completed", there)
+        reuse_actors=t.reuse_actors and t.scheduler != "pbt",
     )
     run_config = tune.RunConfig(
         name=spec["name"],
