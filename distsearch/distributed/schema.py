@@ -110,7 +110,9 @@ class TuneConfig(_Strict):
     perturbation_interval: int = Field(1, gt=0, description="pbt: epochs between exploit/explore")
     quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="pbt: bottom share that exploits the top share")
     synch: bool = Field(False, description="pbt: wait at each perturbation point until every trial has reported")
-    reuse_actors: bool = Field(True, description="a new trial may reuse a finished trial's worker process")
+    reuse_actors: bool = Field(
+        True, description="a new trial may reuse a finished trial's worker process (never under pbt)"
+    )
     max_failures: int = Field(0, ge=0, description="retries of a failed trial (from its last checkpoint)")
     seed: int | None = Field(None, description="search algorithm seed (default: the config's seed)")
 
