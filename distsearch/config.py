@@ -71,6 +71,13 @@ class OptimConfig(Strict):
     arch_weight_decay: float = Field(1e-3, ge=0)
 
 
+def _one_of(name: str, names: Any, what: str) -> str:
+    """`name` if it is one of a registry's `names`, else the error naming them (a field validator's)."""
+    if name not in names:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(names)}")
+    return name
+
+
 class WeightATConfig(Strict):
     """An adversarial-training strategy (robust/training.py): for the search's weight step
     (`weight_at`) or for retraining (`TrainConfig.strategy`). `eps` None: the strategy's default."""
@@ -87,17 +94,14 @@ class WeightATConfig(Strict):
         try:
             return make_strategy(self.strategy, **kw)
         except (ValueError, TypeError) as e:
-            msg = str(e)
-            raise UsageError(msg if msg.startswith("strategy:") else f"strategy: {msg}") from None
+            raise UsageError(f"strategy: {e}") from None
 
     @field_validator("strategy")
     @classmethod
     def _known(cls, name: str) -> str:
         from .robust.training import STRATEGIES
 
-        if name not in STRATEGIES:
-            raise ValueError(f"unknown name {name!r}; choose one of {', '.join(STRATEGIES)}")
-        return name
+        return _one_of(name, STRATEGIES, "name")
 
     @model_validator(mode="after")
     def _buildable(self) -> WeightATConfig:
@@ -152,9 +156,7 @@ class LeaseConfig(Strict):
     def _known_audience(cls, name: str) -> str:
         from .robust.models import MODELS
 
-        if name not in MODELS:
-            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-        return name
+        return _one_of(name, MODELS, "model")
 
 
 class DsrnaConfig(Strict):
