@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -198,6 +199,10 @@ BAD = {
         "optim.arch_lr = 5.0 is outside its uniform",
     ),
     "range over an integer": ({"params": {"space.C": {"uniform": [2, 3]}}}, "space.C: Input should be a valid integer"),
+    "metric no search reports": (
+        {"params": {"seed": {"choice": [0, 1]}}, "metric": "val/accuracy"},
+        "metric 'val/accuracy' is not reported by a search",
+    ),
     "robust metric without eval": (
         {"params": {"seed": {"choice": [0, 1]}}, "metric": "val/robust_acc"},
         "'val/robust_acc' is reported only with eval.n > 0",
@@ -230,6 +235,98 @@ def test_experiment_name_must_be_a_plain_folder(name, tmp_path, capsys):
     rc = main(["run", "--config", str(tmp_path / "exp.yaml"), "--name", name, "--storage", str(tmp_path / "runs")])
     assert rc == 2 and "--name" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "distsearch_experiment.json").exists()
+
+
+def test_listed_metrics_are_reported_by_a_search(tmp_path):
+    from distsearch.config import parse_config
+    from distsearch.distributed.schema import METRIC_PREFIXES, METRICS
+    from distsearch.runner import run_search
+    from distsearch.storage import Store
+
+    cfg = parse_config(tiny_raw(str(tmp_path / "s"), epochs=1, **{"eval.n": 8, "eval.steps": 1}))
+    record = run_search(cfg, Store(cfg.storage.uri)).metrics
+    assert set(METRICS) <= set(record)
+    assert all(k.startswith(METRIC_PREFIXES) for k in record if k not in METRICS and k != "epoch")
+
+
+@pytest.mark.parametrize(
+    "address, needle",
+    [
+        ("127.0.0.1:{port}", "--address: nothing answers at 127.0.0.1:{port}"),
+        ("ray://127.0.0.1:{port}", "--address: nothing answers at 127.0.0.1:{port}"),
+        ("head-node", "--address: 'head-node' is not HOST:PORT"),
+    ],
+)
+def test_unreachable_address_exits_2_before_writing(address, needle, tmp_path, capsys, monkeypatch):
+    import ray
+
+    port = _free_port()
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `distsearch run`
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init reached"))
+    f = experiment(tmp_path / "exp.yaml")
+    rc = main(
+        [
+            "run",
+            "--config",
+            f,
+            "--storage",
+            str(tmp_path / "runs"),
+            "--name",
+            "x",
+            "--address",
+            address.format(port=port),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and needle.format(port=port) in err, err
+    assert not list(tmp_path.glob("runs/x/*"))
+
+
+def test_trials_that_cannot_fit_the_cluster():
+    from distsearch.distributed.tuner import check_resources
+    from distsearch.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"tune.resources.gpu: each trial asks for 0.5 GPU but this machine has 0"):
+        check_resources({"cpu": 1, "gpu": 0.5}, {"CPU": 2.0}, local=True)
+    with pytest.raises(UsageError, match=r"tune.resources.cpu: .* 4 CPU .* has 2; set it to at most 2"):
+        check_resources({"cpu": 4, "gpu": 0}, {"CPU": 2.0}, local=True)
+    warning = check_resources({"cpu": 1, "gpu": 1}, {"CPU": 8.0}, local=False)
+    assert "the cluster (now) has 0" in warning and "PENDING" in warning  # an autoscaler may add a GPU node
+    assert check_resources({"cpu": 2, "gpu": 0.25}, {"CPU": 2.0, "GPU": 1.0}, local=True) is None
+
+
+def test_pointers_resolve_under_the_current_root():
+    from distsearch.distributed.trainable import pointed_store
+
+    old_style = {"store": "s3://b/runs/exp/abc_00001/search", "checkpoint": "step_00000008", "epoch": 2}
+    assert pointed_store(old_style, "/data/moved") == "/data/moved/abc_00001/search"
+    assert (
+        pointed_store({"trial": "abc_00001", "checkpoint": "x", "epoch": 1}, "s3://c/e") == "s3://c/e/abc_00001/search"
+    )
+
+
+def test_submit_refuses_an_existing_experiment_name(tmp_path, capsys):
+    from distsearch.config import load_config
+    from distsearch.distributed import tuner as T
+
+    f = experiment(tmp_path / "exp.yaml")
+    T.save_spec(T.experiment_spec(load_config(f), str(tmp_path / "runs"), "taken"))
+    rc = main(
+        [
+            "submit",
+            "--config",
+            f,
+            "--storage",
+            str(tmp_path / "runs"),
+            "--name",
+            "taken",
+            "--address",
+            "http://127.0.0.1:1",
+            "--working-dir",
+            str(tmp_path),
+        ]
+    )
+    assert rc == 2 and "already holds an experiment" in capsys.readouterr().err
 
 
 def test_random_search_is_seeded_and_tries_its_points_first():
@@ -377,15 +474,19 @@ def test_killed_driver_then_resume(ray_local, tmp_path):
     log = open(tmp_path / "driver.log", "w")
     driver = start_session(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline, first_done = time.time() + 240, None
+        deadline = time.time() + 240
         while time.time() < deadline and driver.poll() is None:
             stores = trials(root)
             done = [s for s in stores.values() if (s / "result.json").exists()]
-            if done and first_done is None:
-                first_done = time.time()
-            has_ckpt = lambda s: list((s / "checkpoints").glob("*/MANIFEST.json"))
-            running = [s for s in stores.values() if s not in done and has_ckpt(s)]
-            if done and running and time.time() - first_done > 2:
+            # the other trial has reported a checkpoint more than 1.5 s ago: Tune's saved state
+            # (saved every second here) then holds its pointer, which the resume must follow
+            reported = [
+                s
+                for s in stores.values()
+                if s not in done
+                and any(time.time() - m.stat().st_mtime > 1.5 for m in s.glob("checkpoints/*/MANIFEST.json"))
+            ]
+            if done and reported:
                 break
             time.sleep(0.3)
         assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
@@ -396,6 +497,25 @@ def test_killed_driver_then_resume(ray_local, tmp_path):
     finished = {s.parent.name for s in trials(root).values() if (s / "result.json").exists()}
     assert len(finished) == 1
 
+    # Moved elsewhere (under another name), the experiment is read and resumed there: the
+    # original location is gone, so nothing may be read from it.
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    root.rename(moved)
+    root = moved
+    # A trial folder Tune's state does not know (a trial started just before the kill, after
+    # Tune's last state save): status lists it as ORPHANED, and it does not stop the resume.
+    shutil.copytree(root / sorted(finished)[0] / "search", root / "feedbeef" / "search")
+    out = subprocess.run(
+        [sys.executable, "-m", "distsearch.cli", "status", str(root)], capture_output=True, text=True, timeout=120
+    ).stdout
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:] if line.split()}
+    assert set(trials(root)) <= set(rows) and rows["feedbeef"][1] == "ORPHANED", out
+    for trial, s in trials(root).items():  # epochs done: the store's newest checkpoint, however Tune's state lags
+        newest = json.loads(sorted((s / "checkpoints").glob("*/meta.json"))[-1].read_text())
+        assert rows[trial][2] == str(newest["epoch"]), out
+    assert rows[sorted(finished)[0]][1] == "TERMINATED", out
+
     rc = subprocess.run(
         [sys.executable, "-m", "distsearch.cli", "resume", str(root), "--address", ray_local],
         capture_output=True,
@@ -404,6 +524,7 @@ def test_killed_driver_then_resume(ray_local, tmp_path):
     )
     assert rc.returncode == 0, rc.stdout[-2000:] + rc.stderr[-2000:]
     stores = trials(root)
+    del stores["feedbeef"]
     check_finished(stores)
     for trial, s in stores.items():
         starts = json.loads((s / "trial_starts.json").read_text())

@@ -21,9 +21,9 @@ from typing import Any
 
 from ..cli import add_config_args
 from ..errors import UsageError
-from ..storage import Store
+from ..storage import CKPT_DIR, Store
 from . import tuner as T
-from .trainable import SEARCH_DIR
+from .trainable import SEARCH_DIR, trial_uri
 
 
 def _need_ray() -> None:
@@ -54,38 +54,67 @@ def _starts(starts: list[dict[str, Any]]) -> str:
 
 
 SHOWN = ("val/robust_clean_acc", "val/robust_acc")
+ORPHANED = "ORPHANED"
+
+
+def _progress(store: Store) -> tuple[int, dict[str, Any]]:
+    """(epoch, that epoch's metrics) of a trial store's newest committed checkpoint; (0, {}) before one."""
+    names = store.list_checkpoints()
+    meta = store.read_json(posixpath.join(CKPT_DIR, names[-1], "meta.json"), {}) if names else {}
+    return meta.get("epoch", 0), (meta.get("history") or [{}])[-1]
 
 
 def trial_rows(uri: str) -> list[dict[str, Any]]:
-    """One dict per trial of the experiment at `uri`: id, state, params, metrics, genotype."""
+    """One dict per trial of the experiment at `uri`: id, state, params, metrics, genotype.
+
+    Tune's saved state (which lags the trials by up to its save period) gives the state and
+    params; each trial's own store gives the epochs done and their metrics, and marks a trial
+    finished once its result.json is written. A trial folder Tune's state does not know (it
+    started after the last save of a driver that was then killed) is listed as ORPHANED:
+    `resume` does not continue it."""
     from ray.tune import ExperimentAnalysis
 
     spec = T.load_spec(uri)
+    root = spec["root"]
     objectives = [m for m, _ in T.TuneConfig.model_validate(spec["tune"]).objectives]
     try:
-        analysis = ExperimentAnalysis(spec["root"])
+        tune_trials = {t.trial_id: t for t in ExperimentAnalysis(root).trials}
     except (ValueError, FileNotFoundError, OSError):
-        return []
-    shown = objectives + [  # the PGD accuracy beside the objectives when the trials measure it
-        m for m in SHOWN if m not in objectives and any(m in (t.last_result or {}) for t in analysis.trials)
-    ]
+        tune_trials = {}
+    base = Store(root)
+    folders = {
+        posixpath.basename(posixpath.dirname(posixpath.dirname(p)))
+        for p in base.fs.glob(base.path("*", SEARCH_DIR, "trial_starts.json"))
+    }
     rows = []
-    for trial in analysis.trials:
-        store = Store(f"{spec['root']}/{trial.trial_id}/{SEARCH_DIR}")
-        genotype = store.read_json("genotype.json", None)
+    for trial_id in [*tune_trials, *sorted(folders - set(tune_trials))]:
+        trial = tune_trials.get(trial_id)
+        store = Store(trial_uri(root, trial_id))
         starts = store.read_json("trial_starts.json", [])
-        last = trial.last_result or {}
+        last = (trial.last_result or {}) if trial else {}
+        epochs, record = _progress(store)
+        if last.get("done_epochs", 0) > epochs:  # the store was pruned or damaged: trust Tune's report
+            epochs, record = last["done_epochs"], last
+        state = trial.status if trial else ORPHANED
+        if state not in ("ERROR", ORPHANED) and store.exists("result.json"):
+            state = "TERMINATED"  # finished; Tune's saved state may not say so yet
         rows.append(
             {
-                "trial": trial.trial_id,
-                "state": trial.status,
-                "epochs": last.get("done_epochs", 0),
+                "trial": trial_id,
+                "state": state,
+                "epochs": epochs,
                 "starts": _starts(starts),
-                "params": trial.config,
-                **{m: last.get(m) for m in shown},
-                "genotype": genotype,
+                "params": trial.config if trial else (starts[0]["params"] if starts else {}),
+                "metrics": record,
+                "genotype": store.read_json("genotype.json", None),
             }
         )
+    shown = objectives + [  # the PGD accuracy beside the objectives when the trials measure it
+        m for m in SHOWN if m not in objectives and any(m in r["metrics"] for r in rows)
+    ]
+    for r in rows:
+        record = r.pop("metrics")
+        r.update({m: record.get(m) for m in shown})
     return rows
 
 
@@ -105,6 +134,11 @@ def print_table(uri: str) -> list[dict[str, Any]]:
     widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    if any(r["state"] == ORPHANED for r in rows):
+        print(
+            f"{ORPHANED}: a trial started after Tune last saved its state, before the driver was killed; "
+            "`resume` does not continue it (Tune reruns its slot as a new trial); its files stay in its folder"
+        )
     return rows
 
 
@@ -124,21 +158,25 @@ def _finish(uri: str) -> int:
     return 0
 
 
+def _refuse_existing(spec: dict[str, Any]) -> None:
+    if Store(spec["root"]).exists(T.EXPERIMENT_FILE):
+        raise UsageError(
+            f"--name: {spec['root']} already holds an experiment; continue it with "
+            f"`distsearch resume {spec['root']}` or choose another --name"
+        )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from ..config import load_config
 
     cfg = load_config(args.config, args.overrides)
     spec = T.experiment_spec(cfg, args.storage, args.name)
     T.check_storage(spec["root"])
-    if Store(spec["root"]).exists(T.EXPERIMENT_FILE):
-        raise UsageError(
-            f"--name: {spec['root']} already holds an experiment; continue it with "
-            f"`distsearch resume {spec['root']}` or choose another --name"
-        )
+    _refuse_existing(spec)
     _need_ray()
-    T.save_spec(spec)
-    started = T.init_ray(args.address)
+    started = T.start_ray(spec, args.address)  # an unreachable cluster or resources: nothing written yet
     try:
+        T.save_spec(spec)
         T.build_tuner(spec).fit()
     finally:
         if started:
@@ -150,8 +188,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     _need_ray()
-    T.load_spec(args.uri)  # a clear error before Ray starts
-    started = T.init_ray(args.address)
+    started = T.start_ray(T.load_spec(args.uri), args.address)  # a clear error before Ray starts
     try:
         tuner, spec = T.restore_tuner(args.uri)
         tuner.fit()
@@ -175,6 +212,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     spec = T.experiment_spec(cfg, args.storage, args.name)
     T.check_storage(spec["root"])
+    _refuse_existing(spec)
     workdir = os.path.abspath(args.working_dir)
     rel = os.path.relpath(os.path.abspath(args.config), workdir)
     if rel.startswith(".."):

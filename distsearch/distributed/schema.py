@@ -28,6 +28,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 KINDS = ("choice", "grid", "uniform", "loguniform")
+# What every search reports each epoch (runner.run_search; val/robust_* with eval.n > 0); the
+# searcher's step values arrive as train/<key> and its learning rates as lr/<group>.
+METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "val/robust_acc", "val/robust_clean_acc", "time/epoch_s")
+METRIC_PREFIXES = ("train/", "lr/")
 
 
 class _Strict(BaseModel):
@@ -137,6 +141,12 @@ class TuneConfig(_Strict):
                 raise ValueError("sampler nsga2 needs two or more `metrics` and one `modes` entry (max|min) each")
         elif self.metrics is not None:
             raise ValueError("`metrics` (several objectives) needs sampler: nsga2; use `metric` otherwise")
+        for metric, _ in self.objectives:
+            if metric not in METRICS and not metric.startswith(METRIC_PREFIXES):
+                raise ValueError(
+                    f"metric {metric!r} is not reported by a search: use one of {', '.join(METRICS)}, "
+                    "or a step value train/<key> or learning rate lr/<group> (see a run's TensorBoard scalars)"
+                )
         for point in self.points_to_evaluate or []:
             unknown = sorted(set(point) - set(self.params))
             if unknown:

@@ -41,11 +41,19 @@ def set_threads(cpus: float) -> int:
     return n
 
 
-def _adopt(pointer: dict[str, Any], store: Store) -> None:
-    """Copy the pointed-at checkpoint (another trial's, under PBT) into `store`."""
-    if pointer["store"] == store.uri:
+def pointed_store(pointer: dict[str, Any], root: str) -> str:
+    """The store a Tune pointer checkpoint names, under the experiment's current `root`: pointers
+    hold the trial id (older ones a full URI, whose trial folder is used), so an experiment copied
+    or moved elsewhere resumes from its own files, not the original's."""
+    trial = pointer.get("trial") or posixpath.basename(posixpath.dirname(pointer["store"].rstrip("/")))
+    return trial_uri(root, trial)
+
+
+def _adopt(source: str, pointer: dict[str, Any], store: Store) -> None:
+    """Copy the pointed-at checkpoint (another trial's, under PBT) from `source` into `store`."""
+    if source == store.uri:
         return
-    src = Store(pointer["store"])
+    src = Store(source)
     rel = posixpath.join(CKPT_DIR, pointer["checkpoint"])
     manifest = src.read_json(posixpath.join(rel, MANIFEST))
     for old in store.list_checkpoints():  # the clone replaces this trial's own history
@@ -112,8 +120,9 @@ def search_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
             if os.path.exists(pointer_file):
                 with open(pointer_file) as f:
                     pointer = json.load(f)
-                _adopt(pointer, store)
-                source = None if pointer["store"] == uri else pointer["store"]
+                donor = pointed_store(pointer, spec["root"])
+                _adopt(donor, pointer, store)
+                source = None if donor == uri else donor
         store.write_json("config.json", cfg.model_dump(mode="json"))  # PBT may have changed the config
     _record_start(store, ray.util.get_node_ip_address(), dict(config), source)
     reported = False
@@ -123,7 +132,7 @@ def search_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
         _write_genotype(store, name, record, final=epoch >= cfg.epochs)
         with tempfile.TemporaryDirectory(prefix="distsearch-ckpt-") as d:
             with open(os.path.join(d, POINTER), "w") as f:
-                json.dump({"store": uri, "checkpoint": name, "epoch": epoch}, f)
+                json.dump({"trial": ctx.get_trial_id(), "checkpoint": name, "epoch": epoch}, f)
             tune.report(dict(record, done_epochs=epoch), checkpoint=tune.Checkpoint.from_directory(d))
         reported = True
 

@@ -18,6 +18,8 @@ import logging
 import os
 import posixpath
 import re
+import socket
+import sys
 from typing import Any
 
 from ..config import SearchConfig
@@ -198,7 +200,10 @@ def load_spec(uri: str) -> dict[str, Any]:
             f"URI: {uri!r} holds no distsearch experiment (no {EXPERIMENT_FILE}); "
             "point it at <storage>/<name> of a `distsearch run`"
         )
-    return store.read_json(EXPERIMENT_FILE)
+    spec = store.read_json(EXPERIMENT_FILE)
+    if spec["root"] != uri:  # copied or moved since `run`: read and resume the files that are here
+        spec.update(root=uri, storage=posixpath.dirname(uri), name=posixpath.basename(uri))
+    return spec
 
 
 def restore_tuner(uri: str) -> tuple[Any, dict[str, Any]]:
@@ -212,6 +217,22 @@ def restore_tuner(uri: str) -> tuple[Any, dict[str, Any]]:
     return tuner, spec
 
 
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """A UsageError unless something accepts TCP connections at `address` (HOST:PORT or
+    ray://HOST:PORT): Ray itself would print a traceback (ray://) or wait on the GCS for a minute."""
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address: {address!r} is not HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UsageError(
+            f"--address: nothing answers at {hostport} ({e.strerror or e}); start the cluster "
+            "(`ray start --head` or `ray up cluster.yaml`) or leave --address out to run on a local Ray"
+        ) from None
+
+
 def init_ray(address: str | None = None) -> bool:
     """Connect to `address` (or $RAY_ADDRESS), or start a local Ray; True if this call started it."""
     import ray
@@ -219,8 +240,46 @@ def init_ray(address: str | None = None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or None, logging_level=logging.WARNING)
-    else:
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+        return True
+    if address != "auto":
+        _probe(address)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except ConnectionError as e:
+        raise UsageError(f"--address: cannot join the Ray cluster at {address} ({str(e).splitlines()[0]})") from None
     return True
+
+
+def check_resources(per_trial: dict[str, float], cluster: dict[str, float], local: bool) -> str | None:
+    """A trial that asks for more CPUs or GPUs than the cluster has would wait forever: a
+    UsageError on a local Ray; a warning (returned) on a cluster, where an autoscaler may add nodes."""
+    for key, field in (("cpu", "CPU"), ("gpu", "GPU")):
+        want, have = per_trial.get(key, 0), cluster.get(field, 0)
+        if want > have:
+            where = "this machine" if local else "the cluster (now)"
+            msg = f"tune.resources.{key}: each trial asks for {want} {field} but {where} has {have:g}"
+            if local:
+                fix = "set tune.resources.gpu: 0 (and device: cpu)" if key == "gpu" else f"set it to at most {have:g}"
+                raise UsageError(f"{msg}; {fix}")
+            return f"warning: {msg}; trials stay PENDING until a node with enough joins"
+    return None
+
+
+def start_ray(spec: dict[str, Any], address: str | None) -> bool:
+    """init_ray, then check_resources for the experiment's trials (Ray shut down again on refusal)."""
+    import ray
+
+    started = init_ray(address)
+    local = started and not (address or os.environ.get("RAY_ADDRESS"))
+    try:
+        warning = check_resources(spec["resources"], ray.cluster_resources(), local)
+    except UsageError:
+        if started:
+            ray.shutdown()
+        raise
+    if warning:
+        print(warning, file=sys.stderr)
+    return started
