@@ -99,8 +99,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
         raise UsageError(f"--norm: attack {args.attack!r} is L2 only; pass --norm l2 or leave --norm out")
     model, data, _ = load_model(args.uri)
     x, y = _eval_set(data, args.n)
-    if args.attack in ("pgd", "apgd"):
+    if args.attack in ("pgd", "apgd", "apgd-t"):
         spec = (args.attack, {"eps": args.eps, "steps": args.steps, "norm": norm})
+    elif args.attack == "square":  # gradient-free: a budget of queries, not steps
+        spec = ("square", {"eps": args.eps, "norm": norm, "n_queries": args.queries})
     elif args.attack == "fgsm":  # FGSM's L2 form is FGM
         spec = ("fgsm", {"eps": args.eps}) if norm == "linf" else ("fgm", {"eps": args.eps})
     elif args.attack == "lbfgs":  # minimum-distortion attack: no budget
@@ -211,8 +213,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--attacks",
         nargs="+",
-        default=["fgsm", "pgd-20", "pgd-100", "apgd-ce", "apgd-dlr", "cw"],
-        help="any of fgsm, pgd-20, pgd-100, apgd-ce, apgd-dlr (APGD, 100 steps), cw (default: all six)",
+        default=["fgsm", "pgd-20", "pgd-100", "apgd-ce", "apgd-dlr", "apgd-t", "cw"],
+        help="any of fgsm, pgd-20, pgd-100, apgd-ce, apgd-dlr, apgd-t (APGD, 100 steps), cw, square "
+        "(gradient-free, 5000 queries; several times the cost of the rest) (default: all but square)",
     )
     p.add_argument("--n", type=int, default=200, help="test images used (default: %(default)s)")
     p.add_argument("--out", type=out_folder, help="local folder for the table and plot (default: <uri>/eval)")
@@ -221,11 +224,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("attack", help="adversarial examples and a before/after grid for a run")
     p.add_argument("uri", help=uri)
     p.add_argument(
-        "--attack", default="pgd", choices=["fgsm", "fgm", "pgd", "apgd", "lbfgs", "cw"], help="(default: pgd)"
+        "--attack",
+        default="pgd",
+        choices=["fgsm", "fgm", "pgd", "apgd", "apgd-t", "square", "lbfgs", "cw"],
+        help="(default: pgd)",
     )
     p.add_argument("--eps", type=_positive_float, default=0.1, help="budget in the --norm ball (default: %(default)s)")
     p.add_argument("--norm", choices=["linf", "l2"], help="(default: l2 for fgm and cw, else linf)")
     p.add_argument("--steps", type=int, default=20, help="iterations of the iterative attacks (default: %(default)s)")
+    p.add_argument(
+        "--queries", type=int, default=5000, help="queries per image of the square attack (default: %(default)s)"
+    )
     p.add_argument("--n", type=int, default=64, help="test images attacked (default: %(default)s)")
     p.add_argument("--out", type=out_folder, help="local folder (default: <uri>/attack)")
     p.set_defaults(func=cmd_attack)

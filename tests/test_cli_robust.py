@@ -126,6 +126,16 @@ def test_evaluate_attack_certify_write_tables_and_pictures(trained, tmp_path, ca
     assert (trained / "certify" / "certified.png").exists()
 
 
+@pytest.mark.parametrize("attack,extra", [("apgd-t", ["--steps", "5"]), ("square", ["--queries", "30"])])
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+def test_attack_runs_apgd_t_and_square(trained, tmp_path, attack, extra, norm, eps):
+    argv = ["attack", str(trained), "--attack", attack, "--norm", norm, "--eps", str(eps), "--n", "8", *extra]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    saved = torch.load(tmp_path / "adversarial.pt", weights_only=True)
+    delta = (saved["x_adv"] - saved["x"]).flatten(1)
+    assert float(delta.abs().max() if norm == "linf" else delta.norm(dim=1).max()) <= eps + 1e-5
+
+
 @pytest.mark.parametrize(
     "argv,needle",
     [
@@ -141,6 +151,7 @@ def test_evaluate_attack_certify_write_tables_and_pictures(trained, tmp_path, ca
         (["evaluate", "{run}", "--attacks", "magic"], "attacks"),
         (["derive", "{run}"], "not a search"),
         (["attack", "{run}", "--attack", "cw", "--norm", "linf"], "L2 only"),
+        (["attack", "{run}", "--attack", "square", "--queries", "0"], "n_queries"),
     ],
 )
 def test_bad_robust_arguments_exit_2(trained, tmp_path, capsys, argv, needle):

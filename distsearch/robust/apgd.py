@@ -1,6 +1,7 @@
 """APGD (Croce & Hein, ICML 2020, "Reliable evaluation of adversarial robustness with an
 ensemble of diverse parameter-free attacks", algorithm 1): PGD with momentum whose step size
-needs no tuning, the main attack of AutoAttack; with the cross-entropy or the DLR loss.
+needs no tuning, the main attack of AutoAttack; with the cross-entropy, the DLR or the
+targeted DLR loss (APGD-T).
 
 Per example, with P the projection onto B_ε(x) ∩ [0, 1]^m and s(g) = sign(g) (L∞) or
 g/‖g‖₂ (L2):
@@ -14,6 +15,13 @@ At the checkpoints w_j = ⌈p_j N⌉ (p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p
 DLR (eq. 6): −(z_y − max_{i≠y} z_i) / (z_π1 − z_π3), π the logits sorted decreasingly:
 invariant to shifting and scaling the logits, so it does not vanish on saturated softmaxes
 as cross-entropy's gradient can.
+APGD-T (AutoAttack's targeted run): the paper's targeted DLR
+    −(z_y − z_t) / (z_π1 − (z_π3 + z_π4)/2)   (at least 4 classes),
+maximised once for each target t among the `n_targets` classes other than y with the largest
+clean logits (AutoAttack: 9, capped at K − 1), each run with the full `steps` and `restarts`;
+success stays untargeted (argmax ≠ y). Each run attacks only the examples no earlier target
+broke, so an example keeps the point of the first target that succeeded (else the first run's
+point of highest loss).
 Returned: per example, the first point found misclassified, else the one of highest f. After
 a restart the momentum starts again from the best point (x_{k−1} = x_k): a choice the paper
 leaves open. Restarts (`restarts` > 1) keep each example's successful run.
@@ -29,7 +37,7 @@ from torch import nn
 from .attack_base import Attack, ce_per_example, check_int, check_norm, check_positive, clip_box, normalize, project
 from .attack_base import random_start as ball_start
 
-LOSSES = ("ce", "dlr")
+LOSSES = ("ce", "dlr", "dlr-t")
 
 
 def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -42,6 +50,15 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -(z_y - other) / (top[:, 0] - top[:, 2] + 1e-12)
 
 
+def dlr_targeted_loss(logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per-example targeted DLR towards class t (needs at least 4 classes)."""
+    if logits.shape[1] < 4:
+        raise ValueError(f"loss: dlr-t needs at least 4 classes, the model has {logits.shape[1]}; use loss ce or dlr")
+    top = logits.topk(4, dim=1).values
+    z_y, z_t = logits.gather(1, y[:, None]).squeeze(1), logits.gather(1, t[:, None]).squeeze(1)
+    return -(z_y - z_t) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+
+
 def checkpoints(steps: int) -> list[int]:
     """The iterations w_j (0 < w_j < steps) at which APGD may halve its step."""
     p = [0.0, 0.22]
@@ -52,7 +69,7 @@ def checkpoints(steps: int) -> list[int]:
 
 
 class APGD(Attack):
-    """Untargeted APGD-CE / APGD-DLR in L∞ or L2 (the module text)."""
+    """APGD-CE / APGD-DLR / APGD-T (loss "dlr-t") in L∞ or L2 (the module text)."""
 
     def __init__(
         self,
@@ -64,42 +81,49 @@ class APGD(Attack):
         rho: float = 0.75,
         momentum: float = 0.75,
         eval_mode: bool = True,
+        n_targets: int = 9,
     ):
         check_positive("eps", eps)
         check_int("steps", steps, minimum=2)
         check_int("restarts", restarts)
+        check_int("n_targets", n_targets)
         check_norm(norm)
         if loss not in LOSSES:
             raise ValueError(f"loss: must be one of {', '.join(LOSSES)}, got {loss!r}")
         if not 0 < rho <= 1 or not 0 < momentum <= 1:
             raise ValueError(f"rho, momentum: must lie in (0, 1], got {rho!r}, {momentum!r}")
         self.eps, self.steps, self.norm, self.loss, self.restarts = eps, steps, norm, loss, restarts
-        self.rho, self.momentum, self.eval_mode = rho, momentum, eval_mode
+        self.rho, self.momentum, self.eval_mode, self.n_targets = rho, momentum, eval_mode, n_targets
 
-    def _objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, grad: bool = True):
-        """(∇f or None, f per example, misclassified) at x."""
+    def _objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, grad: bool = True):
+        """(∇f or None, f per example, misclassified) at x; t: the targets of dlr-t."""
         x = x.detach().requires_grad_(grad)
         with torch.set_grad_enabled(grad):
             logits = model(x)
-            f = (dlr_loss if self.loss == "dlr" else ce_per_example)(logits, y)
+            if self.loss == "dlr-t":
+                f = dlr_targeted_loss(logits, y, t)
+            else:
+                f = (dlr_loss if self.loss == "dlr" else ce_per_example)(logits, y)
         g = torch.autograd.grad(f.sum(), x)[0] if grad else None
         return g, f.detach(), (logits.argmax(1) != y).detach()
 
-    def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_adv, misclassified) of one run from a random start."""
         rows = lambda m: m.view((-1,) + (1,) * (x.dim() - 1))  # noqa: E731
         proj = lambda t: x + clip_box(x, project(t - x, self.eps, self.norm))  # noqa: E731
         step = lambda t, eta, g: proj(t + rows(eta) * normalize(g, self.norm))  # noqa: E731
         eta = torch.full((x.shape[0],), 2.0 * self.eps, device=x.device, dtype=x.dtype)
         x_prev = x + ball_start(x, self.eps, self.norm)
-        g, f_prev, found = self._objective(model, x_prev, y)
+        g, f_prev, found = self._objective(model, x_prev, y, t)
         x_max, f_max, g_max, adv = x_prev, f_prev, g, x_prev.clone()
         x_k = step(x_prev, eta, g)
         marks = set(checkpoints(self.steps))
         last_mark, increases = 0, torch.zeros_like(f_prev)
         f_max_at_mark, halved_at_mark = f_max.clone(), torch.zeros_like(found)  # w_0 = 0: not halved
         for k in range(1, self.steps + 1):
-            g, f, fooled = self._objective(model, x_k, y, grad=k < self.steps)
+            g, f, fooled = self._objective(model, x_k, y, t, grad=k < self.steps)
             new = fooled & ~found
             adv[new], found = x_k[new], found | fooled
             better = f > f_max
@@ -124,9 +148,48 @@ class APGD(Attack):
         return torch.where(rows(found), adv, x_max), found
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.loss == "dlr-t":
+            return self._perturb_targeted(model, x, y)
         best, found = self._run(model, x, y)
         for _ in range(self.restarts - 1):
             x_adv, fooled = self._run(model, x, y)
             take = (fooled & ~found).view((-1,) + (1,) * (x.dim() - 1))
             best, found = torch.where(take, x_adv, best), found | fooled
         return best
+
+    def _perturb_targeted(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """APGD-T: one run (times `restarts`) per target, on the examples not broken yet."""
+        with torch.no_grad():
+            logits = model(x)
+        if logits.shape[1] < 4:
+            dlr_targeted_loss(logits, y, y)  # raises the error that names the loss
+        k = min(self.n_targets, logits.shape[1] - 1)
+        targets = logits.scatter(1, y[:, None], float("-inf")).topk(k, dim=1).indices  # by clean logit
+        best, found = x.clone(), torch.zeros_like(y, dtype=torch.bool)
+        first = True
+        for j in range(k):
+            for _ in range(self.restarts):
+                todo = (~found).nonzero().squeeze(1)
+                if todo.numel() == 0:
+                    return best
+                x_adv, fooled = self._run(model, x[todo], y[todo], targets[todo, j])
+                keep = torch.ones_like(fooled) if first else fooled
+                best[todo[keep]], found[todo[fooled]], first = x_adv[keep], True, False
+        return best
+
+
+class APGDT(APGD):
+    """APGD-T: APGD with the targeted DLR loss over the top `n_targets` classes (the module text)."""
+
+    def __init__(
+        self,
+        eps: float = 8 / 255,
+        steps: int = 100,
+        norm: str = "linf",
+        n_targets: int = 9,
+        restarts: int = 1,
+        rho: float = 0.75,
+        momentum: float = 0.75,
+        eval_mode: bool = True,
+    ):
+        super().__init__(eps, steps, norm, "dlr-t", restarts, rho, momentum, eval_mode, n_targets)

@@ -11,7 +11,8 @@
   y = argmax f(x) to change the explainer's own prediction; TRADES passes y = softmax f(x)
   with a KL loss.
 Szegedy's box-constrained L-BFGS and Carlini–Wagner L2 are in lbfgs_cw.py, APGD (AutoAttack's
-step-size-free PGD with the CE or DLR loss) in apgd.py.
+step-size-free PGD with the CE, DLR or targeted DLR loss: APGD-T) in apgd.py, the gradient-free
+Square Attack in square.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .apgd import APGD
+from .apgd import APGD, APGDT
 from .attack_base import (
     Attack,
     LossFn,
@@ -36,6 +37,7 @@ from .attack_base import (
 )
 from .lbfgs_cw import LBFGS, CarliniWagnerL2
 from .registry import build_registered
+from .square import Square
 
 
 def _input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn: LossFn, sign: float):
@@ -126,6 +128,8 @@ ATTACKS: dict[str, type[Attack]] = {
     "fgm": FGM,
     "pgd": PGD,
     "apgd": APGD,
+    "apgd-t": APGDT,
+    "square": Square,
     "lbfgs": LBFGS,
     "cw": CarliniWagnerL2,
 }

@@ -2,19 +2,24 @@
 
 As reported in DSRNA (Hosseini et al. 2021, section 5.2): clean accuracy and accuracy under
 FGSM (FGM for L2; Goodfellow et al. 2015), PGD-20 and PGD-100 (Madry et al. 2018, random
-start, step 2.5·ε/steps), AutoAttack's APGD-CE and APGD-DLR (Croce & Hein 2020, 100 steps;
-its targeted APGD-T, FAB and Square are not implemented) and Carlini–Wagner L2 (Carlini & Wagner 2017; the found example
-projected onto the ε-ball, so "robust" means no adversarial example within ε was found).
-C&W is L2-only and is skipped for L∞ rows. Accuracies are percentages over the given set;
-under an attack an image counts when the model is right on it and on the attack's output
-(δ = 0 is in the ball), so no row exceeds the clean one; a `worst` row per budget counts the
-examples that survive every attack (the per-example minimum, as AutoAttack reports).
+start, step 2.5·ε/steps), AutoAttack's APGD-CE, APGD-DLR and APGD-T (Croce & Hein 2020, 100
+steps; APGD-T over the 9 most likely other classes) and Carlini–Wagner L2 (Carlini & Wagner
+2017; the found example projected onto the ε-ball, so "robust" means no adversarial example
+within ε was found). C&W is L2-only and is skipped for L∞ rows. AutoAttack's gradient-free
+Square Attack ("square", Andriushchenko et al. 2020, 5 000 queries) runs on request only: it
+costs several times the rest of the table, and it is the check for masked gradients (with it,
+the worst row covers AutoAttack's standard ensemble except FAB-T, which is not implemented).
+Accuracies are percentages over the given set; under an attack an image counts when the model
+is right on it and on the attack's output (δ = 0 is in the ball), so no row exceeds the clean
+one; a `worst` row per budget counts the examples that survive every attack (the per-example
+minimum, as AutoAttack reports).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,13 +27,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .apgd import APGD
+from .apgd import APGD, APGDT
 from .attack_base import Attack, check_norm
 from .attacks import FGM, FGSM, PGD
 from .lbfgs_cw import CarliniWagnerL2
+from .square import Square
 from .tables import Row, write_csv, write_markdown
 
 __all__ = [
+    "DEFAULT_ATTACKS",
     "EVAL_ATTACKS",
     "accuracies",
     "accuracy",
@@ -52,8 +59,13 @@ EVAL_ATTACKS: dict[str, AttackFactory] = {
     "pgd-100": lambda eps, norm: PGD(eps, steps=100, norm=norm),
     "apgd-ce": lambda eps, norm: APGD(eps, steps=100, norm=norm, loss="ce"),
     "apgd-dlr": lambda eps, norm: APGD(eps, steps=100, norm=norm, loss="dlr"),
+    "apgd-t": lambda eps, norm: APGDT(eps, steps=100, norm=norm),
+    "square": lambda eps, norm: Square(eps, norm=norm, n_queries=5000),
     "cw": _cw,
 }
+
+DEFAULT_ATTACKS = ("fgsm", "pgd-20", "pgd-100", "apgd-ce", "apgd-dlr", "apgd-t", "cw")  # square: on request
+MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}  # the DLR losses' denominators need that many logits
 
 
 def right_masks(
@@ -116,12 +128,22 @@ def accuracy(
     return accuracies(model, x, y, attack, batch_size, bar)[1]
 
 
+def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(x.to(next(model.parameters()).device)).shape[1]
+    finally:
+        model.train(was_training)
+
+
 def game_table(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
     eps: dict[str, Sequence[float]],
-    attacks: Sequence[str] = ("fgsm", "pgd-20", "pgd-100", "apgd-ce", "apgd-dlr", "cw"),
+    attacks: Sequence[str] = DEFAULT_ATTACKS,
     batch_size: int = 256,
     cw_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
@@ -143,6 +165,12 @@ def game_table(
             raise ValueError(f"attacks: unknown attack {name!r}; choose from {', '.join(EVAL_ATTACKS)}")
     torch.manual_seed(seed)
     n = int(x.shape[0])
+    if n and any(MIN_CLASSES.get(a, 0) > 2 for a in attacks):
+        classes = _num_classes(model, x[:1])
+        for name in [a for a in attacks if MIN_CLASSES.get(a, 0) > classes]:
+            msg = f"attacks: {name} needs at least {MIN_CLASSES[name]} classes, the model has {classes}; skipped"
+            warnings.warn(msg, stacklevel=2)
+        attacks = [a for a in attacks if MIN_CLASSES.get(a, 0) <= classes]
     plan = []
     for norm, budgets in eps.items():
         for e in budgets:
