@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from search_spaces import GenotypeError
 
+from . import __version__
 from .data import DataError
 from .errors import UsageError, out_uri
 
@@ -28,8 +29,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+CONFIG_HELP = {
+    "run": "experiment YAML: a search config with a tune: section (see launch/experiments/)",
+    "submit": "experiment YAML: a search config with a tune: section (see launch/experiments/)",
+    "validate": "any config YAML: search or transfer (launch/configs/), experiment (launch/experiments/), training",
+}
+
+
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="experiment YAML (see launch/configs/)")
+    command = p.prog.split()[-1]
+    help_ = CONFIG_HELP.get(command, "search config YAML (see launch/configs/)")
+    p.add_argument("--config", required=True, help=help_)
     p.add_argument(
         "--set",
         dest="overrides",
@@ -40,18 +50,61 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    from .config import SearchConfig, TrainConfig, TransferConfig, apply_overrides, parse_config, read_yaml
+def add_threads_arg(p: argparse.ArgumentParser, default: str = "the config's threads") -> None:
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        help=f"torch intra-op threads (default: {default}; unset there: torch's default, all cores)",
+    )
 
-    raw = apply_overrides(read_yaml(args.config), args.overrides)
-    schema = TransferConfig if "models" in raw else TrainConfig if "model" in raw else SearchConfig
-    cfg = parse_config(raw, schema)
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
+def refuse_experiment_root(uri: str, flag: str = "--out") -> None:
+    """A `distsearch run` experiment root (<storage>/<name>) is not a run's store: a run written
+    there would hide the experiment's trials from `report`."""
+    from .distributed.tuner import EXPERIMENT_FILE  # a constant: no ray imported
+    from .storage import Store
+
+    if Store(uri).exists(EXPERIMENT_FILE):
+        raise UsageError(
+            f"{flag}: {uri} is the root of a `distsearch run` experiment (it holds {EXPERIMENT_FILE}); "
+            "choose another folder"
+        )
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import posixpath
+
+    from .config import SearchConfig, TrainConfig, TransferConfig, apply_overrides, config_kind, parse_config, read_yaml
+
+    raw = read_yaml(args.config)
+    kind = config_kind(raw) or ("transfer" if "models" in raw else "train" if "model" in raw else "search")
+    schema = {"transfer": TransferConfig, "train": TrainConfig}.get(kind, SearchConfig)
+    cfg = parse_config(apply_overrides(raw, args.overrides), schema)
     if schema is not SearchConfig:
-        print(f"ok: {cfg.name}: {schema.__name__} on {cfg.data.name}, {cfg.epochs} epochs, storage {cfg.storage.uri}")
+        uri = cfg.storage.uri
+        if schema is TrainConfig and "uri" not in cfg.storage.model_fields_set:
+            from .cli_robust import default_train_out
+
+            uri = default_train_out(cfg)  # where `distsearch train --config` without --out writes
+        print(f"ok: {cfg.name}: {schema.__name__} on {cfg.data.name}, {cfg.epochs} epochs, storage {uri}")
         return 0
+    where = f"storage {cfg.storage.uri}"
+    if cfg.tune is not None:  # the trials go under the experiment root, not storage.uri
+        root = posixpath.join(cfg.tune.storage.rstrip("/"), cfg.name)
+        where = f"experiment root {root} (one folder per trial; `distsearch run --storage/--name` move it)"
     print(
         f"ok: {cfg.name}: {cfg.algorithm.name} on {cfg.data.name}, {cfg.epochs} epochs, "
-        f"C={cfg.space.C} layers={cfg.space.layers} nodes={cfg.space.nodes}, storage {cfg.storage.uri}"
+        f"C={cfg.space.C} layers={cfg.space.layers} nodes={cfg.space.nodes}, {where}"
     )
     return 0
 
@@ -62,7 +115,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .storage import Store
 
     overrides = list(args.overrides) + ([f"storage.uri={args.out}"] if args.out else [])
+    overrides += [f"threads={args.threads}"] if args.threads else []
     cfg = load_config(args.config, overrides)
+    refuse_experiment_root(cfg.storage.uri, "--out" if args.out else "storage.uri")
     store = Store(cfg.storage.uri)
     if store.list_checkpoints() and not args.resume:
         raise UsageError(
@@ -97,12 +152,18 @@ def cmd_derive(args: argparse.Namespace) -> int:
 
 def build_parser() -> Parser:
     parser = Parser(prog="distsearch", description="Search robust neural architectures (DARTS, LeaSE, DSRNA).")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (also after the command)")
+    parser.add_argument("--version", action="version", version=f"distsearch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     p = sub.add_parser("search", help="run one search in this process")
     add_config_args(p)
-    p.add_argument("--out", type=out_uri, help="storage URI (overrides storage.uri): a path, file://, s3://, gs://")
+    p.add_argument(
+        "--out",
+        type=out_uri,
+        help="storage URI (default: the config's storage.uri): a path, file://, s3://, gs://",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    add_threads_arg(p)
     p.set_defaults(func=cmd_search)
     p = sub.add_parser("derive", help="print the genotype of the newest checkpoint under URI")
     p.add_argument("uri", help="a search's --out (path, file://, s3://, gs://)")
@@ -112,6 +173,10 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_validate)
     for mod in COMMAND_MODULES:
         importlib.import_module(mod).register(sub)
+    for command in sub.choices.values():  # -v after the command too; SUPPRESS keeps one given before it
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log at INFO level"
+        )
     return parser
 
 
@@ -119,7 +184,12 @@ STORAGE_ERRORS = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google")  # a rem
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `distsearch`: the commands, and exit 2
+        parser.print_help(sys.stderr)
+        print("distsearch: error: give a command; `distsearch COMMAND --help` shows its options", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(args.func(args) or 0)

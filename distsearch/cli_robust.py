@@ -8,11 +8,18 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import posixpath
+import re
+import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from .cli import add_threads_arg
 from .errors import UsageError, out_folder, out_uri
+
+ATTACK_EPS = {"linf": 0.1, "l2": 1.0}  # `attack`'s default budget per norm, for images in [0, 1] (MNIST-sized)
+RUN_THREADS = "the run's config threads"
 
 
 def _outputs(args: argparse.Namespace, sub: str, write: Callable[[str], None]) -> str:
@@ -36,21 +43,73 @@ def _eval_set(data: Any, n: int) -> tuple[Any, Any]:
     return data.x_test[:n], data.y_test[:n]
 
 
+def _note_n(asked: int, used: int) -> None:
+    """After the results (a bad argument stays one line): --n beyond the test set used all of it."""
+    if asked > used:
+        print(f"note: --n {asked} asked, the test set has {used} images; all {used} used", file=sys.stderr)
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The run's model and data, torch set up as its search/training was (--threads overrides its threads)."""
+    from .train import load_model
+
+    model, data, _ = load_model(args.uri, setup=True, threads=args.threads)
+    return model, data
+
+
+def default_train_out(cfg: Any) -> str:
+    """runs/train_<model or genotype>_<strategy>: the same command finds it again (--resume), and it
+    is never a search's store (a search's default is its config's storage.uri)."""
+    if cfg.model.name:
+        source = cfg.model.name
+    else:
+        ref = cfg.model.genotype.rstrip("/")
+        source = posixpath.basename(ref)
+        if source.endswith(".json"):
+            source = source[: -len(".json")]
+            if source == "genotype":  # <search --out>/genotype.json: name it after the search
+                source = posixpath.basename(posixpath.dirname(ref)) or source
+    source = re.sub(r"[^A-Za-z0-9_.-]+", "_", source).strip("._") or "genotype"
+    return f"runs/train_{source}_{cfg.strategy.strategy}"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import TrainConfig, apply_overrides, parse_config, read_yaml
+    from .cli import refuse_experiment_root
+    from .config import TrainConfig, apply_overrides, check_kind, parse_config, read_yaml
     from .storage import Store
     from .train import run_training
 
     raw: dict[str, Any] = read_yaml(args.config) if args.config else {}
-    sets = [f"strategy.strategy={args.strategy}"]
+    if args.config:
+        check_kind(raw, TrainConfig, args.config)
+    sets = []
     if args.genotype:
         sets.append(f"model.genotype={args.genotype}")
     if args.model:
         sets.append(f"model.name={args.model}")
-    for key, value in (("strategy.eps", args.eps), ("epochs", args.epochs), ("storage.uri", args.out)):
+    for key, value in (
+        ("strategy.strategy", args.strategy),
+        ("strategy.eps", args.eps),
+        ("epochs", args.epochs),
+        ("threads", args.threads),
+        ("storage.uri", args.out),
+    ):
         if value is not None:
             sets.append(f"{key}={value}")
     cfg = parse_config(apply_overrides(raw, sets + list(args.overrides)), TrainConfig)
+    if cfg.strategy.strategy == "standard" and cfg.strategy.eps is not None:  # standard has no budget to use
+        if args.eps is not None:
+            raise UsageError(
+                f"--eps: standard training uses no attack budget; pass an adversarial --strategy with it "
+                f"(e.g. --strategy pgd --eps {args.eps:g}) or leave --eps out"
+            )
+        raise UsageError(
+            "strategy.eps: standard training uses no attack budget; set an adversarial strategy.strategy "
+            "(e.g. --strategy pgd) or remove strategy.eps"
+        )
+    if "uri" not in cfg.storage.model_fields_set:  # not runs/search, the searches' default
+        cfg.storage.uri = default_train_out(cfg)
+    refuse_experiment_root(cfg.storage.uri, "--out")
     store = Store(cfg.storage.uri)
     if store.list_checkpoints() and not args.resume:
         raise UsageError(f"--out: {cfg.storage.uri} already holds a run; pass --resume or choose another --out")
@@ -64,15 +123,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .robust.evaluate import game_table, plot_robustness, write_csv, write_markdown
     from .robust.tables import to_markdown
-    from .train import load_model
 
-    model, data, _ = load_model(args.uri)
+    model, data = _load(args)
     x, y = _eval_set(data, args.n)
     eps = {k: v for k, v in (("linf", args.eps_linf), ("l2", args.eps_l2)) if v}
     if not eps:
         raise UsageError("--eps-linf / --eps-l2: give at least one budget")
     try:
-        rows = game_table(model, x, y, eps, attacks=args.attacks, progress=True)
+        rows = game_table(model, x, y, eps, attacks=args.attacks, seed=args.seed, progress=True)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -83,36 +141,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     print(to_markdown(rows))
     print(f"table and plot in {_outputs(args, 'eval', write)}")
+    _note_n(args.n, len(x))
     return 0
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
     import torch
-    from torchvision.utils import save_image
 
     from .robust.attacks import make_attack
-    from .train import load_model
 
     l2_only = args.attack in ("fgm", "cw")
     norm = args.norm or ("l2" if l2_only else "linf")
     if l2_only and norm != "l2":
         raise UsageError(f"--norm: attack {args.attack!r} is L2 only; pass --norm l2 or leave --norm out")
-    model, data, _ = load_model(args.uri)
+    eps = args.eps if args.eps is not None else ATTACK_EPS[norm]
+    model, data = _load(args)
     x, y = _eval_set(data, args.n)
     if args.attack in ("pgd", "apgd", "apgd-t"):
-        spec = (args.attack, {"eps": args.eps, "steps": args.steps, "norm": norm})
+        spec = (args.attack, {"eps": eps, "steps": args.steps, "norm": norm})
     elif args.attack == "square":  # gradient-free: a budget of queries, not steps
-        spec = ("square", {"eps": args.eps, "norm": norm, "n_queries": args.queries})
+        spec = ("square", {"eps": eps, "norm": norm, "n_queries": args.queries, "seed": args.seed})
     elif args.attack == "fgsm":  # FGSM's L2 form is FGM
-        spec = ("fgsm", {"eps": args.eps}) if norm == "linf" else ("fgm", {"eps": args.eps})
+        spec = ("fgsm", {"eps": eps}) if norm == "linf" else ("fgm", {"eps": eps})
     elif args.attack == "lbfgs":  # minimum-distortion attack: no budget
         spec = ("lbfgs", {})
     else:
-        spec = (args.attack, {"eps": args.eps})
+        spec = (args.attack, {"eps": eps})
     try:
         attack = make_attack(spec[0], **spec[1])
     except ValueError as e:
         raise UsageError(str(e)) from None
+    torch.manual_seed(args.seed)  # PGD's and APGD's random starts: a rerun gives the same examples
     x_adv = attack(model, x, y)
     with torch.no_grad():
         pred, pred_adv = model(x).argmax(1), model(x_adv).argmax(1)
@@ -120,30 +179,31 @@ def cmd_attack(args: argparse.Namespace) -> int:
     dist = (x_adv - x).flatten(1).norm(dim=1)
 
     def write(folder: str) -> None:
-        torch.save(
-            {"x": x, "x_adv": x_adv, "y": y, "pred": pred, "pred_adv": pred_adv}, os.path.join(folder, "adversarial.pt")
-        )
-        k = min(16, len(x))
-        diff = (x_adv[:k] - x[:k]).abs()
-        grid = torch.cat([x[:k], x_adv[:k], diff / diff.amax().clamp_min(1e-12)])
-        save_image(grid, os.path.join(folder, "before_after.png"), nrow=k, padding=1)
+        saved = {"x": x, "x_adv": x_adv, "y": y, "pred": pred, "pred_adv": pred_adv}
+        # clones: x is a view of the whole test set, and torch.save writes a view's whole storage
+        torch.save({k: v.detach().clone() for k, v in saved.items()}, os.path.join(folder, "adversarial.pt"))
+        from . import plots
+
+        title = args.attack + ("" if args.attack == "lbfgs" else f" ({norm}, ε = {eps:g})")
+        plots.save(plots.before_after(x, x_adv, y, pred, pred_adv, title), os.path.join(folder, "before_after.png"))
 
     where = _outputs(args, "attack", write)
+    budget = "" if args.attack == "lbfgs" else f" ({norm}, eps {eps:g}, seed {args.seed})"
     print(
-        f"{args.attack}: fooled {fooled:.1%} of the correctly classified, clean acc "
+        f"{args.attack}{budget}: fooled {fooled:.1%} of the correctly classified, clean acc "
         f"{float((pred == y).float().mean()):.1%} -> {float(((pred == y) & (pred_adv == y)).float().mean()):.1%}, "
         f"mean L2 distortion {float(dist.mean()):.4f}"
     )
-    print(f"adversarial examples and the before/after grid (rows: clean, adversarial, |difference|) in {where}")
+    print(f"adversarial examples and the before/after grid (original, adversarial, perturbation) in {where}")
+    _note_n(args.n, len(x))
     return 0
 
 
 def cmd_certify(args: argparse.Namespace) -> int:
     from .robust.certify import certify_table, plot_certified_accuracy
     from .robust.tables import to_markdown, write_csv, write_markdown
-    from .train import load_model
 
-    model, data, _ = load_model(args.uri)
+    model, data = _load(args)
     x, y = _eval_set(data, args.n)
     try:
         rows = certify_table(
@@ -166,6 +226,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
     print(to_markdown(rows))
     print(f"table and plot in {_outputs(args, 'certify', write)}")
+    _note_n(args.n, len(x))
     return 0
 
 
@@ -179,7 +240,34 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= v < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {v}")
+    return v
+
+
+def _strategy_budgets() -> str:
+    """The strategies' own default budgets, e.g. '8/255 linf for fgsm, pgd, ...; 1 l2 for fgm, freelb'."""
+    from .robust.training import STRATEGIES, make_strategy
+
+    groups: dict[tuple[float, str], list[str]] = {}
+    for name in STRATEGIES:
+        s = make_strategy(name)
+        if getattr(s, "eps", None) is not None:
+            groups.setdefault((s.eps, getattr(s, "norm", None) or "linf"), []).append(name)
+    return "; ".join(
+        f"{'8/255' if math.isclose(eps, 8 / 255) else eps} {norm} for {', '.join(names)}"
+        for (eps, norm), names in groups.items()
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    from .config import TrainConfig
+
     uri = "a search's or training's --out (path, file://, s3://, gs://); its newest valid checkpoint is used"
     p = sub.add_parser("train", help="train a genotype's network or a named model with an AT strategy")
     src = p.add_mutually_exclusive_group(required=True)
@@ -187,17 +275,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--model", help="small_cnn | mlp | resnet18 | resnet34 | resnet50")
     p.add_argument(
         "--strategy",
-        default="standard",
-        help="standard | fgsm | fgsm_rs | fgm | pgd | free | yopo | freelb | trades (default: %(default)s)",
+        help="standard | fgsm | fgsm_rs | fgm | pgd | free | yopo | freelb | trades "
+        "(default: the --config file's strategy.strategy, else standard)",
     )
-    p.add_argument("--eps", type=_positive_float, help="attack budget of the strategy (default: the config's)")
-    p.add_argument("--epochs", type=int, help="epochs (default: the config's)")
-    p.add_argument("--config", help="optional TrainConfig YAML (data, model, optim, eval, storage, monitor)")
+    p.add_argument(
+        "--eps",
+        type=_positive_float,
+        help=f"attack budget of an adversarial --strategy (default: the --config file's strategy.eps, else the "
+        f"strategy's own: {_strategy_budgets()}); refused with standard, which uses none",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help=f"epochs (default: the --config file's, else {TrainConfig.model_fields['epochs'].default})",
+    )
+    p.add_argument("--config", help="optional TrainConfig YAML (data, model, strategy, optim, eval, storage, monitor)")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
-    p.add_argument("--out", type=out_uri, help="storage URI of the run")
+    p.add_argument(
+        "--out",
+        type=out_uri,
+        help="storage URI of the run (default: the --config file's storage.uri, else "
+        "runs/train_<--model, or the genotype's file or search folder name>_<strategy>)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    add_threads_arg(p, "the --config file's threads")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="game-based robustness table and plot for a run's newest checkpoint")
@@ -217,8 +320,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="any of fgsm, pgd-20, pgd-100, apgd-ce, apgd-dlr, apgd-t (APGD, 100 steps), cw, square "
         "(gradient-free, 5000 queries; several times the cost of the rest) (default: all but square)",
     )
-    p.add_argument("--n", type=int, default=200, help="test images used (default: %(default)s)")
+    p.add_argument(
+        "--n", type=int, default=200, help="first test images used (default: %(default)s; more than there are: all)"
+    )
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the attacks' random starts (default: %(default)s)")
     p.add_argument("--out", type=out_folder, help="local folder for the table and plot (default: <uri>/eval)")
+    add_threads_arg(p, RUN_THREADS)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("attack", help="adversarial examples and a before/after grid for a run")
@@ -229,14 +336,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["fgsm", "fgm", "pgd", "apgd", "apgd-t", "square", "lbfgs", "cw"],
         help="(default: pgd)",
     )
-    p.add_argument("--eps", type=_positive_float, default=0.1, help="budget in the --norm ball (default: %(default)s)")
+    p.add_argument(
+        "--eps",
+        type=_positive_float,
+        help=f"budget in the --norm ball (default: {ATTACK_EPS['linf']} for linf, {ATTACK_EPS['l2']} for l2, "
+        "as fgm and cw; for images in [0, 1]); cw: the radius it is projected onto; lbfgs: ignored",
+    )
     p.add_argument("--norm", choices=["linf", "l2"], help="(default: l2 for fgm and cw, else linf)")
     p.add_argument("--steps", type=int, default=20, help="iterations of the iterative attacks (default: %(default)s)")
     p.add_argument(
         "--queries", type=int, default=5000, help="queries per image of the square attack (default: %(default)s)"
     )
-    p.add_argument("--n", type=int, default=64, help="test images attacked (default: %(default)s)")
+    p.add_argument(
+        "--n", type=int, default=64, help="first test images attacked (default: %(default)s; more than there are: all)"
+    )
+    p.add_argument(
+        "--seed", type=_seed, default=0, help="seed of the random starts (pgd, apgd, square) (default: %(default)s)"
+    )
     p.add_argument("--out", type=out_folder, help="local folder (default: <uri>/attack)")
+    add_threads_arg(p, RUN_THREADS)
     p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("certify", help="certified accuracy and radius (verification-based evaluation)")
@@ -248,8 +366,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--method", default="crown", choices=["ibp", "crown"], help="interval or linear bounds (default: %(default)s)"
     )
-    p.add_argument("--n", type=int, default=100, help="test images certified (default: %(default)s)")
+    p.add_argument(
+        "--n",
+        type=int,
+        default=100,
+        help="first test images certified (default: %(default)s; more than there are: all)",
+    )
     p.add_argument("--out", type=out_folder, help="local folder (default: <uri>/certify)")
+    add_threads_arg(p, RUN_THREADS)
     p.set_defaults(func=cmd_certify)
     register_transfer(sub)
 
@@ -268,7 +392,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     from .storage import Store
     from .train import named_model
 
-    cfg = load_config(args.config, args.overrides, TransferConfig)
+    threads = [f"threads={args.threads}"] if args.threads else []
+    cfg = load_config(args.config, [*args.overrides, *threads], TransferConfig)
     try:
         attack = make_attack(cfg.attack.name, **cfg.attack.kwargs)
     except ValueError as e:
@@ -348,5 +473,6 @@ def register_transfer(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
-    p.add_argument("--out", type=out_uri, help="storage URI (overrides storage.uri)")
+    p.add_argument("--out", type=out_uri, help="storage URI (default: the config's storage.uri)")
+    add_threads_arg(p)
     p.set_defaults(func=cmd_transfer)

@@ -429,6 +429,48 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+# Top-level keys (and optim keys) only one kind of config file has; the rest (name, seed,
+# data, storage, monitor, eval ...) are shared and say nothing about the kind.
+_KIND_KEYS = {
+    "search": {"space", "algorithm", "weight_at", "precision", "channels_last", "cuda_graph"},
+    "train": {"model", "strategy"},
+    "transfer": {"models", "attack", "units", "lr", "n"},
+}
+_KIND_OPTIM_KEYS = {"search": set(OptimConfig.model_fields), "train": set(TrainOptimConfig.model_fields)}
+# the command that reads each kind, and the kinds each schema reads
+KIND_COMMAND = {"search": "search", "experiment": "run", "train": "train", "transfer": "transfer"}
+SCHEMA_KINDS: dict[type[RunConfig], tuple[str, ...]] = {
+    SearchConfig: ("search", "experiment"),
+    TrainConfig: ("train",),
+    TransferConfig: ("transfer",),
+}
+
+
+def config_kind(raw: dict[str, Any]) -> str | None:
+    """'search', 'experiment' (a search config with `tune:`), 'train' or 'transfer' when the
+    keys of a config file say so unambiguously; None when they do not (shared keys only, or mixed)."""
+    optim = raw.get("optim")
+    optim_keys = set(optim) if isinstance(optim, dict) else set()
+    kinds = {
+        kind for kind, keys in _KIND_KEYS.items() if keys & set(raw) or optim_keys & _KIND_OPTIM_KEYS.get(kind, set())
+    }
+    if "tune" in raw:
+        kinds.add("search")
+    if len(kinds) != 1:
+        return None
+    kind = kinds.pop()
+    return "experiment" if kind == "search" and "tune" in raw else kind
+
+
+def check_kind(raw: dict[str, Any], schema: type[RunConfig], path: str | Path) -> None:
+    """A config file of another kind than `schema` reads: one line naming the command that reads it."""
+    kind = config_kind(raw)
+    if kind is None or kind in SCHEMA_KINDS.get(schema, (kind,)):
+        return
+    what = "an experiment file (a search config with tune:)" if kind == "experiment" else f"a {kind} config"
+    raise UsageError(f"--config: {path} is {what}; use `distsearch {KIND_COMMAND[kind]} --config {path}`")
+
+
 def parse_config(raw: dict[str, Any], schema: type[RunConfig] = SearchConfig) -> Any:
     try:
         return schema.model_validate(raw)
@@ -437,4 +479,6 @@ def parse_config(raw: dict[str, Any], schema: type[RunConfig] = SearchConfig) ->
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, schema: type[RunConfig] = SearchConfig) -> Any:
-    return parse_config(apply_overrides(read_yaml(path), overrides or []), schema)
+    raw = read_yaml(path)
+    check_kind(raw, schema, path)  # the file's own keys, before --set adds any
+    return parse_config(apply_overrides(raw, overrides or []), schema)

@@ -20,6 +20,12 @@ from . import plots
 from .storage import Store
 
 TB_DIR = "tb"
+GRID_NOTES = {  # what an image grid's tag shows, for its title
+    "explain/x": "LeaSE: the explainer's inputs x",
+    "explain/delta": "LeaSE: the explanation δ = PGD(E', A), per image rescaled (grey = 0)",
+    "explain/weighted": "LeaSE: the audience's input, x weighted by δ (per image rescaled)",
+    "units/": "held-out images with the largest activation along the direction (left to right)",
+}
 
 
 class Monitor:
@@ -66,15 +72,18 @@ class Monitor:
             self.writer.add_image(f"cells/{'reduce' if reduce else 'normal'}", img, step, dataformats="HWC")
 
     def image_grid(self, tag: str, images: torch.Tensor, step: int, nrow: int = 8) -> None:
+        """Up to two rows of `images` (N×C×H×W; signed maps rescaled into [0, 1]) as a titled
+        picture, each image about an inch wide."""
         if self.writer is None:
             return
-        from torchvision.utils import make_grid
-
-        imgs = images.detach().float().cpu()
+        imgs = images.detach().float().cpu()[: nrow * 2]
         lo, hi = imgs.amin(), imgs.amax()
         if lo < 0 or hi > 1:  # signed maps such as perturbations: rescale to [0, 1]
             imgs = (imgs - lo) / (hi - lo).clamp_min(1e-12)
-        self.writer.add_image(tag, make_grid(imgs[: nrow * 2], nrow=nrow), step)
+        title = f"{tag} at step {step}"
+        note = next((v for k, v in GRID_NOTES.items() if tag.startswith(k)), "")
+        fig = plots.image_grid(imgs, f"{title}\n{note}" if note else title, nrow=nrow)
+        self.writer.add_image(tag, plots.to_rgb(fig), step, dataformats="HWC")
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         if self.writer is None:

@@ -1,8 +1,9 @@
 """`distsearch report URI`: one Markdown page, with plots, of what storage holds (the last box
 of ../shared/DESIGN.md's flow). URI is a search or training store, or an experiment root of
 `distsearch run` (a summary table of the trials, then one section per trial). Per run: the
-config in brief, the final metrics, learning curves from the newest checkpoint's history, and
-for searches the genotype (JSON and cell drawings) and the softmax(alpha) heatmaps; tables
+config in brief, the final metrics (accuracies in %, like the eval/ and certify/ tables), the
+loss and accuracy curves (robust ones too) from the newest checkpoint's history, the genotype
+searched or trained (JSON and cell drawings), for searches the softmax(alpha) heatmaps; tables
 that `evaluate` / `certify` wrote beside the run are included. Reads JSON and weights_only checkpoints only.
 """
 
@@ -37,21 +38,11 @@ def _stores(uri: str) -> list[tuple[str, Store]]:
     return runs
 
 
-def _curves(history: list[dict[str, float]], title: str) -> Any:
-    import matplotlib.pyplot as plt
+def _value(key: str, value: float) -> str:
+    """Accuracies (fractions in the stores) in %, like the eval/ and certify/ tables."""
+    from .plots import ACC
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    epochs = [r["epoch"] for r in history]
-    for ax, suffix in zip(axes, ("loss", "acc"), strict=True):
-        keys = sorted({k for r in history for k in r if k.endswith(suffix) and not k.startswith("lr/")})
-        for k in keys:
-            ax.plot(epochs, [r.get(k, float("nan")) for r in history], marker="o", label=k)
-        ax.set_xlabel("epoch")
-        ax.set_title(f"{title}: {suffix}")
-        if keys:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    return f"{100 * value:.2f}" if ACC.search(key) else f"{value:.4g}"
 
 
 Latest = tuple[str, dict[str, Any], dict[str, Any]] | None  # Store.load_latest: (name, state, meta)
@@ -86,17 +77,19 @@ def _section(
     state = "finished" if result else f"at epoch {meta.get('epoch', 0)} (unfinished)"
     lines += [f"State: {state}.", ""]
     if metrics:
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
+        lines += ["| metric | value (accuracies in %) |", "|---|---|"]
+        lines += [f"| {k} | {_value(k, v)} |" for k, v in sorted(metrics.items()) if isinstance(v, (int, float))]
         lines.append("")
     if meta.get("history"):
         name = f"{label}_curves.png"
-        plots.save(_curves(meta["history"], label), os.path.join(folder, name))
+        plots.save(plots.curves(meta["history"], label), os.path.join(folder, name))
         lines += [f"![curves]({name})", ""]
-    genotype = meta.get("genotype") or (result or {}).get("genotype")
+    # a search's derived genotype, or the genotype a training run trained (its genotype.json)
+    genotype = meta.get("genotype") or (result or {}).get("genotype") or store.read_json("genotype.json", None)
     if genotype:
         g = Genotype.from_dict(genotype)
-        lines += ["Genotype:", "", "```json", json.dumps(genotype), "```", ""]
+        head = "Genotype (searched):" if algo else "Genotype (trained):"
+        lines += [head, "", "```json", json.dumps(genotype), "```", ""]
         for kind in ("normal", "reduce"):
             name = f"{label}_{kind}.png"
             plots.save(plots.draw_cell(g, reduce=kind == "reduce"), os.path.join(folder, name))
@@ -113,7 +106,7 @@ def _section(
         lines.append("")
     for sub, table, image in TABLES:
         if store.exists(posixpath.join(sub, table)):
-            lines += [f"From `{sub}/`:", "", store.read_bytes(posixpath.join(sub, table)).decode()]
+            lines += [f"From `{sub}/` (accuracies in %):", "", store.read_bytes(posixpath.join(sub, table)).decode()]
             if store.exists(posixpath.join(sub, image)):
                 name = f"{label}_{image}"
                 with open(os.path.join(folder, name), "wb") as f:
@@ -141,7 +134,7 @@ def _summary(runs: list[tuple[str, dict[str, Any], dict[str, Any] | None, Latest
         algo = (config.get("algorithm") or {}).get("name", "training")
         strategy = (config.get("weight_at") or config.get("strategy") or {}).get("strategy", "standard")
         rows.append([label, algo, strategy, epochs])
-        rows[-1] += [f"{metrics[k]:.4f}" if k in metrics else "" for k in SUMMARY]
+        rows[-1] += [f"{100 * metrics[k]:.2f}" if k in metrics else "" for k in SUMMARY]
     keep = [i for i in range(4, 4 + len(SUMMARY)) if any(r[i] for r in rows)]
     head = ["run", "algorithm", "AT", "epochs", *[SUMMARY[i - 4] for i in keep]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -154,7 +147,7 @@ def build_report(uri: str, folder: str, runs: list[tuple[str, Store]] | None = N
     `runs`: the (label, store) pairs of `uri` when the caller has them already."""
     runs = _stores(uri) if runs is None else runs
     read = [(label, store, *_read(store)) for label, store in runs]
-    lines = [f"# distsearch report: {uri}", "", f"{len(runs)} run(s).", ""]
+    lines = [f"# distsearch report: {uri}", "", f"{len(runs)} run(s). Accuracies are in % throughout.", ""]
     lines += _summary([(label, config, result, latest) for label, _, config, result, latest in read])
     for label, store, config, result, latest in read:
         lines += _section(label, store, config, result, latest, folder)

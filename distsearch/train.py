@@ -129,9 +129,13 @@ def run_training(cfg: TrainConfig, store: Store, stop_after_steps: int | None = 
     return final
 
 
-def load_model(uri: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, DataSplits, dict[str, Any]]:
+def load_model(
+    uri: str, device: str | torch.device = "cpu", setup: bool = False, threads: int | None = None
+) -> tuple[torch.nn.Module, DataSplits, dict[str, Any]]:
     """The trained network of a training store, or the supernet of a search store, with its
-    data set; weights from the newest valid checkpoint, in eval mode."""
+    data set; weights from the newest valid checkpoint, in eval mode. `setup`: torch set up
+    first as the run's search/training set it up (setup_torch: its `threads`, or `threads`
+    when given; deterministic; its seed), as evaluate / attack / certify do."""
     from .config import parse_config
 
     store = Store(uri)
@@ -142,14 +146,14 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> tuple[torch.nn.M
     if latest is None:
         raise UsageError(f"URI: no valid checkpoint under {uri!r}")
     name, state, meta = latest
-    if "model" in raw:
-        cfg = parse_config(raw, TrainConfig)
-        data = build_data(cfg)
+    cfg = parse_config(raw, TrainConfig if "model" in raw else SearchConfig)
+    if setup:  # device: the one asked for here, not the run's
+        setup_torch(cfg.model_copy(update={"device": "cpu"} | ({"threads": threads} if threads else {})))
+    data = build_data(cfg)
+    if isinstance(cfg, TrainConfig):
         genotype = Genotype.from_dict(store.read_json("genotype.json")) if cfg.model.genotype else None
         model, weights = build_network(cfg, data, genotype), state["model"]
     else:
-        cfg = parse_config(raw, SearchConfig)
-        data = build_data(cfg)
         model, weights = build_supernet(cfg, data), state["searcher"]["model"]
     try:
         model.load_state_dict(weights)

@@ -70,6 +70,13 @@ def test_bad_config_exits_2_naming_the_field_and_writes_nothing(tmp_path, capsys
         (["search", "--config", "{cfg}", "--out", "nosuchproto://x/y"], "storage.uri"),
         (["derive", "{tmp}/empty"], "no valid checkpoint"),
         (["frobnicate"], "invalid choice"),
+        # a config file of another kind: the command that reads it
+        (["search", "--config", "{root}/launch/configs/transfer_mnist.yaml"], "use `distsearch transfer --config"),
+        (["run", "--config", "{root}/launch/configs/transfer_mnist.yaml"], "is a transfer config"),
+        (["transfer", "--config", "{root}/launch/configs/quickstart.yaml"], "use `distsearch search --config"),
+        (["train", "--model", "mlp", "--config", "{root}/launch/configs/quickstart.yaml"], "is a search config"),
+        (["train", "--model", "mlp", "--config", "{root}/launch/experiments/quickstart.yaml"], "distsearch run"),
+        (["search", "--config", "{cfg}", "--threads", "0"], "--threads"),
     ],
 )
 def test_bad_flags_exit_2(tmp_path, capsys, argv, needle):
@@ -77,7 +84,7 @@ def test_bad_flags_exit_2(tmp_path, capsys, argv, needle):
     (tmp_path / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
     (tmp_path / "damaged").mkdir()
     (tmp_path / "damaged" / "config.json").write_text("garbage{")
-    argv = [a.format(cfg=cfg, tmp=tmp_path) for a in argv]
+    argv = [a.format(cfg=cfg, tmp=tmp_path, root=ROOT) for a in argv]
     try:
         code = main(argv)
     except SystemExit as e:
@@ -85,6 +92,7 @@ def test_bad_flags_exit_2(tmp_path, capsys, argv, needle):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_unreachable_storage_is_one_line(tmp_path, capsys, monkeypatch):
@@ -171,3 +179,72 @@ def test_killed_mid_epoch_then_resumed_gives_the_same_genotype(tmp_path):
     ra = json.loads((tmp_path / "straight" / "result.json").read_text())["metrics"]
     rb = json.loads((killed_out / "result.json").read_text())["metrics"]
     assert ra["val/loss"] == rb["val/loss"] and ra["train/train_loss"] == rb["train/train_loss"]
+
+
+def test_bare_command_lists_the_commands_and_version_and_verbose_anywhere(capsys):
+    from distsearch import __version__
+    from distsearch.cli import build_parser
+
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert all(c in err for c in ("search", "train", "evaluate", "attack", "certify", "run", "status"))
+    assert err.strip().splitlines()[-1].startswith("distsearch: error: give a command")
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"distsearch {__version__}"
+    parse = build_parser().parse_args
+    assert parse(["validate", "--config", "c.yaml", "-v"]).verbose  # after the command
+    assert parse(["-v", "validate", "--config", "c.yaml"]).verbose  # before it: kept
+    assert not parse(["validate", "--config", "c.yaml"]).verbose
+
+
+def test_help_shows_real_defaults_and_where_configs_live(capsys):
+    from distsearch.config import TrainConfig
+
+    def help_of(*cmd):
+        with pytest.raises(SystemExit):
+            main([*cmd, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    train = help_of("train")
+    assert f"else {TrainConfig.model_fields['epochs'].default})" in train
+    assert "8/255 linf for fgsm" in train and "1.0 l2 for fgm, freelb" in train
+    assert "runs/train_" in train and "(default: the config's)" not in train
+    assert "0.1 for linf, 1.0 for l2" in help_of("attack")
+    assert "launch/experiments/" in help_of("run") and "launch/configs/" in help_of("search")
+    for cmd in ("evaluate", "attack", "certify", "search", "train", "transfer"):
+        assert "--threads" in help_of(cmd), cmd
+
+
+def test_validate_an_experiment_names_its_trial_root(capsys):
+    assert main(["validate", "--config", str(ROOT / "launch/experiments/quickstart.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "experiment root runs/quickstart" in out and "runs/search" not in out
+
+
+def test_single_search_configs_do_not_write_into_an_experiment_root():
+    """launch/configs/*.yaml's storage.uri is never <tune.storage>/<name> of launch/experiments/*.yaml."""
+    import posixpath
+
+    from distsearch.config import config_kind, read_yaml
+
+    roots = set()
+    for path in (ROOT / "launch/experiments").glob("*.yaml"):
+        raw = read_yaml(path)
+        roots.add(posixpath.join(raw["tune"]["storage"], raw["name"]))
+    for path in (ROOT / "launch/configs").glob("*.yaml"):
+        raw = read_yaml(path)
+        assert config_kind(raw) in ("search", "transfer"), path
+        assert raw["storage"]["uri"] not in roots, path
+
+
+def test_search_into_an_experiment_root_is_refused(tmp_path, capsys):
+    root = tmp_path / "exp"
+    root.mkdir()
+    (root / "distsearch_experiment.json").write_text("{}")
+    cfg = _write(tmp_path, tiny_raw(str(tmp_path / "o"), epochs=1))
+    for argv in (["search", "--config", cfg, "--out", str(root)], ["train", "--model", "mlp", "--out", str(root)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "root of a `distsearch run` experiment" in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in root.iterdir()) == ["distsearch_experiment.json"]

@@ -152,9 +152,19 @@ def test_attack_runs_apgd_t_and_square(trained, tmp_path, attack, extra, norm, e
         (["derive", "{run}"], "not a search"),
         (["attack", "{run}", "--attack", "cw", "--norm", "linf"], "L2 only"),
         (["attack", "{run}", "--attack", "square", "--queries", "0"], "n_queries"),
+        (["attack", "{run}", "--seed", "-1"], "--seed"),
+        (["evaluate", "{run}", "--threads", "0"], "--threads"),
+        # an eps standard training would never use
+        (["train", "--model", "small_cnn", "--eps", "0.3"], "pass an adversarial --strategy"),
+        (["train", "--model", "small_cnn", "--set", "strategy.eps=0.3"], "strategy.eps"),
+        (
+            ["train", "--model", "small_cnn", "--config", "{tmp}/pgd.yaml", "--strategy", "standard", "--eps", "0.3"],
+            "--eps",
+        ),
     ],
 )
 def test_bad_robust_arguments_exit_2(trained, tmp_path, capsys, argv, needle):
+    (tmp_path / "pgd.yaml").write_text("strategy: {strategy: pgd}\n")
     argv = [a.format(tmp=tmp_path, run=trained) for a in argv]
     if argv[0] == "train":
         argv += ["--out", str(tmp_path / "o"), *DATA]
@@ -239,3 +249,82 @@ def test_robust_accuracy_defaults_to_the_training_budget():
     assert (search.eval.eps, search.eval.norm, search.eval.n) == (0.2, "linf", 8)
     again = parse_config(json.loads(search.model_dump_json()), SearchConfig)  # a stored config reads back equal
     assert again == search
+
+
+def _attack(run, out, *extra):
+    assert main(["attack", str(run), "--n", "8", "--steps", "3", "--out", str(out), *extra]) == 0
+    return torch.load(out / "adversarial.pt", weights_only=True)
+
+
+def test_attack_is_seeded_and_saves_only_its_images(trained, tmp_path, capsys):
+    a, b = _attack(trained, tmp_path / "a"), _attack(trained, tmp_path / "b")
+    assert torch.equal(a["x_adv"], b["x_adv"])  # PGD's random start from --seed (default 0)
+    c = _attack(trained, tmp_path / "c", "--seed", "1")
+    assert not torch.equal(a["x_adv"], c["x_adv"])
+    for v in a.values():  # not the whole test set x is a view of
+        assert v.untyped_storage().nbytes() == v.numel() * v.element_size()
+    needed = sum(v.numel() * v.element_size() for v in a.values())
+    assert (tmp_path / "a" / "adversarial.pt").stat().st_size < needed + 4096  # + zip/pickle overhead
+    out = capsys.readouterr().out
+    assert "pgd (linf, eps 0.1, seed 0): fooled" in out and "seed 1): fooled" in out
+    s1, s2 = (_attack(trained, tmp_path / f"sq{i}", "--attack", "square", "--queries", "10") for i in (1, 2))
+    assert torch.equal(s1["x_adv"], s2["x_adv"])
+
+
+def test_attack_l2_default_budget_and_n_beyond_the_test_set(trained, tmp_path, capsys):
+    saved = _attack(trained, tmp_path / "fgm", "--attack", "fgm", "--n", "100000")
+    n_test = len(saved["x"])
+    assert 8 < n_test < 100000
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"note: --n 100000 asked, the test set has {n_test} images; all {n_test} used"
+    assert "fgm (l2, eps 1, seed 0)" in captured.out  # L2's own default, not L-inf's 0.1
+    dist = (saved["x_adv"] - saved["x"]).flatten(1).norm(dim=1)
+    assert float(dist.max()) <= 1.0 + 1e-5 and float(dist.max()) > 0.5
+    assert (
+        main(["certify", str(trained), "--n", "100000", "--eps", "0.01", "--method", "ibp", "--out", str(tmp_path)])
+        == 0
+    )
+    assert f"all {n_test} used" in capsys.readouterr().err
+
+
+def test_evaluate_attack_certify_use_the_runs_threads_or_threads(trained, tmp_path):
+    """The run's config threads (1 here) as search/train use them; --threads overrides."""
+    commands = {
+        "evaluate": ["--attacks", "fgsm", "--eps-linf", "0.1", "--n", "8"],
+        "attack": ["--attack", "fgsm", "--n", "8"],
+        "certify": ["--eps", "0.01", "--method", "ibp", "--n", "8"],
+    }
+    for cmd, extra in commands.items():
+        argv = [cmd, str(trained), *extra, "--out", str(tmp_path / cmd)]
+        torch.set_num_threads(2)
+        assert main(argv) == 0
+        assert torch.get_num_threads() == 1, cmd
+        assert main([*argv, "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2, cmd
+
+
+def test_train_defaults(tmp_path, monkeypatch, capsys):
+    """No --out: runs/train_<model>_<strategy>, never the searches' runs/search; no --strategy:
+    the --config file's strategy, not standard."""
+    from distsearch.cli_robust import default_train_out
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("strategy: {strategy: fgsm, eps: 0.1}\n")
+    argv = ["train", "--model", "mlp", "--config", "c.yaml", "--epochs", "1", *DATA, "--set", "eval.n=0"]
+    assert main(argv) == 0
+    out = tmp_path / "runs" / "train_mlp_fgsm"
+    assert "distsearch evaluate runs/train_mlp_fgsm" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["strategy"]["strategy"] == "fgsm"
+    assert not (tmp_path / "runs" / "search").exists()
+    assert main(argv) == 2 and "--resume" in capsys.readouterr().err  # the same command finds it again
+    (tmp_path / "m.yaml").write_text("model: {name: mlp}\nstrategy: {strategy: fgsm}\n")
+    assert main(["validate", "--config", "m.yaml"]) == 0
+    assert "storage runs/train_mlp_fgsm" in capsys.readouterr().out
+
+    def named(genotype: str, strategy: str = "pgd") -> str:
+        raw = {"model": {"genotype": genotype}, "strategy": {"strategy": strategy}}
+        return default_train_out(parse_config(raw, TrainConfig))
+
+    assert named("runs/qs") == "runs/train_qs_pgd"
+    assert named("runs/qs/genotype.json") == "runs/train_qs_pgd"
+    assert named("s3://b/p/best cell.json", "standard") == "runs/train_best_cell_standard"

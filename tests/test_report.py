@@ -53,8 +53,32 @@ def test_report_of_an_unfinished_run_shows_its_latest_metrics(tmp_path, tiny_con
     assert main(["report", store.uri, "--out", str(tmp_path / "out")]) == 0
     text = (tmp_path / "out" / "report.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| half |"))
-    assert "| 1 (unfinished) |" in row and re.search(r"\| 0\.\d{4} \|", row), row  # epoch 1's metrics
+    assert "| 1 (unfinished) |" in row and re.search(r"\| \d{1,3}\.\d{2} \|", row), row  # epoch 1's metrics, in %
     assert "State: at epoch 1 (unfinished)." in text
+
+
+def test_report_of_a_training_run_shows_its_genotype_and_accuracies_in_percent(tmp_path):
+    import json
+
+    genotype = {
+        "normal": [["sep_conv_3x3", 0], ["skip_connect", 1]],
+        "normal_concat": [2],
+        "reduce": [["max_pool_3x3", 0], ["avg_pool_3x3", 1]],
+        "reduce_concat": [2],
+    }
+    (tmp_path / "g.json").write_text(json.dumps(genotype))
+    data = ["data.name=synthetic", "data.synthetic.n=96", "data.synthetic.image_size=8", "data.batch_size=32"]
+    data += ["threads=1", "monitor.progress=false", "eval.n=8", "model.C=2", "model.layers=3"]
+    argv = ["train", "--genotype", str(tmp_path / "g.json"), "--epochs", "1", "--out", str(tmp_path / "tr")]
+    assert main(argv + [a for d in data for a in ("--set", d)]) == 0
+    metrics = json.loads((tmp_path / "tr" / "result.json").read_text())["metrics"]
+    assert main(["report", str(tmp_path / "tr"), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Genotype (trained):" in text and '["sep_conv_3x3", 0]' in text
+    assert {"tr_normal.png", "tr_reduce.png", "tr_curves.png"} <= set(_images_exist(tmp_path / "out", text))
+    assert "Accuracies are in % throughout" in text and "| metric | value (accuracies in %) |" in text
+    assert f"| test/robust_acc_pgd20 | {100 * metrics['test/robust_acc_pgd20']:.2f} |" in text
+    assert f"| test/loss | {metrics['test/loss']:.4g} |" in text  # not an accuracy: as it is
 
 
 def test_report_refuses_a_uri_without_runs(tmp_path, capsys):

@@ -23,6 +23,7 @@ from .tables import Row, to_markdown, write_csv, write_markdown
 
 __all__ = [
     "certified_accuracy",
+    "certified_figure",
     "certify_table",
     "mean_certified_radius",
     "plot_certified_accuracy",
@@ -137,25 +138,39 @@ def certify_table(
 
 
 def plot_certified_accuracy(rows: Sequence[Row], path: str | os.PathLike[str], title: str = "") -> None:
-    """Certified accuracy vs eps, one line per (label, norm, method) group of the rows."""
+    """certified_figure(rows, title) saved to `path` (its folder made when missing)."""
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    certified_figure(rows, title).savefig(path, dpi=120)
+
+
+def certified_figure(rows: Sequence[Row], title: str = "") -> Any:
+    """Certified accuracy vs eps, one line per (label, norm, method) group of the rows, each with
+    its clean accuracy as a dotted reference line in the same colour; titled by default with
+    what the rows hold (label, norm, method, n)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
     groups: dict[str, list[Row]] = {}
     for r in rows:
         label = " ".join(str(r[k]) for k in ("label", "norm", "method") if k in r)
         groups.setdefault(label, []).append(r)
-    fig = Figure(figsize=(5, 3.5))
+    fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    for label, rs in groups.items():
+    for i, (label, rs) in enumerate(groups.items()):
         rs = sorted(rs, key=lambda r: r["eps"])
-        ax.plot([r["eps"] for r in rs], [r["certified_acc"] for r in rs], marker="o", label=label)
-    ax.set_xlabel("eps")
+        colour = f"C{i % 10}"
+        ax.plot([r["eps"] for r in rs], [r["certified_acc"] for r in rs], marker="o", color=colour, label=label)
+        if rs[0].get("clean_acc") is not None:
+            clean = float(rs[0]["clean_acc"])
+            ax.axhline(clean, ls=":", lw=1.5, color=colour, label=f"clean accuracy ({clean:.1f}%)")
+    norms = sorted({str(r["norm"]) for r in rows if "norm" in r})
+    ax.set_xlabel(f"ε ({norms[0]})" if len(norms) == 1 else "ε")
     ax.set_ylabel("certified accuracy (%)")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title)
-    ax.legend(fontsize=8)
+    if not title:
+        n = sorted({int(r["n"]) for r in rows if "n" in r})
+        title = "certified accuracy: " + ", ".join(groups) + (f" (n = {n[0]})" if len(n) == 1 else "")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-    fig.savefig(path, dpi=120)
+    return fig

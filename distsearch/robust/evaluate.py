@@ -41,6 +41,7 @@ __all__ = [
     "accuracy",
     "game_table",
     "plot_robustness",
+    "robustness_figure",
     "right_masks",
     "write_csv",
     "write_markdown",
@@ -198,29 +199,54 @@ def game_table(
     return rows
 
 
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">")
+DASHES = ("-", "--", "-.", ":")
+
+
 def plot_robustness(rows: Sequence[Row], path: str | os.PathLike[str], title: str = "") -> None:
-    """Robust accuracy vs ε, one panel per norm, one line per attack, clean accuracy dashed."""
+    """robustness_figure(rows, title) saved to `path`."""
+    robustness_figure(rows, title).savefig(path, dpi=120)
+
+
+def robustness_figure(rows: Sequence[Row], title: str = "") -> Any:
+    """Robust accuracy vs ε, one panel per norm in the table's order, one line per attack, clean
+    accuracy dashed. Attacks that coincide stay visible: `worst` is a wide translucent band drawn
+    first, each attack its own hollow marker (largest first, so equal points nest; none at ε = 0, where
+    every line starts from the clean accuracy) and dash."""
     from matplotlib.figure import Figure  # no pyplot: the Agg canvas, no global backend state
 
-    norms = sorted({r["norm"] for r in rows if r["norm"] != "-"})
+    norms = list(dict.fromkeys(r["norm"] for r in rows if r["norm"] != "-"))
     clean = next((r["accuracy"] for r in rows if r["attack"] == "clean"), None)
-    fig = Figure(figsize=(5 * max(1, len(norms)), 4))
+    attacks = [a for a in dict.fromkeys(r["attack"] for r in rows if r["norm"] != "-") if a != "worst"]
+    style = {a: (MARKERS[i % len(MARKERS)], DASHES[i % len(DASHES)], f"C{i % 10}") for i, a in enumerate(attacks)}
+    fig = Figure(figsize=(4.6 * max(1, len(norms)) + 1.8, 4))
     axes = fig.subplots(1, max(1, len(norms)), squeeze=False)
     for ax, norm in zip(axes[0], norms):
-        for name in dict.fromkeys(r["attack"] for r in rows if r["norm"] == norm):
+        names = list(dict.fromkeys(r["attack"] for r in rows if r["norm"] == norm))
+        for name in sorted(names, key=lambda a: a != "worst"):  # worst first, underneath
             pts = sorted(
                 (float(r["eps"]), float(r["accuracy"])) for r in rows if r["norm"] == norm and r["attack"] == name
             )
-            ax.plot(
-                [0.0] + [p[0] for p in pts],
-                [clean if clean is not None else 100.0] + [p[1] for p in pts],
-                marker="o",
-                label=name,
-                **({"color": "black", "linewidth": 2.5} if name == "worst" else {}),
-            )
+            xs = [0.0] + [p[0] for p in pts]
+            ys = [clean if clean is not None else 100.0] + [p[1] for p in pts]
+            if name == "worst":
+                ax.plot(xs, ys, color="black", lw=8, alpha=0.22, solid_capstyle="round")
+                continue
+            marker, dash, colour = style[name]
+            size = 12 - 6 * attacks.index(name) / max(1, len(attacks) - 1)
+            ax.plot(xs, ys, ls=dash, color=colour, alpha=0.9, lw=1.4)
+            ax.plot(xs[1:], ys[1:], ls="none", marker=marker, ms=size, mfc="none", mec=colour, mew=1.4)
         if clean is not None:
-            ax.axhline(clean, linestyle="--", color="grey", linewidth=1, label="clean")
+            ax.axhline(clean, linestyle="--", color="grey", linewidth=1)
         ax.set(xlabel=f"ε ({norm})", ylabel="accuracy (%)", ylim=(0, 100), title=f"{title} {norm}".strip())
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+        ax.grid(alpha=0.3)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="black", lw=8, alpha=0.22, label="worst (per example)")]
+    handles += [Line2D([], [], ls=d, marker=m, mfc="none", mec=c, color=c, label=a) for a, (m, d, c) in style.items()]
+    handles += [Line2D([], [], ls="--", color="grey", label="clean")] if clean is not None else []
+    if not any(r["attack"] == "worst" for r in rows):
+        handles = handles[1:]
+    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
+    return fig

@@ -22,13 +22,16 @@ class UnitImages:
     direction_grid: torch.Tensor
 
     def save(self, folder: str | os.PathLike[str], prefix: str = "units") -> list[str]:
-        """Write <prefix>_unit<i>.png and <prefix>_direction.png; returns their paths."""
-        from torchvision.utils import save_image
+        """Write <prefix>_unit<i>.png and <prefix>_direction.png, titled; returns their paths."""
+        from ..plots import image_grid, save
 
         os.makedirs(folder, exist_ok=True)
         paths = [os.path.join(folder, f"{prefix}_unit{self.unit}.png"), os.path.join(folder, f"{prefix}_direction.png")]
-        save_image(self.unit_grid, paths[0])
-        save_image(self.direction_grid, paths[1])
+        k = len(self.unit_indices)
+        top = f"{prefix}: the top {k} held-out images along"
+        titles = [f"{top} unit {self.unit}", f"{top} a random direction"]
+        for grid, title, path in zip((self.unit_grid, self.direction_grid), titles, paths):
+            save(image_grid(grid.unsqueeze(0), title), path)
         return paths
 
 
