@@ -404,7 +404,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         raise UsageError(f"models: labels must be distinct, got {labels}")
     if cfg.units is not None and cfg.units.model not in labels:
         raise UsageError(f"units.model: {cfg.units.model!r} is not one of the models' labels {labels}")
-    store = Store(args.out or cfg.storage.uri)
+    default = cfg.storage.uri if "uri" in cfg.storage.model_fields_set else f"runs/transfer_{cfg.name}"
+    store = Store(args.out or default)  # never the search default runs/search
     store.check_writable()
     device = setup_torch(cfg)
     data = build_data(cfg)

@@ -305,6 +305,15 @@ def test_pointers_resolve_under_the_current_root():
     )
 
 
+def test_run_refuses_a_folder_holding_a_single_run(tmp_path, capsys):
+    (tmp_path / "runs" / "solo").mkdir(parents=True)
+    (tmp_path / "runs" / "solo" / "config.json").write_text("{}")
+    f = experiment(tmp_path / "exp.yaml")
+    assert main(["run", "--config", f, "--storage", str(tmp_path / "runs"), "--name", "solo"]) == 2
+    assert "holds a single run (config.json)" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs" / "solo").iterdir()) == ["config.json"]
+
+
 def test_submit_refuses_an_existing_experiment_name(tmp_path, capsys):
     from distsearch.config import load_config
     from distsearch.distributed import tuner as T

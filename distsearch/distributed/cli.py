@@ -159,11 +159,14 @@ def _finish(uri: str) -> int:
 
 
 def _refuse_existing(spec: dict[str, Any]) -> None:
-    if Store(spec["root"]).exists(T.EXPERIMENT_FILE):
+    store = Store(spec["root"])
+    if store.exists(T.EXPERIMENT_FILE):
         raise UsageError(
             f"--name: {spec['root']} already holds an experiment; continue it with "
             f"`distsearch resume {spec['root']}` or choose another --name"
         )
+    if store.exists("config.json"):
+        raise UsageError(f"--name: {spec['root']} holds a single run (config.json); choose another --name or --storage")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
