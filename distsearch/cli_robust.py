@@ -51,10 +51,20 @@ def _note_n(asked: int, used: int) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     """The run's model and data, torch set up as its search/training was (--threads overrides its threads)."""
+    from .runner import resolve_device
     from .train import load_model
 
-    model, data, _ = load_model(args.uri, setup=True, threads=args.threads)
+    model, data, _ = load_model(args.uri, device=resolve_device(args.device), setup=True, threads=args.threads)
     return model, data
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where the model and the attacks run (default: auto, cuda when a GPU is visible)",
+    )
 
 
 def default_train_out(cfg: Any) -> str:
@@ -172,9 +182,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     torch.manual_seed(args.seed)  # PGD's and APGD's random starts: a rerun gives the same examples
-    x_adv = attack(model, x, y)
+    device = next(model.parameters()).device
+    x_adv = attack(model, x.to(device), y.to(device)).cpu()
     with torch.no_grad():
-        pred, pred_adv = model(x).argmax(1), model(x_adv).argmax(1)
+        pred, pred_adv = model(x.to(device)).argmax(1).cpu(), model(x_adv.to(device)).argmax(1).cpu()
     fooled = float(((pred == y) & (pred_adv != y)).float().sum() / (pred == y).float().sum().clamp_min(1))
     dist = (x_adv - x).flatten(1).norm(dim=1)
 
@@ -326,6 +337,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=_seed, default=0, help="seed of the attacks' random starts (default: %(default)s)")
     p.add_argument("--out", type=out_folder, help="local folder for the table and plot (default: <uri>/eval)")
     add_threads_arg(p, RUN_THREADS)
+    add_device_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("attack", help="adversarial examples and a before/after grid for a run")
@@ -355,6 +367,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=out_folder, help="local folder (default: <uri>/attack)")
     add_threads_arg(p, RUN_THREADS)
+    add_device_arg(p)
     p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("certify", help="certified accuracy and radius (verification-based evaluation)")
@@ -374,6 +387,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=out_folder, help="local folder (default: <uri>/certify)")
     add_threads_arg(p, RUN_THREADS)
+    add_device_arg(p)
     p.set_defaults(func=cmd_certify)
     register_transfer(sub)
 

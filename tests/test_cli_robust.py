@@ -122,7 +122,9 @@ def test_evaluate_attack_certify_write_tables_and_pictures(trained, tmp_path, ca
     )
     saved = torch.load(tmp_path / "fgm" / "adversarial.pt", weights_only=True)
     assert float((saved["x_adv"] - saved["x"]).flatten(1).norm(dim=1).max()) <= 0.5 + 1e-5
-    assert main(["certify", str(trained), "--eps", "0.001", "0.01", "--n", "8", "--method", "ibp"]) == 0
+    assert (
+        main(["certify", str(trained), "--eps", "0.001", "0.01", "--n", "8", "--method", "ibp", "--device", "cpu"]) == 0
+    )
     assert (trained / "certify" / "certified.png").exists()
 
 
@@ -154,6 +156,7 @@ def test_attack_runs_apgd_t_and_square(trained, tmp_path, attack, extra, norm, e
         (["attack", "{run}", "--attack", "square", "--queries", "0"], "n_queries"),
         (["attack", "{run}", "--seed", "-1"], "--seed"),
         (["evaluate", "{run}", "--threads", "0"], "--threads"),
+        *([] if torch.cuda.is_available() else [(["certify", "{run}", "--device", "cuda"], "no GPU is visible")]),
         # an eps standard training would never use
         (["train", "--model", "small_cnn", "--eps", "0.3"], "pass an adversarial --strategy"),
         (["train", "--model", "small_cnn", "--set", "strategy.eps=0.3"], "strategy.eps"),
