@@ -40,7 +40,9 @@ def strategy_kwargs(name: str, eps: float, eps_l2: float, replays: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--n-train", type=int, default=2000, help="training images from mnist5k")
     p.add_argument("--n-test", type=int, default=500, help="held-out images for clean and PGD-20 accuracy")
     p.add_argument("--epochs", type=int, default=4, help="epochs per strategy (FreeAT: epochs // replays)")

@@ -90,7 +90,9 @@ def measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, a: argpars
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--out", default=None, help="folder for the four stores (default: a temporary one, removed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=3, help="epochs of each search and each retraining")

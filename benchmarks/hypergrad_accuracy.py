@@ -46,7 +46,9 @@ def exact(model: Supernet, xt, yt, xv, yv, xi: float, wd: float) -> tuple[torch.
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--layers", type=int, default=5)
     p.add_argument("--C", type=int, default=8)
     p.add_argument("--nodes", type=int, default=4)

@@ -158,7 +158,9 @@ def saved_for_backward_gib(args: argparse.Namespace, device: torch.device) -> fl
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--algorithm", nargs="+", default=["darts", "darts2"], choices=list(ALGORITHMS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=64)

@@ -90,7 +90,9 @@ def with_tune(k: int, epochs: int, n: int, concurrency: int, tmp: str) -> tuple[
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--k", type=int, default=8, help="number of searches")
     ap.add_argument("--epochs", type=int, nargs="+", default=[2, 30], help="search lengths, one row each")
     ap.add_argument("--n", type=int, default=384, help="synthetic examples per search")
