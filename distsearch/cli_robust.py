@@ -131,16 +131,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .robust.evaluate import game_table, plot_robustness, write_csv, write_markdown
+    from .robust.evaluate import expand_attacks, game_table, plot_robustness, write_csv, write_markdown
     from .robust.tables import to_markdown
 
-    model, data = _load(args)
-    x, y = _eval_set(data, args.n)
+    try:  # before the model is loaded: a misspelt name fails at once
+        attacks = expand_attacks(args.attacks)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
     eps = {k: v for k, v in (("linf", args.eps_linf), ("l2", args.eps_l2)) if v}
     if not eps:
         raise UsageError("--eps-linf / --eps-l2: give at least one budget")
+    model, data = _load(args)
+    x, y = _eval_set(data, args.n)
     try:
-        rows = game_table(model, x, y, eps, attacks=args.attacks, seed=args.seed, progress=True)
+        rows = game_table(model, x, y, eps, attacks=attacks, seed=args.seed, progress=True)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -167,7 +171,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     eps = args.eps if args.eps is not None else ATTACK_EPS[norm]
     model, data = _load(args)
     x, y = _eval_set(data, args.n)
-    if args.attack in ("pgd", "apgd", "apgd-t"):
+    if args.attack in ("pgd", "apgd", "apgd-t", "fab", "fab-t"):
         spec = (args.attack, {"eps": eps, "steps": args.steps, "norm": norm})
     elif args.attack == "square":  # gradient-free: a budget of queries, not steps
         spec = ("square", {"eps": eps, "norm": norm, "n_queries": args.queries, "seed": args.seed})
@@ -329,7 +333,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         default=["fgsm", "pgd-20", "pgd-100", "apgd-ce", "apgd-dlr", "apgd-t", "cw"],
         help="any of fgsm, pgd-20, pgd-100, apgd-ce, apgd-dlr, apgd-t (APGD, 100 steps), cw, square "
-        "(gradient-free, 5000 queries; several times the cost of the rest) (default: all but square)",
+        "(gradient-free, 5000 queries; several times the cost of the rest), fab-t (minimum-norm, 100 steps "
+        "per target), and autoattack (AutoAttack's standard ensemble: apgd-ce apgd-t fab-t square) "
+        "(default: all but square and fab-t)",
     )
     p.add_argument(
         "--n", type=int, default=200, help="first test images used (default: %(default)s; more than there are: all)"
@@ -345,7 +351,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--attack",
         default="pgd",
-        choices=["fgsm", "fgm", "pgd", "apgd", "apgd-t", "square", "lbfgs", "cw"],
+        choices=["fgsm", "fgm", "pgd", "apgd", "apgd-t", "fab", "fab-t", "square", "lbfgs", "cw"],
         help="(default: pgd)",
     )
     p.add_argument(
@@ -363,7 +369,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--n", type=int, default=64, help="first test images attacked (default: %(default)s; more than there are: all)"
     )
     p.add_argument(
-        "--seed", type=_seed, default=0, help="seed of the random starts (pgd, apgd, square) (default: %(default)s)"
+        "--seed",
+        type=_seed,
+        default=0,
+        help="seed of the random starts (pgd, apgd, square, fab restarts) (default: %(default)s)",
     )
     p.add_argument("--out", type=out_folder, help="local folder (default: <uri>/attack)")
     add_threads_arg(p, RUN_THREADS)

@@ -14,6 +14,7 @@ from torch import nn
 from distsearch.robust.apgd import APGD, APGDT, checkpoints, dlr_loss, dlr_targeted_loss
 from distsearch.robust.attack_base import l2_norm
 from distsearch.robust.attacks import ATTACKS, FGM, FGSM, PGD, make_attack
+from distsearch.robust.fab import FAB, FABT
 from distsearch.robust.lbfgs_cw import LBFGS, CarliniWagnerL2
 from distsearch.robust.square import Square
 
@@ -37,6 +38,10 @@ def make(name: str, eps: float, norm: str, targeted: bool) -> nn.Module:
         return APGD(eps, steps=6, norm=norm, loss="dlr" if targeted else "ce", restarts=2)
     if name == "apgd-t":  # untargeted success; `targeted` picks the number of targets
         return APGDT(eps, steps=4, norm=norm, n_targets=3 if targeted else 1, restarts=2)
+    if name == "fab":  # minimum-norm, given ε: a point found beyond it is rejected
+        return FAB(eps, steps=5, norm=norm, targeted=targeted, n_targets=2, restarts=2)
+    if name == "fab-t":  # untargeted success; `targeted` picks the number of targets
+        return FABT(eps, steps=5, norm=norm, n_targets=3 if targeted else 1, restarts=2)
     if name == "square":  # score-based; `targeted` picks the schedule's rescaling
         return Square(eps, norm=norm, n_queries=20, rescale=not targeted)
     if name == "lbfgs":

@@ -128,9 +128,11 @@ def test_evaluate_attack_certify_write_tables_and_pictures(trained, tmp_path, ca
     assert (trained / "certify" / "certified.png").exists()
 
 
-@pytest.mark.parametrize("attack,extra", [("apgd-t", ["--steps", "5"]), ("square", ["--queries", "30"])])
+@pytest.mark.parametrize(
+    "attack,extra", [("apgd-t", ["--steps", "5"]), ("fab-t", ["--steps", "5"]), ("square", ["--queries", "30"])]
+)
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
-def test_attack_runs_apgd_t_and_square(trained, tmp_path, attack, extra, norm, eps):
+def test_attack_runs_apgd_t_fab_t_and_square(trained, tmp_path, attack, extra, norm, eps):
     argv = ["attack", str(trained), "--attack", attack, "--norm", norm, "--eps", str(eps), "--n", "8", *extra]
     assert main([*argv, "--out", str(tmp_path)]) == 0
     saved = torch.load(tmp_path / "adversarial.pt", weights_only=True)

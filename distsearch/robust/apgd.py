@@ -34,7 +34,17 @@ import math
 import torch
 from torch import nn
 
-from .attack_base import Attack, ce_per_example, check_int, check_norm, check_positive, clip_box, normalize, project
+from .attack_base import (
+    Attack,
+    ce_per_example,
+    check_int,
+    check_norm,
+    check_positive,
+    clip_box,
+    normalize,
+    project,
+    top_targets,
+)
 from .attack_base import random_start as ball_start
 
 LOSSES = ("ce", "dlr", "dlr-t")
@@ -164,7 +174,7 @@ class APGD(Attack):
         if logits.shape[1] < 4:
             dlr_targeted_loss(logits, y, y)  # raises the error that names the loss
         k = min(self.n_targets, logits.shape[1] - 1)
-        targets = logits.scatter(1, y[:, None], float("-inf")).topk(k, dim=1).indices  # by clean logit
+        targets = top_targets(logits, y, k)  # by clean logit
         best, found = x.clone(), torch.zeros_like(y, dtype=torch.bool)
         first = True
         for j in range(k):

@@ -122,6 +122,12 @@ def runner_up(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return logits.scatter(1, y[:, None], float("-inf")).argmax(dim=1)
 
 
+def top_targets(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, k]: the k classes other than y with the largest logits, most likely first: the targets
+    of AutoAttack's targeted runs (APGD-T, FAB-T); k must be at most K − 1."""
+    return logits.scatter(1, y[:, None], float("-inf")).topk(k, dim=1).indices
+
+
 class Attack:
     """Base class: subclasses implement `perturb(model, x, y)`; `__call__` handles modes and flags."""
 

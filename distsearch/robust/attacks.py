@@ -12,7 +12,7 @@
   with a KL loss.
 Szegedy's box-constrained L-BFGS and Carlini–Wagner L2 are in lbfgs_cw.py, APGD (AutoAttack's
 step-size-free PGD with the CE, DLR or targeted DLR loss: APGD-T) in apgd.py, the gradient-free
-Square Attack in square.py.
+Square Attack in square.py, the minimum-norm FAB and its targeted form FAB-T in fab.py.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from .attack_base import (
     random_start,
     success,
 )
+from .fab import FAB, FABT
 from .lbfgs_cw import LBFGS, CarliniWagnerL2
 from .registry import build_registered
 from .square import Square
@@ -130,6 +131,8 @@ ATTACKS: dict[str, type[Attack]] = {
     "apgd": APGD,
     "apgd-t": APGDT,
     "square": Square,
+    "fab": FAB,
+    "fab-t": FABT,
     "lbfgs": LBFGS,
     "cw": CarliniWagnerL2,
 }

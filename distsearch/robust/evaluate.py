@@ -6,9 +6,10 @@ start, step 2.5·ε/steps), AutoAttack's APGD-CE, APGD-DLR and APGD-T (Croce & H
 steps; APGD-T over the 9 most likely other classes) and Carlini–Wagner L2 (Carlini & Wagner
 2017; the found example projected onto the ε-ball, so "robust" means no adversarial example
 within ε was found). C&W is L2-only and is skipped for L∞ rows. AutoAttack's gradient-free
-Square Attack ("square", Andriushchenko et al. 2020, 5 000 queries) runs on request only: it
-costs several times the rest of the table, and it is the check for masked gradients (with it,
-the worst row covers AutoAttack's standard ensemble except FAB-T, which is not implemented).
+Square Attack ("square", Andriushchenko et al. 2020, 5 000 queries) and its minimum-norm FAB-T
+("fab-t", Croce & Hein 2020, 100 steps towards each of the 9 most likely other classes; a point
+found beyond ε does not count) run on request only. The preset "autoattack" names AutoAttack's
+standard ensemble, apgd-ce apgd-t fab-t square; it mixes with other names (`expand_attacks`).
 Accuracies are percentages over the given set; under an attack an image counts when the model
 is right on it and on the attack's output (δ = 0 is in the ball), so no row exceeds the clean
 one; a `worst` row per budget counts the examples that survive every attack (the per-example
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from .apgd import APGD, APGDT
 from .attack_base import Attack, check_norm
 from .attacks import FGM, FGSM, PGD
+from .fab import FABT
 from .lbfgs_cw import CarliniWagnerL2
 from .square import Square
 from .tables import Row, write_csv, write_markdown
@@ -37,8 +39,10 @@ from .tables import Row, write_csv, write_markdown
 __all__ = [
     "DEFAULT_ATTACKS",
     "EVAL_ATTACKS",
+    "PRESETS",
     "accuracies",
     "accuracy",
+    "expand_attacks",
     "game_table",
     "plot_robustness",
     "robustness_figure",
@@ -62,11 +66,25 @@ EVAL_ATTACKS: dict[str, AttackFactory] = {
     "apgd-dlr": lambda eps, norm: APGD(eps, steps=100, norm=norm, loss="dlr"),
     "apgd-t": lambda eps, norm: APGDT(eps, steps=100, norm=norm),
     "square": lambda eps, norm: Square(eps, norm=norm, n_queries=5000),
+    "fab-t": lambda eps, norm: FABT(eps, norm=norm, steps=100),
     "cw": _cw,
 }
 
-DEFAULT_ATTACKS = ("fgsm", "pgd-20", "pgd-100", "apgd-ce", "apgd-dlr", "apgd-t", "cw")  # square: on request
+DEFAULT_ATTACKS = ("fgsm", "pgd-20", "pgd-100", "apgd-ce", "apgd-dlr", "apgd-t", "cw")  # square, fab-t: on request
+PRESETS = {"autoattack": ("apgd-ce", "apgd-t", "fab-t", "square")}  # AutoAttack's standard version
 MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}  # the DLR losses' denominators need that many logits
+
+
+def expand_attacks(names: Sequence[str]) -> list[str]:
+    """The attack names with each preset replaced by its attacks, in order, each name once; an
+    unknown name raises ValueError naming it."""
+    out: list[str] = []
+    for name in names:
+        if name not in EVAL_ATTACKS and name not in PRESETS:
+            choices = ", ".join([*EVAL_ATTACKS, *PRESETS])
+            raise ValueError(f"attacks: unknown attack {name!r}; choose from {choices}")
+        out += [a for a in PRESETS.get(name, (name,)) if a not in out]
+    return out
 
 
 def right_masks(
@@ -154,6 +172,7 @@ def game_table(
     and where more than one attack ran at a (norm, ε), a `worst` row: the examples right on
     every attack's output (each attack finds different examples, so this per-example minimum
     is the table's best estimate of robust accuracy, lower than any one attack's row).
+    `attacks`: names of EVAL_ATTACKS or PRESETS ("autoattack"), see `expand_attacks`.
     `eps` maps a norm ('linf' or 'l2') to its budgets, e.g. {'linf': [0.1, 0.3], 'l2': [1.0]}.
     `progress`: a bar over every (attack, budget, batch) on stderr."""
     for norm, budgets in eps.items():
@@ -161,9 +180,7 @@ def game_table(
         for e in budgets:
             if not isinstance(e, (int, float)) or not 0 < e < math.inf:
                 raise ValueError(f"eps: budgets must be finite numbers > 0, got {e!r} for norm {norm!r}")
-    for name in attacks:
-        if name not in EVAL_ATTACKS:
-            raise ValueError(f"attacks: unknown attack {name!r}; choose from {', '.join(EVAL_ATTACKS)}")
+    attacks = expand_attacks(attacks)
     torch.manual_seed(seed)
     n = int(x.shape[0])
     if n and any(MIN_CLASSES.get(a, 0) > 2 for a in attacks):
