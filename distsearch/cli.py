@@ -183,6 +183,14 @@ def build_parser() -> Parser:
 STORAGE_ERRORS = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google")  # a remote store failing, not our code
 
 
+RESUME_HINT = {  # how each long command continues after an interruption
+    "search": "rerun with --resume to continue from the last checkpoint",
+    "train": "rerun with --resume to continue from the last checkpoint",
+    "run": "continue with `distsearch resume <storage>/<name>`",
+    "resume": "continue with `distsearch resume` on the same URI",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -202,12 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = " ".join(str(e).split())
         print(
             f"distsearch {args.command}: storage: {type(e).__name__}: {msg}; check the endpoint, credentials "
-            "and bucket (a run continues with --resume)",
+            f"and bucket ({RESUME_HINT.get(args.command, 'then rerun')})",
             file=sys.stderr,
         )
         return 2
     except KeyboardInterrupt:
-        print("interrupted: rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        print(f"interrupted: {RESUME_HINT.get(args.command, 'rerun it')}", file=sys.stderr)
         return 130
 
 

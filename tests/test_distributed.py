@@ -203,6 +203,10 @@ BAD = {
         {"params": {"seed": {"choice": [0, 1]}}, "metric": "val/accuracy"},
         "metric 'val/accuracy' is not reported by a search",
     ),
+    "step metric no search reports": (
+        {"params": {"seed": {"choice": [0, 1]}}, "metric": "train/accuracy"},
+        "metric 'train/accuracy' is not reported by a search",
+    ),
     "robust metric without eval": (
         {"params": {"seed": {"choice": [0, 1]}}, "metric": "val/robust_acc"},
         "'val/robust_acc' is reported only with eval.n > 0",
@@ -238,15 +242,25 @@ def test_experiment_name_must_be_a_plain_folder(name, tmp_path, capsys):
 
 
 def test_listed_metrics_are_reported_by_a_search(tmp_path):
+    """Every listed metric is reported by some search, and every search reports only listed ones."""
     from distsearch.config import parse_config
-    from distsearch.distributed.schema import METRIC_PREFIXES, METRICS
+    from distsearch.distributed.schema import METRICS, STEP_METRICS
     from distsearch.runner import run_search
     from distsearch.storage import Store
 
-    cfg = parse_config(tiny_raw(str(tmp_path / "s"), epochs=1, **{"eval.n": 8, "eval.steps": 1}))
-    record = run_search(cfg, Store(cfg.storage.uri)).metrics
-    assert set(METRICS) <= set(record)
-    assert all(k.startswith(METRIC_PREFIXES) for k in record if k not in METRICS and k != "epoch")
+    seen: set[str] = set()
+    for i, over in enumerate(
+        [
+            {"eval.n": 8, "eval.steps": 1, "weight_at.strategy": "fgsm", "weight_at.eps": 0.1},
+            {"algorithm.name": "dsrna", "algorithm.variant": "combined"},
+            {"algorithm.name": "lease", "data.synthetic.num_classes": 4},
+        ]
+    ):
+        cfg = parse_config(tiny_raw(str(tmp_path / str(i)), epochs=1, **{"data.synthetic.n": 64, **over}))
+        record = run_search(cfg, Store(cfg.storage.uri)).metrics
+        assert set(record) - {"epoch"} <= set(METRICS + STEP_METRICS), set(record) - set(METRICS + STEP_METRICS)
+        seen |= set(record)
+    assert set(METRICS + STEP_METRICS) <= seen
 
 
 @pytest.mark.parametrize(
@@ -312,6 +326,26 @@ def test_run_refuses_a_folder_holding_a_single_run(tmp_path, capsys):
     assert main(["run", "--config", f, "--storage", str(tmp_path / "runs"), "--name", "solo"]) == 2
     assert "holds a single run (config.json)" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "runs" / "solo").iterdir()) == ["config.json"]
+
+
+def test_pbt_clone_of_a_pruned_donor_checkpoint_takes_the_donors_newest(tmp_path):
+    """A PBT exploit may point at a donor checkpoint that the donor's storage.keep has pruned since:
+    the trial clones the donor's newest instead of failing on every resume; its own old
+    checkpoints go, files and all."""
+    import torch
+
+    from distsearch.distributed.trainable import _adopt
+    from distsearch.storage import Store
+
+    donor, trial = Store(str(tmp_path / "a" / "search")), Store(str(tmp_path / "b" / "search"))
+    for step in (2, 4):
+        donor.save_checkpoint(step, {"w": torch.full((2,), float(step))}, {"epoch": step // 2})
+    trial.save_checkpoint(1, {"w": torch.zeros(2)}, {"epoch": 1})
+    gone = {"trial": "a", "checkpoint": "ckpt-0000000000", "epoch": 0}
+    _adopt(donor.uri, gone, trial)
+    assert trial.list_checkpoints() == donor.list_checkpoints()[-1:]
+    assert float(trial.load_latest()[1]["w"][0]) == 4.0
+    assert sorted(p.name for p in (tmp_path / "b" / "search" / "checkpoints").iterdir()) == trial.list_checkpoints()
 
 
 def test_submit_refuses_an_existing_experiment_name(tmp_path, capsys):

@@ -31,7 +31,15 @@ KINDS = ("choice", "grid", "uniform", "loguniform")
 # What every search reports each epoch (runner.run_search; val/robust_* with eval.n > 0); the
 # searcher's step values arrive as train/<key> and its learning rates as lr/<group>.
 METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "val/robust_acc", "val/robust_clean_acc", "time/epoch_s")
-METRIC_PREFIXES = ("train/", "lr/")
+# the step values of the searchers (darts.py, dsrna.py, lease.py; weight_at's pass counts) and their lrs
+STEP_METRICS = tuple(
+    f"train/{k}"
+    for k in (
+        "train_loss train_acc val_loss val_acc arch_nonfinite arch_objective R R_jac R_cb attack_loss "
+        "attack_success audience_train_loss audience_train_acc audience_val_loss audience_val_acc "
+        "audience_clean_acc train_forward_passes train_backward_passes"
+    ).split()
+) + ("lr/weights", "lr/arch", "lr/audience")
 
 
 class _Strict(BaseModel):
@@ -142,10 +150,10 @@ class TuneConfig(_Strict):
         elif self.metrics is not None:
             raise ValueError("`metrics` (several objectives) needs sampler: nsga2; use `metric` otherwise")
         for metric, _ in self.objectives:
-            if metric not in METRICS and not metric.startswith(METRIC_PREFIXES):
+            if metric not in METRICS + STEP_METRICS:
                 raise ValueError(
                     f"metric {metric!r} is not reported by a search: use one of {', '.join(METRICS)}, "
-                    "or a step value train/<key> or learning rate lr/<group> (see a run's TensorBoard scalars)"
+                    f"or a step value or learning rate ({', '.join(STEP_METRICS)}; some only by one algorithm)"
                 )
         for point in self.points_to_evaluate or []:
             unknown = sorted(set(point) - set(self.params))

@@ -54,10 +54,16 @@ def _adopt(source: str, pointer: dict[str, Any], store: Store) -> None:
     if source == store.uri:
         return
     src = Store(source)
-    rel = posixpath.join(CKPT_DIR, pointer["checkpoint"])
+    name, committed = pointer["checkpoint"], src.list_checkpoints()
+    if name not in committed:  # pruned by the donor since (storage.keep): its newest one instead
+        if not committed:
+            raise RuntimeError(f"PBT: the donor {source} holds no checkpoint to clone")
+        name = committed[-1]
+    rel = posixpath.join(CKPT_DIR, name)
     manifest = src.read_json(posixpath.join(rel, MANIFEST))
-    for old in store.list_checkpoints():  # the clone replaces this trial's own history
-        store.fs.rm(store.path(CKPT_DIR, old, MANIFEST))
+    for old in store.list_checkpoints():  # the clone replaces this trial's own history, files too
+        store.fs.rm(store.path(CKPT_DIR, old, MANIFEST))  # uncommitted first
+        store.fs.rm(store.path(CKPT_DIR, old), recursive=True)
     for fname in manifest["files"]:
         store.write_bytes(posixpath.join(rel, fname), src.read_bytes(posixpath.join(rel, fname)))
     store.write_json(posixpath.join(rel, MANIFEST), manifest)

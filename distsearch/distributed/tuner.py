@@ -242,7 +242,8 @@ def init_ray(address: str | None = None) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+        # "local": a new Ray even where /tmp/ray/ray_current_cluster names another (or a dead) one
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
         return True
     if address != "auto":
         _probe(address)
