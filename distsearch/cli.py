@@ -21,7 +21,12 @@ from .data import DataError
 from .errors import UsageError, out_uri
 
 # Modules with `register(subparsers)`; each adds its commands with set_defaults(func=...).
-COMMAND_MODULES: tuple[str, ...] = ("distsearch.cli_robust", "distsearch.report", "distsearch.distributed.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "distsearch.cli_train",
+    "distsearch.cli_robust",
+    "distsearch.report",
+    "distsearch.distributed.cli",
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -93,7 +98,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if schema is not SearchConfig:
         uri = cfg.storage.uri
         if schema is TrainConfig and "uri" not in cfg.storage.model_fields_set:
-            from .cli_robust import default_train_out
+            from .cli_train import default_train_out
 
             uri = default_train_out(cfg)  # where `distsearch train --config` without --out writes
         print(f"ok: {cfg.name}: {schema.__name__} on {cfg.data.name}, {cfg.epochs} epochs, storage {uri}")

@@ -311,7 +311,7 @@ def test_evaluate_attack_certify_use_the_runs_threads_or_threads(trained, tmp_pa
 def test_train_defaults(tmp_path, monkeypatch, capsys):
     """No --out: runs/train_<model>_<strategy>, never the searches' runs/search; no --strategy:
     the --config file's strategy, not standard."""
-    from distsearch.cli_robust import default_train_out
+    from distsearch.cli_train import default_train_out
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "c.yaml").write_text("strategy: {strategy: fgsm, eps: 0.1}\n")

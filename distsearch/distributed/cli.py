@@ -21,9 +21,9 @@ from typing import Any
 
 from ..cli import add_config_args
 from ..errors import UsageError
-from ..storage import CKPT_DIR, Store
+from ..storage import Store
 from . import tuner as T
-from .trainable import SEARCH_DIR, trial_uri
+from .trainable import SEARCH_DIR, newest_progress, trial_uri
 
 
 def _need_ray() -> None:
@@ -57,13 +57,6 @@ SHOWN = ("val/robust_clean_acc", "val/robust_acc")
 ORPHANED = "ORPHANED"
 
 
-def _progress(store: Store) -> tuple[int, dict[str, Any]]:
-    """(epoch, that epoch's metrics) of a trial store's newest committed checkpoint; (0, {}) before one."""
-    names = store.list_checkpoints()
-    meta = store.read_json(posixpath.join(CKPT_DIR, names[-1], "meta.json"), {}) if names else {}
-    return meta.get("epoch", 0), (meta.get("history") or [{}])[-1]
-
-
 def trial_rows(uri: str) -> list[dict[str, Any]]:
     """One dict per trial of the experiment at `uri`: id, state, params, metrics, genotype.
 
@@ -92,7 +85,7 @@ def trial_rows(uri: str) -> list[dict[str, Any]]:
         store = Store(trial_uri(root, trial_id))
         starts = store.read_json("trial_starts.json", [])
         last = (trial.last_result or {}) if trial else {}
-        epochs, record = _progress(store)
+        epochs, record = newest_progress(store)
         if last.get("done_epochs", 0) > epochs:  # the store was pruned or damaged: trust Tune's report
             epochs, record = last["done_epochs"], last
         state = trial.status if trial else ORPHANED

@@ -69,12 +69,19 @@ def _adopt(source: str, pointer: dict[str, Any], store: Store) -> None:
     store.write_json(posixpath.join(rel, MANIFEST), manifest)
 
 
+def newest_progress(store: Store) -> tuple[int, dict[str, Any]]:
+    """(epoch, that epoch's metrics) from the meta.json of a trial store's newest committed
+    checkpoint, unverified (for display); (0, {}) before the first."""
+    names = store.list_checkpoints()
+    meta = store.read_json(posixpath.join(CKPT_DIR, names[-1], "meta.json"), {}) if names else {}
+    return meta.get("epoch", 0), (meta.get("history") or [{}])[-1]
+
+
 def _record_start(store: Store, node_ip: str, params: dict[str, Any], source: str | None) -> None:
     """Append this start to trial_starts.json: the epoch it resumes from, the node it runs on,
     the sampled params it runs with and, after a PBT exploit, the store its checkpoint came from."""
     starts = store.read_json("trial_starts.json", [])
-    names = store.list_checkpoints()  # informational: meta.json only, run_search verifies and loads
-    epoch = store.read_json(posixpath.join(CKPT_DIR, names[-1], "meta.json"))["epoch"] if names else 0
+    epoch = newest_progress(store)[0]  # informational: run_search verifies and loads
     starts.append(
         {
             "time": time.time(),
