@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from distsearch.config import SearchConfig, TrainConfig, parse_config
+from distsearch.config import SearchConfig, TrainConfig
+from distsearch.config_file import parse_config
 from distsearch.robust.attacks import PGD
 from distsearch.robust.certify import certify_table, mean_certified_radius
 from distsearch.robust.evaluate import accuracy

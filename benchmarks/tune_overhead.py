@@ -45,7 +45,7 @@ def small_raw(uri: str, epochs: int, n: int) -> dict:
 def sequential(k: int, epochs: int, n: int, threads: int, tmp: str) -> list[float]:
     import torch
 
-    from distsearch.config import parse_config
+    from distsearch.config_file import parse_config
     from distsearch.runner import run_search
     from distsearch.storage import Store
 
@@ -63,7 +63,7 @@ def sequential(k: int, epochs: int, n: int, threads: int, tmp: str) -> list[floa
 def with_tune(k: int, epochs: int, n: int, concurrency: int, tmp: str) -> tuple[float, float]:
     import ray
 
-    from distsearch.config import parse_config
+    from distsearch.config_file import parse_config
     from distsearch.distributed import tuner as T
 
     raw = small_raw("unused", epochs, n)

@@ -89,7 +89,8 @@ def refuse_experiment_root(uri: str, flag: str = "--out") -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     import posixpath
 
-    from .config import SearchConfig, TrainConfig, TransferConfig, apply_overrides, config_kind, parse_config, read_yaml
+    from .config import SearchConfig, TrainConfig, TransferConfig
+    from .config_file import apply_overrides, config_kind, parse_config, read_yaml
 
     raw = read_yaml(args.config)
     kind = config_kind(raw) or ("transfer" if "models" in raw else "train" if "model" in raw else "search")
@@ -115,7 +116,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config_file import load_config
     from .runner import run_search
     from .storage import Store
 

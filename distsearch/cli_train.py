@@ -37,7 +37,8 @@ def default_train_out(cfg: Any) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .cli import refuse_experiment_root
-    from .config import TrainConfig, apply_overrides, check_kind, parse_config, read_yaml
+    from .config import TrainConfig
+    from .config_file import apply_overrides, check_kind, parse_config, read_yaml
     from .storage import Store
     from .train import run_training
 
@@ -100,7 +101,8 @@ def _strategy_budgets() -> str:
 def cmd_transfer(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import TransferConfig, load_config
+    from .config import TransferConfig
+    from .config_file import load_config
     from .monitor import Monitor
     from .robust.attacks import make_attack
     from .robust.tables import to_markdown, write_csv, write_markdown

@@ -1,15 +1,13 @@
 """The experiment schema: one typed, validated config for data, search space, algorithm,
-optimisers, epochs, seed, device, storage and monitoring. Unknown keys are rejected and
-every bad value becomes one line naming the field (`format_validation_error`).
+optimisers, epochs, seed, device, storage and monitoring. Unknown keys are rejected; reading
+a file, `--set` overrides and the one-line error messages are in config_file.py.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from search_spaces import PRIMITIVES
 
@@ -368,117 +366,3 @@ class SearchConfig(RunConfig):
                 {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in info.data.items()}
             )
         return tune
-
-
-def format_validation_error(err: ValidationError, prefix: str = "config") -> str:
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in ("darts", "lease", "dsrna")))
-    msg = e["msg"].removeprefix("Value error, ")
-    if e["type"] == "extra_forbidden":
-        msg = "unknown key (remove it or check its spelling)"
-    elif e["type"] == "union_tag_invalid":
-        msg = "must be one of 'darts', 'lease', 'dsrna'"
-    elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
-        msg = f"{msg} (got {e['input']!r})"
-    extra = f" ({len(err.errors()) - 1} more error(s))" if len(err.errors()) > 1 else ""
-    where = f"{loc}: " if loc else ""  # whole-config checks name their fields in msg
-    return f"{prefix} error: {where}{msg}{extra}"
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key.sub=value` overrides (values parsed as YAML) to a raw config dict."""
-    for item in overrides:
-        if "=" not in item:
-            raise UsageError(f"--set {item!r}: expected key=value, e.g. --set epochs=3")
-        key, value = item.split("=", 1)
-        node = raw
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise UsageError(f"--set {item!r}: {key.strip()!r} is not a key; expected key.sub=value, e.g. epochs=3")
-        for p in parts[:-1]:
-            if not isinstance(node.get(p, {}), dict):
-                raise UsageError(f"--set {key}: {p!r} is not a section")
-            node = node.setdefault(p, {})
-        node[parts[-1]] = _parse_value(value)
-    return raw
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(
-            f"--config: {str(p)!r} is a folder; give a YAML file"
-            if p.is_dir()
-            else f"--config: no such file {str(p)!r}"
-        )
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError:
-        raise UsageError(f"--config: {p} is not a UTF-8 text file") from None
-    except yaml.YAMLError as e:
-        raise UsageError(f"--config: {p} is not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"--config: {p} must hold a mapping of config keys")
-    return raw
-
-
-# Top-level keys (and optim keys) only one kind of config file has; the rest (name, seed,
-# data, storage, monitor, eval ...) are shared and say nothing about the kind.
-_KIND_KEYS = {
-    "search": {"space", "algorithm", "weight_at", "precision", "channels_last", "cuda_graph"},
-    "train": {"model", "strategy"},
-    "transfer": {"models", "attack", "units", "lr", "n"},
-}
-_KIND_OPTIM_KEYS = {"search": set(OptimConfig.model_fields), "train": set(TrainOptimConfig.model_fields)}
-# the command that reads each kind, and the kinds each schema reads
-KIND_COMMAND = {"search": "search", "experiment": "run", "train": "train", "transfer": "transfer"}
-SCHEMA_KINDS: dict[type[RunConfig], tuple[str, ...]] = {
-    SearchConfig: ("search", "experiment"),
-    TrainConfig: ("train",),
-    TransferConfig: ("transfer",),
-}
-
-
-def config_kind(raw: dict[str, Any]) -> str | None:
-    """'search', 'experiment' (a search config with `tune:`), 'train' or 'transfer' when the
-    keys of a config file say so unambiguously; None when they do not (shared keys only, or mixed)."""
-    optim = raw.get("optim")
-    optim_keys = set(optim) if isinstance(optim, dict) else set()
-    kinds = {
-        kind for kind, keys in _KIND_KEYS.items() if keys & set(raw) or optim_keys & _KIND_OPTIM_KEYS.get(kind, set())
-    }
-    if "tune" in raw:
-        kinds.add("search")
-    if len(kinds) != 1:
-        return None
-    kind = kinds.pop()
-    return "experiment" if kind == "search" and "tune" in raw else kind
-
-
-def check_kind(raw: dict[str, Any], schema: type[RunConfig], path: str | Path) -> None:
-    """A config file of another kind than `schema` reads: one line naming the command that reads it."""
-    kind = config_kind(raw)
-    if kind is None or kind in SCHEMA_KINDS.get(schema, (kind,)):
-        return
-    what = "an experiment file (a search config with tune:)" if kind == "experiment" else f"a {kind} config"
-    raise UsageError(f"--config: {path} is {what}; use `distsearch {KIND_COMMAND[kind]} --config {path}`")
-
-
-def parse_config(raw: dict[str, Any], schema: type[RunConfig] = SearchConfig) -> Any:
-    try:
-        return schema.model_validate(raw)
-    except ValidationError as e:
-        raise UsageError(format_validation_error(e)) from None
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None, schema: type[RunConfig] = SearchConfig) -> Any:
-    raw = read_yaml(path)
-    check_kind(raw, schema, path)  # the file's own keys, before --set adds any
-    return parse_config(apply_overrides(raw, overrides or []), schema)

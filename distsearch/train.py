@@ -136,7 +136,7 @@ def load_model(
     data set; weights from the newest valid checkpoint, in eval mode. `setup`: torch set up
     first as the run's search/training set it up (setup_torch: its `threads`, or `threads`
     when given; deterministic; its seed), as evaluate / attack / certify do."""
-    from .config import parse_config
+    from .config_file import parse_config
 
     store = Store(uri)
     if not store.exists("config.json"):

@@ -43,7 +43,7 @@ def tiny_raw(uri: str, **over) -> dict:
 def tiny_searcher(**over):
     """A Searcher built from tiny_raw(**over) as the runner builds it, and two 8-example
     batches (train, val) of its data."""
-    from distsearch.config import parse_config
+    from distsearch.config_file import parse_config
     from distsearch.runner import build_data, build_searcher, build_supernet
 
     cfg = parse_config(tiny_raw("memory://unused", **over))
@@ -55,7 +55,7 @@ def tiny_searcher(**over):
 
 @pytest.fixture
 def tiny_config():
-    from distsearch.config import parse_config
+    from distsearch.config_file import parse_config
 
     def make(uri: str, **over):
         return parse_config(tiny_raw(uri, **over))

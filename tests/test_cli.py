@@ -226,7 +226,7 @@ def test_single_search_configs_do_not_write_into_an_experiment_root():
     """launch/configs/*.yaml's storage.uri is never <tune.storage>/<name> of launch/experiments/*.yaml."""
     import posixpath
 
-    from distsearch.config import config_kind, read_yaml
+    from distsearch.config_file import config_kind, read_yaml
 
     roots = set()
     for path in (ROOT / "launch/experiments").glob("*.yaml"):

@@ -8,7 +8,8 @@ import torch
 import yaml
 
 from distsearch.cli import main
-from distsearch.config import TrainConfig, parse_config
+from distsearch.config import TrainConfig
+from distsearch.config_file import parse_config
 from distsearch.runner import Interrupted
 from distsearch.storage import Store
 from distsearch.train import run_training

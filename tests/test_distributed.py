@@ -243,7 +243,7 @@ def test_experiment_name_must_be_a_plain_folder(name, tmp_path, capsys):
 
 def test_listed_metrics_are_reported_by_a_search(tmp_path):
     """Every listed metric is reported by some search, and every search reports only listed ones."""
-    from distsearch.config import parse_config
+    from distsearch.config_file import parse_config
     from distsearch.distributed.schema import METRICS, STEP_METRICS
     from distsearch.runner import run_search
     from distsearch.storage import Store
@@ -349,7 +349,7 @@ def test_pbt_clone_of_a_pruned_donor_checkpoint_takes_the_donors_newest(tmp_path
 
 
 def test_submit_refuses_an_existing_experiment_name(tmp_path, capsys):
-    from distsearch.config import load_config
+    from distsearch.config_file import load_config
     from distsearch.distributed import tuner as T
 
     f = experiment(tmp_path / "exp.yaml")
@@ -405,7 +405,7 @@ def test_random_search_is_seeded_and_tries_its_points_first():
     ],
 )
 def test_tuner_builds_for_each_search_alg_and_scheduler(tune, tmp_path):
-    from distsearch.config import parse_config
+    from distsearch.config_file import parse_config
     from distsearch.distributed import tuner as T
 
     section = {"params": {"algorithm.name": {"choice": ["darts", "dsrna"]}}, **tune}
@@ -424,7 +424,7 @@ def test_cluster_yaml_passes_ray_schema():
 
 
 def test_quickstart_experiment_is_valid():
-    from distsearch.config import load_config
+    from distsearch.config_file import load_config
 
     cfg = load_config(ROOT / "launch/experiments/quickstart.yaml")
     assert cfg.tune is not None and cfg.tune.num_samples == 2 and cfg.tune.storage == "runs"

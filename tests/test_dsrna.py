@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distsearch.config import load_config
+from distsearch.config_file import load_config
 from distsearch.robust.certify import certify_table, plot_certified_accuracy, write_csv, write_markdown
 from distsearch.search import DartsSearcher, DsrnaSearcher
 from distsearch.search.dsrna import capture_bn_stats, frozen_bn, running_stats
@@ -320,7 +320,8 @@ def test_darts_and_dsrna_genotypes_radii_are_sound_on_mnist5k(tmp_path: Path) ->
     searched genotype is retrained; its IBP and CROWN L-inf radii are finite, >= 0, positive
     only on correctly classified images, and PGD (3 restarts) at each image's radius fails.
     A soundness check only: at this budget the two nets are weak (about 5 of 16 correct)."""
-    from distsearch.config import TrainConfig, parse_config
+    from distsearch.config import TrainConfig
+    from distsearch.config_file import parse_config
     from distsearch.robust.attacks import PGD
     from distsearch.robust.certify import mean_certified_radius
     from distsearch.runner import run_search

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from distsearch.config import parse_config
+from distsearch.config_file import parse_config
 from distsearch.errors import UsageError
 from distsearch.runner import run_search
 from distsearch.search.graphed import GraphedStep, _init_states_like

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from distsearch.config import parse_config
+from distsearch.config_file import parse_config
 from distsearch.errors import UsageError
 from distsearch.robust.training import STRATEGIES
 from distsearch.runner import Interrupted, build_data, build_searcher, build_supernet, run_search

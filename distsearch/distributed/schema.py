@@ -177,7 +177,8 @@ class TuneConfig(_Strict):
         """Validate every candidate value of every sampled key against SearchConfig."""
         from pydantic import ValidationError
 
-        from ..config import SearchConfig, format_validation_error
+        from ..config import SearchConfig
+        from ..config_file import format_validation_error
 
         robust = [m for m, _ in self.objectives if m.startswith("val/robust")]
         n_eval = self.params.get("eval.n")

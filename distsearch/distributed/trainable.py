@@ -111,7 +111,7 @@ def search_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     import ray
     from ray import tune
 
-    from ..config import parse_config
+    from ..config_file import parse_config
     from ..runner import run_search
 
     ctx = tune.get_context()
