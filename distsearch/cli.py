@@ -117,6 +117,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .config_file import load_config
+    from .driver_lease import DriverLease
     from .runner import run_search
     from .storage import Store
 
@@ -130,7 +131,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             f"--out: {cfg.storage.uri} already holds a search; pass --resume to continue it or choose another --out"
         )
     store.check_writable()
-    result = run_search(cfg, store)
+    with DriverLease(store, "search", field="--out" if args.out else "storage.uri"):  # one process per --out
+        result = run_search(cfg, store)
     print(f"genotype ({result.epochs} epochs, val acc {result.metrics.get('val/acc', float('nan')):.4f}):")
     print(result.genotype.to_json())
     print(f"written to {store.uri}/genotype.json")

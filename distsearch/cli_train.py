@@ -39,6 +39,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .cli import refuse_experiment_root
     from .config import TrainConfig
     from .config_file import apply_overrides, check_kind, parse_config, read_yaml
+    from .driver_lease import DriverLease
     from .storage import Store
     from .train import run_training
 
@@ -77,7 +78,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if store.list_checkpoints() and not args.resume:
         raise UsageError(f"--out: {cfg.storage.uri} already holds a run; pass --resume or choose another --out")
     store.check_writable()
-    final = run_training(cfg, store)
+    with DriverLease(store, "train", field="--out"):  # one process per --out
+        final = run_training(cfg, store)
     print(" ".join(f"{k}={v:.4f}" for k, v in final.items() if k.startswith("test/")))
     print(f"written to {store.uri}; evaluate with: distsearch evaluate {store.uri}")
     return 0

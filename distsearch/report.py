@@ -48,33 +48,50 @@ def _value(key: str, value: float) -> str:
 Latest = tuple[str, dict[str, Any], dict[str, Any]] | None  # Store.load_latest: (name, state, meta)
 
 
-def _read(store: Store) -> tuple[dict[str, Any], dict[str, Any] | None, Latest]:
-    """A run's config.json, its result.json once it finished, and its newest valid checkpoint."""
-    return store.read_config(), store.read_json("result.json", None), store.load_latest()
+Read = tuple[dict[str, Any], dict[str, Any] | None, Latest, dict[str, Any] | None]
 
 
-def _headline(result: dict[str, Any] | None, latest: Latest) -> tuple[dict[str, Any], str]:
-    """(metrics, epochs): the result's, or an unfinished run's newest checkpoint's."""
+def _read(store: Store) -> Read:
+    """A run's config.json, its result.json once it finished, its newest valid checkpoint, and
+    stopped.json when an experiment's scheduler ended it early (distributed/tuner.stop_marker)."""
+    return (
+        store.read_config(),
+        store.read_json("result.json", None),
+        store.load_latest(),
+        store.read_json("stopped.json", None),
+    )
+
+
+def _headline(
+    result: dict[str, Any] | None, latest: Latest, stopped: dict[str, Any] | None
+) -> tuple[dict[str, Any], str]:
+    """(metrics, epochs): the result's, or an unfinished or stopped run's newest checkpoint's."""
     meta = latest[2] if latest else {}
     if result:
         return result.get("metrics") or {}, str(result.get("epochs", ""))
-    return (meta.get("history") or [{}])[-1], f"{meta.get('epoch', 0)} (unfinished)"
+    why = f"stopped by {stopped['scheduler']}" if stopped else "unfinished"
+    return (meta.get("history") or [{}])[-1], f"{meta.get('epoch', 0)} ({why})"
 
 
-def _section(
-    label: str, store: Store, config: dict[str, Any], result: dict[str, Any] | None, latest: Latest, folder: str
-) -> list[str]:
+def _section(label: str, store: Store, read: Read, folder: str) -> list[str]:
     from search_spaces import Genotype
     from search_spaces.operations import PRIMITIVES
 
     from . import plots
 
+    config, result, latest, stopped = read
     algo = (config.get("algorithm") or {}).get("name")
     what = f"search ({algo})" if algo else "training"
     lines = [f"## {label}", "", f"`{store.uri}` — {what} on {config['data']['name']}, {config['epochs']} epochs", ""]
     meta = latest[2] if latest else {}
-    metrics = _headline(result, latest)[0]
-    state = "finished" if result else f"at epoch {meta.get('epoch', 0)} (unfinished)"
+    metrics = _headline(result, latest, stopped)[0]
+    if result:
+        state = "finished"
+    elif stopped:
+        by, metric = stopped["scheduler"].upper(), stopped["metric"]
+        state = f"stopped early by {by} after epoch {stopped['epoch']} ({metric} worse than its rung's cutoff)"
+    else:
+        state = f"at epoch {meta.get('epoch', 0)} (unfinished)"
     lines += [f"State: {state}.", ""]
     if metrics:
         lines += ["| metric | value (accuracies in %) |", "|---|---|"]
@@ -126,11 +143,11 @@ SUMMARY = (
 )
 
 
-def _summary(runs: list[tuple[str, dict[str, Any], dict[str, Any] | None, Latest]]) -> list[str]:
-    """One row per (label, config, result, latest): what it ran and its latest headline metrics."""
+def _summary(runs: list[tuple[str, Read]]) -> list[str]:
+    """One row per (label, _read(...)): what it ran and its latest headline metrics."""
     rows = []
-    for label, config, result, latest in runs:
-        metrics, epochs = _headline(result, latest)
+    for label, (config, result, latest, stopped) in runs:
+        metrics, epochs = _headline(result, latest, stopped)
         algo = (config.get("algorithm") or {}).get("name", "training")
         strategy = (config.get("weight_at") or config.get("strategy") or {}).get("strategy", "standard")
         rows.append([label, algo, strategy, epochs])
@@ -146,11 +163,11 @@ def build_report(uri: str, folder: str, runs: list[tuple[str, Store]] | None = N
     """Write report.md and its images into the local `folder`; returns the page's path.
     `runs`: the (label, store) pairs of `uri` when the caller has them already."""
     runs = _stores(uri) if runs is None else runs
-    read = [(label, store, *_read(store)) for label, store in runs]
+    read = [(label, store, _read(store)) for label, store in runs]
     lines = [f"# distsearch report: {uri}", "", f"{len(runs)} run(s). Accuracies are in % throughout.", ""]
-    lines += _summary([(label, config, result, latest) for label, _, config, result, latest in read])
-    for label, store, config, result, latest in read:
-        lines += _section(label, store, config, result, latest, folder)
+    lines += _summary([(label, r) for label, _, r in read])
+    for label, store, r in read:
+        lines += _section(label, store, r, folder)
     path = os.path.join(folder, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

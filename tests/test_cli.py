@@ -126,6 +126,33 @@ def test_existing_search_needs_resume(tmp_path, capsys):
     assert main(["search", "--config", cfg, "--resume"]) == 0
 
 
+@pytest.mark.parametrize("command", ["search", "train"])
+def test_a_second_process_on_one_out_is_refused(command, tmp_path, capsys):
+    """A live process holds --out (its lease is fresh): `search` / `train` there, even with
+    --resume, exit 2 naming it and write nothing; once it is gone (no heartbeat for a minute)
+    the run goes ahead."""
+    from distsearch.driver_lease import LEASE_DIR
+
+    out = tmp_path / "o"
+    lease = {"token": "t0", "host": "gpu-7", "pid": 4242, "command": command, "started": time.time()}
+    (out / LEASE_DIR).mkdir(parents=True)
+    (out / LEASE_DIR / "t0.json").write_text(json.dumps(dict(lease, beat=time.time())))
+    if command == "search":
+        argv = ["search", "--config", _write(tmp_path, tiny_raw("unused", epochs=1)), "--out", str(out), "--resume"]
+    else:
+        argv = ["train", "--model", "small_cnn", "--epochs", "1", "--out", str(out), "--resume", "--set"]
+        argv += ["data.synthetic={n: 160, channels: 1, image_size: 8, num_classes: 3}", "--set", "data.name=synthetic"]
+        argv += ["--set", "data.batch_size=16"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--out: {out} is in use by another process (`{command}` pid 4242 on gpu-7" in err, err
+    assert len(err.splitlines()) == 1
+    assert sorted(p.name for p in out.rglob("*")) == [LEASE_DIR, "t0.json"]
+    (out / LEASE_DIR / "t0.json").write_text(json.dumps(dict(lease, beat=time.time() - 120)))
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (out / "result.json").exists() and not (out / LEASE_DIR).exists()
+
+
 def test_quickstart_end_to_end_with_a_smaller_override(tmp_path, capsys):
     out = tmp_path / "qs"
     argv = [
