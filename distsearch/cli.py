@@ -38,13 +38,14 @@ CONFIG_HELP = {
     "run": "experiment YAML: a search config with a tune: section (see launch/experiments/)",
     "submit": "experiment YAML: a search config with a tune: section (see launch/experiments/)",
     "validate": "any config YAML: search or transfer (launch/configs/), experiment (launch/experiments/), training",
+    "search": "search config YAML (see launch/configs/); not needed with --out URI --resume",
 }
 
 
-def add_config_args(p: argparse.ArgumentParser) -> None:
+def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     command = p.prog.split()[-1]
     help_ = CONFIG_HELP.get(command, "search config YAML (see launch/configs/)")
-    p.add_argument("--config", required=True, help=help_)
+    p.add_argument("--config", required=required, help=help_)
     p.add_argument(
         "--set",
         dest="overrides",
@@ -60,6 +61,21 @@ def add_threads_arg(p: argparse.ArgumentParser, default: str = "the config's thr
         "--threads",
         type=_positive_int,
         help=f"torch intra-op threads (default: {default}; unset there: torch's default, all cores)",
+    )
+
+
+def add_resume_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest valid checkpoint in --out, with the config the run has there "
+        "(config.json) unless --config is given",
+    )
+    p.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="with --resume: continue even where --config/--set change values the run ran with "
+        "(anything beyond epochs, threads, device, monitor, storage)",
     )
 
 
@@ -116,14 +132,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .config_file import load_config
+    from .config_file import apply_overrides, load_config, parse_config, stored_config
     from .driver_lease import DriverLease
     from .runner import run_search
     from .storage import Store
 
     overrides = list(args.overrides) + ([f"storage.uri={args.out}"] if args.out else [])
     overrides += [f"threads={args.threads}"] if args.threads else []
-    cfg = load_config(args.config, overrides)
+    if args.config:
+        cfg = load_config(args.config, overrides)
+    elif args.resume and args.out:  # continue the run as it ran: its own config.json
+        cfg = parse_config(apply_overrides(stored_config(args.out, "search"), overrides))
+    else:
+        raise UsageError("--config: required (or --out URI --resume, to continue a search from its own config.json)")
     refuse_experiment_root(cfg.storage.uri, "--out" if args.out else "storage.uri")
     store = Store(cfg.storage.uri)
     if store.list_checkpoints() and not args.resume:
@@ -132,7 +153,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         )
     store.check_writable()
     with DriverLease(store, "search", field="--out" if args.out else "storage.uri"):  # one process per --out
-        result = run_search(cfg, store)
+        result = run_search(cfg, store, allow_changes=args.allow_changes)
     print(f"genotype ({result.epochs} epochs, val acc {result.metrics.get('val/acc', float('nan')):.4f}):")
     print(result.genotype.to_json())
     print(f"written to {store.uri}/genotype.json")
@@ -164,13 +185,13 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"distsearch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     p = sub.add_parser("search", help="run one search in this process")
-    add_config_args(p)
+    add_config_args(p, required=False)
     p.add_argument(
         "--out",
         type=out_uri,
         help="storage URI (default: the config's storage.uri): a path, file://, s3://, gs://",
     )
-    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    add_resume_args(p)
     add_threads_arg(p)
     p.set_defaults(func=cmd_search)
     p = sub.add_parser("derive", help="print the genotype of the newest checkpoint under URI")
@@ -192,11 +213,15 @@ STORAGE_ERRORS = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google")  # a rem
 
 
 RESUME_HINT = {  # how each long command continues after an interruption
-    "search": "rerun with --resume to continue from the last checkpoint",
-    "train": "rerun with --resume to continue from the last checkpoint",
+    "search": "continue from the last checkpoint with `distsearch search --out {out} --resume`",
+    "train": "continue from the last checkpoint with `distsearch train --out {out} --resume`",
     "run": "continue with `distsearch resume <storage>/<name>`",
     "resume": "continue with `distsearch resume` on the same URI",
 }
+
+
+def _hint(args: argparse.Namespace, default: str) -> str:
+    return RESUME_HINT.get(args.command, default).replace("{out}", getattr(args, "out", None) or "<storage.uri>")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -218,12 +243,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = " ".join(str(e).split())
         print(
             f"distsearch {args.command}: storage: {type(e).__name__}: {msg}; check the endpoint, credentials "
-            f"and bucket ({RESUME_HINT.get(args.command, 'then rerun')})",
+            f"and bucket ({_hint(args, 'then rerun')})",
             file=sys.stderr,
         )
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted: {RESUME_HINT.get(args.command, 'rerun it')}", file=sys.stderr)
+        print(f"interrupted: {_hint(args, 'rerun it')}", file=sys.stderr)
         return 130
 
 

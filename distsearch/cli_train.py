@@ -14,7 +14,7 @@ import re
 import tempfile
 from typing import Any
 
-from .cli import add_threads_arg
+from .cli import add_resume_args, add_threads_arg
 from .cli_robust import _positive_float
 from .errors import UsageError, out_uri
 
@@ -38,7 +38,7 @@ def default_train_out(cfg: Any) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from .cli import refuse_experiment_root
     from .config import TrainConfig
-    from .config_file import apply_overrides, check_kind, parse_config, read_yaml
+    from .config_file import apply_overrides, check_kind, parse_config, read_yaml, stored_config
     from .driver_lease import DriverLease
     from .storage import Store
     from .train import run_training
@@ -46,6 +46,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     raw: dict[str, Any] = read_yaml(args.config) if args.config else {}
     if args.config:
         check_kind(raw, TrainConfig, args.config)
+    elif args.resume and args.out and not (args.model or args.genotype):
+        raw = stored_config(args.out, "train")  # continue the run as it ran: its own config.json
+    elif not (args.model or args.genotype):
+        raise UsageError("--model or --genotype: one is required (or --out URI --resume, to continue a run)")
     sets = []
     if args.genotype:
         sets.append(f"model.genotype={args.genotype}")
@@ -79,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--out: {cfg.storage.uri} already holds a run; pass --resume or choose another --out")
     store.check_writable()
     with DriverLease(store, "train", field="--out"):  # one process per --out
-        final = run_training(cfg, store)
+        final = run_training(cfg, store, allow_changes=args.allow_changes)
     print(" ".join(f"{k}={v:.4f}" for k, v in final.items() if k.startswith("test/")))
     print(f"written to {store.uri}; evaluate with: distsearch evaluate {store.uri}")
     return 0
@@ -195,7 +199,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from .config import TrainConfig
 
     p = sub.add_parser("train", help="train a genotype's network or a named model with an AT strategy")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()  # one of them, unless --out URI --resume
     src.add_argument("--genotype", help="genotype.json (path/URI) or a search's storage URI")
     src.add_argument("--model", help="small_cnn | mlp | resnet18 | resnet34 | resnet50")
     p.add_argument(
@@ -224,7 +228,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="storage URI of the run (default: the --config file's storage.uri, else "
         "runs/train_<--model, or the genotype's file or search folder name>_<strategy>)",
     )
-    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    add_resume_args(p)
     add_threads_arg(p, "the --config file's threads")
     p.set_defaults(func=cmd_train)
 

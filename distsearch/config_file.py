@@ -127,3 +127,59 @@ def load_config(path: str | Path, overrides: list[str] | None = None, schema: ty
     raw = read_yaml(path)
     check_kind(raw, schema, path)  # the file's own keys, before --set adds any
     return parse_config(apply_overrides(raw, overrides or []), schema)
+
+
+# What a resume may change without changing the run it continues: how long, where, how fast, what
+# is logged. Everything else (seed, data, space, algorithm, optimisers, eval ...) makes it another run.
+RESUME_MAY_CHANGE = (
+    "epochs",
+    "threads",
+    "device",
+    "name",
+    "monitor.",
+    "storage.",
+    "data.root",
+    "data.download",
+    "data.eval_batch_size",
+)
+
+
+def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict) or not d:
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}{k}."))
+    return out
+
+
+def resume_changes(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """'key: old -> new' for each value of a run's stored config.json that `cfg` changes, except
+    RESUME_MAY_CHANGE. The stored config is read as this version reads it, so a field added since
+    (at its default, which keeps the old behaviour) is no change."""
+    try:
+        stored = type(cfg).model_validate(stored).model_dump(mode="json")
+    except ValueError:  # a field since renamed or removed: compare as written
+        pass
+    old, new = _leaves(stored), _leaves(cfg.model_dump(mode="json"))
+    sections = tuple(k for k in RESUME_MAY_CHANGE if k.endswith("."))
+    return [
+        f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key) and key not in RESUME_MAY_CHANGE and not key.startswith(sections)
+    ]
+
+
+def stored_config(uri: str, command: str) -> dict[str, Any]:
+    """The raw config.json of the run at `uri`, for `distsearch <command> --out URI --resume`
+    without --config; one line when there is no such run or it is another command's."""
+    from .storage import Store
+
+    store = Store(uri)
+    if not store.exists("config.json"):
+        raise UsageError(f"--out: {uri} holds no run to resume (no config.json); give --config to start one")
+    raw = store.read_config()
+    kind = "train" if "model" in raw else "search"
+    if kind != command:
+        raise UsageError(f"--out: {uri} holds a {kind} run; continue it: distsearch {kind} --out {uri} --resume")
+    return raw

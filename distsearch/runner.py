@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from search_spaces import Genotype, Supernet
 
 from .config import RobustEvalConfig, RunConfig, SearchConfig
+from .config_file import resume_changes
 from .data import BatchStream, DataSplits, bilevel_split, eval_batches, load_dataset
 from .errors import UsageError
 from .loop import EpochHook, EpochLoop, Interrupted  # noqa: F401 - Interrupted re-exported
@@ -31,8 +32,6 @@ from .search.graphed import GraphedStep
 from .storage import Store
 
 log = logging.getLogger(__name__)
-# Config sections that must match for a store's checkpoints to be resumed.
-STRUCTURAL = ("seed", "data", "space", "algorithm", "optim", "weight_at")
 
 
 @dataclass
@@ -146,42 +145,23 @@ def robust_accuracy(
     return clean / 100.0, robust / 100.0
 
 
-# Fields of those sections a resumed run may change: where the files are, not what they hold.
-MOVABLE = frozenset({"data.root", "data.download", "data.eval_batch_size"})
-
-
-def _leaves(value: Any, prefix: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        return {prefix: value}
-    out: dict[str, Any] = {}
-    for k, v in value.items():
-        out.update(_leaves(v, f"{prefix}.{k}"))
-    return out if value else {prefix: value}
-
-
-def check_store_matches(store: Store, cfg: RunConfig, keys: tuple[str, ...] = STRUCTURAL) -> None:
-    """A store holding a run must hold this config's run: the same `keys` sections, but for
-    MOVABLE fields. The stored config is read as this version reads it, so a field added since
-    (at its default, which keeps the old behaviour) does not stop a run written by an earlier
-    version from resuming."""
+def check_store_matches(store: Store, cfg: RunConfig, allow_changes: bool = False) -> None:
+    """A store holding a run must hold this config's run: the same kind (search or training) and,
+    unless `allow_changes`, the same values but for what a resume may change (config_file.resume_changes)."""
     if not store.exists("config.json"):
         return
-    old, new = store.read_config(), cfg.model_dump(mode="json")
-    if ("model" in old) != ("model" in new):
+    old = store.read_config()
+    if ("model" in old) != ("model" in cfg.model_dump()):
         kind = "a training run" if "model" in old else "a search"
         raise UsageError(f"storage.uri: {store.uri} holds {kind}, not this kind of run; choose another --out")
-    try:
-        old = type(cfg).model_validate(old).model_dump(mode="json")
-    except ValueError:  # a field since renamed or removed: compare as written
-        pass
-    for key in keys:
-        was, now = _leaves(old.get(key), key), _leaves(new.get(key), key)
-        for name in sorted(was.keys() | now.keys()):
-            if name not in MOVABLE and was.get(name) != now.get(name):
-                raise UsageError(
-                    f"storage.uri: {store.uri} holds a run with {name} = {was.get(name)!r}, not {now.get(name)!r}; "
-                    "resume with the same config or choose another --out"
-                )
+    changes = [] if allow_changes else resume_changes(old, cfg)
+    if changes:
+        command = "train" if "model" in old else "search"
+        more = f" (and {len(changes) - 3} more)" if len(changes) > 3 else ""
+        raise UsageError(
+            f"storage.uri: {store.uri} ran with other values ({'; '.join(changes[:3])}{more}); continue it as "
+            f"it ran: `distsearch {command} --out {store.uri} --resume` (no --config), or pass --allow-changes"
+        )
 
 
 def run_search(
@@ -190,8 +170,10 @@ def run_search(
     monitor: Monitor | None = None,
     on_epoch: EpochHook | None = None,
     stop_after_steps: int | None = None,
+    allow_changes: bool = False,
 ) -> SearchResult:
-    """Run (or resume) one search to `cfg.epochs`; returns the derived genotype and metrics."""
+    """Run (or resume) one search to `cfg.epochs`; returns the derived genotype and metrics.
+    A resume refuses a config that changes what the run ran with unless `allow_changes`."""
     device = setup_torch(cfg)
     if cfg.cuda_graph and device.type != "cuda":
         raise UsageError(f"cuda_graph: needs a GPU; device resolved to {device.type}")
@@ -209,7 +191,7 @@ def run_search(
         train.load_state_dict(state["train_stream"])
         val.load_state_dict(state["val_stream"])
 
-    check_store_matches(store, cfg)
+    check_store_matches(store, cfg, allow_changes)
     loop.resume(device, load)
     store.write_json("config.json", cfg.model_dump(mode="json"))  # a resume's too (epochs, monitor may change)
     monitor = loop.open_monitor(monitor)

@@ -64,7 +64,9 @@ def named_model(name: str, data: DataSplits, kwargs: dict[str, Any], field: str)
         raise UsageError(f"{field}: {e}") from None
 
 
-def run_training(cfg: TrainConfig, store: Store, stop_after_steps: int | None = None) -> dict[str, Any]:
+def run_training(
+    cfg: TrainConfig, store: Store, stop_after_steps: int | None = None, allow_changes: bool = False
+) -> dict[str, Any]:
     """Train (or resume) to cfg.epochs; returns the last epoch's record."""
     device = setup_torch(cfg)
     data = build_data(cfg)
@@ -88,7 +90,7 @@ def run_training(cfg: TrainConfig, store: Store, stop_after_steps: int | None = 
             part.load_state_dict(state[key])
         set_rng_state(state["rng"], device)
 
-    check_store_matches(store, cfg, ("seed", "data", "model", "strategy", "optim"))
+    check_store_matches(store, cfg, allow_changes)
     resumed = loop.resume(device, load)
     store.write_json("config.json", cfg.model_dump(mode="json"))  # a resume's too (epochs, monitor may change)
     if not resumed and genotype is not None:

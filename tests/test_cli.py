@@ -153,6 +153,52 @@ def test_a_second_process_on_one_out_is_refused(command, tmp_path, capsys):
     assert (out / "result.json").exists() and not (out / LEASE_DIR).exists()
 
 
+def test_resume_continues_with_the_config_the_run_ran_with(tmp_path, capsys):
+    """`--out X --resume` needs no --config: the run's own config.json (with the --set values it
+    started with). A --config/--set that changes a value it ran with is refused, naming the key,
+    before anything is written; --allow-changes continues anyway; epochs and threads may change."""
+    out = tmp_path / "o"
+    cfg = _write(tmp_path, tiny_raw("unused", epochs=1))
+    assert main(["search", "--config", cfg, "--out", str(out), "--set", "space.C=3", "--set", "optim.w_lr=0.07"]) == 0
+    ran = json.loads((out / "config.json").read_text())
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    capsys.readouterr()
+    # the file without the --set values it started with: refused, one line, nothing written
+    assert main(["search", "--config", cfg, "--out", str(out), "--resume", "--set", "epochs=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ran with other values (optim.w_lr: 0.07 -> 0.025; space.C: 3 -> 2)" in err, err
+    assert f"`distsearch search --out {out} --resume`" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ckpts
+    assert json.loads((out / "config.json").read_text()) == ran
+    # as it ran, two epochs now, on one thread
+    assert main(["search", "--out", str(out), "--resume", "--set", "epochs=2", "--threads", "1"]) == 0
+    now = json.loads((out / "config.json").read_text())
+    assert {k: v for k, v in now.items() if k != "epochs"} == {k: v for k, v in ran.items() if k != "epochs"}
+    assert now["epochs"] == 2 and json.loads((out / "result.json").read_text())["epochs"] == 2
+    # a deliberate change
+    argv = ["search", "--out", str(out), "--resume", "--set", "epochs=3", "--set", "optim.w_lr=0.01"]
+    assert main(argv) == 2 and "optim.w_lr: 0.07 -> 0.01" in capsys.readouterr().err
+    assert main([*argv, "--allow-changes"]) == 0
+    assert json.loads((out / "config.json").read_text())["optim"]["w_lr"] == 0.01
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["search"], "--config: required (or --out URI --resume"),
+        (["search", "--out", "{tmp}/none", "--resume"], "holds no run to resume (no config.json)"),
+        (["train", "--epochs", "1"], "--model or --genotype: one is required"),
+        (["train", "--out", "{tmp}/s", "--resume"], "holds a search run; continue it: distsearch search --out"),
+    ],
+)
+def test_resume_without_a_config_needs_a_run(argv, needle, tmp_path, capsys):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "config.json").write_text(json.dumps(tiny_raw(str(tmp_path / "s"))))
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+
+
 def test_quickstart_end_to_end_with_a_smaller_override(tmp_path, capsys):
     out = tmp_path / "qs"
     argv = [

@@ -73,15 +73,20 @@ def test_resume_refuses_a_store_with_another_config(tmp_path, tiny_config):
 
     store = Store(str(tmp_path / "x"))
     run_search(tiny_config(store.uri, epochs=1), store)
-    with pytest.raises(UsageError, match="space.C = 2, not 4"):
+    with pytest.raises(UsageError, match="space.C: 2 -> 4"):
         run_search(tiny_config(store.uri, epochs=1, **{"space.C": 4}), store)
-    with pytest.raises(UsageError, match="data.batch_size = 16, not 8"):
+    with pytest.raises(UsageError, match="data.batch_size: 16 -> 8"):
         run_search(tiny_config(store.uri, epochs=1, **{"data.batch_size": 8}), store)
     # where the data lies and the evaluation batch may change (another machine, a moved folder)
     moved = {"data.root": str(tmp_path / "elsewhere"), "data.eval_batch_size": 32}
     assert run_search(tiny_config(store.uri, epochs=2, **moved), store).genotype is not None
     stored = store.read_json("config.json")  # the resumed run's config is the one on record
     assert stored["epochs"] == 2 and stored["data"]["eval_batch_size"] == 32
+    # a deliberate change, allowed: it is on record too
+    with pytest.raises(UsageError, match=r"optim.w_lr: 0.025 -> 0.01\); continue it as it ran"):
+        run_search(tiny_config(store.uri, epochs=3, **moved, **{"optim.w_lr": 0.01}), store)
+    run_search(tiny_config(store.uri, epochs=3, **moved, **{"optim.w_lr": 0.01}), store, allow_changes=True)
+    assert store.read_json("config.json")["optim"]["w_lr"] == 0.01
 
 
 def test_resume_reads_a_config_written_before_a_field_was_added(tmp_path, tiny_config):
@@ -97,7 +102,7 @@ def test_resume_reads_a_config_written_before_a_field_was_added(tmp_path, tiny_c
     del old["algorithm"]["robust_batch"]
     store.write_json("config.json", old)
     assert run_search(tiny_config(store.uri, epochs=2, **dsrna), store).genotype is not None
-    with pytest.raises(UsageError, match="algorithm.robust_batch = 0, not 4"):
+    with pytest.raises(UsageError, match="algorithm.robust_batch: 0 -> 4"):
         run_search(tiny_config(store.uri, epochs=3, **dsrna, **{"algorithm.robust_batch": 4}), store)
 
 
