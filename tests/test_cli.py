@@ -182,6 +182,28 @@ def test_resume_continues_with_the_config_the_run_ran_with(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["optim"]["w_lr"] == 0.01
 
 
+def test_status_of_one_run(tmp_path, capsys):
+    """`status` on a search's --out (no Ray): how far, headline metrics, and running / finished /
+    interrupted with the command that continues it."""
+    from distsearch.driver_lease import LEASE_DIR
+
+    out = tmp_path / "o"
+    assert main(["search", "--config", _write(tmp_path, tiny_raw(str(out), epochs=1))]) == 0
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{out}: search (darts) on synthetic, epoch 1 of 1" and lines[1].startswith("  val/acc ")
+    assert lines[2] == f"finished: {out}/result.json"
+    (out / "result.json").unlink()  # as if killed before the end
+    assert main(["status", str(out)]) == 0
+    assert f"interrupted: continue it with `distsearch search --out {out} --resume`" in capsys.readouterr().out
+    lease = {"token": "t", "host": "gpu-7", "pid": 7, "command": "search", "started": time.time(), "beat": time.time()}
+    (out / LEASE_DIR).mkdir()
+    (out / LEASE_DIR / "t.json").write_text(json.dumps(lease))
+    assert main(["status", str(out)]) == 0
+    assert "running: `search` pid 7 on gpu-7" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [

@@ -242,9 +242,11 @@ def test_experiment_name_must_be_a_plain_folder(name, tmp_path, capsys):
 
 
 def test_listed_metrics_are_reported_by_a_search(tmp_path):
-    """Every listed metric is reported by some search, and every search reports only listed ones."""
+    """Every listed metric is reported by some search, and every search reports only listed ones;
+    per config, the train/ and lr/ names it reports are exactly those step_metrics lists for its
+    algorithm, variant and weight_at strategy (what the load-time check of tune.metric uses)."""
     from distsearch.config_file import parse_config
-    from distsearch.distributed.schema import METRICS, STEP_METRICS
+    from distsearch.distributed.schema import METRICS, STEP_METRICS, step_metrics
     from distsearch.runner import run_search
     from distsearch.storage import Store
 
@@ -252,13 +254,18 @@ def test_listed_metrics_are_reported_by_a_search(tmp_path):
     for i, over in enumerate(
         [
             {"eval.n": 8, "eval.steps": 1, "weight_at.strategy": "fgsm", "weight_at.eps": 0.1},
+            {"weight_at.strategy": "standard"},  # the plain weight step: no pass counts
             {"algorithm.name": "dsrna", "algorithm.variant": "combined"},
+            {"algorithm.name": "dsrna", "algorithm.variant": "certified"},
             {"algorithm.name": "lease", "data.synthetic.num_classes": 4},
+            {"weight_at.strategy": "trades", "weight_at.eps": 0.1, "weight_at.kwargs": {"steps": 1}},
         ]
     ):
-        cfg = parse_config(tiny_raw(str(tmp_path / str(i)), epochs=1, **{"data.synthetic.n": 64, **over}))
-        record = run_search(cfg, Store(cfg.storage.uri)).metrics
+        raw = tiny_raw(str(tmp_path / str(i)), epochs=1, **{"data.synthetic.n": 64, **over})
+        record = run_search(parse_config(raw), Store(raw["storage"]["uri"])).metrics
         assert set(record) - {"epoch"} <= set(METRICS + STEP_METRICS), set(record) - set(METRICS + STEP_METRICS)
+        steps = {k for k in record if k.startswith(("train/", "lr/"))}
+        assert steps == set(step_metrics(raw)), (over, steps ^ set(step_metrics(raw)))
         seen |= set(record)
     assert set(METRICS + STEP_METRICS) <= seen
 
@@ -269,31 +276,47 @@ def test_listed_metrics_are_reported_by_a_search(tmp_path):
         ("127.0.0.1:{port}", "--address: nothing answers at 127.0.0.1:{port}"),
         ("ray://127.0.0.1:{port}", "--address: nothing answers at 127.0.0.1:{port}"),
         ("head-node", "--address: 'head-node' is not HOST:PORT"),
+        # a web service (a dashboard's port, say) answers: Ray's GCS client would retry forever
+        ("127.0.0.1:{http}", "--address: 127.0.0.1:{http} answers but is not a Ray cluster (GCS) address"),
     ],
 )
 def test_unreachable_address_exits_2_before_writing(address, needle, tmp_path, capsys, monkeypatch):
+    import http.server
+    import threading
+
     import ray
 
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
     port = _free_port()
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=web.serve_forever, args=(0.05,), daemon=True).start()
+    ports = {"port": port, "http": web.server_address[1]}
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `distsearch run`
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init reached"))
     f = experiment(tmp_path / "exp.yaml")
-    rc = main(
-        [
-            "run",
-            "--config",
-            f,
-            "--storage",
-            str(tmp_path / "runs"),
-            "--name",
-            "x",
-            "--address",
-            address.format(port=port),
-        ]
-    )
+    try:
+        rc = main(
+            [
+                "run",
+                "--config",
+                f,
+                "--storage",
+                str(tmp_path / "runs"),
+                "--name",
+                "x",
+                "--address",
+                address.format(**ports),
+            ]
+        )
+    finally:
+        web.shutdown()
+        web.server_close()
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and needle.format(port=port) in err, err
-    assert not list(tmp_path.glob("runs/x/*"))
+    assert rc == 2 and len(err.splitlines()) == 1 and needle.format(**ports) in err, err
+    assert not (tmp_path / "runs" / "x").exists()  # not even an empty folder
 
 
 def test_trials_that_cannot_fit_the_cluster():
@@ -372,6 +395,33 @@ def test_submit_refuses_an_existing_experiment_name(tmp_path, capsys):
     assert rc == 2 and "already holds an experiment" in capsys.readouterr().err
 
 
+def test_run_and_resume_refuse_beside_a_live_driver(tmp_path, capsys, monkeypatch):
+    """Another driver holds the experiment (its lease is fresh): a second `run` of the name (the
+    first has not written its experiment file yet) and a `resume` both refuse before Ray starts,
+    and leave that driver's files alone."""
+    import ray
+
+    from distsearch.config_file import load_config
+    from distsearch.distributed import tuner as T
+    from distsearch.driver_lease import LEASE_DIR
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init reached"))
+    f = experiment(tmp_path / "exp.yaml")
+    root = tmp_path / "runs" / "held"
+    lease = {"token": "t0", "host": "head-node", "pid": 4242, "command": "run", "started": time.time()}
+    (root / LEASE_DIR).mkdir(parents=True)
+    (root / LEASE_DIR / "t0.json").write_text(json.dumps(dict(lease, beat=time.time())))
+    assert main(["run", "--config", f, "--storage", str(tmp_path / "runs"), "--name", "held"]) == 2
+    err = capsys.readouterr().err
+    assert "in use by another process (`run` pid 4242 on head-node" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in root.rglob("*")) == [LEASE_DIR, "t0.json"]
+    T.save_spec(T.experiment_spec(load_config(f), str(tmp_path / "runs"), "held"))
+    assert main(["resume", str(root)]) == 2
+    assert "in use by another process" in capsys.readouterr().err
+    assert main(["status", str(root)]) == 1  # no trials yet, but it says who is running
+    assert "running: `run` pid 4242 on head-node" in capsys.readouterr().out
+
+
 def test_random_search_is_seeded_and_tries_its_points_first():
     from distsearch.distributed import tuner as T
 
@@ -439,6 +489,43 @@ def test_two_trials_optuna_asha_local(ray_local, tmp_path, capsys):
     assert main(["status", str(root)]) == 0
     out = capsys.readouterr().out
     assert out.count("TERMINATED") >= 2 and "N[" in out
+
+
+@pytest.mark.slow
+def test_a_trial_asha_stops_is_shown_as_stopped(ray_local, tmp_path, capsys):
+    """ASHA (grace 1, factor 2, one trial at a time) stops the second trial after epoch 1 when it is
+    worse than the first there: here slower (metric time/epoch_s, min; eight times the channels).
+    status and report say so, and `run` still ends with 0."""
+    from distsearch.report import build_report
+
+    f = experiment(
+        tmp_path / "exp.yaml",
+        search_alg="random",
+        max_concurrent_trials=1,
+        metric="time/epoch_s",
+        mode="min",
+        params={"space.C": {"choice": [2, 16]}},
+        points_to_evaluate=[{"space.C": 2}, {"space.C": 16}],
+    )
+    assert main(["run", "--config", f, "--storage", str(tmp_path / "runs"), "--name", "asha"]) == 0
+    root = tmp_path / "runs" / "asha"
+    by_c = {json.loads((s / "config.json").read_text())["space"]["C"]: s for s in trials(root).values()}
+    assert (by_c[2] / "result.json").exists() and not (by_c[16] / "result.json").exists()
+    stopped = json.loads((by_c[16] / "stopped.json").read_text())
+    assert stopped == {
+        "scheduler": "asha",
+        "epoch": 1,
+        "metric": "time/epoch_s",
+        "value": pytest.approx(stopped["value"]),
+    }
+    capsys.readouterr()
+    assert main(["status", str(root)]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:] if line.split()}
+    assert rows[by_c[16].parent.name][1:3] == ["STOPPED", "1"] and rows[by_c[2].parent.name][1:3] == ["TERMINATED", "2"]
+    (tmp_path / "report").mkdir()
+    report = Path(build_report(str(root), str(tmp_path / "report"))).read_text()
+    assert "stopped early by ASHA after epoch 1 (time/epoch_s worse than its rung's cutoff)" in report
+    assert "unfinished" not in report
 
 
 @pytest.mark.slow
@@ -558,6 +645,9 @@ def test_killed_driver_then_resume(ray_local, tmp_path):
         newest = json.loads(sorted((s / "checkpoints").glob("*/meta.json"))[-1].read_text())
         assert rows[trial][2] == str(newest["epoch"]), out
     assert rows[sorted(finished)[0]][1] == "TERMINATED", out
+    unfinished = set(trials(root)) - finished - {"feedbeef"}
+    assert {rows[t][1] for t in unfinished} == {"INTERRUPTED"}, out  # the killed driver holds nothing
+    assert f"distsearch resume {root}" in out
 
     rc = subprocess.run(
         [sys.executable, "-m", "distsearch.cli", "resume", str(root), "--address", ray_local],
@@ -672,3 +762,120 @@ def test_two_node_cluster_runs_submitted_job(tmp_path):
     finally:
         for p in sessions:
             end_pids(in_session(p.pid))
+
+
+def test_tensorboard_on_s3_serves_a_temporary_copy_and_deletes_it(s3_bucket, monkeypatch, capsys):
+    """`distsearch tensorboard s3://...` copies the event files, runs TensorBoard as a child (here a
+    stand-in: exits 0 by itself, 3 on SIGINT, 4 on SIGTERM), passes Ctrl-C and SIGTERM on, returns
+    its status and deletes the copy."""
+    import threading
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    for trial in ("t1", "t2"):
+        fs.pipe(f"exp/runs/tbexp/{trial}/search/tb/events.out.tfevents.1.host", b"event")
+        fs.pipe(f"exp/runs/tbexp/{trial}/search/result.json", b"{}")
+    monkeypatch.setattr(os, "execv", lambda *a: pytest.fail("os.execv: would replace the test process"))
+    real_popen, seen = subprocess.Popen, {}
+
+    def fake_popen(cmd, **kw):  # TensorBoard's command line; the stand-in runs instead
+        logdir = Path(cmd[cmd.index("--logdir") + 1])
+        seen.update(cmd=cmd, logdir=logdir, files=sorted(str(p.relative_to(logdir)) for p in logdir.rglob("*.*")))
+        started = logdir / "started"
+        code = (
+            "import pathlib, signal, sys, time\n"
+            "signal.signal(signal.SIGINT, lambda *a: sys.exit(3))\n"
+            "signal.signal(signal.SIGTERM, lambda *a: sys.exit(4))\n"
+            f"pathlib.Path({str(started)!r}).touch()\n"
+            f"time.sleep({0 if seen['sig'] is None else 60})\n"
+        )
+        child = real_popen([sys.executable, "-c", code], **kw)
+        seen["pid"] = child.pid
+
+        def signal_this_process():  # as a terminal's Ctrl-C or a kill reaches the `distsearch` process
+            while not started.exists():
+                time.sleep(0.02)
+            os.kill(os.getpid(), seen["sig"])
+
+        if seen["sig"] is not None:
+            threading.Thread(target=signal_this_process, daemon=True).start()
+        return child
+
+    def unforwarded(signum, frame):
+        raise AssertionError(f"signal {signum} reached the test, not the child")
+
+    monkeypatch.setattr(subprocess, "Popen", fake_popen)
+    for sig, child_rc in [(None, 0), (signal.SIGINT, 3), (signal.SIGTERM, 4)]:
+        seen.clear()
+        seen["sig"] = sig
+        kept = {s: signal.signal(s, unforwarded) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            rc = main(["tensorboard", f"{s3_bucket}/tbexp", "--port", "6123"])
+        finally:
+            for s, handler in kept.items():
+                signal.signal(s, handler)
+        assert rc == child_rc, sig
+        assert seen["files"] == [f"{t}/search/tb/events.out.tfevents.1.host" for t in ("t1", "t2")]
+        assert seen["cmd"][-2:] == ["--port", "6123"] and seen["logdir"].name.startswith("distsearch-tb-")
+        assert not seen["logdir"].exists() and _stat(seen["pid"]) is None
+        assert "deleted when TensorBoard ends" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_real_gcs_passes_the_address_probe(ray_local):
+    from distsearch.distributed.tuner import _probe
+
+    _probe(ray_local, timeout=5)  # the HTTP/2 SETTINGS handshake of a real GCS (a dashboard fails it)
+
+
+@pytest.mark.slow
+def test_tune_writes_only_result_json_beside_our_files(ray_local, tmp_path, capsys):
+    """Tune's own loggers write result.json only: no TensorBoard files beside ours (TensorBoard on
+    the root would show each trial twice), no progress.csv (whose columns shift when a restarted
+    trial reports other keys); `status` and Tuner.restore work from result.json. The objective
+    train/R_jac is dsrna's: the darts trial reports it as NaN, and the experiment finishes."""
+    from ray.tune import ExperimentAnalysis
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+
+    from distsearch.distributed import tuner as T
+
+    f = experiment(tmp_path / "exp.yaml", epochs=1, scheduler="fifo", metric="train/R_jac", mode="max")
+    assert main(["run", "--config", f, "--storage", str(tmp_path / "runs"), "--name", "tb"]) == 0
+    root = tmp_path / "runs" / "tb"
+    stores = trials(root)
+    assert sorted(check_finished(stores)) == ["darts", "dsrna"]  # ours are there
+    events = [p for p in root.rglob("*") if "tfevents" in p.name]
+    assert events and all(p.relative_to(root).parts[1:3] == ("search", "tb") for p in events), events
+    assert not list(root.rglob("progress.csv"))
+    for trial, store in stores.items():
+        rows = [json.loads(line) for line in (root / trial / "result.json").read_text().splitlines()]
+        algo = json.loads((store / "config.json").read_text())["algorithm"]["name"]
+        assert rows and all(math.isnan(r["train/R_jac"]) == (algo == "darts") for r in rows), (algo, rows)
+    assert all(len(df) for df in ExperimentAnalysis(str(root)).trial_dataframes.values())
+    capsys.readouterr()
+    assert main(["status", str(root)]) == 0 and capsys.readouterr().out.count("TERMINATED") == 2
+    tuner, _ = T.restore_tuner(str(root))
+    callbacks = tuner._local_tuner.get_run_config().callbacks
+    assert any(isinstance(c, JsonLoggerCallback) for c in callbacks)
+    assert not any(isinstance(c, (CSVLoggerCallback, TBXLoggerCallback)) for c in callbacks)
+    assert os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "1"  # so Tune adds no others to them
+
+
+def test_driver_lease_on_s3(s3_bucket):
+    """The one-driver rule holds on an object store: a claim sees the other's lease (no cached
+    listing), a refused claim leaves nothing, a release frees the experiment."""
+    from distsearch.driver_lease import DriverLease, leases, live_drivers
+    from distsearch.errors import UsageError
+    from distsearch.storage import Store
+
+    store = Store(f"{s3_bucket}/leased")
+    first = DriverLease(store, "run").claim()
+    assert len(live_drivers(Store(store.uri))) == 1
+    with pytest.raises(UsageError, match="in use by another process"):
+        DriverLease(Store(store.uri), "resume").claim()
+    assert len(leases(store)) == 1
+    first.release()
+    assert leases(store) == [] and live_drivers(Store(store.uri)) == []
+    with DriverLease(store, "resume"):
+        assert len(leases(store)) == 1

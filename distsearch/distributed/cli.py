@@ -2,10 +2,12 @@
 
 `run` validates the experiment file and probes its storage before Ray starts (one line,
 exit 2, on any problem), then starts a local Ray (no --address, no $RAY_ADDRESS) or joins
-a cluster, and runs every trial to the end. `resume URI` restores an interrupted
-experiment; `status URI` prints one row per trial (state, metrics, genotype); `submit`
-sends `run` to a cluster through the Ray Jobs SDK with the project as working_dir;
-`tensorboard URI` serves the event files of all trials (copied locally when remote).
+a cluster, and runs every trial to the end. `run` and `resume` hold the experiment's driver
+lease (driver_lease.py: a second driver is refused). `resume URI` restores an interrupted
+experiment; `status URI` prints one row per trial (state, metrics, genotype) and the live
+driver, or where a single run stands (report.run_status, no Ray); `submit` sends `run` to a
+cluster through the Ray Jobs SDK with the project as working_dir; `tensorboard URI` serves
+the event files of all trials (from a temporary local copy when remote, deleted afterwards).
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ import argparse
 import os
 import posixpath
 import shlex
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
 
 from ..cli import add_config_args
+from ..driver_lease import DriverLease, describe, live_drivers
 from ..errors import UsageError
 from ..storage import Store
 from . import tuner as T
@@ -55,6 +61,9 @@ def _starts(starts: list[dict[str, Any]]) -> str:
 
 SHOWN = ("val/robust_clean_acc", "val/robust_acc")
 ORPHANED = "ORPHANED"
+STOPPED = "STOPPED"  # stopped early by the scheduler (ASHA): stopped.json
+INTERRUPTED = "INTERRUPTED"  # unfinished, and no driver holds the experiment
+OPEN = ("PENDING", "PAUSED", "RUNNING")
 
 
 def trial_rows(uri: str) -> list[dict[str, Any]]:
@@ -64,7 +73,8 @@ def trial_rows(uri: str) -> list[dict[str, Any]]:
     params; each trial's own store gives the epochs done and their metrics, and marks a trial
     finished once its result.json is written. A trial folder Tune's state does not know (it
     started after the last save of a driver that was then killed) is listed as ORPHANED:
-    `resume` does not continue it."""
+    `resume` does not continue it. Unfinished trials are INTERRUPTED when no live driver
+    holds the experiment (driver_lease.py)."""
     from ray.tune import ExperimentAnalysis
 
     spec = T.load_spec(uri)
@@ -79,6 +89,7 @@ def trial_rows(uri: str) -> list[dict[str, Any]]:
         posixpath.basename(posixpath.dirname(posixpath.dirname(p)))
         for p in base.fs.glob(base.path("*", SEARCH_DIR, "trial_starts.json"))
     }
+    driven = bool(live_drivers(base))
     rows = []
     for trial_id in [*tune_trials, *sorted(folders - set(tune_trials))]:
         trial = tune_trials.get(trial_id)
@@ -91,6 +102,10 @@ def trial_rows(uri: str) -> list[dict[str, Any]]:
         state = trial.status if trial else ORPHANED
         if state not in ("ERROR", ORPHANED) and store.exists("result.json"):
             state = "TERMINATED"  # finished; Tune's saved state may not say so yet
+        elif state == "TERMINATED" and store.exists("stopped.json"):
+            state = STOPPED
+        elif state in OPEN and not driven:
+            state = INTERRUPTED
         rows.append(
             {
                 "trial": trial_id,
@@ -113,6 +128,8 @@ def trial_rows(uri: str) -> list[dict[str, Any]]:
 
 def print_table(uri: str) -> list[dict[str, Any]]:
     rows = trial_rows(uri)
+    for lease in live_drivers(Store(uri)):
+        print(f"running: {describe(lease)}")
     if not rows:
         print(f"{uri}: no trials recorded yet")
         return rows
@@ -132,6 +149,10 @@ def print_table(uri: str) -> list[dict[str, Any]]:
             f"{ORPHANED}: a trial started after Tune last saved its state, before the driver was killed; "
             "`resume` does not continue it (Tune reruns its slot as a new trial); its files stay in its folder"
         )
+    if any(r["state"] == STOPPED for r in rows):
+        print(f"{STOPPED}: the scheduler ended these trials early (their metric was worse than their rung's cutoff)")
+    if any(r["state"] == INTERRUPTED for r in rows):
+        print(f"{INTERRUPTED}: no driver is running this experiment; continue it: distsearch resume {uri}")
     return rows
 
 
@@ -144,7 +165,7 @@ def _finish(uri: str) -> int:
     if bad:
         print(f"{len(bad)} trial(s) errored ({', '.join(bad)}); continue: distsearch resume {uri}", file=sys.stderr)
         return 1
-    open_ = [r["trial"] for r in rows if r["state"] in ("PENDING", "PAUSED", "RUNNING")]
+    open_ = [r["trial"] for r in rows if r["state"] in (*OPEN, INTERRUPTED)]
     if open_:  # Tune returns normally after Ctrl-C, leaving these
         print(f"interrupted with {len(open_)} trial(s) unfinished; continue: distsearch resume {uri}", file=sys.stderr)
         return 130
@@ -170,33 +191,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     T.check_storage(spec["root"])
     _refuse_existing(spec)
     _need_ray()
-    started = T.start_ray(spec, args.address)  # an unreachable cluster or resources: nothing written yet
+    # a second `run` of this name (or a `resume`) is refused; a refusal below leaves no folder
+    with DriverLease(Store(spec["root"]), "run"):
+        _refuse_existing(spec)  # one that finished since the check above
+        _drive(spec, args.address, lambda: T.build_tuner(spec))
+    return _finish(spec["root"])
+
+
+def _drive(spec: dict[str, Any], address: str | None, tuner: Any) -> None:
+    """Start or join Ray (an unreachable cluster or too few resources: refused, nothing written),
+    save the experiment file on a first run, run `tuner()` to the end, and shut a local Ray down."""
+    started = T.start_ray(spec, address)
     try:
-        T.save_spec(spec)
-        T.build_tuner(spec).fit()
+        if not Store(spec["root"]).exists(T.EXPERIMENT_FILE):
+            T.save_spec(spec)
+        tuner().fit()
     finally:
         if started:
             import ray
 
             ray.shutdown()
-    return _finish(spec["root"])
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     _need_ray()
-    started = T.start_ray(T.load_spec(args.uri), args.address)  # a clear error before Ray starts
-    try:
-        tuner, spec = T.restore_tuner(args.uri)
-        tuner.fit()
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    spec = T.load_spec(args.uri)  # a clear error before Ray starts
+    with DriverLease(Store(spec["root"]), "resume"):
+        _drive(spec, args.address, lambda: T.restore_tuner(args.uri)[0])
     return _finish(spec["root"])
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if Store(T.normalize_storage(args.uri)).exists("config.json"):  # one run, not an experiment: no Ray
+        from ..report import run_status
+
+        return run_status(args.uri)
     _need_ray()
     rows = print_table(T.load_spec(args.uri)["root"])
     return 0 if rows else 1
@@ -267,24 +296,45 @@ def _submit(client: Any, entrypoint: str, runtime_env: dict[str, Any], wait_s: f
 
 
 def cmd_tensorboard(args: argparse.Namespace) -> int:
+    """Serve TensorBoard on the event files at URI (a local folder in place; a remote one from a
+    temporary copy, deleted when TensorBoard ends) until Ctrl-C or SIGTERM; its exit status."""
     spec_root = T.normalize_storage(args.uri)
     store = Store(spec_root)
     if not store.exists():
         raise UsageError(f"URI: nothing at {args.uri!r}")
-    logdir = store.local_root
-    if logdir is None:  # remote: copy the event files to a local folder first
-        logdir = tempfile.mkdtemp(prefix="distsearch-tb-")
-        for path in store.fs.find(store.root):
-            if "tfevents" in path.rsplit("/", 1)[-1]:
-                rel = path[len(store.root) :].lstrip("/")
-                os.makedirs(os.path.dirname(os.path.join(logdir, rel)), exist_ok=True)
-                store.fs.get(path, os.path.join(logdir, rel))
-        print(f"copied event files from {args.uri} to {logdir}")
-    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", args.host, "--port", str(args.port)]
-    print(f"TensorBoard on http://{args.host}:{args.port}  ({' '.join(cmd[2:])})")
-    sys.stdout.flush()
-    os.execv(cmd[0], cmd)  # become TensorBoard: Ctrl-C and kill reach it directly
-    return 0
+    logdir, copy = store.local_root, None
+    try:
+        if logdir is None:  # remote: copy the event files to a local folder first
+            logdir = copy = tempfile.mkdtemp(prefix="distsearch-tb-")
+            for path in store.fs.find(store.root):
+                if "tfevents" in path.rsplit("/", 1)[-1]:
+                    rel = path[len(store.root) :].lstrip("/")
+                    os.makedirs(os.path.dirname(os.path.join(logdir, rel)), exist_ok=True)
+                    store.fs.get(path, os.path.join(logdir, rel))
+            print(f"copied event files from {args.uri} to {logdir} (deleted when TensorBoard ends)")
+        cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", args.host]
+        cmd += ["--port", str(args.port)]
+        print(f"TensorBoard on http://{args.host}:{args.port}  ({' '.join(cmd[2:])})")
+        sys.stdout.flush()
+        # its own session: a terminal's Ctrl-C reaches this process only, which passes it on once
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+
+        def forward(signum: int, frame: Any) -> None:
+            proc.send_signal(signum)
+
+        kept = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            rc = proc.wait()
+        finally:
+            for s, handler in kept.items():
+                signal.signal(s, handler)
+            if proc.poll() is None:  # this process is ending for another reason: so does TensorBoard
+                proc.kill()
+                proc.wait()
+        return rc if rc >= 0 else 128 - rc  # killed by signal N: 128 + N, as a shell reports it
+    finally:
+        if copy is not None:
+            shutil.rmtree(copy, ignore_errors=True)
 
 
 def register(sub: Any) -> None:
@@ -298,8 +348,8 @@ def register(sub: Any) -> None:
     p.add_argument("uri", help="an experiment root: <storage>/<name> (path, file://, s3://, gs://)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=cmd_resume)
-    p = sub.add_parser("status", help="table of the trials of the experiment at URI")
-    p.add_argument("uri", help="an experiment root: <storage>/<name> (path, file://, s3://, gs://)")
+    p = sub.add_parser("status", help="table of the trials of the experiment at URI, or where one run stands")
+    p.add_argument("uri", help="an experiment root <storage>/<name>, or a search's or training's --out")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("submit", help="submit `distsearch run` to a Ray cluster as a job (Ray Jobs SDK)")
     add_config_args(p)

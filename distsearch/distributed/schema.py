@@ -23,6 +23,7 @@ checked against SearchConfig when the file is loaded, so a typo fails before Ray
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -31,15 +32,58 @@ KINDS = ("choice", "grid", "uniform", "loguniform")
 # What every search reports each epoch (runner.run_search; val/robust_* with eval.n > 0); the
 # searcher's step values arrive as train/<key> and its learning rates as lr/<group>.
 METRICS = ("val/acc", "val/loss", "test/acc", "test/loss", "val/robust_acc", "val/robust_clean_acc", "time/epoch_s")
-# the step values of the searchers (darts.py, dsrna.py, lease.py; weight_at's pass counts) and their lrs
+# The step values each searcher reports (search/darts.py, dsrna.py, lease.py; dsrna's R terms by
+# variant), those a weight_at strategy other than standard adds (its pass counts, trades' clean
+# accuracy: robust/training*.py), and each searcher's learning rates (Searcher.learning_rates).
+_DARTS_STEP = "train_loss train_acc val_loss val_acc arch_nonfinite"
+ALGORITHM_STEP = {
+    "darts": _DARTS_STEP.split(),
+    "dsrna": f"{_DARTS_STEP} arch_objective R".split(),
+    "lease": (
+        "train_loss train_acc val_loss val_acc arch_objective attack_loss attack_success audience_train_loss "
+        "audience_train_acc audience_val_loss audience_val_acc audience_clean_acc"
+    ).split(),
+}
+DSRNA_VARIANT_STEP = {"jacobian": ["R_jac"], "certified": ["R_cb"], "combined": ["R_jac", "R_cb"]}
+WEIGHT_AT_STEP = ["train_forward_passes", "train_backward_passes"]
+STRATEGY_STEP = {"trades": ["train_clean_acc"]}
+LEARNING_RATES = {"darts": ["weights", "arch"], "dsrna": ["weights", "arch"], "lease": ["weights", "arch", "audience"]}
+# (the config keys they depend on, each as sampled by `tune.params`)
+STEP_KEYS = ("algorithm", "algorithm.name", "algorithm.variant", "weight_at", "weight_at.strategy")
+
+
+def step_metrics(raw: dict[str, Any]) -> list[str]:
+    """The train/<key> and lr/<group> names a search with the raw config `raw` reports."""
+    algorithm = raw.get("algorithm") or {}
+    name = algorithm.get("name", "darts")
+    keys = list(ALGORITHM_STEP.get(name, []))
+    if name == "dsrna":
+        keys += DSRNA_VARIANT_STEP.get(algorithm.get("variant", "jacobian"), [])
+    strategy = (raw.get("weight_at") or {"strategy": None}).get("strategy", "standard")
+    if strategy not in (None, "standard"):  # the runner's weight step is plain for these
+        keys += WEIGHT_AT_STEP + STRATEGY_STEP.get(strategy, [])
+    return [f"train/{k}" for k in keys] + [f"lr/{g}" for g in LEARNING_RATES.get(name, [])]
+
+
+def _describe(raw: dict[str, Any]) -> str:
+    """'algorithm dsrna (variant combined, weight_at fgsm)': what step_metrics(raw) depends on."""
+    algorithm, at = raw.get("algorithm") or {}, raw.get("weight_at") or {}
+    name = algorithm.get("name", "darts")
+    extra = [f"variant {algorithm.get('variant', 'jacobian')}"] if name == "dsrna" else []
+    extra += [f"weight_at {at.get('strategy', 'standard')}"] if at.get("strategy", "standard") != "standard" else []
+    return f"algorithm {name}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+# every step value and learning rate some search reports (the name check before the config's)
 STEP_METRICS = tuple(
-    f"train/{k}"
-    for k in (
-        "train_loss train_acc val_loss val_acc arch_nonfinite arch_objective R R_jac R_cb attack_loss "
-        "attack_success audience_train_loss audience_train_acc audience_val_loss audience_val_acc "
-        "audience_clean_acc train_forward_passes train_backward_passes"
-    ).split()
-) + ("lr/weights", "lr/arch", "lr/audience")
+    dict.fromkeys(
+        [f"train/{k}" for keys in ALGORITHM_STEP.values() for k in keys]
+        + [f"train/{k}" for keys in DSRNA_VARIANT_STEP.values() for k in keys]
+        + [f"train/{k}" for k in WEIGHT_AT_STEP]
+        + [f"train/{k}" for keys in STRATEGY_STEP.values() for k in keys]
+        + [f"lr/{g}" for groups in LEARNING_RATES.values() for g in groups]
+    )
+)
 
 
 class _Strict(BaseModel):
@@ -197,6 +241,30 @@ class TuneConfig(_Strict):
                 except ValidationError as e:
                     msg = format_validation_error(e, prefix="").removeprefix(" error: ")
                     raise ValueError(f"params '{key}': {spec.kind} value {value!r}: {msg}") from None
+        self._check_step_metrics(base)
+
+    def _check_step_metrics(self, base: dict[str, Any]) -> None:
+        """A train/ or lr/ objective must be reported by the configured algorithm (its variant and
+        weight_at strategy), or by one of the sampled ones: search_trial reports NaN for it in the
+        others (Tune needs it in every result)."""
+        wanted = [m for m, _ in self.objectives if m.startswith(("train/", "lr/"))]
+        if not wanted:
+            return
+        sampled = [k for k in STEP_KEYS if k in self.params]
+        configs = [
+            apply_params(base, dict(zip(sampled, values, strict=True)))
+            for values in itertools.product(*(self.params[k].candidates for k in sampled))
+        ]
+        for metric in wanted:
+            if any(metric in step_metrics(raw) for raw in configs):
+                continue
+            field = "metrics entry" if self.metrics else "metric"
+            reports = dict.fromkeys(f"{_describe(r)} reports {', '.join(step_metrics(r))}" for r in configs)
+            if len(reports) == 1:
+                msg = f"{field} {metric!r} is not reported: {next(iter(reports))}"
+            else:
+                msg = f"{field} {metric!r} is not reported by any sampled configuration: {'; '.join(reports)}"
+            raise ValueError(msg)
 
 
 def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:

@@ -137,8 +137,15 @@ def search_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
                 _adopt(donor, pointer, store)
                 source = None if donor == uri else donor
         store.write_json("config.json", cfg.model_dump(mode="json"))  # PBT may have changed the config
+    if store.exists("stopped.json"):  # a scheduler's stop the driver did not live to save: running again
+        store.fs.rm(store.path("stopped.json"))
     _record_start(store, ray.util.get_node_ip_address(), dict(config), source)
     reported = False
+    # An objective (tune.metric / metrics) only another sampled algorithm reports, e.g. train/R_jac
+    # in a darts trial, is NaN here: Tune refuses a result without it; ASHA and PBT pass NaN by,
+    # Optuna records such a trial as failed.
+    t = spec["tune"]
+    objectives = dict.fromkeys(t.get("metrics") or [t["metric"]], float("nan"))
 
     def on_epoch(epoch: int, record: dict[str, float], name: str) -> None:
         nonlocal reported
@@ -146,9 +153,9 @@ def search_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="distsearch-ckpt-") as d:
             with open(os.path.join(d, POINTER), "w") as f:
                 json.dump({"trial": ctx.get_trial_id(), "checkpoint": name, "epoch": epoch}, f)
-            tune.report(dict(record, done_epochs=epoch), checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report({**objectives, **record, "done_epochs": epoch}, checkpoint=tune.Checkpoint.from_directory(d))
         reported = True
 
     result = run_search(cfg, store, on_epoch=on_epoch)
     if not reported:  # the store already held the finished search: report its result once
-        tune.report(dict(result.metrics, done_epochs=result.epochs))
+        tune.report({**objectives, **result.metrics, "done_epochs": result.epochs})

@@ -20,13 +20,14 @@ import posixpath
 import re
 import socket
 import sys
+import time
 from typing import Any
 
 from ..config import SearchConfig
 from ..errors import UsageError
 from ..storage import Store
 from .schema import ParamSpec, TuneConfig
-from .trainable import search_trial
+from .trainable import SEARCH_DIR, search_trial
 
 EXPERIMENT_FILE = "distsearch_experiment.json"
 # Storage settings (never secrets) that trials on other nodes need to reach the same store.
@@ -48,14 +49,8 @@ def experiment_uri(storage: str, name: str) -> str:
 
 
 def check_storage(uri: str) -> None:
-    """One clear UsageError when the storage URI cannot be opened or written."""
-    store = Store(uri)
-    store.check_writable()
-    if store.is_local:  # the experiment folder is created now anyway: prove that it can be
-        try:
-            os.makedirs(store.root, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"storage: cannot create {store.root!r} ({e.strerror})") from None
+    """One clear UsageError when the storage URI cannot be opened or written (creates nothing)."""
+    Store(uri).check_writable()
 
 
 def _domain(spec: ParamSpec) -> Any:
@@ -96,10 +91,12 @@ def scheduler(t: TuneConfig, epochs: int) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     metric, mode = t.objectives[0]
+    # rungs and perturbation intervals count the epochs a trial's store holds: after a resume
+    # Tune's training_iteration lags them by the epochs run since Tune last saved its state
     if t.scheduler == "asha":
         extra = {"metric": metric, "mode": mode} if t.metrics else {}
         return ASHAScheduler(
-            time_attr="training_iteration",
+            time_attr="done_epochs",
             max_t=epochs,
             grace_period=t.grace_period,
             reduction_factor=t.reduction_factor,
@@ -115,13 +112,39 @@ def scheduler(t: TuneConfig, epochs: int) -> Any:
                 else (tune.uniform(*lo_hi) if spec.uniform else tune.loguniform(*lo_hi))
             )
         return PopulationBasedTraining(
-            time_attr="training_iteration",
+            time_attr="done_epochs",
             perturbation_interval=t.perturbation_interval,
             quantile_fraction=t.quantile_fraction,
             synch=t.synch,
             hyperparam_mutations=mutations,
         )
     return FIFOScheduler()
+
+
+def stop_marker(spec: dict[str, Any]) -> Any:
+    """A Tune callback that writes stopped.json into the store of a trial the scheduler stops
+    early (ASHA), so that `status` and `report` say so instead of calling it unfinished. Tune
+    marks the result it stops a trial on with done=True; a trial's last own report (all epochs)
+    is never such a result, and an interrupted trial gets none. Tune pickles this callback with
+    the experiment and restores it unchanged, so the trial's folder comes from Tune's trial
+    (where the experiment is now), not from `spec`."""
+    from ray.tune import Callback
+
+    epochs, t = spec["base"]["epochs"], TuneConfig.model_validate(spec["tune"])
+    scheme = spec["root"].split("://")[0] + "://" if "://" in spec["root"] else ""
+
+    class StopMarker(Callback):
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            done = result.get("done_epochs", epochs)
+            if result.get("done") and done < epochs:
+                metric = t.objectives[0][0]
+                local = trial.storage.storage_filesystem.type_name == "local"
+                Store(posixpath.join(trial.path if local else scheme + trial.path, SEARCH_DIR)).write_json(
+                    "stopped.json",
+                    {"scheduler": t.scheduler, "epoch": done, "metric": metric, "value": result.get(metric)},
+                )
+
+    return StopMarker()
 
 
 def trial_dirname(trial: Any) -> str:
@@ -160,6 +183,7 @@ def experiment_spec(cfg: SearchConfig, storage: str | None = None, name: str | N
 def build_tuner(spec: dict[str, Any], verbose: int = 1) -> Any:
     """A new Tuner for the experiment `spec` (see experiment_spec); `verbose` as Tune's (0 silent)."""
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     t = TuneConfig.model_validate(spec["tune"])
     metric, mode = (None, None) if t.metrics else t.objectives[0]
@@ -177,12 +201,19 @@ def build_tuner(spec: dict[str, Any], verbose: int = 1) -> Any:
         # and exploits hand workers between live trials (a trial once ended early, "completed", there)
         reuse_actors=t.reuse_actors and t.scheduler != "pbt",
     )
+    # Of Tune's own loggers only result.json (ExperimentAnalysis, so `status`, and Tuner.restore
+    # read it first): not its TensorBoard files beside ours (TensorBoard on an experiment root
+    # would show each trial twice), nor progress.csv, whose columns are a trial's first result's
+    # keys: a trial restarted with other keys (PBT mutating weight_at.strategy) writes its rows
+    # under the wrong headers. The restored RunConfig keeps these callbacks (restore_tuner).
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
     run_config = tune.RunConfig(
         name=spec["name"],
         storage_path=spec["storage"],
         # Tune checkpoints are pointer files; PBT clones donors' older ones, so keep them all there
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None if t.scheduler == "pbt" else 2),
         failure_config=tune.FailureConfig(max_failures=t.max_failures),
+        callbacks=[stop_marker(spec), JsonLoggerCallback()],
         verbose=verbose,
     )
     return tune.Tuner(make_trainable(spec), param_space=param_space(t), tune_config=tune_config, run_config=run_config)
@@ -213,24 +244,54 @@ def restore_tuner(uri: str) -> tuple[Any, dict[str, Any]]:
     spec = load_spec(uri)
     if not tune.Tuner.can_restore(spec["root"]):
         raise UsageError(f"URI: {spec['root']!r} has no Tune experiment state to resume (did it ever start?)")
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # build_tuner's loggers come back with the state
     tuner = tune.Tuner.restore(spec["root"], trainable=make_trainable(spec), resume_errored=True)
     return tuner, spec
 
 
 def _probe(address: str, timeout: float = 5.0) -> None:
-    """A UsageError unless something accepts TCP connections at `address` (HOST:PORT or
-    ray://HOST:PORT): Ray itself would print a traceback (ray://) or wait on the GCS for a minute."""
+    """A UsageError unless a Ray GCS (HOST:PORT) or Ray client server (ray://HOST:PORT) answers
+    at `address`: Ray itself would print a traceback (ray://) or wait on the GCS for a minute,
+    and forever where another service (a dashboard, a web server) holds the port. Both are gRPC
+    over cleartext HTTP/2, so after the TCP connect the HTTP/2 client preface must be answered
+    with a SETTINGS frame (not checked where RAY_USE_TLS is set: TLS comes first there)."""
     hostport = address.removeprefix("ray://")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
         raise UsageError(f"--address: {address!r} is not HOST:PORT, ray://HOST:PORT or auto")
+    deadline = time.monotonic() + timeout
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
     except OSError as e:
         raise UsageError(
             f"--address: nothing answers at {hostport} ({e.strerror or e}); start the cluster "
             "(`ray start --head` or `ray up cluster.yaml`) or leave --address out to run on a local Ray"
         ) from None
+    with sock:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return
+        reply = b""
+        try:  # the preface, then an empty SETTINGS frame (length 0, type 4, no flags, stream 0)
+            sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            while len(reply) < 9:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                chunk = sock.recv(9 - len(reply))
+                if not chunk:
+                    break
+                reply += chunk
+        except OSError as e:  # socket.timeout included
+            what = f"no HTTP/2 reply within {timeout:g} s" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        else:
+            what = f"it replied {reply[:9]!r}" if reply else "it closed the connection"
+        if len(reply) < 9 or reply[3] != 0x04:
+            if address.startswith("ray://"):
+                kind, usual = "client server (ray://)", "the client port is usually 10001 (--ray-client-server-port)"
+            else:
+                kind, usual = "cluster (GCS)", "the GCS port is usually 6379 (ray start --head prints it)"
+            raise UsageError(
+                f"--address: {hostport} answers but is not a Ray {kind} address ({what}, not gRPC); "
+                f"{usual}; the dashboard 8265 is for distsearch submit"
+            )
 
 
 def init_ray(address: str | None = None) -> bool:
