@@ -202,6 +202,8 @@ def test_status_of_one_run(tmp_path, capsys):
     (out / LEASE_DIR / "t.json").write_text(json.dumps(lease))
     assert main(["status", str(out)]) == 0
     assert "running: `search` pid 7 on gpu-7" in capsys.readouterr().out
+    assert main(["resume", str(out)]) == 2  # `resume` is for experiments: it names the command
+    assert f"continue it with `distsearch search --out {out} --resume`" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

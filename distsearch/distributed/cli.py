@@ -214,6 +214,13 @@ def _drive(spec: dict[str, Any], address: str | None, tuner: Any) -> None:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    store = Store(T.normalize_storage(args.uri))
+    if store.exists("config.json"):  # one run, not an experiment
+        command = "train" if "model" in store.read_config() else "search"
+        raise UsageError(
+            f"URI: {args.uri} is a single {command} run, not an experiment; continue it with "
+            f"`distsearch {command} --out {args.uri} --resume`"
+        )
     _need_ray()
     spec = T.load_spec(args.uri)  # a clear error before Ray starts
     with DriverLease(Store(spec["root"]), "resume"):
