@@ -133,6 +133,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .config_file import apply_overrides, load_config, parse_config, stored_config
+    from .distributed.trainable import experiment_of  # layout only: no ray imported
     from .driver_lease import DriverLease
     from .runner import run_search
     from .storage import Store
@@ -152,7 +153,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             f"--out: {cfg.storage.uri} already holds a search; pass --resume to continue it or choose another --out"
         )
     store.check_writable()
-    with DriverLease(store, "search", field="--out" if args.out else "storage.uri"):  # one process per --out
+    experiment = experiment_of(store)  # a trial's store: not beside the experiment's live driver
+    with DriverLease(store, "search", "--out" if args.out else "storage.uri", (experiment,) if experiment else ()):
         result = run_search(cfg, store, allow_changes=args.allow_changes)
     print(f"genotype ({result.epochs} epochs, val acc {result.metrics.get('val/acc', float('nan')):.4f}):")
     print(result.genotype.to_json())
@@ -215,13 +217,15 @@ STORAGE_ERRORS = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google")  # a rem
 RESUME_HINT = {  # how each long command continues after an interruption
     "search": "continue from the last checkpoint with `distsearch search --out {out} --resume`",
     "train": "continue from the last checkpoint with `distsearch train --out {out} --resume`",
-    "run": "continue with `distsearch resume <storage>/<name>`",
-    "resume": "continue with `distsearch resume` on the same URI",
+    "run": "continue with `distsearch resume {out}`",
+    "resume": "continue with `distsearch resume {out}`",
 }
 
 
 def _hint(args: argparse.Namespace, default: str) -> str:
-    return RESUME_HINT.get(args.command, default).replace("{out}", getattr(args, "out", None) or "<storage.uri>")
+    where = getattr(args, "out", None) or getattr(args, "uri", None)
+    where = where or ("<storage>/<name>" if args.command == "run" else "<storage.uri>")
+    return RESUME_HINT.get(args.command, default).replace("{out}", where)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

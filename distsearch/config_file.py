@@ -172,14 +172,25 @@ def resume_changes(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
 
 def stored_config(uri: str, command: str) -> dict[str, Any]:
     """The raw config.json of the run at `uri`, for `distsearch <command> --out URI --resume`
-    without --config; one line when there is no such run or it is another command's."""
+    without --config; one line when there is no such run, it is another command's, or this
+    version of distsearch cannot read it."""
     from .storage import Store
 
     store = Store(uri)
     if not store.exists("config.json"):
+        if store.exists("distsearch_experiment.json"):
+            raise UsageError(f"--out: {uri} is an experiment root; continue it with `distsearch resume {uri}`")
         raise UsageError(f"--out: {uri} holds no run to resume (no config.json); give --config to start one")
     raw = store.read_config()
     kind = "train" if "model" in raw else "search"
     if kind != command:
         raise UsageError(f"--out: {uri} holds a {kind} run; continue it: distsearch {kind} --out {uri} --resume")
+    try:
+        (TrainConfig if kind == "train" else SearchConfig).model_validate(raw)
+    except ValidationError as e:
+        raise UsageError(
+            f"--out: {uri}/config.json does not load in this version of distsearch "
+            f"({format_validation_error(e, prefix='its')}); resume it with the version that wrote it, or "
+            "continue with a current config: --config FILE --resume --allow-changes"
+        ) from None
     return raw

@@ -3,12 +3,16 @@ lease file under the run's store (<store>/drivers/), refreshed by a heartbeat th
 second process refuses to start beside a live one (two `search --resume` on one --out, two
 `run`s of one name) and `distsearch status` can tell a running experiment from an interrupted one.
 
-A claim writes its own lease, then lists the folder: a process that sees any other live lease
-gives up and removes its own. Of two racing claims the later write always sees the earlier
-one, so at most one wins (both may lose; the message says to retry). A lease is live while
-its heartbeat is younger than STALE_S and, on this host, while its process exists (a process
-killed with SIGKILL on this machine stops counting at once). Leases that are not live are
-deleted by the next claim. Works on every Store (local, S3, GCS, memory); needs no Ray.
+A claim writes its own lease, then lists the folder (and the `blockers`' folders: an
+experiment's root for a search on one of its trial stores, and the reverse): a process that sees
+any other live lease gives up and removes its own. Of two racing claims the later write always
+sees the earlier one, so at most one wins (both may lose; the message says to retry).
+
+A lease is live, on this host, while its process exists (pid and, on Linux, its start time: a
+process suspended with Ctrl-Z still holds it, a SIGKILLed one stops counting at once); from
+another host, while its heartbeat is younger than STALE_S. A lease names its store, so one copied
+along with a run folder does not hold the copy. Leases that are not live are deleted by the next
+claim. Works on every Store (local, S3, GCS, memory); needs no Ray.
 """
 
 from __future__ import annotations
@@ -29,21 +33,35 @@ BEAT_S = 10.0  # heartbeat period
 STALE_S = 60.0  # a lease not refreshed for this long is dead (its host's clock may differ a little)
 
 
-def _pid_alive(pid: int) -> bool:
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux /proc), None elsewhere or gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int, start: str | None = None) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, another user's
-        return True
-    return True
+        pass
+    return start is None or _start_time(pid) in (None, start)  # a reused pid has another start time
+
+
+def _identity(store: Store) -> str:
+    protocol = store.fs.protocol if isinstance(store.fs.protocol, str) else store.fs.protocol[0]
+    return f"{protocol}://{store.root}"
 
 
 def is_live(lease: dict[str, Any], now: float | None = None, stale_s: float = STALE_S) -> bool:
+    if lease.get("host") == socket.gethostname():
+        return _pid_alive(int(lease.get("pid", -1)), lease.get("pid_start"))
     now = time.time() if now is None else now
-    if now - float(lease.get("beat", 0)) > stale_s:
-        return False
-    return lease.get("host") != socket.gethostname() or _pid_alive(int(lease.get("pid", -1)))
+    return now - float(lease.get("beat", 0)) <= stale_s
 
 
 def describe(lease: dict[str, Any], now: float | None = None) -> str:
@@ -56,37 +74,47 @@ def describe(lease: dict[str, Any], now: float | None = None) -> str:
 
 
 def leases(store: Store) -> list[tuple[str, dict[str, Any]]]:
-    """(file name, lease) for every readable lease under the experiment's drivers/ folder."""
+    """(file name, lease) for every readable lease under the store's drivers/ folder that was
+    written for this store (not copied here with its folder)."""
     folder = store.path(LEASE_DIR)
     store.fs.invalidate_cache(folder)  # object stores: list what is there now, not a cached listing
     try:
         names = [posixpath.basename(p) for p in store.fs.ls(folder, detail=False)]
     except FileNotFoundError:
         return []
-    out = []
+    out, me = [], _identity(store)
     for name in sorted(names):
         if not name.endswith(".json"):
             continue  # a local write's temporary file
         try:
-            out.append((name, store.read_json(posixpath.join(LEASE_DIR, name))))
+            lease = store.read_json(posixpath.join(LEASE_DIR, name))
         except (FileNotFoundError, ValueError):
             continue  # released meanwhile, or half-written by a killed driver
+        out.append((name, dict(lease, live=lease.get("store", me) == me)))
     return out
 
 
 def live_drivers(store: Store) -> list[dict[str, Any]]:
     now = time.time()
-    return [lease for _, lease in leases(store) if is_live(lease, now)]
+    return [lease for _, lease in leases(store) if lease["live"] and is_live(lease, now)]
 
 
 class DriverLease:
     """`with DriverLease(store, "run"):` holds the store for this process (see module doc);
-    `field` names the user's input in the refusal (URI, --out)."""
+    `field` names the user's input in the refusal (URI, --out, --name); a live lease in one of
+    the `blockers` stores refuses the claim too."""
 
     def __init__(
-        self, store: Store, command: str, field: str = "URI", beat_s: float = BEAT_S, stale_s: float = STALE_S
+        self,
+        store: Store,
+        command: str,
+        field: str = "URI",
+        blockers: tuple[Store, ...] = (),
+        beat_s: float = BEAT_S,
+        stale_s: float = STALE_S,
     ):
         self.store, self.command, self.field, self.beat_s, self.stale_s = store, command, field, beat_s, stale_s
+        self.blockers = blockers
         self.token = uuid.uuid4().hex[:12]
         self.file = posixpath.join(LEASE_DIR, f"{self.token}.json")
         self._stop = threading.Event()
@@ -96,7 +124,9 @@ class DriverLease:
             "token": self.token,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "pid_start": _start_time(os.getpid()),
             "command": command,
+            "store": _identity(store),
             "started": time.time(),
         }
 
@@ -113,14 +143,18 @@ class DriverLease:
         self._write()
         now = time.time()
         others = [(n, lease) for n, lease in leases(self.store) if lease.get("token") != self.token]
-        live = [lease for _, lease in others if is_live(lease, now, self.stale_s)]
+        live = [lease for _, lease in others if lease["live"] and is_live(lease, now, self.stale_s)]
+        for blocker in self.blockers:
+            live += [dict(lease, at=blocker.uri) for lease in live_drivers(blocker)]
         if live:
             self._remove(self.file)
+            where = f" (it holds {live[0]['at']})" if "at" in live[0] else ""
             raise UsageError(
-                f"{self.field}: {self.store.uri} is in use by another process ({describe(live[0], now)}); wait "
-                f"for it to end, stop it (Ctrl-C or kill {live[0]['pid']}), or retry if both started together"
+                f"{self.field}: {self.store.uri} is in use by another process{where} ({describe(live[0], now)}); "
+                f"wait for it to end, stop it (Ctrl-C, or kill {live[0]['pid']} on {live[0]['host']}), or retry "
+                "if both started together"
             )
-        for name, _ in others:  # dead drivers' leases (killed, or their host gone)
+        for name, _ in others:  # dead drivers' leases (killed, their host gone, or copied here)
             self._remove(posixpath.join(LEASE_DIR, name))
         self._thread = threading.Thread(target=self._beat, name="distsearch-lease", daemon=True)
         self._thread.start()

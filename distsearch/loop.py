@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import RunConfig
-from .errors import checkpoint_mismatch
+from .errors import UsageError, checkpoint_mismatch
 from .monitor import Monitor
 from .storage import Store
 
@@ -53,6 +53,7 @@ class EpochLoop:
                 )
             return False
         name, state, meta = latest
+        self.check_epochs(meta["epoch"], meta["global_step"])
         try:
             load(state)
         except (RuntimeError, KeyError) as e:  # a layout mismatch: nothing is written
@@ -66,6 +67,14 @@ class EpochLoop:
         )
         log.info("resumed from %s (epoch %d, step %d)", name, self.epoch, self.step)
         return True
+
+    def check_epochs(self, done: int, step: int) -> None:
+        """Refuse to resume with fewer epochs than the run has begun (it would stop there, its
+        config.json saying fewer epochs than it holds); before anything is loaded or written."""
+        begun = done + (step > done * self.steps_per_epoch)  # a mid-epoch checkpoint: that epoch too
+        if begun > self.cfg.epochs:
+            what = f"{done} epoch{'s' * (done != 1)}" + (f" and part of epoch {begun}" if begun > done else "")
+            raise UsageError(f"epochs: the run at {self.store.uri} has done {what}; resume with epochs >= {begun}")
 
     def open_monitor(self, monitor: Monitor | None = None) -> Monitor:
         """The given monitor, or one of our own whose event files drop what followed the checkpoint."""

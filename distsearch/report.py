@@ -178,6 +178,7 @@ def run_status(uri: str) -> int:
     """`distsearch status URI` on one run (a search's or training's --out, or a trial's store): what
     it runs, how far it is, its latest headline metrics, and whether a process is running it now,
     it finished, ASHA stopped it, or it was interrupted (with the command that continues it)."""
+    from .distributed.trainable import experiment_of  # layout only: no ray imported
     from .driver_lease import describe, live_drivers
 
     store = Store(uri)
@@ -185,21 +186,21 @@ def run_status(uri: str) -> int:
     algo = (config.get("algorithm") or {}).get("name")
     what = f"search ({algo})" if algo else f"training ({(config.get('strategy') or {}).get('strategy', 'standard')})"
     done = result.get("epochs") if result else (latest[2].get("epoch", 0) if latest else 0)
-    print(f"{uri}: {what} on {config['data']['name']}, epoch {done} of {config['epochs']}")
+    print(f"{uri}: {what} on {config['data'].get('name')}, epoch {done} of {config.get('epochs')}")
     metrics = _headline(result, latest, stopped)[0]
     shown = [f"{k} {_value(k, metrics[k])}" for k in SUMMARY if isinstance(metrics.get(k), (int, float))]
     if shown:
         print("  " + ", ".join(shown) + " (accuracies in %)")
-    live = live_drivers(store)
-    root = posixpath.dirname(posixpath.dirname(store.uri.rstrip("/")))
+    experiment = experiment_of(store)  # a trial's store: its experiment's driver runs it
+    live = live_drivers(store) or (live_drivers(experiment) if experiment else [])
     if live:
         print(f"running: {describe(live[0])}")
     elif result:
         print(f"finished: {store.uri}/result.json")
     elif stopped:
         print(f"stopped early by {stopped['scheduler'].upper()} after epoch {stopped['epoch']}")
-    elif root and Store(root).exists("distsearch_experiment.json"):  # a trial of an experiment
-        print(f"not running: continue the experiment with `distsearch resume {root}`")
+    elif experiment:
+        print(f"not running: continue the experiment with `distsearch resume {experiment.uri}`")
     else:
         print(f"interrupted: continue it with `distsearch {'search' if algo else 'train'} --out {uri} --resume`")
     return 0

@@ -147,19 +147,19 @@ def robust_accuracy(
 
 def check_store_matches(store: Store, cfg: RunConfig, allow_changes: bool = False) -> None:
     """A store holding a run must hold this config's run: the same kind (search or training) and,
-    unless `allow_changes`, the same values but for what a resume may change (config_file.resume_changes)."""
+    unless `allow_changes` or it holds no checkpoint yet (killed before its first: nothing to
+    continue), the same values but for what a resume may change (config_file.resume_changes)."""
     if not store.exists("config.json"):
         return
     old = store.read_config()
     if ("model" in old) != ("model" in cfg.model_dump()):
         kind = "a training run" if "model" in old else "a search"
         raise UsageError(f"storage.uri: {store.uri} holds {kind}, not this kind of run; choose another --out")
-    changes = [] if allow_changes else resume_changes(old, cfg)
+    changes = [] if allow_changes or not store.list_checkpoints() else resume_changes(old, cfg)
     if changes:
         command = "train" if "model" in old else "search"
-        more = f" (and {len(changes) - 3} more)" if len(changes) > 3 else ""
         raise UsageError(
-            f"storage.uri: {store.uri} ran with other values ({'; '.join(changes[:3])}{more}); continue it as "
+            f"storage.uri: {store.uri} ran with other values ({'; '.join(changes)}); continue it as "
             f"it ran: `distsearch {command} --out {store.uri} --resume` (no --config), or pass --allow-changes"
         )
 

@@ -19,7 +19,7 @@ from .data import BatchStream, DataSplits
 from .errors import UsageError, checkpoint_mismatch
 from .loop import EpochLoop
 from .runner import build_data, build_supernet, check_store_matches, evaluate, robust_accuracy, setup_torch
-from .search.base import rng_state, set_rng_state
+from .search.base import adopt_hyperparameters, hyperparameters, rng_state, set_rng_state
 from .storage import Store
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,20 @@ def read_genotype(ref: str) -> Genotype:
     except GenotypeError as e:
         raise UsageError(f"model.genotype: {ref}: {e}") from None
     raise UsageError(f"model.genotype: {ref!r} is neither a genotype JSON file nor a search's storage folder")
+
+
+def run_genotype(cfg: TrainConfig, store: Store) -> Genotype | None:
+    """The genotype the run trains. A resume (the store holds checkpoints and genotype.json) builds
+    the store's own genotype.json: model.genotype is not read again (a search it names may have
+    moved on since, a relative path may name another file from another cwd). Only a model.genotype
+    changed on purpose (--allow-changes) is read anew."""
+    ref = cfg.model.genotype
+    if not ref:
+        return None
+    if store.exists("genotype.json") and store.list_checkpoints():
+        if store.read_config().get("model", {}).get("genotype") == ref:
+            return Genotype.from_dict(store.read_json("genotype.json"))
+    return read_genotype(ref)
 
 
 def build_network(cfg: TrainConfig, data: DataSplits, genotype: Genotype | None) -> torch.nn.Module:
@@ -69,8 +83,9 @@ def run_training(
 ) -> dict[str, Any]:
     """Train (or resume) to cfg.epochs; returns the last epoch's record."""
     device = setup_torch(cfg)
+    check_store_matches(store, cfg, allow_changes)
     data = build_data(cfg)
-    genotype = read_genotype(cfg.model.genotype) if cfg.model.genotype else None
+    genotype = run_genotype(cfg, store)
     model = build_network(cfg, data, genotype).to(device)
     strategy = cfg.strategy.build()
     o = cfg.optim
@@ -86,14 +101,16 @@ def run_training(
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "strategy": strategy, "stream": stream}
 
     def load(state: dict[str, Any]) -> None:
+        configured = hyperparameters({"optimizer": optimizer}, {"scheduler": scheduler})
         for key, part in parts.items():
             part.load_state_dict(state[key])
         set_rng_state(state["rng"], device)
+        # the configured schedule, not the loaded one (more epochs: T_max grows, the lr anneals to lr_min)
+        adopt_hyperparameters({"optimizer": optimizer}, {"scheduler": scheduler}, configured)
 
-    check_store_matches(store, cfg, allow_changes)
-    resumed = loop.resume(device, load)
+    loop.resume(device, load)
     store.write_json("config.json", cfg.model_dump(mode="json"))  # a resume's too (epochs, monitor may change)
-    if not resumed and genotype is not None:
+    if genotype is not None:  # the genotype trained (a resume's own, unless changed with --allow-changes)
         store.write_json("genotype.json", genotype.to_dict())
     monitor = loop.open_monitor()
 

@@ -206,6 +206,33 @@ def test_status_of_one_run(tmp_path, capsys):
     assert f"continue it with `distsearch search --out {out} --resume`" in capsys.readouterr().err
 
 
+def test_a_trials_store_is_not_written_beside_its_experiments_driver(tmp_path, capsys):
+    """`search --out <root>/<trial>/search --resume` while the experiment's driver runs is refused
+    (the driver's trial would write the same store); status on that trial names the driver."""
+    from distsearch.driver_lease import LEASE_DIR
+
+    root = tmp_path / "exp"
+    trial = root / "t1" / "search"
+    root.mkdir()
+    (root / "distsearch_experiment.json").write_text("{}")
+    assert main(["search", "--config", _write(tmp_path, tiny_raw(str(trial), epochs=1))]) == 0
+    (trial / "result.json").unlink()  # unfinished
+    lease = {"token": "t", "host": "gpu-7", "pid": 7, "command": "run", "started": time.time(), "beat": time.time()}
+    (root / LEASE_DIR).mkdir()
+    (root / LEASE_DIR / "t.json").write_text(json.dumps(lease))
+    capsys.readouterr()
+    assert main(["search", "--out", str(trial), "--resume", "--set", "epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert f"in use by another process (it holds {root}) (`run` pid 7 on gpu-7" in err, err
+    for uri in (trial, trial.parent):  # the trial's store, or its folder
+        assert main(["status", str(uri)]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"{trial}: search (darts)") and "running: `run` pid 7 on gpu-7" in out, out
+    (root / LEASE_DIR / "t.json").unlink()
+    assert main(["status", str(trial)]) == 0
+    assert f"not running: continue the experiment with `distsearch resume {root}`" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
@@ -213,11 +240,20 @@ def test_status_of_one_run(tmp_path, capsys):
         (["search", "--out", "{tmp}/none", "--resume"], "holds no run to resume (no config.json)"),
         (["train", "--epochs", "1"], "--model or --genotype: one is required"),
         (["train", "--out", "{tmp}/s", "--resume"], "holds a search run; continue it: distsearch search --out"),
+        (["search", "--out", "{tmp}/exp", "--resume"], "is an experiment root; continue it with `distsearch resume"),
+        (
+            ["search", "--out", "{tmp}/old", "--resume"],
+            "old/config.json does not load in this version of distsearch (its error: algorithm.unrolled: unknown key",
+        ),
     ],
 )
 def test_resume_without_a_config_needs_a_run(argv, needle, tmp_path, capsys):
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "config.json").write_text(json.dumps(tiny_raw(str(tmp_path / "s"))))
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "distsearch_experiment.json").write_text("{}")
+    (tmp_path / "old").mkdir()  # written by a version that had a field this one does not
+    (tmp_path / "old" / "config.json").write_text(json.dumps(tiny_raw("x", **{"algorithm.unrolled": True})))
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err

@@ -413,7 +413,8 @@ def test_run_and_resume_refuse_beside_a_live_driver(tmp_path, capsys, monkeypatc
     (root / LEASE_DIR / "t0.json").write_text(json.dumps(dict(lease, beat=time.time())))
     assert main(["run", "--config", f, "--storage", str(tmp_path / "runs"), "--name", "held"]) == 2
     err = capsys.readouterr().err
-    assert "in use by another process (`run` pid 4242 on head-node" in err and len(err.strip().splitlines()) == 1
+    assert f"--name: {root} is in use by another process (`run` pid 4242 on head-node" in err
+    assert len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in root.rglob("*")) == [LEASE_DIR, "t0.json"]
     T.save_spec(T.experiment_spec(load_config(f), str(tmp_path / "runs"), "held"))
     assert main(["resume", str(root)]) == 2
@@ -826,7 +827,12 @@ def test_tensorboard_on_s3_serves_a_temporary_copy_and_deletes_it(s3_bucket, mon
 def test_the_real_gcs_passes_the_address_probe(ray_local):
     from distsearch.distributed.tuner import _probe
 
-    _probe(ray_local, timeout=5)  # the HTTP/2 SETTINGS handshake of a real GCS (a dashboard fails it)
+    # the HTTP/2 SETTINGS handshake (a dashboard fails it), then GetClusterId with this session's token
+    # (ray.init set RAY_AUTH_MODE=token), on the address Ray reports and on its loopback form
+    for address in (ray_local, "127.0.0.1:" + ray_local.rpartition(":")[2]):
+        t0 = time.monotonic()
+        _probe(address, timeout=5)
+        assert time.monotonic() - t0 < 3, address
 
 
 @pytest.mark.slow

@@ -128,3 +128,50 @@ def test_release_removes_only_the_folders_the_claim_made(tmp_path):
     (tmp_path / "new" / "run" / "config.json").write_text("{}")  # the run wrote its files
     lease.release()
     assert sorted(p.name for p in (tmp_path / "new" / "run").iterdir()) == ["config.json"]
+
+
+def test_a_suspended_process_here_holds_its_lease_and_a_reused_pid_does_not(tmp_path):
+    """Ctrl-Z: the heartbeat stops but the process exists, so it still holds the store. A lease
+    whose pid now belongs to another process (other start time) holds nothing."""
+    import signal
+    import socket
+
+    from distsearch.driver_lease import _start_time
+
+    store = Store(str(tmp_path / "run"))
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        p.send_signal(signal.SIGSTOP)
+        old = time.time() - 3600  # no heartbeat for an hour
+        _foreign(store, host=socket.gethostname(), pid=p.pid, pid_start=_start_time(p.pid), beat=old)
+        with pytest.raises(UsageError, match=f"kill {p.pid} on {socket.gethostname()}"):
+            DriverLease(store, "search").claim()
+        _foreign(store, host=socket.gethostname(), pid=p.pid, pid_start="1", beat=time.time())
+        assert live_drivers(store) == []
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_a_lease_copied_with_its_folder_does_not_hold_the_copy(tmp_path):
+    import shutil
+
+    original = Store(str(tmp_path / "a"))
+    with DriverLease(original, "search"):
+        shutil.copytree(tmp_path / "a", tmp_path / "b")
+        copy = Store(str(tmp_path / "b"))
+        assert len(leases(copy)) == 1 and live_drivers(copy) == [] and len(live_drivers(original)) == 1
+        with DriverLease(copy, "search"):  # and the copied lease file is cleared
+            assert [lease["store"] for _, lease in leases(copy)] == [f"file://{copy.root}"]
+
+
+def test_a_live_lease_in_a_blocker_refuses_the_claim(tmp_path):
+    """A search on a trial's store while the experiment's driver runs, and the reverse."""
+    root, trial = Store(str(tmp_path / "exp")), Store(str(tmp_path / "exp" / "t1" / "search"))
+    with DriverLease(root, "run"):
+        with pytest.raises(UsageError, match=rf"in use by another process \(it holds {root.uri}\) \(`run` pid"):
+            DriverLease(trial, "search", blockers=(root,)).claim()
+    assert leases(trial) == []
+    with DriverLease(trial, "search", blockers=(root,)):
+        with pytest.raises(UsageError, match="`search` pid"):
+            DriverLease(root, "resume", blockers=(trial,)).claim()

@@ -1,5 +1,6 @@
-"""Experiment checks that need no Ray: the --address probe against services that are not a Ray
-GCS (an HTTP/1.1 server, a silent one, one that closes) and one that speaks HTTP/2, and the
+"""Experiment checks that need no Ray cluster: the --address probe against services that are not
+a Ray GCS (an HTTP/1.1 server, a silent one, one that closes, one that only speaks HTTP/2, a gRPC
+server without Ray's services) and against fake GCSs answering GetClusterId, and the
 load-time check that a train/ or lr/ objective is reported by the configured (or a sampled)
 algorithm. (`distsearch tensorboard` on S3 is tested in test_distributed.py, beside its fixture.)"""
 
@@ -104,7 +105,9 @@ def test_probe_refuses_a_service_that_closes():
             _probe(addr, timeout=2)
 
 
-def test_probe_passes_an_http2_server_and_skips_the_handshake_under_tls(monkeypatch):
+def test_probe_wants_more_than_http2_settings_from_a_gcs_and_skips_the_handshake_under_tls(monkeypatch):
+    """A SETTINGS frame is all the ray:// check asks for; a GCS address must then answer the
+    GetClusterId call, which this server (HTTP/2 preface and SETTINGS only) never does."""
     got: list[bytes] = []
 
     def h2(conn: socket.socket) -> None:
@@ -114,14 +117,87 @@ def test_probe_passes_an_http2_server_and_skips_the_handshake_under_tls(monkeypa
         conn.sendall(SETTINGS[4:])
 
     with tcp_server(h2) as addr:
-        _probe(addr, timeout=2)
         _probe("ray://" + addr, timeout=2)
+        t0 = time.monotonic()
+        with pytest.raises(UsageError) as e:
+            _probe(addr, timeout=1)
+        assert 0.4 < time.monotonic() - t0 < 4
     assert got[0] == b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SETTINGS
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and f"--address: {addr} answers gRPC but a Ray GCS call" in msg, msg
+    assert "(no reply within" in msg, msg
     monkeypatch.setenv("RAY_USE_TLS", "1")  # a TLS cluster: the TCP connect is all that is checked
     with tcp_server(lambda conn: None) as addr:
         t0 = time.monotonic()
         _probe(addr, timeout=2)
         assert time.monotonic() - t0 < 1
+
+
+@contextmanager
+def grpc_server(handlers: dict[str, Callable] | None = None) -> Iterator[str]:
+    """A grpcio server on 127.0.0.1 (grpcio comes with Ray) with `handlers` ({method: behaviour}) as
+    unary calls on bytes; none: a gRPC server with no services at all. Yields HOST:PORT."""
+    grpc = pytest.importorskip("grpc")
+    from concurrent import futures
+
+    class Generic(grpc.GenericRpcHandler):
+        def service(self, details):  # None: UNIMPLEMENTED
+            handle = (handlers or {}).get(details.method)
+            return grpc.unary_unary_rpc_method_handler(handle) if handle else None
+
+    srv = grpc.server(futures.ThreadPoolExecutor(2))
+    srv.add_generic_rpc_handlers([Generic()])
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        srv.stop(None)
+
+
+def test_probe_refuses_a_grpc_server_that_is_not_a_ray_gcs():
+    """Any gRPC server (e.g. the Ray client port 10001 given without ray://) passes the HTTP/2
+    check, and ray.init would then retry its GCS connection for ever: the GetClusterId call
+    answers UNIMPLEMENTED, and the probe refuses at once."""
+    with grpc_server() as addr:
+        t0 = time.monotonic()
+        with pytest.raises(UsageError) as e:
+            _probe(addr, timeout=5)
+        assert time.monotonic() - t0 < 3  # first call: Ray's token interceptor is imported
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and f"--address: {addr} answers gRPC but is not a Ray GCS" in msg, msg
+    assert f"needs ray://{addr}" in msg and "GCS port is usually 6379" in msg, msg
+
+
+GET_CLUSTER_ID = "/ray.rpc.NodeInfoGcsService/GetClusterId"
+
+
+def _gcs_refusing_the_token(request, context):
+    import grpc
+
+    context.abort(grpc.StatusCode.UNAUTHENTICATED, "InvalidAuthToken: Authentication token is missing or incorrect")
+
+
+@pytest.mark.parametrize(
+    "handle, refusal",
+    [
+        (lambda request, context: b"", None),  # an empty GetClusterIdReply
+        (_gcs_refusing_the_token, "uses token authentication and refused this process (InvalidAuthToken"),
+        (lambda request, context: time.sleep(2) or b"", "a Ray GCS call to it failed (no reply within"),
+    ],
+    ids=["answers", "wants-a-token", "too-slow"],
+)
+def test_probe_asks_the_gcs_for_its_cluster_id(handle, refusal):
+    with grpc_server({GET_CLUSTER_ID: handle}) as addr:
+        t0 = time.monotonic()
+        if refusal is None:
+            _probe(addr, timeout=1)
+        else:
+            with pytest.raises(UsageError) as e:
+                _probe(addr, timeout=1)
+            msg = str(e.value)
+            assert len(msg.splitlines()) == 1 and refusal in msg and addr in msg, msg
+        assert time.monotonic() - t0 < 2.5
 
 
 # -- a train/ or lr/ objective must be reported by the configured (or a sampled) algorithm -------

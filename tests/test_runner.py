@@ -247,3 +247,39 @@ def test_the_hypergradient_switches_reach_the_searcher(tmp_path, tiny_config, na
     data = build_data(cfg)
     searcher = build_searcher(cfg, build_supernet(cfg, data), data)
     assert searcher.fd_r == 0.05 and searcher.fd_replay is False
+
+
+def test_resume_with_fewer_epochs_than_done_is_refused(tmp_path, tiny_config):
+    """`search --out X --resume --set epochs=1` on a finished 2-epoch run: refused before anything
+    is written (it exited 0 with config.json saying 1 epoch); with the same epochs it just finishes."""
+    from distsearch.errors import UsageError
+
+    store = Store(str(tmp_path / "x"))
+    result = run_search(tiny_config(store.uri, epochs=2), store)
+    before = {f: store.fs.cat_file(f) for f in store.fs.find(store.path(""))}
+    with pytest.raises(
+        UsageError, match=rf"^epochs: the run at {store.uri} has done 2 epochs; resume with epochs >= 2$"
+    ):
+        run_search(tiny_config(store.uri, epochs=1), store)
+    assert {f: store.fs.cat_file(f) for f in store.fs.find(store.path(""))} == before
+    again = run_search(tiny_config(store.uri, epochs=2), store)
+    assert (again.genotype, again.epochs, again.metrics) == (result.genotype, 2, result.metrics)
+
+
+def test_a_store_without_checkpoints_takes_a_new_config(tmp_path, tiny_config):
+    """Killed before its first checkpoint (config.json only): nothing to continue, so a run with
+    other values starts there; a run of the other kind is still refused."""
+    from distsearch.config import TrainConfig
+    from distsearch.config_file import parse_config
+    from distsearch.errors import UsageError
+    from distsearch.runner import check_store_matches
+
+    store = Store(str(tmp_path / "x"))
+    with pytest.raises(Interrupted):
+        run_search(tiny_config(store.uri, epochs=1), store, stop_after_steps=1)
+    assert store.exists("config.json") and not store.list_checkpoints()
+    training = parse_config({"model": {"name": "mlp"}, "storage": {"uri": store.uri}}, TrainConfig)
+    with pytest.raises(UsageError, match="holds a search, not this kind of run"):
+        check_store_matches(store, training)
+    assert run_search(tiny_config(store.uri, epochs=1, **{"space.C": 4}), store).epochs == 1
+    assert store.read_json("config.json")["space"]["C"] == 4

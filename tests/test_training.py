@@ -223,3 +223,125 @@ def test_strategy_raises_pgd20_robust_accuracy(name: str) -> None:
     assert robust >= base + MARGIN, f"{name}: PGD-20 {robust:.1f}% vs standard {base:.1f}%"
     d = mnist()
     assert accuracy(trained_mlp(name), d.x_test[:500], d.y_test[:500]) > 75.0  # still a classifier
+
+
+# -- run_training: resume (tiny synthetic runs, 4 steps per epoch) ------------------------------
+
+GENOTYPE = {
+    "normal": [["sep_conv_3x3", 0], ["skip_connect", 1]],
+    "normal_concat": [2],
+    "reduce": [["max_pool_3x3", 0], ["avg_pool_3x3", 1]],
+    "reduce_concat": [2],
+}
+SWAPPED = GENOTYPE | {"reduce": [["avg_pool_3x3", 0], ["max_pool_3x3", 1]]}  # the same weights, another cell
+
+
+def train_config(uri: str, model: dict | None = None, **over):
+    """A seconds-long training run: 80 synthetic 8x8 images (64 to train on: 4 steps per epoch)."""
+    from distsearch.config import TrainConfig
+    from distsearch.config_file import parse_config
+
+    raw = {
+        "seed": 0,
+        "epochs": 2,
+        "device": "cpu",
+        "threads": 1,
+        "model": model or {"name": "mlp", "kwargs": {"hidden": [16]}},
+        "data": {"name": "synthetic", "batch_size": 16, "synthetic": {"n": 80, "image_size": 8}},
+        "eval": {"n": 0},
+        "monitor": {"progress": False, "tensorboard": False},
+        "storage": {"uri": uri},
+    } | over
+    return parse_config(raw, TrainConfig)
+
+
+def test_training_resume_trains_the_stored_genotype(tmp_path, monkeypatch):
+    """A resume builds the run's own genotype.json, not model.genotype again: the file changed
+    since (a search continued) or, relative, names nothing from another cwd. Both resumes equal
+    the uninterrupted run bitwise; the evaluated genotype.json is the one trained."""
+    import json
+
+    from distsearch.runner import Interrupted
+    from distsearch.storage import Store
+    from distsearch.train import run_genotype, run_training
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir(), elsewhere.mkdir()
+    (here / "g.json").write_text(json.dumps(GENOTYPE))
+    monkeypatch.chdir(here)
+    model = {"genotype": "g.json", "C": 4, "layers": 2}
+    uris = {name: str(tmp_path / name) for name in ("straight", "changed", "moved")}
+    want = run_training(train_config(uris["straight"], model), Store(uris["straight"]))
+    for name in ("changed", "moved"):
+        with pytest.raises(Interrupted):
+            run_training(train_config(uris[name], model), Store(uris[name]), stop_after_steps=5)  # epoch 1 saved
+    weights = Store(uris["straight"]).load_latest()[1]["model"]
+
+    def resume(name: str) -> None:
+        store = Store(uris[name])
+        assert run_training(train_config(store.uri, model), store)["test/loss"] == want["test/loss"], name
+        resumed = store.load_latest()[1]["model"]
+        assert all(torch.equal(weights[k], resumed[k]) for k in weights), name
+        assert store.read_json("genotype.json") == GENOTYPE, name
+
+    (here / "g.json").write_text(json.dumps(SWAPPED))
+    resume("changed")
+    monkeypatch.chdir(elsewhere)
+    resume("moved")
+    # model.genotype changed on purpose (--allow-changes): that one is read
+    store = Store(uris["changed"])
+    other = train_config(store.uri, {**model, "genotype": str(here / "g.json")})
+    assert run_genotype(other, store).to_dict() == SWAPPED
+    assert run_genotype(train_config(store.uri, model), store).to_dict() == GENOTYPE
+
+
+def _lrs(store) -> list[float]:
+    return [r["lr"] for r in store.load_latest()[2]["history"]]
+
+
+def test_training_resumed_with_more_epochs_anneals_over_them(tmp_path):
+    """2 epochs resumed to 4: the lr of each later epoch is the cosine schedule over 4 epochs
+    (the loaded T_max=2 rewound it: 0.0125, 0.0, 0.0125, 0.025), as a search resumes."""
+    import math
+
+    from distsearch.storage import Store
+    from distsearch.train import run_training
+
+    lr, lr_min = 0.05, 0.001
+    store = Store(str(tmp_path / "run"))
+    run_training(train_config(store.uri, epochs=2, optim={"lr": lr, "lr_min": lr_min}), store)
+    run_training(train_config(store.uri, epochs=4, optim={"lr": lr, "lr_min": lr_min}), store)
+
+    def cosine(epoch: int, epochs: int) -> float:
+        return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+    lrs = _lrs(store)
+    assert lrs[:2] == pytest.approx([cosine(1, 2), cosine(2, 2)], rel=1e-9)  # as it ran
+    assert lrs[2:] == pytest.approx([cosine(3, 4), cosine(4, 4)], rel=1e-9)
+    assert lrs[3] == pytest.approx(lr_min, rel=1e-9)
+
+
+def test_training_resume_with_fewer_epochs_than_done_is_refused(tmp_path):
+    """Resumed with fewer epochs than it has begun: refused before anything is written (it used to
+    rewrite config.json, and status said "epoch 2 of 1"); with as many, a finished run just finishes."""
+    from distsearch.errors import UsageError
+    from distsearch.runner import Interrupted
+    from distsearch.storage import Store
+    from distsearch.train import run_training
+
+    store = Store(str(tmp_path / "done"))
+    final = run_training(train_config(store.uri, epochs=2), store)
+    before = {f: store.fs.cat_file(f) for f in store.fs.find(store.path(""))}
+    with pytest.raises(
+        UsageError, match=rf"^epochs: the run at {store.uri} has done 2 epochs; resume with epochs >= 2$"
+    ):
+        run_training(train_config(store.uri, epochs=1), store)
+    assert {f: store.fs.cat_file(f) for f in store.fs.find(store.path(""))} == before
+    assert run_training(train_config(store.uri, epochs=2), store) == final
+    assert store.read_json("result.json")["epochs"] == 2
+
+    store = Store(str(tmp_path / "mid"))  # killed in epoch 2 after a checkpoint at step 6
+    with pytest.raises(Interrupted):
+        run_training(train_config(store.uri, epochs=3, storage={"every_n_steps": 2}), store, stop_after_steps=7)
+    with pytest.raises(UsageError, match=r"has done 1 epoch and part of epoch 2; resume with epochs >= 2$"):
+        run_training(train_config(store.uri, epochs=1, storage={"every_n_steps": 2}), store)

@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from ..cli import add_config_args
-from ..driver_lease import DriverLease, describe, live_drivers
+from ..driver_lease import LEASE_DIR, DriverLease, describe, live_drivers
 from ..errors import UsageError
 from ..storage import Store
 from . import tuner as T
@@ -89,7 +89,8 @@ def trial_rows(uri: str) -> list[dict[str, Any]]:
         posixpath.basename(posixpath.dirname(posixpath.dirname(p)))
         for p in base.fs.glob(base.path("*", SEARCH_DIR, "trial_starts.json"))
     }
-    driven = bool(live_drivers(base))
+    drivers = live_drivers(base)
+    since = min((float(d["started"]) for d in drivers), default=None)
     rows = []
     for trial_id in [*tune_trials, *sorted(folders - set(tune_trials))]:
         trial = tune_trials.get(trial_id)
@@ -104,8 +105,10 @@ def trial_rows(uri: str) -> list[dict[str, Any]]:
             state = "TERMINATED"  # finished; Tune's saved state may not say so yet
         elif state == "TERMINATED" and store.exists("stopped.json"):
             state = STOPPED
-        elif state in OPEN and not driven:
+        elif state in OPEN and since is None:
             state = INTERRUPTED
+        elif state == "PENDING" and since is not None and starts and starts[-1].get("time", 0) >= since:
+            state = "RUNNING"  # started by the live driver; Tune's saved state lags by seconds
         rows.append(
             {
                 "trial": trial_id,
@@ -189,13 +192,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     spec = T.experiment_spec(cfg, args.storage, args.name)
     T.check_storage(spec["root"])
-    _refuse_existing(spec)
     _need_ray()
-    # a second `run` of this name (or a `resume`) is refused; a refusal below leaves no folder
-    with DriverLease(Store(spec["root"]), "run"):
-        _refuse_existing(spec)  # one that finished since the check above
+    args.out = spec["root"]  # for the interruption hint
+    # a second `run` of this name (or a `resume`) is refused first, naming the live driver; a
+    # refusal below leaves no folder
+    with DriverLease(Store(spec["root"]), "run", "--name", _leased_trials(spec["root"])):
+        _refuse_existing(spec)
         _drive(spec, args.address, lambda: T.build_tuner(spec))
     return _finish(spec["root"])
+
+
+def _leased_trials(root: str) -> tuple[Store, ...]:
+    """The trial stores under `root` that a process (`search --resume` on a trial) has a lease in."""
+    base = Store(root)
+    found = base.fs.glob(base.path("*", SEARCH_DIR, LEASE_DIR))
+    return tuple(Store(trial_uri(root, posixpath.basename(posixpath.dirname(posixpath.dirname(p))))) for p in found)
 
 
 def _drive(spec: dict[str, Any], address: str | None, tuner: Any) -> None:
@@ -223,16 +234,19 @@ def cmd_resume(args: argparse.Namespace) -> int:
         )
     _need_ray()
     spec = T.load_spec(args.uri)  # a clear error before Ray starts
-    with DriverLease(Store(spec["root"]), "resume"):
+    args.out = spec["root"]  # for the interruption hint
+    with DriverLease(Store(spec["root"]), "resume", "URI", _leased_trials(spec["root"])):
         _drive(spec, args.address, lambda: T.restore_tuner(args.uri)[0])
     return _finish(spec["root"])
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    if Store(T.normalize_storage(args.uri)).exists("config.json"):  # one run, not an experiment: no Ray
-        from ..report import run_status
+    uri = T.normalize_storage(args.uri)
+    for run in (uri, posixpath.join(uri, SEARCH_DIR)):  # one run (or a trial's folder): no Ray
+        if Store(run).exists("config.json"):
+            from ..report import run_status
 
-        return run_status(args.uri)
+            return run_status(run)
     _need_ray()
     rows = print_table(T.load_spec(args.uri)["root"])
     return 0 if rows else 1

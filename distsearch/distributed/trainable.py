@@ -23,12 +23,23 @@ from ..storage import CKPT_DIR, MANIFEST, Store
 from .schema import apply_params
 
 SEARCH_DIR = "search"
+EXPERIMENT_FILE = "distsearch_experiment.json"  # in the experiment root: what `resume` needs
 POINTER = "distsearch_checkpoint.json"
 
 
 def trial_uri(root: str, trial_id: str) -> str:
     """Storage URI of one trial's search Store under the experiment root URI."""
     return posixpath.join(root.rstrip("/"), trial_id, SEARCH_DIR)
+
+
+def experiment_of(store: Store) -> Store | None:
+    """The experiment root holding `store` when it is a trial's store (trial_uri's inverse), else None."""
+    if posixpath.basename(store.root) != SEARCH_DIR:
+        return None
+    root = posixpath.dirname(posixpath.dirname(store.root))
+    protocol = store.fs.protocol if isinstance(store.fs.protocol, str) else store.fs.protocol[0]
+    root_store = Store(root if store.is_local else f"{protocol}://{root}")
+    return root_store if root_store.exists(EXPERIMENT_FILE) else None
 
 
 def set_threads(cpus: float) -> int:

@@ -27,9 +27,8 @@ from ..config import SearchConfig
 from ..errors import UsageError
 from ..storage import Store
 from .schema import ParamSpec, TuneConfig
-from .trainable import SEARCH_DIR, search_trial
+from .trainable import EXPERIMENT_FILE, SEARCH_DIR, search_trial
 
-EXPERIMENT_FILE = "distsearch_experiment.json"
 # Storage settings (never secrets) that trials on other nodes need to reach the same store.
 FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
 log = logging.getLogger(__name__)
@@ -254,7 +253,8 @@ def _probe(address: str, timeout: float = 5.0) -> None:
     at `address`: Ray itself would print a traceback (ray://) or wait on the GCS for a minute,
     and forever where another service (a dashboard, a web server) holds the port. Both are gRPC
     over cleartext HTTP/2, so after the TCP connect the HTTP/2 client preface must be answered
-    with a SETTINGS frame (not checked where RAY_USE_TLS is set: TLS comes first there)."""
+    with a SETTINGS frame (not checked where RAY_USE_TLS is set: TLS comes first there). Any gRPC
+    server passes that, so a GCS address must then answer a real GCS call (`_ask_gcs`)."""
     hostport = address.removeprefix("ray://")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
@@ -292,6 +292,48 @@ def _probe(address: str, timeout: float = 5.0) -> None:
                 f"--address: {hostport} answers but is not a Ray {kind} address ({what}, not gRPC); "
                 f"{usual}; the dashboard 8265 is for distsearch submit"
             )
+    if not address.startswith("ray://"):
+        _ask_gcs(hostport, max(deadline - time.monotonic(), 0.5))
+
+
+def _ask_gcs(hostport: str, timeout: float) -> None:
+    """A UsageError unless the Ray GCS at `hostport` answers GetClusterId, the first call ray.init
+    makes (and retries for ever where another gRPC server, e.g. the client port 10001, answers).
+    It sends the token Ray itself would: with RAY_AUTH_MODE=token, from RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
+    import grpc
+
+    interceptors = []
+    try:
+        from ray._private.authentication.grpc_authentication_client_interceptor import (
+            SyncAuthenticationMetadataClientInterceptor,
+        )
+
+        interceptors.append(SyncAuthenticationMetadataClientInterceptor())
+    except ImportError:  # a Ray without token authentication
+        pass
+    proxy = int(os.environ.get("RAY_grpc_enable_http_proxy", "0").lower() in ("1", "true"))  # as Ray's clients
+    options = [("grpc.enable_http_proxy", proxy), ("grpc.use_local_subchannel_pool", 1)]  # closed with the channel
+    with grpc.insecure_channel(hostport, options=options) as channel:
+        call = grpc.intercept_channel(channel, *interceptors).unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")
+        try:
+            call(b"", timeout=timeout)  # b"": an empty GetClusterIdRequest; the reply is not needed
+            return
+        except grpc.RpcError as e:
+            code, details = e.code(), ((e.details() or "").splitlines() or [""])[0]
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        raise UsageError(
+            f"--address: {hostport} answers gRPC but is not a Ray GCS (no NodeInfoGcsService); the GCS port "
+            f"is usually 6379 (ray start --head prints it); a Ray client server (port 10001) needs ray://{hostport}"
+        )
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        raise UsageError(
+            f"--address: the Ray GCS at {hostport} uses token authentication and refused this process ({details}); "
+            "set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+            "~/.ray/auth_token (`ray get-auth-token` on the head node prints it)"
+        )
+    what = f"no reply within {timeout:g} s" if code == grpc.StatusCode.DEADLINE_EXCEEDED else f"{code.name}: {details}"
+    raise UsageError(f"--address: {hostport} answers gRPC but a Ray GCS call to it failed ({what})")
 
 
 def init_ray(address: str | None = None) -> bool:

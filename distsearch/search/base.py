@@ -88,7 +88,8 @@ class Searcher(ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = next(self.model.parameters()).device
-        configured = self._hyperparameters()
+        optimisers, schedulers = self._optimisers(), self._schedulers()
+        configured = hyperparameters(optimisers, schedulers)
         w_state = state["w_optimizer"]
         if is_per_edge(state["model"]):  # a checkpoint of the per-edge supernet: its momenta regrouped
             w_state = regroup_optimizer(self.model, state["model"], w_state)
@@ -100,10 +101,9 @@ class Searcher(ABC):
         self.load_extra_state(state.get("extra", {}))
         if (strategy := getattr(self, "weight_strategy", None)) is not None:
             strategy.load_state_dict(state.get("weight_strategy", {}))
-        for change in self._adopt_hyperparameters(configured):
-            log.warning("resumed with a changed hyperparameter: %s", change)
+        adopt_hyperparameters(optimisers, schedulers, configured)
         if device.type != "cuda":  # a checkpoint of a CUDA-graph run (capturable Adam) resumed off the GPU
-            for opt in self._optimisers().values():
+            for opt in optimisers.values():
                 for group in opt.param_groups:
                     if group.get("capturable"):
                         group["capturable"] = False
@@ -115,44 +115,53 @@ class Searcher(ABC):
     def _schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.optim.lr_scheduler.LRScheduler)}
 
-    def _hyperparameters(self) -> dict[str, Any]:
-        """The optimisers' group settings and the schedules, as built from the config."""
-        groups = {
-            k: [{h: v for h, v in g.items() if h not in IMPLEMENTATION_KEYS} for g in o.param_groups]
-            for k, o in self._optimisers().items()
-        }
-        schedules = {
-            k: {h: getattr(s, h) for h in SCHEDULE_KEYS if hasattr(s, h)} for k, s in self._schedulers().items()
-        }
-        return {"groups": groups, "schedules": schedules}
 
-    def _adopt_hyperparameters(self, configured: dict[str, Any]) -> list[str]:
-        """Put back the configured settings that differ from the loaded ones; the scheduled
-        lr is recomputed from the configured schedule at the loaded epoch. Returns the changes."""
-        changes: list[str] = []
+def hyperparameters(
+    optimisers: dict[str, torch.optim.Optimizer], schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]
+) -> dict[str, Any]:
+    """The optimisers' group settings and the schedules, as built from the config (before a load)."""
+    groups = {
+        k: [{h: v for h, v in g.items() if h not in IMPLEMENTATION_KEYS} for g in o.param_groups]
+        for k, o in optimisers.items()
+    }
+    schedules = {k: {h: getattr(s, h) for h in SCHEDULE_KEYS if hasattr(s, h)} for k, s in schedulers.items()}
+    return {"groups": groups, "schedules": schedules}
 
-        def adopt(name: str, current: dict[str, Any], want: dict[str, Any], skip: str = "") -> list[str]:
-            differ = [h for h, v in want.items() if h != skip and _differs(current.get(h), v)]
-            for h in differ:
-                changes.append(f"{name}.{h}: {current.get(h)} -> {want[h]}")
-                current[h] = want[h]
-            return differ
 
-        scheduled = {id(s.optimizer): (k, s) for k, s in self._schedulers().items()}
-        for name, opt in self._optimisers().items():
-            key, sched = scheduled.get(id(opt), (None, None))
-            skip = "lr" if sched is not None else ""  # a scheduled lr follows its schedule (below)
-            groups = zip(opt.param_groups, configured["groups"][name], strict=True)
-            base_moved = any(["initial_lr" in adopt(name, g, w, skip) for g, w in groups])  # every group adopts
-            if sched is None:
-                continue
-            # the schedule's settings are plain attributes (base_lrs, eta_min, T_max)
-            schedule_moved = bool(adopt(key, vars(sched), configured["schedules"][key]))
-            if (base_moved or schedule_moved) and hasattr(sched, "_get_closed_form_lr"):  # the cosine ones have it
-                for group, lr in zip(opt.param_groups, sched._get_closed_form_lr(), strict=True):
-                    group["lr"] = lr
-                sched._last_lr = [g["lr"] for g in opt.param_groups]
-        return changes
+def adopt_hyperparameters(
+    optimisers: dict[str, torch.optim.Optimizer],
+    schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler],
+    configured: dict[str, Any],
+) -> list[str]:
+    """After a load: put back the configured settings (`hyperparameters()` taken before it) that
+    differ from the loaded ones; a scheduled lr is recomputed from the configured schedule at the
+    loaded epoch (a resume with more epochs anneals over the new T_max). Logs and returns the changes."""
+    changes: list[str] = []
+
+    def adopt(name: str, current: dict[str, Any], want: dict[str, Any], skip: str = "") -> list[str]:
+        differ = [h for h, v in want.items() if h != skip and _differs(current.get(h), v)]
+        for h in differ:
+            changes.append(f"{name}.{h}: {current.get(h)} -> {want[h]}")
+            current[h] = want[h]
+        return differ
+
+    scheduled = {id(s.optimizer): (k, s) for k, s in schedulers.items()}
+    for name, opt in optimisers.items():
+        key, sched = scheduled.get(id(opt), (None, None))
+        skip = "lr" if sched is not None else ""  # a scheduled lr follows its schedule (below)
+        groups = zip(opt.param_groups, configured["groups"][name], strict=True)
+        base_moved = any(["initial_lr" in adopt(name, g, w, skip) for g, w in groups])  # every group adopts
+        if sched is None:
+            continue
+        # the schedule's settings are plain attributes (base_lrs, eta_min, T_max)
+        schedule_moved = bool(adopt(key, vars(sched), configured["schedules"][key]))
+        if (base_moved or schedule_moved) and hasattr(sched, "_get_closed_form_lr"):  # the cosine ones have it
+            for group, lr in zip(opt.param_groups, sched._get_closed_form_lr(), strict=True):
+                group["lr"] = lr
+            sched._last_lr = [g["lr"] for g in opt.param_groups]
+    for change in changes:
+        log.warning("resumed with a changed hyperparameter: %s", change)
+    return changes
 
 
 def _differs(a: Any, b: Any) -> bool:
