@@ -147,6 +147,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         raise UsageError("--config: required (or --out URI --resume, to continue a search from its own config.json)")
     refuse_experiment_root(cfg.storage.uri, "--out" if args.out else "storage.uri")
+    if cfg.tune is not None:
+        print(
+            f"note: {args.config} is an experiment file: `search` runs one search of its base config "
+            "and ignores `tune:` (`distsearch run --config ...` runs the experiment)",
+            file=sys.stderr,
+        )
     store = Store(cfg.storage.uri)
     if store.list_checkpoints() and not args.resume:
         raise UsageError(

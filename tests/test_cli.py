@@ -381,3 +381,9 @@ def test_search_into_an_experiment_root_is_refused(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert "root of a `distsearch run` experiment" in err and len(err.splitlines()) == 1, err
     assert sorted(p.name for p in root.iterdir()) == ["distsearch_experiment.json"]
+
+
+def test_search_with_an_experiment_file_says_it_ignores_tune(tmp_path, capsys):
+    raw = tiny_raw(str(tmp_path / "o"), epochs=1, tune={"params": {"seed": {"choice": [0, 1]}}})
+    assert main(["search", "--config", _write(tmp_path, raw)]) == 0
+    assert "is an experiment file: `search` runs one search of its base config" in capsys.readouterr().err
