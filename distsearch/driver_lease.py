@@ -10,9 +10,10 @@ sees the earlier one, so at most one wins (both may lose; the message says to re
 
 A lease is live, on this host, while its process exists (pid and, on Linux, its start time: a
 process suspended with Ctrl-Z still holds it, a SIGKILLed one stops counting at once); from
-another host, while its heartbeat is younger than STALE_S. A lease names its store, so one copied
-along with a run folder does not hold the copy. Leases that are not live are deleted by the next
-claim. Works on every Store (local, S3, GCS, memory); needs no Ray.
+another host, while its heartbeat is younger than STALE_S. A lease names its store (symlinks
+resolved), so one copied on this host along with a run folder does not hold the copy. Leases
+that are not live are deleted by the next claim. Works on every Store (local, S3, GCS, memory);
+needs no Ray.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _pid_alive(pid: int, start: str | None = None) -> bool:
 
 def _identity(store: Store) -> str:
     protocol = store.fs.protocol if isinstance(store.fs.protocol, str) else store.fs.protocol[0]
-    return f"{protocol}://{store.root}"
+    return f"{protocol}://{os.path.realpath(store.root) if store.is_local else store.root}"  # symlinks resolved
 
 
 def is_live(lease: dict[str, Any], now: float | None = None, stale_s: float = STALE_S) -> bool:
@@ -74,8 +75,10 @@ def describe(lease: dict[str, Any], now: float | None = None) -> str:
 
 
 def leases(store: Store) -> list[tuple[str, dict[str, Any]]]:
-    """(file name, lease) for every readable lease under the store's drivers/ folder that was
-    written for this store (not copied here with its folder)."""
+    """(file name, lease) for every readable lease under the store's drivers/ folder; `live` is
+    False for one copied here with its folder (written on this host for another path). Paths are
+    not compared across hosts (a shared disk may be mounted elsewhere): a lease copied from
+    another host goes stale within STALE_S, as its process beats in the original folder."""
     folder = store.path(LEASE_DIR)
     store.fs.invalidate_cache(folder)  # object stores: list what is there now, not a cached listing
     try:
@@ -90,7 +93,8 @@ def leases(store: Store) -> list[tuple[str, dict[str, Any]]]:
             lease = store.read_json(posixpath.join(LEASE_DIR, name))
         except (FileNotFoundError, ValueError):
             continue  # released meanwhile, or half-written by a killed driver
-        out.append((name, dict(lease, live=lease.get("store", me) == me)))
+        here = lease.get("store", me) == me or lease.get("host") != socket.gethostname()
+        out.append((name, dict(lease, live=here)))
     return out
 
 

@@ -649,6 +649,18 @@ def test_killed_driver_then_resume(ray_local, tmp_path):
     unfinished = set(trials(root)) - finished - {"feedbeef"}
     assert {rows[t][1] for t in unfinished} == {"INTERRUPTED"}, out  # the killed driver holds nothing
     assert f"distsearch resume {root}" in out
+    # a `search --resume` (here: its lease) holding an unfinished trial's store: that trial runs
+    held = trials(root)[sorted(unfinished)[0]]
+    lease = {"token": "t", "host": "gpu-7", "pid": 7, "command": "search", "started": time.time()}
+    (held / "drivers").mkdir()
+    (held / "drivers" / "t.json").write_text(json.dumps(dict(lease, beat=time.time())))
+    out = subprocess.run(
+        [sys.executable, "-m", "distsearch.cli", "status", str(root)], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert {line.split()[0]: line.split()[1] for line in out.splitlines()[1:] if line.split()}[held.parent.name] == (
+        "RUNNING"
+    ), out
+    shutil.rmtree(held / "drivers")
 
     rc = subprocess.run(
         [sys.executable, "-m", "distsearch.cli", "resume", str(root), "--address", ray_local],

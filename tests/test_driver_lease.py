@@ -32,11 +32,11 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def _foreign(store: Store, **fields) -> None:
+def _foreign(run: Store, **fields) -> None:
     """A lease written by another driver."""
     lease = {"token": "other", "host": "elsewhere", "pid": 1, "command": "run", "started": time.time()}
     lease.update({"beat": time.time(), **fields})
-    store.write_json(f"{LEASE_DIR}/other.json", lease)
+    run.write_json(f"{LEASE_DIR}/other.json", lease)
 
 
 def test_claim_holds_until_released(store):
@@ -175,3 +175,18 @@ def test_a_live_lease_in_a_blocker_refuses_the_claim(tmp_path):
     with DriverLease(trial, "search", blockers=(root,)):
         with pytest.raises(UsageError, match="`search` pid"):
             DriverLease(root, "resume", blockers=(trial,)).claim()
+
+
+def test_a_store_reached_through_a_symlink_is_the_same_store(tmp_path):
+    store = Store(str(tmp_path / "run"))
+    with DriverLease(store, "search"):
+        (tmp_path / "link").symlink_to(tmp_path / "run")
+        with pytest.raises(UsageError, match="in use by another process"):
+            DriverLease(Store(str(tmp_path / "link")), "search").claim()
+
+
+def test_paths_are_not_compared_across_hosts(tmp_path):
+    """A shared disk may be mounted at another path there: a live lease from another host holds."""
+    store = Store(str(tmp_path / "run"))
+    _foreign(store, **{"store": "file:///mnt/elsewhere/run"})
+    assert len(live_drivers(store)) == 1

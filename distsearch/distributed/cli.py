@@ -105,8 +105,8 @@ def trial_rows(uri: str) -> list[dict[str, Any]]:
             state = "TERMINATED"  # finished; Tune's saved state may not say so yet
         elif state == "TERMINATED" and store.exists("stopped.json"):
             state = STOPPED
-        elif state in OPEN and since is None:
-            state = INTERRUPTED
+        elif state in OPEN and since is None:  # no driver; a `search --resume` may hold this trial's store
+            state = "RUNNING" if live_drivers(store) else INTERRUPTED
         elif state == "PENDING" and since is not None and starts and starts[-1].get("time", 0) >= since:
             state = "RUNNING"  # started by the live driver; Tune's saved state lags by seconds
         rows.append(
