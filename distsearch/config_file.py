@@ -170,6 +170,11 @@ def resume_changes(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
     ]
 
 
+def run_command(raw: dict[str, Any]) -> str:
+    """The command that writes (and resumes) a run whose config.json is `raw`: train or search."""
+    return "train" if "model" in raw else "search"
+
+
 def stored_config(uri: str, command: str) -> dict[str, Any]:
     """The raw config.json of the run at `uri`, for `distsearch <command> --out URI --resume`
     without --config; one line when there is no such run, it is another command's, or this
@@ -182,7 +187,7 @@ def stored_config(uri: str, command: str) -> dict[str, Any]:
             raise UsageError(f"--out: {uri} is an experiment root; continue it with `distsearch resume {uri}`")
         raise UsageError(f"--out: {uri} holds no run to resume (no config.json); give --config to start one")
     raw = store.read_config()
-    kind = "train" if "model" in raw else "search"
+    kind = run_command(raw)
     if kind != command:
         raise UsageError(f"--out: {uri} holds a {kind} run; continue it: distsearch {kind} --out {uri} --resume")
     try:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from search_spaces import Genotype, Supernet
 
 from .config import RobustEvalConfig, RunConfig, SearchConfig
-from .config_file import resume_changes
+from .config_file import resume_changes, run_command
 from .data import BatchStream, DataSplits, bilevel_split, eval_batches, load_dataset
 from .errors import UsageError
 from .loop import EpochHook, EpochLoop, Interrupted  # noqa: F401 - Interrupted re-exported
@@ -152,12 +152,12 @@ def check_store_matches(store: Store, cfg: RunConfig, allow_changes: bool = Fals
     if not store.exists("config.json"):
         return
     old = store.read_config()
-    if ("model" in old) != ("model" in cfg.model_dump()):
-        kind = "a training run" if "model" in old else "a search"
+    command = run_command(old)
+    if command != run_command(cfg.model_dump()):
+        kind = "a training run" if command == "train" else "a search"
         raise UsageError(f"storage.uri: {store.uri} holds {kind}, not this kind of run; choose another --out")
     changes = [] if allow_changes or not store.list_checkpoints() else resume_changes(old, cfg)
     if changes:
-        command = "train" if "model" in old else "search"
         raise UsageError(
             f"storage.uri: {store.uri} ran with other values ({'; '.join(changes)}); continue it as "
             f"it ran: `distsearch {command} --out {store.uri} --resume` (no --config), or pass --allow-changes"

@@ -155,7 +155,7 @@ def load_model(
     data set; weights from the newest valid checkpoint, in eval mode. `setup`: torch set up
     first as the run's search/training set it up (setup_torch: its `threads`, or `threads`
     when given; deterministic; its seed), as evaluate / attack / certify do."""
-    from .config_file import parse_config
+    from .config_file import parse_config, run_command
 
     store = Store(uri)
     if not store.exists("config.json"):
@@ -165,7 +165,7 @@ def load_model(
     if latest is None:
         raise UsageError(f"URI: no valid checkpoint under {uri!r}")
     name, state, meta = latest
-    cfg = parse_config(raw, TrainConfig if "model" in raw else SearchConfig)
+    cfg = parse_config(raw, TrainConfig if run_command(raw) == "train" else SearchConfig)
     if setup:  # device: the one asked for here, not the run's
         setup_torch(cfg.model_copy(update={"device": "cpu"} | ({"threads": threads} if threads else {})))
     data = build_data(cfg)

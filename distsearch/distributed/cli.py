@@ -225,9 +225,11 @@ def _drive(spec: dict[str, Any], address: str | None, tuner: Any) -> None:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    from ..config_file import run_command
+
     store = Store(T.normalize_storage(args.uri))
     if store.exists("config.json"):  # one run, not an experiment
-        command = "train" if "model" in store.read_config() else "search"
+        command = run_command(store.read_config())
         raise UsageError(
             f"URI: {args.uri} is a single {command} run, not an experiment; continue it with "
             f"`distsearch {command} --out {args.uri} --resume`"
