@@ -178,6 +178,7 @@ def run_status(uri: str) -> int:
     """`distsearch status URI` on one run (a search's or training's --out, or a trial's store): what
     it runs, how far it is, its latest headline metrics, and whether a process is running it now,
     it finished, ASHA stopped it, or it was interrupted (with the command that continues it)."""
+    from .config_file import run_command
     from .distributed.trainable import experiment_of  # layout only: no ray imported
     from .driver_lease import describe, live_drivers
 
@@ -202,7 +203,7 @@ def run_status(uri: str) -> int:
     elif experiment:
         print(f"not running: continue the experiment with `distsearch resume {experiment.uri}`")
     else:
-        print(f"interrupted: continue it with `distsearch {'search' if algo else 'train'} --out {uri} --resume`")
+        print(f"interrupted: continue it with `distsearch {run_command(config)} --out {uri} --resume`")
     return 0
 
 

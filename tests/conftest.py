@@ -40,6 +40,11 @@ def tiny_raw(uri: str, **over) -> dict:
     return raw
 
 
+def store_files(store) -> dict[str, bytes]:
+    """Every file of a Store and its bytes: compare before and after to show nothing was written."""
+    return {f: store.fs.cat_file(f) for f in store.fs.find(store.path(""))}
+
+
 def tiny_searcher(**over):
     """A Searcher built from tiny_raw(**over) as the runner builds it, and two 8-example
     batches (train, val) of its data."""

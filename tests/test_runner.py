@@ -6,6 +6,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from distsearch.runner import Interrupted, run_search
 from distsearch.storage import Store
+from tests.conftest import store_files
 
 
 def _final_state(store: Store) -> dict:
@@ -256,12 +257,12 @@ def test_resume_with_fewer_epochs_than_done_is_refused(tmp_path, tiny_config):
 
     store = Store(str(tmp_path / "x"))
     result = run_search(tiny_config(store.uri, epochs=2), store)
-    before = {f: store.fs.cat_file(f) for f in store.fs.find(store.path(""))}
+    before = store_files(store)
     with pytest.raises(
         UsageError, match=rf"^epochs: the run at {store.uri} has done 2 epochs; resume with epochs >= 2$"
     ):
         run_search(tiny_config(store.uri, epochs=1), store)
-    assert {f: store.fs.cat_file(f) for f in store.fs.find(store.path(""))} == before
+    assert store_files(store) == before
     again = run_search(tiny_config(store.uri, epochs=2), store)
     assert (again.genotype, again.epochs, again.metrics) == (result.genotype, 2, result.metrics)
 

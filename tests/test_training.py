@@ -15,6 +15,7 @@ from distsearch.robust.attacks import PGD
 from distsearch.robust.evaluate import accuracy
 from distsearch.robust.models import build_model
 from distsearch.robust.training import STRATEGIES, fit, make_strategy
+from tests.conftest import store_files
 
 try:
     from conftest_robust import EPS_L2, EPS_LINF, L2_STRATEGIES, STRATEGY_KWARGS, mnist, trained_mlp
@@ -331,12 +332,12 @@ def test_training_resume_with_fewer_epochs_than_done_is_refused(tmp_path):
 
     store = Store(str(tmp_path / "done"))
     final = run_training(train_config(store.uri, epochs=2), store)
-    before = {f: store.fs.cat_file(f) for f in store.fs.find(store.path(""))}
+    before = store_files(store)
     with pytest.raises(
         UsageError, match=rf"^epochs: the run at {store.uri} has done 2 epochs; resume with epochs >= 2$"
     ):
         run_training(train_config(store.uri, epochs=1), store)
-    assert {f: store.fs.cat_file(f) for f in store.fs.find(store.path(""))} == before
+    assert store_files(store) == before
     assert run_training(train_config(store.uri, epochs=2), store) == final
     assert store.read_json("result.json")["epochs"] == 2
 
