@@ -95,7 +95,7 @@ def refuse_experiment_root(uri: str, flag: str = "--out") -> None:
     from .distributed.tuner import EXPERIMENT_FILE  # a constant: no ray imported
     from .storage import Store
 
-    if Store(uri).exists(EXPERIMENT_FILE):
+    if Store(uri, field=flag).exists(EXPERIMENT_FILE):
         raise UsageError(
             f"{flag}: {uri} is the root of a `distsearch run` experiment (it holds {EXPERIMENT_FILE}); "
             "choose another folder"
@@ -132,7 +132,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .config_file import apply_overrides, load_config, parse_config, stored_config
+    from .config_file import load_config, parse_config, stored_config
     from .distributed.trainable import experiment_of  # layout only: no ray imported
     from .driver_lease import DriverLease
     from .runner import run_search
@@ -143,7 +143,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.config:
         cfg = load_config(args.config, overrides)
     elif args.resume and args.out:  # continue the run as it ran: its own config.json
-        cfg = parse_config(apply_overrides(stored_config(args.out, "search"), overrides))
+        cfg = parse_config(stored_config(args.out, "search", overrides))
     else:
         raise UsageError("--config: required (or --out URI --resume, to continue a search from its own config.json)")
     refuse_experiment_root(cfg.storage.uri, "--out" if args.out else "storage.uri")
@@ -153,7 +153,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             "and ignores `tune:` (`distsearch run --config ...` runs the experiment)",
             file=sys.stderr,
         )
-    store = Store(cfg.storage.uri)
+    store = Store(cfg.storage.uri, field="--out" if args.out else "storage.uri")
     if store.list_checkpoints() and not args.resume:
         raise UsageError(
             f"--out: {cfg.storage.uri} already holds a search; pass --resume to continue it or choose another --out"
@@ -175,7 +175,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_derive(args: argparse.Namespace) -> int:
     from .storage import Store
 
-    store = Store(args.uri)
+    store = Store(args.uri, field="URI")
     latest = store.load_latest()
     if latest is None:
         raise UsageError(f"URI: no valid checkpoint under {args.uri!r}; point it at a search's --out folder")

@@ -29,7 +29,7 @@ def _outputs(args: argparse.Namespace, sub: str, write: Callable[[str], None]) -
         return args.out
     from .storage import Store
 
-    store = Store(args.uri)
+    store = Store(args.uri, field="URI")
     with tempfile.TemporaryDirectory() as tmp:
         write(tmp)
         store.upload_dir(tmp, sub)

@@ -43,13 +43,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .storage import Store
     from .train import run_training
 
-    raw: dict[str, Any] = read_yaml(args.config) if args.config else {}
-    if args.config:
-        check_kind(raw, TrainConfig, args.config)
-    elif args.resume and args.out and not (args.model or args.genotype):
-        raw = stored_config(args.out, "train")  # continue the run as it ran: its own config.json
-    elif not (args.model or args.genotype):
-        raise UsageError("--model or --genotype: one is required (or --out URI --resume, to continue a run)")
     sets = []
     if args.genotype:
         sets.append(f"model.genotype={args.genotype}")
@@ -64,7 +57,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             sets.append(f"{key}={value}")
-    cfg = parse_config(apply_overrides(raw, sets + list(args.overrides)), TrainConfig)
+    sets += args.overrides
+    if args.config:
+        raw = read_yaml(args.config)
+        check_kind(raw, TrainConfig, args.config)
+        raw = apply_overrides(raw, sets)
+    elif args.resume and args.out and not (args.model or args.genotype):
+        raw = stored_config(args.out, "train", sets)  # continue the run as it ran: its own config.json
+    elif args.model or args.genotype:
+        raw = apply_overrides({}, sets)
+    else:
+        raise UsageError("--model or --genotype: one is required (or --out URI --resume, to continue a run)")
+    cfg = parse_config(raw, TrainConfig)
     if cfg.strategy.strategy == "standard" and cfg.strategy.eps is not None:  # standard has no budget to use
         if args.eps is not None:
             raise UsageError(
@@ -78,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "uri" not in cfg.storage.model_fields_set:  # not runs/search, the searches' default
         cfg.storage.uri = default_train_out(cfg)
     refuse_experiment_root(cfg.storage.uri, "--out")
-    store = Store(cfg.storage.uri)
+    store = Store(cfg.storage.uri, field="--out" if args.out else "storage.uri")
     if store.list_checkpoints() and not args.resume:
         raise UsageError(f"--out: {cfg.storage.uri} already holds a run; pass --resume or choose another --out")
     store.check_writable()

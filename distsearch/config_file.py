@@ -175,13 +175,14 @@ def run_command(raw: dict[str, Any]) -> str:
     return "train" if "model" in raw else "search"
 
 
-def stored_config(uri: str, command: str) -> dict[str, Any]:
-    """The raw config.json of the run at `uri`, for `distsearch <command> --out URI --resume`
-    without --config; one line when there is no such run, it is another command's, or this
+def stored_config(uri: str, command: str, overrides: list[str]) -> dict[str, Any]:
+    """The raw config.json of the run at `uri` with `overrides` applied, for `distsearch <command>
+    --out URI --resume` without --config; one line when there is no such run, it is another
+    command's, it names no epochs (a hand edit: the default would set the run's length), or this
     version of distsearch cannot read it."""
     from .storage import Store
 
-    store = Store(uri)
+    store = Store(uri, field="--out")
     if not store.exists("config.json"):
         if store.exists("distsearch_experiment.json"):
             raise UsageError(f"--out: {uri} is an experiment root; continue it with `distsearch resume {uri}`")
@@ -198,4 +199,7 @@ def stored_config(uri: str, command: str) -> dict[str, Any]:
             f"({format_validation_error(e, prefix='its')}); resume it with the version that wrote it, or "
             "continue with a current config: --config FILE --resume --allow-changes"
         ) from None
+    raw = apply_overrides(raw, overrides)
+    if "epochs" not in raw:
+        raise UsageError(f"--out: {uri}/config.json names no epochs; say how many the run should reach: --set epochs=N")
     return raw

@@ -23,7 +23,7 @@ TABLES = (("eval", "robustness.md", "robustness.png"), ("certify", "certified.md
 
 def _stores(uri: str) -> list[tuple[str, Store]]:
     """(label, store) for a run at `uri`, or for every trial under an experiment root."""
-    store = Store(uri)
+    store = Store(uri, field="URI")
     if store.exists("config.json"):
         return [(posixpath.basename(store.root), store)]
     found = sorted(store.fs.glob(store.path("*", "search", "config.json")))
@@ -182,7 +182,7 @@ def run_status(uri: str) -> int:
     from .distributed.trainable import experiment_of  # layout only: no ray imported
     from .driver_lease import describe, live_drivers
 
-    store = Store(uri)
+    store = Store(uri, field="URI")
     config, result, latest, stopped = _read(store)
     algo = (config.get("algorithm") or {}).get("name")
     what = f"search ({algo})" if algo else f"training ({(config.get('strategy') or {}).get('strategy', 'standard')})"

@@ -155,11 +155,11 @@ def check_store_matches(store: Store, cfg: RunConfig, allow_changes: bool = Fals
     command = run_command(old)
     if command != run_command(cfg.model_dump()):
         kind = "a training run" if command == "train" else "a search"
-        raise UsageError(f"storage.uri: {store.uri} holds {kind}, not this kind of run; choose another --out")
+        raise UsageError(f"{store.field}: {store.uri} holds {kind}, not this kind of run; choose another --out")
     changes = [] if allow_changes or not store.list_checkpoints() else resume_changes(old, cfg)
     if changes:
         raise UsageError(
-            f"storage.uri: {store.uri} ran with other values ({'; '.join(changes)}); continue it as "
+            f"{store.field}: {store.uri} ran with other values ({'; '.join(changes)}); continue it as "
             f"it ran: `distsearch {command} --out {store.uri} --resume` (no --config), or pass --allow-changes"
         )
 

@@ -50,13 +50,15 @@ def _step_of(name: str) -> int:
 
 
 class Store:
-    def __init__(self, uri: str, **storage_options: Any):
+    """A run's folder on an fsspec URI. `field` names where the user gave `uri` (a config key or a
+    command-line flag); every error about the store starts with it."""
+
+    def __init__(self, uri: str, *, field: str = "storage.uri", **storage_options: Any):
+        self.field = field
         try:
             self.fs, self.root = fsspec.core.url_to_fs(uri, **storage_options)
         except (ValueError, ImportError) as e:
-            raise UsageError(
-                f"storage.uri: cannot open {uri!r} ({e}); use a local path, file://, s3:// or gs://"
-            ) from None
+            raise UsageError(f"{field}: cannot open {uri!r} ({e}); use a local path, file://, s3:// or gs://") from None
         self.uri = uri
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.is_local = protocol in ("file", "local")
@@ -111,11 +113,11 @@ class Store:
             raw = self.read_json("config.json")
         except (ValueError, UnicodeDecodeError) as e:
             raise UsageError(
-                f"storage.uri: {self.uri}/config.json is not valid JSON ({e}); the store is damaged"
+                f"{self.field}: {self.uri}/config.json is not valid JSON ({e}); the store is damaged"
             ) from None
         if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
             raise UsageError(
-                f"storage.uri: {self.uri}/config.json is not a distsearch run's config (no 'data' section)"
+                f"{self.field}: {self.uri}/config.json is not a distsearch run's config (no 'data' section)"
             )
         return raw
 
@@ -141,14 +143,14 @@ class Store:
                 os.close(fd)
                 os.remove(probe)
             except OSError as e:
-                raise UsageError(f"storage.uri: cannot write under {parent!r} (for {self.uri!r}: {e})") from None
+                raise UsageError(f"{self.field}: cannot write under {parent!r} (for {self.uri!r}: {e})") from None
             return
         probe = f".probe-{uuid.uuid4().hex}"
         try:
             self.write_bytes(probe, b"ok")
             self.fs.rm(self.path(probe))
         except Exception as e:  # noqa: BLE001 - any backend error means "not usable"
-            raise UsageError(f"storage.uri: cannot write to {self.uri!r} ({type(e).__name__}: {e})") from None
+            raise UsageError(f"{self.field}: cannot write to {self.uri!r} ({type(e).__name__}: {e})") from None
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int | None = None) -> str:

@@ -33,7 +33,7 @@ def read_genotype(ref: str) -> Genotype:
         fs, path = fsspec.core.url_to_fs(ref)
         if fs.isfile(path):
             return Genotype.from_json(fs.cat_file(path).decode())
-        store = Store(ref)
+        store = Store(ref, field="model.genotype")
         if store.exists("genotype.json"):
             return Genotype.from_dict(store.read_json("genotype.json"))
         latest = store.load_latest()
@@ -157,7 +157,7 @@ def load_model(
     when given; deterministic; its seed), as evaluate / attack / certify do."""
     from .config_file import parse_config, run_command
 
-    store = Store(uri)
+    store = Store(uri, field="URI")
     if not store.exists("config.json"):
         raise UsageError(f"URI: {uri!r} holds no run (no config.json); point it at a search or training --out")
     raw = store.read_config()

@@ -67,7 +67,11 @@ def test_bad_config_exits_2_naming_the_field_and_writes_nothing(tmp_path, capsys
         (["report", "{tmp}/damaged"], "not valid JSON"),
         (["search", "--config", "{cfg}", "--out", "{tmp}/damaged", "--resume"], "not valid JSON"),
         (["search", "--config", "{cfg}", "--set", "epochs=-3"], "epochs"),
-        (["search", "--config", "{cfg}", "--out", "nosuchproto://x/y"], "storage.uri"),
+        (["search", "--config", "{cfg}", "--out", "nosuchproto://x/y"], "--out: cannot open"),
+        (["search", "--config", "{cfg}", "--set", "storage.uri=nosuchproto://x/y"], "storage.uri: cannot open"),
+        (["train", "--model", "mlp", "--set", "data.name=digits", "--out", "/proc/nope"], "--out: cannot write"),
+        (["derive", "nosuchproto://x/y"], "URI: cannot open"),
+        (["run", "--config", "{root}/launch/experiments/quickstart.yaml", "--storage", "/proc/x"], "--storage: cannot"),
         (["derive", "{tmp}/empty"], "no valid checkpoint"),
         (["frobnicate"], "invalid choice"),
         # a config file of another kind: the command that reads it
@@ -153,6 +157,21 @@ def test_a_second_process_on_one_out_is_refused(command, tmp_path, capsys):
     assert (out / "result.json").exists() and not (out / LEASE_DIR).exists()
 
 
+def test_resume_of_a_config_json_without_epochs_asks_for_them(tmp_path, capsys):
+    """A config.json hand-edited to drop `epochs` would resume to the default length (50): refused,
+    naming the file and the fix; with --set epochs=N it resumes to N."""
+    out = tmp_path / "o"
+    assert main(["search", "--config", _write(tmp_path, tiny_raw(str(out), epochs=1))]) == 0
+    ran = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({k: v for k, v in ran.items() if k != "epochs"}))
+    capsys.readouterr()
+    assert main(["search", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--out: {out}/config.json names no epochs" in err and "--set epochs=N" in err, err
+    assert main(["search", "--out", str(out), "--resume", "--set", "epochs=2"]) == 0
+    assert json.loads((out / "result.json").read_text())["epochs"] == 2
+
+
 def test_resume_continues_with_the_config_the_run_ran_with(tmp_path, capsys):
     """`--out X --resume` needs no --config: the run's own config.json (with the --set values it
     started with). A --config/--set that changes a value it ran with is refused, naming the key,
@@ -166,7 +185,8 @@ def test_resume_continues_with_the_config_the_run_ran_with(tmp_path, capsys):
     # the file without the --set values it started with: refused, one line, nothing written
     assert main(["search", "--config", cfg, "--out", str(out), "--resume", "--set", "epochs=2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "ran with other values (optim.w_lr: 0.07 -> 0.025; space.C: 3 -> 2)" in err, err
+    changed = "ran with other values (optim.w_lr: 0.07 -> 0.025; space.C: 3 -> 2)"
+    assert err.startswith(f"distsearch search: --out: {out} {changed}"), err
     assert f"`distsearch search --out {out} --resume`" in err and len(err.splitlines()) == 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ckpts
     assert json.loads((out / "config.json").read_text()) == ran

@@ -191,7 +191,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     spec = T.experiment_spec(cfg, args.storage, args.name)
-    T.check_storage(spec["root"])
+    T.check_storage(spec["root"], "--storage" if args.storage else "tune.storage")
     _need_ray()
     args.out = spec["root"]  # for the interruption hint
     # a second `run` of this name (or a `resume`) is refused first, naming the live driver; a
@@ -227,7 +227,7 @@ def _drive(spec: dict[str, Any], address: str | None, tuner: Any) -> None:
 def cmd_resume(args: argparse.Namespace) -> int:
     from ..config_file import run_command
 
-    store = Store(T.normalize_storage(args.uri))
+    store = Store(T.normalize_storage(args.uri), field="URI")
     if store.exists("config.json"):  # one run, not an experiment
         command = run_command(store.read_config())
         raise UsageError(
@@ -259,7 +259,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     spec = T.experiment_spec(cfg, args.storage, args.name)
-    T.check_storage(spec["root"])
+    T.check_storage(spec["root"], "--storage" if args.storage else "tune.storage")
     _refuse_existing(spec)
     workdir = os.path.abspath(args.working_dir)
     rel = os.path.relpath(os.path.abspath(args.config), workdir)
@@ -322,7 +322,7 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
     """Serve TensorBoard on the event files at URI (a local folder in place; a remote one from a
     temporary copy, deleted when TensorBoard ends) until Ctrl-C or SIGTERM; its exit status."""
     spec_root = T.normalize_storage(args.uri)
-    store = Store(spec_root)
+    store = Store(spec_root, field="URI")
     if not store.exists():
         raise UsageError(f"URI: nothing at {args.uri!r}")
     logdir, copy = store.local_root, None

@@ -47,9 +47,10 @@ def experiment_uri(storage: str, name: str) -> str:
     return posixpath.join(normalize_storage(storage), name)
 
 
-def check_storage(uri: str) -> None:
-    """One clear UsageError when the storage URI cannot be opened or written (creates nothing)."""
-    Store(uri).check_writable()
+def check_storage(uri: str, field: str = "tune.storage") -> None:
+    """One clear UsageError, naming `field`, when the storage URI cannot be opened or written
+    (creates nothing)."""
+    Store(uri, field=field).check_writable()
 
 
 def _domain(spec: ParamSpec) -> Any:
