@@ -298,3 +298,89 @@ def test_certified_radius_relative_precision_over_orders_of_magnitude() -> None:
     r = certified_radius(model, x, y, "l2", "crown", eps_max=28.0, domain=None)
     assert (r <= t * (1 + 1e-9)).all()  # sound
     assert (r >= t / 2 ** (20 / 2**12)).all()  # and tight to the stated relative precision
+
+
+class _Normalised(nn.Sequential):
+    """A user's model: standardises its input inside an overridden forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward((x - 0.1307) / 0.3081)
+
+
+class _StandardisedConv(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = (self.weight - self.weight.mean()) / (self.weight.std() + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+def _hooked() -> nn.Module:
+    m = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 5))
+    m[1].register_forward_pre_hook(lambda mod, args: (args[0] * 2,))
+    return m
+
+
+@pytest.mark.parametrize(
+    "build,needle",
+    [
+        (lambda: _Normalised(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 5)), "overrides nn.Sequential"),
+        (lambda: nn.Sequential(_StandardisedConv(1, 2, 3), nn.Flatten(), nn.Linear(72, 5)), "overrides nn.Conv2d"),
+        (_hooked, r"1 \(Linear\) has forward hooks"),
+    ],
+    ids=["sequential-forward", "conv-forward", "pre-hook"],
+)
+def test_modules_computing_something_else_are_refused(build, needle: str, monkeypatch) -> None:
+    """A subclass that overrides a bounded class's forward, or a hook, changes what the module
+    computes: bounding it as the parent class is unsound (checked: f(x) leaves the bounds)."""
+    import distsearch.robust.bounds as bounds
+
+    model = build().double().eval()
+    x = inputs(n=4)
+    for method in ("ibp", "crown"):
+        with pytest.raises(ValueError, match=needle):
+            spec_bounds(model, x, 0.01, "linf", method)
+    monkeypatch.setattr(bounds, "check_model", lambda *a, **k: None)  # why it is refused:
+    lo, up = spec_bounds(model, x, 0.01, "linf", "ibp")
+    f = model(x)
+    assert not ((lo <= f + TOL) & (f <= up + TOL)).all()  # the model's own output escapes
+
+
+@pytest.mark.parametrize("eps", [-0.1, float("nan")])
+def test_negative_or_nan_eps_is_refused(eps: float) -> None:
+    """A negative eps made lo > hi and certified every example, misclassified ones too."""
+    from distsearch.robust.certify import certified_accuracy
+
+    model, x = make_model("seq"), inputs(n=4)
+    y = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="eps: must be a number >= 0"):
+        spec_bounds(model, x, eps)
+    with pytest.raises(ValueError, match="eps: must be a number >= 0"):
+        certified_accuracy(model, x, y, [eps])
+
+
+def test_inputs_outside_the_domain_are_refused() -> None:
+    """The ball is clipped to the domain: an x outside it is not in its own input set, so the
+    'certificate' would not cover x itself; domain=None (no box) bounds it soundly."""
+    model, x = make_model("seq"), inputs(n=4)
+    for bad in (x * 2, x - 0.5):
+        with pytest.raises(ValueError, match=r"x: values in .* lie outside domain=\(0.0, 1.0\)"):
+            spec_bounds(model, bad, 0.01, "linf", "crown")
+        lo, up = spec_bounds(model, bad, 0.01, "linf", "crown", domain=None)
+        f = model(bad)
+        assert ((lo <= f + TOL) & (f <= up + TOL)).all()
+
+
+def test_bounds_leave_batch_norm_statistics_and_modes_alone() -> None:
+    """A model without a final Linear is run once to count its classes: in eval mode, so its
+    BatchNorm running statistics do not move, and every module's mode is restored."""
+    from distsearch.robust.certify import certified_accuracy
+
+    model = nn.Sequential(nn.Conv2d(1, 5, 3), nn.BatchNorm2d(5), nn.AdaptiveAvgPool2d(1), nn.Flatten()).double()
+    model.train()
+    model[1].eval()  # a frozen BatchNorm inside a training model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = inputs(n=4), torch.zeros(4, dtype=torch.long)
+    margin_bounds(model, x, y, 0.01)
+    assert certified_accuracy(model, x, y, 0.01) == certified_accuracy(model, x, y, [0.01])  # one number: a list of one
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert [m.training for m in model] == [True, False, True, True]

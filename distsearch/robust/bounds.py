@@ -17,7 +17,9 @@ in alpha and w. `certified_radius` bisects on log eps; the returned radius was v
 BatchNorm uses running statistics: the bounds are those of the eval-mode network.
 Models: a Supernet, a genotype's Network, robust/models.py's small_cnn and mlp, and any
 nn.Sequential of the ops bounds_ibp.py knows; anything else (the ResNets' residual blocks, a
-Conv2d padding other than zeros, a module called at two input sizes) is refused by name.
+Conv2d padding other than zeros, a module called at two input sizes, a subclass overriding a
+bounded module's forward, a forward hook) is refused by name, as are a negative eps and an x
+outside `domain` (check_inputs): each would give a certificate that is wrong, not just loose.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .bounds_ibp import Box, Trace, head_of, ibp, spec_linear
+from .bounds_ibp import Box, Trace, check_model, head_of, ibp, spec_linear
 from .bounds_linear import Back, back
 
 Domain = tuple[float, float] | None
@@ -42,6 +44,25 @@ def _check(norm: str, method: str) -> None:
 
 def _eps(eps: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(eps, dtype=x.dtype, device=x.device).expand(x.shape[0])
+
+
+def check_inputs(model: nn.Module, x: torch.Tensor, eps: float | torch.Tensor, domain: Domain, full: bool) -> None:
+    """One ValueError for what would make a bound wrong rather than loose: a model the rules would
+    misread (bounds_ibp.check_model; its hooks only when `full`), a negative or NaN eps (a Python
+    number; a tensor eps is the caller's), and when `full` an x outside `domain`: the ball is
+    clamped to the domain, so it would no longer contain x. `full` costs a host sync; a search
+    step passes False."""
+    check_model(model, hooks=full)
+    if not isinstance(eps, torch.Tensor) and not float(eps) >= 0:
+        raise ValueError(f"eps: must be a number >= 0, got {eps!r}")
+    if full and domain is not None and x.numel():
+        lo, hi = float(x.min()), float(x.max())
+        if lo < domain[0] or hi > domain[1]:
+            raise ValueError(
+                f"x: values in [{lo:.4g}, {hi:.4g}] lie outside domain={domain}, which the ball is clipped "
+                "to: pass images in the domain (normalise inside the model) or the domain x lives in "
+                "(domain=None: no box)"
+            )
 
 
 def _bcast(e: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -85,11 +106,14 @@ def spec_bounds(
     C: torch.Tensor | None = None,
     domain: Domain = (0.0, 1.0),
     lower_only: bool = False,
+    check_x: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Certified (lower, upper) bounds of C f(x') over the input set; C: [B, S, K] (default I).
 
-    With lower_only the upper bound is None (half the linear-bound cost)."""
+    With lower_only the upper bound is None (half the linear-bound cost). `check_x`: refuse an
+    x outside `domain` and a model with hooks (a host sync; check_inputs)."""
     _check(norm, method)
+    check_inputs(model, x, eps, domain, check_x)
     trace = Trace()
     head = head_of(model)
     box = input_box(x, eps, norm, domain)
@@ -129,8 +153,13 @@ def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
     head = head_of(model)
     if head is not None:
         return head.out_features
-    with torch.no_grad():
-        return model(x[:1]).shape[1]
+    modes = [(m, m.training) for m in model.modules()]
+    try:  # eval mode: a training-mode forward would move BatchNorm's running statistics
+        with torch.no_grad():
+            return model.eval()(x[:1]).shape[1]
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def margin_bounds(
@@ -141,10 +170,11 @@ def margin_bounds(
     norm: str = "linf",
     method: str = "ibp",
     domain: Domain = (0.0, 1.0),
+    check_x: bool = True,
 ) -> torch.Tensor:
     """Certified lower bounds [B, K-1] of the margins f_y - f_j (j != y) over the input set."""
     C = margin_matrix(y, _num_classes(model, x), x.dtype)
-    return spec_bounds(model, x, eps, norm, method, C, domain, lower_only=True)[0]
+    return spec_bounds(model, x, eps, norm, method, C, domain, lower_only=True, check_x=check_x)[0]
 
 
 def margin_lower_bound(
@@ -155,9 +185,10 @@ def margin_lower_bound(
     norm: str = "linf",
     method: str = "ibp",
     domain: Domain = (0.0, 1.0),
+    check_x: bool = True,
 ) -> torch.Tensor:
     """Certified lower bound [B] of f_y - max_{j != y} f_j; > 0 certifies the example at eps."""
-    return margin_bounds(model, x, y, eps, norm, method, domain).min(dim=1).values
+    return margin_bounds(model, x, y, eps, norm, method, domain, check_x).min(dim=1).values
 
 
 def certified_metric(
@@ -168,9 +199,10 @@ def certified_metric(
     norm: str = "linf",
     method: str = "ibp",
     domain: Domain = (0.0, 1.0),
+    check_x: bool = True,
 ) -> torch.Tensor:
     """R_cb: the batch mean of the certified worst-case margin at eps (differentiable)."""
-    return margin_lower_bound(model, x, y, eps, norm, method, domain).mean()
+    return margin_lower_bound(model, x, y, eps, norm, method, domain, check_x).mean()
 
 
 @torch.no_grad()
@@ -191,7 +223,8 @@ def certified_radius(
     linear bisection of the L2 box's diameter (28 for MNIST) would resolve only 0.007. 0 when
     the example is not certified at eps_max / 2^octaves (misclassified ones among them).
     Every returned radius r was verified (margin lower bound > 0 at r)."""
-    certified = lambda e: margin_lower_bound(model, x, y, e, norm, method, domain) > 0  # noqa: E731
+    check_inputs(model, x, float(eps_max), domain, full=True)
+    certified = lambda e: margin_lower_bound(model, x, y, e, norm, method, domain, check_x=False) > 0  # noqa: E731
     hi = torch.full((x.shape[0],), float(eps_max), dtype=x.dtype, device=x.device)
     lo = hi * 2.0**-octaves
     ok_hi, ok_lo = certified(hi), certified(lo)

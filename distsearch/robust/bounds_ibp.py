@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from search_spaces import pattern
 from search_spaces.darts import EdgeGroup, SearchCell, Supernet, sum_all
 from search_spaces.network import Cell, Network
-from search_spaces.operations import FactorizedReduce, Identity, Repeat, Shift, Zero
+from search_spaces.operations import BatchNorm2d, DepthwiseConv2d, FactorizedReduce, Identity, Repeat, Shift, Zero
 
 from .models import MLP, SmallCNN
 
@@ -370,6 +371,38 @@ SUPPORTED = (
 
 
 CHAINS = (SmallCNN, MLP)
+# torch classes the rules above bound by their own forward; a subclass that overrides it computes
+# something else, except the search space's own (the same function: a BN scale, a depthwise
+# kernel, a recorded ReLU / max-pool pattern that bounds never replay)
+GENERIC = (
+    nn.Sequential, nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d,
+    nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Identity, nn.Dropout, nn.Flatten,
+)  # fmt: skip
+SAME_FUNCTION = (BatchNorm2d, DepthwiseConv2d, pattern.ReLU, pattern.MaxPool2d)
+
+
+def check_model(model: nn.Module, hooks: bool = True) -> None:
+    """Refuse what the rules would bound as something else: a subclass of a GENERIC torch class
+    that overrides its forward (a Sequential that normalises its input first, a
+    weight-standardised Conv2d), whose bounds would be those of the parent class, and with
+    `hooks` a module with forward hooks (they may change inputs or outputs; a search step's own
+    model passes hooks=False: observers may watch it). No host sync."""
+    from torch.nn.modules import module as torch_module
+
+    if hooks and (torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks):
+        raise ValueError(
+            "bounds: global forward hooks are registered (they may change what modules compute); remove them"
+        )
+    for name, m in model.named_modules():
+        where = f"{name or 'the model'} ({type(m).__name__})"
+        if hooks and (m._forward_hooks or m._forward_pre_hooks):
+            raise ValueError(f"bounds: {where} has forward hooks, which the bounds would ignore; remove them first")
+        base = next((g for g in GENERIC if isinstance(m, g)), None)
+        if base is not None and not isinstance(m, SAME_FUNCTION) and type(m).forward is not base.forward:
+            raise ValueError(
+                f"bounds: {where} overrides nn.{base.__name__}.forward, so its bounds would be those of "
+                f"nn.{base.__name__}; write what its forward adds as modules of an nn.Sequential. {SUPPORTED}"
+            )
 
 
 def chain(m: nn.Module) -> nn.Sequential:

@@ -9,6 +9,7 @@ robust/tables.py; the plot is certified accuracy against eps (matplotlib, Agg).
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -35,12 +36,18 @@ __all__ = [
 
 @contextmanager
 def _eval(model: nn.Module) -> Iterator[nn.Module]:
-    was = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was)
+        for m, mode in modes:  # each module's own mode back (a frozen BatchNorm stays in eval)
+            m.training = mode
+
+
+def _eps_list(eps: Sequence[float] | float) -> list[float]:
+    """A list of budgets; one number is a list of one."""
+    return [float(eps)] if isinstance(eps, numbers.Real) else [float(e) for e in eps]
 
 
 def _chunks(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device, bar: tqdm | None = None):
@@ -60,13 +67,14 @@ def certified_accuracy(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    eps_list: Sequence[float],
+    eps_list: Sequence[float] | float,
     norm: str = "linf",
     method: str = "crown",
     batch_size: int = 128,
     bar: tqdm | None = None,
 ) -> list[float]:
     """Fraction of examples certified at each eps (one entry per eps); `bar` advances per batch."""
+    eps_list = _eps_list(eps_list)
     counts = [0] * len(eps_list)
     with _eval(model):
         for xb, yb in _chunks(x, y, batch_size, _device(model), bar):
@@ -103,7 +111,7 @@ def certify_table(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    eps_list: Sequence[float],
+    eps_list: Sequence[float] | float,
     norm: str = "linf",
     method: str = "crown",
     *,
@@ -115,6 +123,7 @@ def certify_table(
     """One row per eps: norm, method, eps, clean accuracy, certified accuracy, and (with
     radius) the mean certified radius of the whole set (the same on every row). `extra`
     key/values (e.g. label="dsrna") are prepended to each row."""
+    eps_list = _eps_list(eps_list)
     x = x.to(next(model.parameters()).dtype)
     with torch.no_grad(), _eval(model):
         correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in _chunks(x, y, batch_size, _device(model)))
