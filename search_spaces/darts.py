@@ -231,7 +231,21 @@ def num_edges(nodes: int) -> int:
 
 
 class Supernet(nn.Module):
-    """DARTS supernet: stem, `layers` search cells, global pooling, linear classifier."""
+    """DARTS supernet: stem, `layers` search cells, global pooling, linear classifier.
+
+    Every edge of a cell mixes all candidate ops with softmax(α) weights; α are
+    `alphas_normal` / `alphas_reduce` ([num_edges(nodes), len(ops)]), returned by
+    arch_parameters(), the rest by weight_parameters(); derive() gives the Genotype.
+
+    in_channels, num_classes: of the images and of the logits.
+    C: channels of the first cells (doubled at each reduction cell, at 1/3 and 2/3 of `layers`).
+    layers: the number of cells; nodes: intermediate nodes per cell.
+    multiplier: how many of the last nodes a cell concatenates as its output (default `nodes`).
+    stem_multiplier: the stem convolution outputs stem_multiplier * C channels.
+    ops: the candidate ops, a subset of PRIMITIVES with at least one other than 'none'.
+    image_size: when given, checked to survive the reductions (it changes no shape).
+    Raises ValueError for unknown, repeated or only-'none' ops and a too small image_size.
+    """
 
     def __init__(
         self,

@@ -101,6 +101,10 @@ class Genotype:
 
     @classmethod
     def from_json(cls, text: str, ops: tuple[str, ...] = PRIMITIVES) -> Genotype:
+        """The Genotype in `text`, a JSON object with exactly the keys normal, normal_concat,
+        reduce, reduce_concat (as to_json writes it), validated against `ops`.
+        Raises GenotypeError (a ValueError) naming the field for invalid JSON, missing or unknown
+        keys, unknown ops ('none' included) and inputs that are not earlier nodes."""
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:

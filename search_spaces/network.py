@@ -72,8 +72,21 @@ class AuxiliaryHead(nn.Module):
 
 
 class Network(nn.Module):
-    """forward(x) returns logits; with an auxiliary head in training mode, `self.aux_logits`
-    holds the auxiliary logits of the last forward."""
+    """The discrete network of a Genotype, for retraining: stem, `layers` cells (reduction cells
+    at 1/3 and 2/3 of the depth), global pooling, linear classifier.
+
+    forward(x) returns logits; with an auxiliary head in training mode, `self.aux_logits`
+    holds the auxiliary logits of the last forward.
+
+    genotype: the cells (validated against PRIMITIVES).
+    in_channels, num_classes: of the images and of the logits.
+    C: channels of the first cells (doubled at each reduction); layers: the number of cells.
+    auxiliary: add the auxiliary head after the last reduction (its logits in `aux_logits`; a
+        loss using them is the caller's: distsearch's training does not).
+    stem_multiplier: the first layer outputs stem_multiplier * C channels.
+    drop_path_prob: drop-path probability of non-identity edges in training (settable later).
+    Raises GenotypeError when the genotype names an unknown op or an impossible input.
+    """
 
     def __init__(
         self,

@@ -351,3 +351,211 @@ def test_apgd_t_at_least_as_strong_as_apgd_dlr(cnn, test_set, norm: str, eps: fl
         torch.manual_seed(0)
         clean, robust[name] = accuracies(cnn, x, y, attack)
     assert robust["t"] <= robust["dlr"] < clean
+
+
+# ---- the input contract (attack_base.check_inputs, check_unit_range), exact balls, RNG, numbers
+
+
+def tiny_attack(name: str, eps: float = 0.1, norm: str = "linf", **kw) -> nn.Module:
+    """Each registered attack, few steps, at ε in `norm` (FGSM, FGM, L-BFGS and C&W: their own norm)."""
+    quick = {
+        "pgd": {"steps": 2, "norm": norm},
+        "apgd": {"steps": 3, "norm": norm},
+        "apgd-t": {"steps": 3, "norm": norm, "n_targets": 2},
+        "square": {"n_queries": 6, "norm": norm},
+        "fab": {"steps": 2, "norm": norm},
+        "fab-t": {"steps": 2, "norm": norm, "n_targets": 2},
+        "lbfgs": {"search_steps": 1, "max_iter": 3},
+        "cw": {"search_steps": 2, "steps": 4},
+    }
+    return make_attack(name, eps=eps, **quick.get(name, {}), **kw)
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_inputs_outside_the_box_are_refused(name: str) -> None:
+    """PGD(0.1) on x·255 used to clamp its output into [0, 1], |x' − x| up to 254; Square and FAB
+    returned values outside the box. Each attack now refuses with the range found and the fix."""
+    model, x = tiny_model(0), torch.rand(4, 1, 8, 8)
+    y = torch.randint(5, (4,))
+    attack = tiny_attack(name)
+    assert attack.check_range
+    with pytest.raises(ValueError, match=r"^x: the attacks take images in \[0, 1\], got values in \[.*, 25.*\]"):
+        attack(model, x * 255, y)
+    with pytest.raises(ValueError, match=r"got values in \[-0\.4.*, 0\.4.*\]"):
+        attack(model, x - 0.5, y)
+    with pytest.raises(ValueError, match=r"^x: .*normalisation inside the model"):
+        attack(model, torch.where(x > 0.5, torch.nan, x), y)
+    attack(model, x, y)  # in the box: fine
+    tiny_attack(name, check_range=False)(model, x * 2, y)  # unchecked: runs
+
+
+def test_training_attacks_skip_the_range_check_and_never_sync() -> None:
+    """The attacks built inside training steps (and so inside a search's weight_at) skip the
+    check, and a call without it makes no host sync; evaluation keeps the check."""
+    from distsearch.robust.evaluate import EVAL_ATTACKS, game_table
+    from distsearch.robust.training import make_strategy
+
+    try:
+        from test_no_host_sync import SyncRecorder
+    except ImportError:
+        from tests.test_no_host_sync import SyncRecorder
+
+    for name in ("pgd", "trades"):
+        assert make_strategy(name, eps=0.1)._attack.check_range is False
+    for name, factory in EVAL_ATTACKS.items():
+        for norm in ("linf", "l2"):
+            attack = factory(0.1, norm)
+            assert attack is None or attack.check_range, name
+    model, x, y = tiny_model(0), torch.rand(4, 1, 8, 8), torch.randint(5, (4,))
+    for attack in (PGD(0.1, steps=2, check_range=False), PGD(0.5, steps=2, norm="l2", check_range=False)):
+        with SyncRecorder(set()) as rec:
+            attack(model, x, y.int())
+        assert not rec.hits, rec.hits
+    with SyncRecorder(set()) as rec:
+        PGD(0.1, steps=2)(model, x, y)
+    assert rec.hits  # the default: checked, at the cost of one sync
+    with pytest.raises(ValueError, match=r"^x: the attacks take images in \[0, 1\]"):
+        game_table(model, x * 255, y, {"linf": [0.1]}, attacks=("fgsm",))
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_bad_arguments_get_one_clear_error_each(name: str) -> None:
+    model, x = tiny_model(0), torch.rand(8, 1, 8, 8)
+    y = torch.randint(5, (8,))
+    attack = tiny_attack(name)
+    with pytest.raises(ValueError, match=r"^x: must be a floating-point tensor.*torch\.uint8.*x\.float\(\) / 255"):
+        attack(model, (x * 255).to(torch.uint8), y)
+    with pytest.raises(ValueError, match=r"^x: needs a batch dimension"):
+        attack(model, x.flatten(), y)
+    with pytest.raises(ValueError, match=r"^y: needs one entry per image of x \(first dimension 8\), got shape \(4,\)"):
+        attack(model, x, y[:4])  # APGD-T used to return rows 4-7 unattacked
+    with pytest.raises(ValueError, match=r"^y: the class labels must be a 1-D integer tensor \[8\], got shape \(8, 1"):
+        attack(model, x, y[:, None])
+    with pytest.raises(ValueError, match=r"^y: the class labels must be a 1-D integer tensor.*torch\.float32"):
+        attack(model, x, y.float())
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_labels_of_any_integer_dtype_work(name: str) -> None:
+    """int32 labels (FGSM, PGD, APGD, C&W failed: "expected target dtype Long") give the int64 result."""
+    model, x = tiny_model(1), torch.rand(4, 1, 8, 8)
+    y = torch.randint(5, (4,))
+    attack = tiny_attack(name, eps=0.3)
+    out = {}
+    for dtype in (torch.int64, torch.int32, torch.uint8):
+        torch.manual_seed(0)
+        out[dtype] = attack(model, x, y.to(dtype))
+    assert torch.equal(out[torch.int32], out[torch.int64]) and torch.equal(out[torch.uint8], out[torch.int64])
+
+
+def test_soft_labels_still_reach_a_custom_loss() -> None:
+    """TRADES passes y = softmax f(x), [N, K], with its KL loss: not labels, so not refused."""
+    from distsearch.robust.training import kl_per_example
+
+    model, x = tiny_model(2), torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        p_nat = F.softmax(model(x), dim=1)
+    x_adv = PGD(0.1, steps=2, loss_fn=kl_per_example)(model, x, p_nat)
+    assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= 0.1
+    with pytest.raises(ValueError, match=r"^y: needs one entry per image"):
+        PGD(0.1, steps=2, loss_fn=kl_per_example)(model, x, p_nat[:3])
+
+
+L2_EXACT = {  # strong enough that most points end on the sphere, where rounding used to overshoot
+    "fgm": lambda eps: FGM(eps),
+    "pgd": lambda eps: PGD(eps, steps=2, alpha=eps, norm="l2", random_start=False),
+    "apgd": lambda eps: APGD(eps, steps=2, norm="l2"),
+    "apgd-t": lambda eps: APGDT(eps, steps=2, norm="l2", n_targets=1),
+    "square": lambda eps: Square(eps, norm="l2", n_queries=4),
+    "fab": lambda eps: FAB(eps, steps=3, norm="l2"),
+    "lbfgs": lambda eps: LBFGS(c_init=1e-3, search_steps=1, max_iter=3, eps=eps),
+    "cw": lambda eps: CarliniWagnerL2(c_init=100.0, search_steps=1, steps=5, eps=eps),
+}
+
+
+@pytest.mark.parametrize("name", sorted(L2_EXACT))
+def test_l2_results_lie_within_eps_exactly(name: str) -> None:
+    """C&W at ε = 1 put 2 of 64 points at ‖δ‖₂ = 1.0000001: now ‖x' − x‖₂ <= ε with no tolerance,
+    in float32, over many random draws and several ε (and the same for L∞ with PGD)."""
+    n = 8 if name == "lbfgs" else 64
+    over = 0
+    for seed, eps in enumerate((0.1, 0.3, 0.7, 1.0, 1.7, 3.0)):
+        model = tiny_model(seed)
+        g = torch.Generator().manual_seed(seed)
+        x = torch.rand(n, 1, 8, 8, generator=g)
+        x[: n // 4] = (x[: n // 4] > 0.5).float()  # corners of the box
+        y = torch.randint(5, (n,), generator=g)
+        torch.manual_seed(seed)
+        x_adv = L2_EXACT[name](eps)(model, x, y)
+        assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+        over += int((l2_norm(x_adv - x) > eps).sum())
+        if name == "pgd":
+            x_inf = PGD(eps / 10, steps=2, alpha=eps, random_start=False)(model, x, y)
+            over += int(((x_inf - x).abs().flatten(1).amax(1) > eps / 10).sum())
+    assert over == 0
+
+
+def test_within_ball_is_exact_and_moves_only_points_outside() -> None:
+    from distsearch.robust.attack_base import clip_box, distance, project, radius, within_ball
+
+    g = torch.Generator().manual_seed(0)
+    for eps in (8 / 255, 0.1, 0.5, 1.0, 2.5):
+        for norm in ("linf", "l2"):
+            x = torch.rand(512, 3, 6, 6, generator=g)
+            d = torch.randn(512, 3, 6, 6, generator=g) * eps * torch.rand(512, 1, 1, 1, generator=g)
+            x_adv = x + clip_box(x, project(d, eps, norm))
+            fixed = within_ball(x, x_adv, eps, norm)
+            assert (distance(x, fixed, norm) <= eps).all() and fixed.min() >= 0 and fixed.max() <= 1
+            inside = distance(x, x_adv, norm) <= radius(eps, torch.float32)
+            assert torch.equal(fixed[inside], x_adv[inside])
+            assert (fixed - x_adv).abs().max() < 1e-5  # an ulp or so, where it moved at all
+
+
+def test_game_table_leaves_the_callers_rng_alone() -> None:
+    """game_table used to reseed the global generator; its tables stay reproducible."""
+    from distsearch.robust.evaluate import game_table
+    from distsearch.robust.transfer import transfer_table
+
+    model, other, x = tiny_model(3), tiny_model(4), torch.rand(8, 1, 8, 8)  # tiny_model seeds
+    y = torch.randint(5, (8,))
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    rows = game_table(model, x, y, {"linf": [0.1], "l2": [0.5]}, attacks=("pgd-20",), seed=4)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert game_table(model, x, y, {"linf": [0.1], "l2": [0.5]}, attacks=("pgd-20",), seed=4) == rows
+    table = transfer_table({"a": model, "b": other}, x, y, PGD(0.2, steps=2), seed=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert transfer_table({"a": model, "b": other}, x, y, PGD(0.2, steps=2), seed=1) == table
+
+
+def test_numbers_of_any_real_type_are_accepted_as_floats() -> None:
+    import numpy as np
+
+    from distsearch.robust.attack_base import check_positive
+
+    for value in (np.float32(0.1), np.float64(0.1), np.int64(2), 3, 0.5):
+        got = check_positive("eps", value)
+        assert type(got) is float and got == float(value)
+    assert check_positive("eps", None, allow_none=True) is None
+    attack = make_attack("pgd", eps=np.float32(0.1), alpha=np.float32(0.05), steps=2)
+    assert type(attack.eps) is float and type(attack.alpha) is float
+    assert type(FAB(np.float32(0.2), alpha_max=np.float32(0.1)).eps) is float
+    assert type(CarliniWagnerL2(eps=np.float64(1.0), kappa=np.float32(0.5)).kappa) is float
+    assert Square(0.1, p_init=np.float32(0.5)).p_init == 0.5
+    with pytest.raises(ValueError, match=r"^eps: must be a real number, got a tensor .*; pass float\(eps\)"):
+        PGD(torch.tensor(0.1))
+    for bad in (True, "0.1", 0.0, -1.0, float("inf"), float("nan"), np.float32(-0.1)):
+        with pytest.raises(ValueError, match="^eps: must be a finite number > 0"):
+            PGD(bad)
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attack_classes_document_what_they_do_and_every_parameter(name: str) -> None:
+    import inspect
+
+    cls = ATTACKS[name]
+    docs = " ".join(c.__doc__ or "" for c in cls.__mro__ if c.__module__.startswith("distsearch"))
+    assert cls.__doc__ and "the module text" not in cls.__doc__ and len(cls.__doc__) > 120
+    for param in inspect.signature(cls.__init__).parameters:
+        if param != "self":
+            assert param in docs, f"{name}: {param} undocumented"

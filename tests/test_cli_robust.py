@@ -334,3 +334,30 @@ def test_train_defaults(tmp_path, monkeypatch, capsys):
     assert named("runs/qs") == "runs/train_qs_pgd"
     assert named("runs/qs/genotype.json") == "runs/train_qs_pgd"
     assert named("s3://b/p/best cell.json", "standard") == "runs/train_best_cell_standard"
+
+
+def test_the_robust_package_names_its_public_surface_and_imports_it_on_use():
+    """`from distsearch.robust import make_attack, ...`: each name is its module's own object;
+    importing the package alone imports none of its modules (no Ray), nothing circular with the CLI."""
+    import importlib
+    import subprocess
+    import sys
+
+    import distsearch.robust as robust
+
+    assert set(robust.__all__) == set(robust._SOURCE) and len(robust.__all__) == len(set(robust.__all__))
+    for name in robust.__all__:
+        module = importlib.import_module(f"distsearch.robust.{robust._SOURCE[name]}")
+        assert getattr(robust, name) is getattr(module, name), name
+    assert set(robust.__all__) <= set(dir(robust))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        robust.nope  # noqa: B018
+    code = (
+        "import sys, distsearch.robust as r; "
+        "loaded = sorted(m for m in sys.modules if m.startswith('distsearch.robust.') or m == 'ray'); "
+        "assert not loaded, loaded; import distsearch.cli; "
+        "from distsearch.robust import make_attack, make_strategy, game_table, certify_table, spec_bounds; "
+        "print(type(make_attack('pgd', eps=0.1)).__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "PGD", out.stderr

@@ -284,3 +284,16 @@ def test_a_store_without_checkpoints_takes_a_new_config(tmp_path, tiny_config):
         check_store_matches(store, training)
     assert run_search(tiny_config(store.uri, epochs=1, **{"space.C": 4}), store).epochs == 1
     assert store.read_json("config.json")["space"]["C"] == 4
+
+
+@pytest.mark.parametrize("name", ["darts", "dsrna", "lease"])
+@pytest.mark.parametrize("model", [lambda: torch.nn.Linear(4, 3), lambda: object()])
+def test_a_searcher_refuses_a_model_without_architecture_parameters(name, model):
+    """A plain network (or no module at all) is named in a TypeError, before any attribute of it is used."""
+    from distsearch.search import SEARCHERS
+
+    extra = {"in_channels": 1, "num_classes": 3} if name == "lease" else {}
+    m = model()
+    with pytest.raises(TypeError, match=r"model must be a search_spaces\.Supernet or an nn\.Module with") as e:
+        SEARCHERS[name](m, epochs=1, **extra)
+    assert type(m).__name__ in str(e.value) and SEARCHERS[name].__name__ in str(e.value)

@@ -79,7 +79,14 @@ def checkpoints(steps: int) -> list[int]:
 
 
 class APGD(Attack):
-    """APGD-CE / APGD-DLR / APGD-T (loss "dlr-t") in L∞ or L2 (the module text)."""
+    """APGD (Croce & Hein 2020, alg. 1): PGD with momentum and a step size, 2ε at first, halved
+    at checkpoints where progress stalls, restarting from the best point; AutoAttack's main attack.
+
+    eps (8/255), steps (100, at least 2), norm ("linf" or "l2"), loss ("ce", "dlr", or "dlr-t":
+    APGD-T), restarts (1; keep each example's successful run), rho (0.75, the checkpoint test),
+    momentum (0.75), eval_mode (True), n_targets (9, dlr-t only: targets per example, capped at
+    K − 1), check_range (True: check x ∈ [0, 1], a host sync). Returns per example the first
+    misclassified point found, else the point of highest loss."""
 
     def __init__(
         self,
@@ -92,8 +99,9 @@ class APGD(Attack):
         momentum: float = 0.75,
         eval_mode: bool = True,
         n_targets: int = 9,
+        check_range: bool = True,
     ):
-        check_positive("eps", eps)
+        eps = check_positive("eps", eps)
         check_int("steps", steps, minimum=2)
         check_int("restarts", restarts)
         check_int("n_targets", n_targets)
@@ -104,6 +112,7 @@ class APGD(Attack):
             raise ValueError(f"rho, momentum: must lie in (0, 1], got {rho!r}, {momentum!r}")
         self.eps, self.steps, self.norm, self.loss, self.restarts = eps, steps, norm, loss, restarts
         self.rho, self.momentum, self.eval_mode, self.n_targets = rho, momentum, eval_mode, n_targets
+        self.check_range = check_range
 
     def _objective(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, grad: bool = True):
         """(∇f or None, f per example, misclassified) at x; t: the targets of dlr-t."""
@@ -175,7 +184,7 @@ class APGD(Attack):
             dlr_targeted_loss(logits, y, y)  # raises the error that names the loss
         k = min(self.n_targets, logits.shape[1] - 1)
         targets = top_targets(logits, y, k)  # by clean logit
-        best, found = x.clone(), torch.zeros_like(y, dtype=torch.bool)
+        best, found = x.clone(), torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         first = True
         for j in range(k):
             for _ in range(self.restarts):
@@ -189,7 +198,10 @@ class APGD(Attack):
 
 
 class APGDT(APGD):
-    """APGD-T: APGD with the targeted DLR loss over the top `n_targets` classes (the module text)."""
+    """APGD-T (AutoAttack's targeted APGD, Croce & Hein 2020): APGD on the targeted DLR loss
+    −(z_y − z_t)/(z_π1 − (z_π3 + z_π4)/2), one full run per target t among the `n_targets` (9,
+    capped at K − 1) most likely other classes, each on the examples no earlier target broke;
+    success is untargeted; needs K ≥ 4. Other parameters and defaults as APGD's."""
 
     def __init__(
         self,
@@ -201,5 +213,6 @@ class APGDT(APGD):
         rho: float = 0.75,
         momentum: float = 0.75,
         eval_mode: bool = True,
+        check_range: bool = True,
     ):
-        super().__init__(eps, steps, norm, "dlr-t", restarts, rho, momentum, eval_mode, n_targets)
+        super().__init__(eps, steps, norm, "dlr-t", restarts, rho, momentum, eval_mode, n_targets, check_range)

@@ -6,15 +6,25 @@ normalisation lives inside the model). `Attack.__call__` puts the model in eval 
 mode, as Madry et al. 2018 do), freezes the parameters' requires_grad so only input
 gradients are computed, and restores both afterwards, even on error.
 
+Input contract, checked by `__call__` with one ValueError naming the argument: x a floating-point
+tensor [N, ...] (8-bit images: x.float() / 255); y [N, ...], and where y are class labels (every
+attack but FGSM, FGM and PGD with a `loss_fn`) a 1-D integer tensor [N], cast to int64. The range
+check x ∈ [0, 1] needs a host sync (x.min(), x.max()): `check_range=False` skips it, and every
+attack built inside a training or search step (training.py's strategies) turns it off. Outside
+the box the ε-ball guarantee would be void: the output is clamped into [0, 1].
+
 Geometry: the threat model is B_ε(x) = {x' : ‖x' − x‖_p ≤ ε} ∩ [0, 1]^m with p ∈ {∞, 2}.
 Clamping x + δ to the box only shrinks each |δ_i|, so "project to the ball, then clamp to
-the box" lands inside the intersection.
+the box" lands inside the intersection. In floating point, rounding can leave ‖x' − x‖ one ulp
+beyond ε (the projection's scale, then x + δ − x); `within_ball` moves such points back, so every
+result with a ball satisfies ‖x' − x‖_p ≤ ε exactly as measured in x's dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Callable, Iterator
 
 import torch
@@ -49,11 +59,39 @@ def attack_context(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def check_positive(name: str, value: float | int | None, allow_none: bool = False) -> None:
+@contextlib.contextmanager
+def seeded(seed: int, *modules: nn.Module) -> Iterator[None]:
+    """The CPU's generator, and those of the CUDA devices the modules' parameters live on, seeded
+    as torch.manual_seed(seed) seeds them; on exit their states restored, so the caller's streams
+    are untouched (other devices' generators are never touched)."""
+    cuda = sorted({p.device.index for m in modules for p in m.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
+def check_real(name: str, value: object) -> float:
+    """`value` as a Python float: any real number (int, float, NumPy scalars; not bool). A tensor
+    is refused (converting a CUDA one would wait for the device): pass float(value)."""
+    if isinstance(value, torch.Tensor):
+        raise ValueError(f"{name}: must be a real number, got a tensor {value!r}; pass float({name})")
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ValueError(f"{name}: must be a real number, got {value!r}")
+    return float(value)
+
+
+def check_positive(name: str, value: float | int | None, allow_none: bool = False) -> float | None:
+    """`value` as a Python float, checked finite and > 0 (None passes with `allow_none`)."""
     if value is None and allow_none:
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
+        return None
+    if isinstance(value, torch.Tensor):
+        check_real(name, value)  # raises: names the tensor and the fix
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not number or not 0 < float(value) < math.inf:
         raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def check_int(name: str, value: int, minimum: int = 1) -> None:
@@ -83,7 +121,8 @@ def normalize(g: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """Euclidean projection of δ onto the ε-ball of the given norm (per example)."""
+    """Euclidean projection of δ onto the ε-ball of the given norm (per example); up to rounding:
+    `within_ball` makes the final point exact."""
     if norm == "linf":
         return delta.clamp(-eps, eps)
     scale = (eps / l2_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
@@ -93,6 +132,47 @@ def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
 def clip_box(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """δ' such that x + δ' = clamp(x + δ, 0, 1)."""
     return (x + delta).clamp(0.0, 1.0) - x
+
+
+def radius(eps: float, dtype: torch.dtype) -> float:
+    """ε rounded down to the precision of `dtype` (float32(0.1) exceeds 0.1: the float below it),
+    in plain Python arithmetic: no tensor op, so no host sync."""
+    bits = 1 - round(math.log2(torch.finfo(dtype).eps))  # significand bits, the implicit one included
+    m, e = math.frexp(eps)
+    return math.ldexp(math.floor(math.ldexp(m, bits)), e - bits)
+
+
+def distance(x: torch.Tensor, x_adv: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-example ‖x_adv − x‖_p, shape [N], computed in x's dtype."""
+    delta = x_adv - x
+    return delta.flatten(1).abs().amax(1) if norm == "linf" else l2_norm(delta)
+
+
+SHRINK_PASSES = 3  # L2: rounds of shrinking δ before giving up on a row
+
+
+def within_ball(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """x_adv with every point that rounding left beyond ε (by an ulp or so) moved back inside, so
+    that `distance(x, ·, norm) <= eps` holds exactly in x's dtype (r: ε rounded down to it); points
+    inside are unchanged. With u the spacing of the dtype's numbers at 1 (values in [0, 1] round by
+    at most u/4): L∞: offending coordinates become x ± (r − u). L2: offending rows scale δ to the
+    norm r·(1 − 16·4^k·u) − √m·u (m the values per example: room for the rounding of the norm,
+    of δ·s and of x + δ − x), then clamp to the box. A point still outside after that (not seen
+    in practice) is replaced by x. No host sync: fixed passes."""
+    r = radius(eps, x.dtype)
+    u, tiny = torch.finfo(x.dtype).eps, torch.finfo(x.dtype).tiny
+    if norm == "linf":
+        delta = x_adv - x
+        x_adv = torch.where(delta.abs() > r, x + delta.sign() * max(r - u, 0.0), x_adv)
+        return torch.where((x_adv - x).abs() > r, x, x_adv)
+    slack = math.sqrt(math.prod(x.shape[1:])) * u
+    for k in range(SHRINK_PASSES):
+        delta = x_adv - x
+        n = l2_norm(delta)
+        target = max(r * (1 - 16 * 4**k * u) - slack, 0.0)
+        over = _bcast(n > r, x)
+        x_adv = torch.where(over, (x + delta * _bcast(target / n.clamp_min(tiny), x)).clamp(0.0, 1.0), x_adv)
+    return torch.where(_bcast(l2_norm(x_adv - x) > r, x), x, x_adv)
 
 
 def random_start(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
@@ -128,17 +208,69 @@ def top_targets(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
     return logits.scatter(1, y[:, None], float("-inf")).topk(k, dim=1).indices
 
 
+def check_inputs(x: object, y: object, labels: bool) -> torch.Tensor:
+    """The sync-free checks of `Attack.__call__` (the module text); returns y, labels as int64."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x: must be a tensor of images [N, ...] in [0, 1], got {type(x).__name__}")
+    if not x.is_floating_point():
+        hint = "; convert 8-bit images with x.float() / 255" if x.dtype == torch.uint8 else "; use x.float()"
+        raise ValueError(f"x: must be a floating-point tensor of images in [0, 1], got dtype {x.dtype}{hint}")
+    if x.dim() < 2:
+        raise ValueError(f"x: needs a batch dimension, [N, ...], got shape {tuple(x.shape)}; e.g. x[None]")
+    if not isinstance(y, torch.Tensor):
+        raise ValueError(f"y: must be a tensor with one entry per image of x, got {type(y).__name__}")
+    if y.dim() == 0 or y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"y: needs one entry per image of x (first dimension {x.shape[0]}), got shape {tuple(y.shape)}"
+        )
+    if labels:
+        if y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise ValueError(
+                f"y: the class labels must be a 1-D integer tensor [{x.shape[0]}], got shape {tuple(y.shape)} "
+                f"of dtype {y.dtype}; e.g. y.view(-1).long()"
+            )
+        y = y.long()
+    return y
+
+
+def check_unit_range(x: torch.Tensor) -> None:
+    """x ∈ [0, 1], else a ValueError naming the range found. One host sync (min and max)."""
+    if x.numel() == 0:
+        return
+    lo, hi = torch.aminmax(x.detach())
+    if not bool((lo >= 0) & (hi <= 1)):  # the one sync; NaN fails too
+        raise ValueError(
+            f"x: the attacks take images in [0, 1], got values in [{float(lo):g}, {float(hi):g}]; put any "
+            "normalisation inside the model (e.g. nn.Sequential(normalize, net)), and pass 8-bit images "
+            "as x.float() / 255"
+        )
+
+
 class Attack:
-    """Base class: subclasses implement `perturb(model, x, y)`; `__call__` handles modes and flags."""
+    """Base class: subclasses implement `perturb(model, x, y)`; `__call__` checks the inputs, handles
+    modes and flags, and keeps the result in the attack's ball (`eps`, `norm`) exactly."""
 
     eval_mode: bool = True
+    check_range: bool = True  # False: skip the x ∈ [0, 1] check and its host sync (training, search)
+    eps: float | None = None  # the ball of the result, if any
+    norm: str = "linf"
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def labels(self) -> bool:
+        """Whether y are class labels (every attack but those given a `loss_fn`)."""
+        return getattr(self, "loss_fn", None) is None
+
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y = check_inputs(x, y, self.labels())
+        if self.check_range:
+            check_unit_range(x)
+        x, y = x.detach(), y.detach()
         with attack_context(model, self.eval_mode):
-            x_adv = self.perturb(model, x.detach(), y.detach())
+            x_adv = self.perturb(model, x, y)
+        if self.eps is not None:
+            x_adv = within_ball(x, x_adv.detach(), self.eps, self.norm)
         return x_adv.detach()
 
     def __repr__(self) -> str:

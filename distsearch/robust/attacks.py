@@ -50,13 +50,22 @@ def _input_grad(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, loss_fn:
 
 
 class FGSM(Attack):
-    """One signed-gradient step of size ε (L∞)."""
+    """FGSM (Goodfellow et al. 2015, eq. 3): one signed-gradient step, x' = clip(x + ε·sign ∇ₓL).
+
+    eps: the L∞ budget (8/255). targeted: descend L(f(x'), y), y the target (False). loss_fn:
+    replaces the per-example cross-entropy; y is then whatever it takes, [N, ...] (None).
+    eval_mode: craft in eval mode (True). check_range: check x ∈ [0, 1], a host sync (True)."""
 
     def __init__(
-        self, eps: float = 8 / 255, targeted: bool = False, loss_fn: LossFn | None = None, eval_mode: bool = True
+        self,
+        eps: float = 8 / 255,
+        targeted: bool = False,
+        loss_fn: LossFn | None = None,
+        eval_mode: bool = True,
+        check_range: bool = True,
     ):
-        check_positive("eps", eps)
-        self.eps, self.targeted, self.loss_fn, self.eval_mode = eps, targeted, loss_fn, eval_mode
+        self.eps = check_positive("eps", eps)
+        self.targeted, self.loss_fn, self.eval_mode, self.check_range = targeted, loss_fn, eval_mode, check_range
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         g, _ = _input_grad(model, x, y, self.loss_fn or ce_per_example, -1.0 if self.targeted else 1.0)
@@ -64,7 +73,10 @@ class FGSM(Attack):
 
 
 class FGM(FGSM):
-    """One L2-normalised gradient step of norm ε per example (before the box clamp)."""
+    """FGM (Miyato et al. 2017, eq. 7): one L2-normalised gradient step, x' = clip(x + ε·g/‖g‖₂)
+    per example. Parameters as FGSM's; eps is an L2 budget (default 8/255: set your own)."""
+
+    norm = "l2"
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         g, _ = _input_grad(model, x, y, self.loss_fn or ce_per_example, -1.0 if self.targeted else 1.0)
@@ -72,7 +84,14 @@ class FGM(FGSM):
 
 
 class PGD(Attack):
-    """Projected gradient descent in L∞ or L2 with random start and restarts."""
+    """PGD (Madry et al. 2018, eq. 2.1): a random start in B_ε(x), then `steps` steps of size
+    `alpha` along sign(g) (L∞) or g/‖g‖₂ (L2), each projected onto B_ε(x) ∩ [0, 1]^m.
+
+    eps (8/255), alpha (None: 2.5·ε/steps), steps (10), norm ("linf" or "l2"), random_start
+    (True), restarts (1; per example the run that succeeds, ties: the larger loss), targeted
+    (False: y is the target), loss_fn (None: per-example CE; else y is whatever it takes,
+    [N, ...], e.g. TRADES' soft labels), eval_mode (True), check_range (True: check x ∈ [0, 1],
+    a host sync; False inside training steps)."""
 
     def __init__(
         self,
@@ -85,15 +104,17 @@ class PGD(Attack):
         targeted: bool = False,
         loss_fn: LossFn | None = None,
         eval_mode: bool = True,
+        check_range: bool = True,
     ):
-        check_positive("eps", eps)
+        eps = check_positive("eps", eps)
         check_int("steps", steps)
         check_int("restarts", restarts)
         check_norm(norm)
-        check_positive("alpha", alpha, allow_none=True)
+        alpha = check_positive("alpha", alpha, allow_none=True)
         self.eps, self.steps, self.norm, self.restarts = eps, steps, norm, restarts
         self.alpha = alpha if alpha is not None else 2.5 * eps / steps
         self.random_start, self.targeted, self.loss_fn, self.eval_mode = random_start, targeted, loss_fn, eval_mode
+        self.check_range = check_range
 
     def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss_fn, sign = self.loss_fn or ce_per_example, -1.0 if self.targeted else 1.0

@@ -19,6 +19,7 @@ minimum, as AutoAttack reports).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .apgd import APGD, APGDT
-from .attack_base import Attack, check_norm
+from .attack_base import Attack, check_norm, seeded
 from .attacks import FGM, FGSM, PGD
 from .fab import FABT
 from .lbfgs_cw import CarliniWagnerL2
@@ -174,14 +175,29 @@ def game_table(
     is the table's best estimate of robust accuracy, lower than any one attack's row).
     `attacks`: names of EVAL_ATTACKS or PRESETS ("autoattack"), see `expand_attacks`.
     `eps` maps a norm ('linf' or 'l2') to its budgets, e.g. {'linf': [0.1, 0.3], 'l2': [1.0]}.
-    `progress`: a bar over every (attack, budget, batch) on stderr."""
+    `progress`: a bar over every (attack, budget, batch) on stderr. `seed` seeds the attacks'
+    random starts; the caller's RNG state is left as it was."""
     for norm, budgets in eps.items():
         check_norm(norm)
         for e in budgets:
-            if not isinstance(e, (int, float)) or not 0 < e < math.inf:
+            if not isinstance(e, numbers.Real) or isinstance(e, bool) or not 0 < e < math.inf:
                 raise ValueError(f"eps: budgets must be finite numbers > 0, got {e!r} for norm {norm!r}")
     attacks = expand_attacks(attacks)
-    torch.manual_seed(seed)
+    with seeded(seed, model):  # the attacks' random starts: a table is reproducible
+        return _game_rows(model, x, y, eps, attacks, batch_size, cw_kwargs, progress)
+
+
+def _game_rows(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: dict[str, Sequence[float]],
+    attacks: list[str],
+    batch_size: int,
+    cw_kwargs: dict[str, Any] | None,
+    progress: bool,
+) -> list[Row]:
+    """game_table's rows, the arguments checked, under its seed."""
     n = int(x.shape[0])
     if n and any(MIN_CLASSES.get(a, 0) > 2 for a in attacks):
         classes = _num_classes(model, x[:1])

@@ -40,6 +40,7 @@ the ball would be a point FAB never checked).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -83,7 +84,16 @@ def lp_norm(t: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 class FAB(Attack):
-    """FAB in L∞ or L2; `targeted=True` is FAB-T over the top `n_targets` classes (the module text)."""
+    """FAB (Croce & Hein 2020, ICML, alg. 1): a minimum-norm attack stepping to the box-constrained
+    projection onto the linearised decision boundary, biased towards x, with a backward step
+    after each success.
+
+    eps (None: the closest misclassified point found, x where none; set: a point beyond ε is
+    rejected, x returned), norm ("linf" or "l2"), steps (100), restarts (1; later runs start at
+    a random point at half the best distance), targeted (False; True is FAB-T), n_targets (9,
+    FAB-T: the most likely other classes, capped at K − 1), alpha_max (0.1), eta (1.05, the
+    overshoot), beta (0.9, the backward step), eval_mode (True), check_range (True: check
+    x ∈ [0, 1], a host sync). Success is untargeted (argmax ≠ y) in both forms."""
 
     def __init__(
         self,
@@ -97,15 +107,16 @@ class FAB(Attack):
         eta: float = 1.05,
         beta: float = 0.9,
         eval_mode: bool = True,
+        check_range: bool = True,
     ):
-        check_positive("eps", eps, allow_none=True)
+        eps = check_positive("eps", eps, allow_none=True)
         check_norm(norm)
         check_int("steps", steps)
         check_int("restarts", restarts)
         check_int("n_targets", n_targets)
         if not isinstance(targeted, bool):
             raise ValueError(f"targeted: must be True or False, got {targeted!r}")
-        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        number = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
         if not number(alpha_max) or not 0 <= alpha_max <= 1:
             raise ValueError(f"alpha_max: must lie in [0, 1], got {alpha_max!r}")
         if not number(eta) or eta < 1:
@@ -114,7 +125,7 @@ class FAB(Attack):
             raise ValueError(f"beta: must lie in (0, 1], got {beta!r}")
         self.eps, self.norm, self.steps, self.restarts = eps, norm, steps, restarts
         self.targeted, self.n_targets, self.eval_mode = targeted, n_targets, eval_mode
-        self.alpha_max, self.eta, self.beta = alpha_max, eta, beta
+        self.alpha_max, self.eta, self.beta, self.check_range = float(alpha_max), float(eta), float(beta), check_range
 
     def _linearise(
         self, model: nn.Module, xk: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, shape: torch.Size
@@ -212,7 +223,10 @@ class FAB(Attack):
 
 
 class FABT(FAB):
-    """FAB-T: FAB towards each of the top `n_targets` classes in turn (the module text)."""
+    """FAB-T (AutoAttack's targeted FAB, Croce & Hein 2020): FAB towards a fixed target, once per
+    target among the `n_targets` (9, capped at K − 1) most likely other classes; with eps, each
+    target runs on the examples no earlier one broke within ε. Same as FAB(targeted=True);
+    other parameters and defaults as FAB's."""
 
     def __init__(
         self,
@@ -225,5 +239,6 @@ class FABT(FAB):
         eta: float = 1.05,
         beta: float = 0.9,
         eval_mode: bool = True,
+        check_range: bool = True,
     ):
-        super().__init__(eps, norm, steps, restarts, True, n_targets, alpha_max, eta, beta, eval_mode)
+        super().__init__(eps, norm, steps, restarts, True, n_targets, alpha_max, eta, beta, eval_mode, check_range)

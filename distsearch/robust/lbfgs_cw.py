@@ -17,6 +17,8 @@ succeeded; with `eps` set the result is projected onto the L2 ball of radius ε.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,12 +32,14 @@ class _MinDistortion(Attack):
     C&W's c weighs the attack loss (success: lower c). Unbracketed, c moves ×10 or ÷2."""
 
     c_weighs_distortion = True
+    norm = "l2"
 
-    def __init__(self, targeted: bool, c_init: float, search_steps: int, eps: float | None):
-        check_positive("c_init", c_init)
+    def __init__(self, targeted: bool, c_init: float, search_steps: int, eps: float | None, check_range: bool):
+        c_init = check_positive("c_init", c_init)
         check_int("search_steps", search_steps)
-        check_positive("eps", eps, allow_none=True)
+        eps = check_positive("eps", eps, allow_none=True)
         self.targeted, self.c_init, self.search_steps, self.eps = targeted, c_init, search_steps, eps
+        self.check_range = check_range
 
     def solve(self, model: nn.Module, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Candidates x' for penalty constants c (one per example)."""
@@ -63,7 +67,13 @@ class _MinDistortion(Attack):
 
 
 class LBFGS(_MinDistortion):
-    """Szegedy et al.'s box-constrained L-BFGS (targeted on y, or on the runner-up class)."""
+    """Box-constrained L-BFGS (Szegedy et al. 2014, §4.1): min c·‖r‖₂² + CE(f(x + r), l) over
+    x + r ∈ [0, 1]^m with SciPy's L-BFGS-B, one problem per example, and a search on c keeping
+    the least-distorted success.
+
+    targeted (False: l is the runner-up class; True: l = y), c_init (0.1), search_steps (6),
+    max_iter (50 L-BFGS iterations), eps (None; set: the result projected onto the L2 ε-ball),
+    check_range (True: check x ∈ [0, 1], a host sync)."""
 
     def __init__(
         self,
@@ -72,8 +82,9 @@ class LBFGS(_MinDistortion):
         search_steps: int = 6,
         max_iter: int = 50,
         eps: float | None = None,
+        check_range: bool = True,
     ):
-        super().__init__(targeted, c_init, search_steps, eps)
+        super().__init__(targeted, c_init, search_steps, eps, check_range)
         check_int("max_iter", max_iter)
         self.max_iter = max_iter
 
@@ -100,7 +111,13 @@ class LBFGS(_MinDistortion):
 
 
 class CarliniWagnerL2(_MinDistortion):
-    """Carlini–Wagner L2 in tanh space with Adam and a binary search on c."""
+    """Carlini–Wagner L2 (Carlini & Wagner 2017, §V.A): x' = (tanh(w) + 1)/2, Adam on
+    ‖x' − x‖₂² + c·max(margin, −κ), a binary search on c keeping the least-distorted success.
+
+    targeted (False: any misclassification; True: reach y), c_init (1.0), search_steps (5),
+    steps (100 Adam steps), lr (0.1; the paper's 0.01 needs thousands of steps), kappa (0, the
+    confidence), eps (None; set: the result projected onto the L2 ε-ball), check_range (True:
+    check x ∈ [0, 1], a host sync)."""
 
     c_weighs_distortion = False
 
@@ -113,13 +130,14 @@ class CarliniWagnerL2(_MinDistortion):
         lr: float = 0.1,
         kappa: float = 0.0,
         eps: float | None = None,
+        check_range: bool = True,
     ):
-        super().__init__(targeted, c_init, search_steps, eps)
+        super().__init__(targeted, c_init, search_steps, eps, check_range)
         check_int("steps", steps)
-        check_positive("lr", lr)
-        if not isinstance(kappa, (int, float)) or kappa < 0:
+        lr = check_positive("lr", lr)
+        if not isinstance(kappa, numbers.Real) or isinstance(kappa, bool) or not kappa >= 0:
             raise ValueError(f"kappa: must be a number >= 0, got {kappa!r}")
-        self.steps, self.lr, self.kappa = steps, lr, kappa
+        self.steps, self.lr, self.kappa = steps, lr, float(kappa)
         self.squash = 1 - 1e-6
 
     def solve(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ with `seed` at each call, so a call is reproducible.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -96,7 +97,14 @@ def _random_eta(n: int, h: int, g: torch.Generator, like: torch.Tensor) -> torch
 
 
 class Square(Attack):
-    """Square Attack in L∞ or L2 (the module text)."""
+    """Square Attack (Andriushchenko et al. 2020, alg. 1-3): gradient-free random search on the
+    logit margin, each query changing one random h × h square; AutoAttack's black-box member.
+
+    eps (8/255), norm ("linf" or "l2"), n_queries (5000, every forward pass of an example, the
+    clean check included), p_init (0.8, the first square's share of the image), seed (0, of
+    its own torch.Generator: a call is reproducible), rescale (True: the p schedule stretched
+    to n_queries; False: AutoAttack's), eval_mode (True), check_range (True: check x ∈ [0, 1],
+    a host sync). x: images [N, C, H, W]."""
 
     def __init__(
         self,
@@ -107,15 +115,16 @@ class Square(Attack):
         seed: int = 0,
         rescale: bool = True,
         eval_mode: bool = True,
+        check_range: bool = True,
     ):
-        check_positive("eps", eps)
+        eps = check_positive("eps", eps)
         check_norm(norm)
         check_int("n_queries", n_queries)
-        if not isinstance(p_init, (int, float)) or isinstance(p_init, bool) or not 0 < p_init <= 1:
+        if not isinstance(p_init, numbers.Real) or isinstance(p_init, bool) or not 0 < p_init <= 1:
             raise ValueError(f"p_init: must lie in (0, 1], got {p_init!r}")
         check_int("seed", seed, minimum=0)
-        self.eps, self.norm, self.n_queries, self.p_init = eps, norm, n_queries, p_init
-        self.seed, self.rescale, self.eval_mode = seed, rescale, eval_mode
+        self.eps, self.norm, self.n_queries, self.p_init = eps, norm, n_queries, float(p_init)
+        self.seed, self.rescale, self.eval_mode, self.check_range = seed, rescale, eval_mode, check_range
 
     def _side(self, p: float, size: tuple[int, int]) -> int:
         side = min(size)

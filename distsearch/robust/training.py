@@ -118,7 +118,8 @@ class PGDTraining(Strategy):
         check_positive("alpha", alpha, allow_none=True)
         self.eps, self.steps, self.norm = eps, steps, norm
         self.alpha = alpha if alpha is not None else eps / 4
-        self._attack = PGD(eps, self.alpha, steps, norm, random_start=True, eval_mode=False)
+        # check_range=False: the range check would wait for the device every step (tests/test_no_host_sync.py)
+        self._attack = PGD(eps, self.alpha, steps, norm, random_start=True, eval_mode=False, check_range=False)
 
     def _step(self, model, x, y, optimizer, counter: PassCounter) -> dict[str, torch.Tensor]:
         x_adv = self._attack(model, x, y)
@@ -145,7 +146,7 @@ class Trades(Strategy):
         check_positive("alpha", alpha, allow_none=True)
         self.eps, self.beta, self.steps = eps, beta, steps
         self.alpha = alpha if alpha is not None else eps / 4
-        self._attack = PGD(eps, self.alpha, steps, "linf", random_start=True, loss_fn=kl_per_example)
+        self._attack = PGD(eps, self.alpha, steps, "linf", random_start=True, loss_fn=kl_per_example, check_range=False)
 
     def _step(self, model, x, y, optimizer, counter: PassCounter) -> dict[str, torch.Tensor]:
         with attack_context(model), torch.no_grad():

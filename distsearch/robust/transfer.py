@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .attack_base import Attack
+from .attack_base import Attack, seeded
 from .tables import Row, write_csv, write_markdown
 
 __all__ = ["distortion", "gaussian_like", "plot_heatmap", "transfer_table", "write_csv", "write_markdown"]
@@ -73,21 +73,21 @@ def transfer_table(
     if len(models) < 1:
         raise ValueError("models: need at least one model")
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    rows: list[Row] = [
-        {"examples": "clean", "distortion": 0.0, **{t: _error(m, x, y, batch_size) for t, m in models.items()}}
-    ]
-    for source, model in models.items():
-        x_adv = _batched(attack, model, x, y, batch_size)
-        x_noise = gaussian_like(x, x_adv, g)
-        for label, xs in ((source, x_adv), (f"noise({source})", x_noise)):
-            rows.append(
-                {
-                    "examples": label,
-                    "distortion": float(distortion(xs, x).mean()),
-                    **{t: _error(m, xs, y, batch_size) for t, m in models.items()},
-                }
-            )
+    with seeded(seed, *models.values()):  # the attacks' random starts; the caller's RNG left as it was
+        rows: list[Row] = [
+            {"examples": "clean", "distortion": 0.0, **{t: _error(m, x, y, batch_size) for t, m in models.items()}}
+        ]
+        for source, model in models.items():
+            x_adv = _batched(attack, model, x, y, batch_size)
+            x_noise = gaussian_like(x, x_adv, g)
+            for label, xs in ((source, x_adv), (f"noise({source})", x_noise)):
+                rows.append(
+                    {
+                        "examples": label,
+                        "distortion": float(distortion(xs, x).mean()),
+                        **{t: _error(m, xs, y, batch_size) for t, m in models.items()},
+                    }
+                )
     return rows
 
 

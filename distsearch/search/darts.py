@@ -40,7 +40,37 @@ def val_objective(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, 
     return F.cross_entropy(logits, y), {"val_acc": accuracy(logits, y).detach()}
 
 
+def check_searchable(model: Any, searcher: str = "DartsSearcher") -> None:
+    """Raise TypeError unless `model` is an nn.Module with arch_parameters() and weight_parameters()
+    (a search_spaces.Supernet): what a searcher optimises, α and the weights apart."""
+    missing = [m for m in ("arch_parameters", "weight_parameters") if not callable(getattr(model, m, None))]
+    if isinstance(model, torch.nn.Module) and not missing:
+        return
+    lacks = f"it has no {' or '.join(f'{m}()' for m in missing)}" if missing else "it is not an nn.Module"
+    raise TypeError(
+        f"{searcher}: model must be a search_spaces.Supernet or an nn.Module with arch_parameters() and "
+        f"weight_parameters() (the architecture's and the network's parameters); got {type(model).__name__}, "
+        f"and {lacks} (a fixed network is trained with distsearch.train.run_training, not searched)"
+    )
+
+
 class DartsSearcher(Searcher):
+    """DARTS: per step one architecture update (Adam on α, first-order or unrolled hypergradient)
+    and one weight update (SGD with momentum, cosine lr; or `weight_strategy`'s adversarial step).
+
+    model: a search_spaces.Supernet, or any nn.Module with arch_parameters() and
+        weight_parameters() (two disjoint lists of parameters; genotype() also needs derive()).
+    epochs: the length of the cosine weight-lr schedule.
+    order: "first" (grad_α L_val at w) or "second" (the one-step unrolled hypergradient,
+        finite differences of radius fd_r, replaying the forward's ReLU/max-pool pattern
+        when fd_replay).
+    w_lr, w_lr_min, w_momentum, w_weight_decay, grad_clip: the weights' SGD and schedule.
+    arch_lr, arch_betas, arch_weight_decay: the architecture's Adam.
+    weight_strategy: a robust/training.py strategy for the weight step (None: plain SGD).
+    Raises TypeError when `model` lacks arch_parameters()/weight_parameters() and ValueError
+    for an unknown `order`.
+    """
+
     def __init__(
         self,
         model: Supernet,
@@ -59,6 +89,7 @@ class DartsSearcher(Searcher):
         fd_replay: bool = True,
         weight_strategy: Any = None,
     ):
+        check_searchable(model, type(self).__name__)
         if order not in ("first", "second"):
             raise ValueError(f"algorithm.order: {order!r} is not one of 'first', 'second'")
         self.model, self.order, self.grad_clip, self.fd_r = model, order, grad_clip, fd_r
