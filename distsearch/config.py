@@ -37,6 +37,9 @@ class DataConfig(Strict):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     subset: int | None = Field(None, gt=0, description="use only the first N training examples")
     augment: bool = False
+    cutout: int = Field(
+        0, ge=0, description="training images: zero a random square of this side (Cutout; DARTS retraining: 16)"
+    )
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
@@ -228,11 +231,18 @@ class ModelConfig(Strict):
     C: int = Field(16, gt=0)
     layers: int = Field(8, gt=0)
     drop_path_prob: float = Field(0.0, ge=0, lt=1)
+    auxiliary_weight: float = Field(
+        0.0, ge=0, description="a genotype's auxiliary head, its loss weighted by this (DARTS retraining: 0.4); 0: none"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
         if (self.genotype is None) == (self.name is None):
             raise ValueError("give exactly one of model.genotype (a genotype JSON) or model.name")
+        if self.auxiliary_weight and self.name is not None:
+            raise ValueError(
+                "auxiliary_weight: only a genotype's network has an auxiliary head; remove it for model.name"
+            )
         return self
 
 
@@ -241,6 +251,7 @@ class TrainOptimConfig(Strict):
     lr_min: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(3e-4, ge=0)
+    grad_clip: float | None = Field(None, gt=0, description="clip the gradients' total norm (DARTS retraining: 5)")
 
 
 class RobustEvalConfig(Strict):
@@ -269,6 +280,15 @@ class TrainConfig(RunConfig):
     strategy: WeightATConfig = WeightATConfig()
     optim: TrainOptimConfig = TrainOptimConfig()
     eval: RobustEvalConfig = RobustEvalConfig()
+
+    @model_validator(mode="after")
+    def _auxiliary_with_standard(self) -> TrainConfig:
+        if self.model.auxiliary_weight and self.strategy.strategy != "standard":
+            raise ValueError(
+                "model.auxiliary_weight: the auxiliary head trains with strategy standard only (DARTS's "
+                f"retraining); set it to 0 for {self.strategy.strategy!r}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _eval_at_training_budget(self) -> TrainConfig:

@@ -81,7 +81,10 @@ _KIND_KEYS = {
     "train": {"model", "strategy"},
     "transfer": {"models", "attack", "units", "lr", "n"},
 }
-_KIND_OPTIM_KEYS = {"search": set(OptimConfig.model_fields), "train": set(TrainOptimConfig.model_fields)}
+_KIND_OPTIM_KEYS = {  # grad_clip is both's
+    "search": set(OptimConfig.model_fields) - set(TrainOptimConfig.model_fields),
+    "train": set(TrainOptimConfig.model_fields) - set(OptimConfig.model_fields),
+}
 # the command that reads each kind, and the kinds each schema reads
 KIND_COMMAND = {"search": "search", "experiment": "run", "train": "train", "transfer": "transfer"}
 SCHEMA_KINDS: dict[type[RunConfig], tuple[str, ...]] = {

@@ -158,6 +158,18 @@ def augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
     return out
 
 
+def cutout(x: torch.Tensor, g: torch.Generator, length: int) -> torch.Tensor:
+    """Cutout (DeVries & Taylor 2017) as DARTS retrains with it: per image, the pixels within
+    length // 2 of a uniform random centre (rows and columns [c - length // 2, c + length // 2),
+    clipped at the border) set to 0, in every channel; seeded."""
+    n, _, h, w = x.shape
+    cy, cx = torch.randint(0, h, (n, 1), generator=g), torch.randint(0, w, (n, 1), generator=g)
+    half = length // 2
+    rows = (torch.arange(h) >= cy - half) & (torch.arange(h) < cy + half)  # [n, h]
+    cols = (torch.arange(w) >= cx - half) & (torch.arange(w) < cx + half)  # [n, w]
+    return x * ~(rows[:, None, :, None] & cols[:, None, None, :])
+
+
 class BatchStream:
     """Endless seeded batches over `indices`: each pass is a fresh permutation drawn from
     (seed, pass number), so the stream's position is two integers and a resumed stream
@@ -174,11 +186,12 @@ class BatchStream:
         seed: int,
         device: torch.device | str = "cpu",
         augment: bool = False,
+        cutout: int = 0,
     ):
         if batch_size > len(indices):
             raise DataError(f"data.batch_size: {batch_size} is larger than the split ({len(indices)} examples)")
         self.x, self.y, self.indices, self.batch_size = x, y, indices, batch_size
-        self.seed, self.device, self.augment = seed, torch.device(device), augment
+        self.seed, self.device, self.augment, self.cutout = seed, torch.device(device), augment, cutout
         self.passes, self.pos = 0, 0
         self._perm = self._permutation()
 
@@ -199,9 +212,10 @@ class BatchStream:
             self._perm = self._permutation()
         idx = self._perm[self.pos * self.batch_size : (self.pos + 1) * self.batch_size]
         x = self.x[idx]
-        if self.augment:
+        if self.augment or self.cutout:
             g = torch.Generator().manual_seed(self.seed * 7919 + self.passes * 100_003 + self.pos)
-            x = augment(x, g)
+            x = augment(x, g) if self.augment else x
+            x = cutout(x, g, self.cutout) if self.cutout else x
         self.pos += 1
         return x.to(self.device, non_blocking=True), self.y[idx].to(self.device, non_blocking=True)
 

@@ -182,7 +182,7 @@ def run_search(
     searcher = build_searcher(cfg, model, data)
     tr_idx, val_idx = bilevel_split(len(data.x_train), cfg.data.train_portion)
     B = cfg.data.batch_size
-    train = BatchStream(data.x_train, data.y_train, tr_idx, B, cfg.seed, device, cfg.data.augment)
+    train = BatchStream(data.x_train, data.y_train, tr_idx, B, cfg.seed, device, cfg.data.augment, cfg.data.cutout)
     val = BatchStream(data.x_train, data.y_train, val_idx, B, cfg.seed + 1, device, cfg.data.augment)
     loop = EpochLoop(cfg, store, train.batches_per_pass, f"{cfg.algorithm.name} search")
 

@@ -62,7 +62,13 @@ def build_network(cfg: TrainConfig, data: DataSplits, genotype: Genotype | None)
     m = cfg.model
     if genotype is not None:
         return Network(
-            genotype, data.in_channels, data.num_classes, C=m.C, layers=m.layers, drop_path_prob=m.drop_path_prob
+            genotype,
+            data.in_channels,
+            data.num_classes,
+            C=m.C,
+            layers=m.layers,
+            auxiliary=m.auxiliary_weight > 0,
+            drop_path_prob=m.drop_path_prob,
         )
     return named_model(m.name, data, m.kwargs, field="model.name")
 
@@ -89,13 +95,14 @@ def run_training(
     model = build_network(cfg, data, genotype).to(device)
     strategy = cfg.strategy.build()
     o = cfg.optim
+    strategy.grad_clip, strategy.aux_weight = o.grad_clip, cfg.model.auxiliary_weight
     optimizer = torch.optim.SGD(
         model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, foreach=True
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs, eta_min=o.lr_min)
     everything = torch.arange(len(data.x_train))
     stream = BatchStream(
-        data.x_train, data.y_train, everything, cfg.data.batch_size, cfg.seed, device, cfg.data.augment
+        data.x_train, data.y_train, everything, cfg.data.batch_size, cfg.seed, device, cfg.data.augment, cfg.data.cutout
     )
     loop = EpochLoop(cfg, store, stream.batches_per_pass, f"train ({cfg.strategy.strategy})")
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "strategy": strategy, "stream": stream}

@@ -376,7 +376,8 @@ def test_validate_an_experiment_names_its_trial_root(capsys):
 
 
 def test_single_search_configs_do_not_write_into_an_experiment_root():
-    """launch/configs/*.yaml's storage.uri is never <tune.storage>/<name> of launch/experiments/*.yaml."""
+    """launch/configs/*.yaml (one run each) never name an experiment file's root, <tune.storage>/<name>
+    of launch/experiments/*.yaml, as their storage.uri."""
     import posixpath
 
     from distsearch.config_file import config_kind, read_yaml
@@ -387,7 +388,7 @@ def test_single_search_configs_do_not_write_into_an_experiment_root():
         roots.add(posixpath.join(raw["tune"]["storage"], raw["name"]))
     for path in (ROOT / "launch/configs").glob("*.yaml"):
         raw = read_yaml(path)
-        assert config_kind(raw) in ("search", "transfer"), path
+        assert config_kind(raw) in ("search", "train", "transfer"), path
         assert raw["storage"]["uri"] not in roots, path
 
 

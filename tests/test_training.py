@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from distsearch.robust.attacks import PGD
@@ -346,3 +347,113 @@ def test_training_resume_with_fewer_epochs_than_done_is_refused(tmp_path):
         run_training(train_config(store.uri, epochs=3, storage={"every_n_steps": 2}), store, stop_after_steps=7)
     with pytest.raises(UsageError, match=r"has done 1 epoch and part of epoch 2; resume with epochs >= 2$"):
         run_training(train_config(store.uri, epochs=1, storage={"every_n_steps": 2}), store)
+
+
+# -- DARTS's retraining recipe: cutout, auxiliary head, gradient clip --------------------------
+
+
+def test_cutout_zeroes_one_clipped_square_per_image_seeded() -> None:
+    """Per image, the zeroed pixels are exactly rows x columns [c - L//2, c + L//2) of one
+    centre, clipped at the border, in every channel (DARTS's Cutout); seeded."""
+    from distsearch.data import cutout
+
+    x = torch.rand(64, 3, 12, 10) + 0.5  # no zero pixels of its own
+    out = cutout(x, torch.Generator().manual_seed(3), 6)
+    assert torch.equal(out, cutout(x, torch.Generator().manual_seed(3), 6))
+    clipped = 0
+    for img in out:
+        zero = img == 0
+        assert torch.equal(zero, zero[:1].expand_as(zero))  # every channel alike
+        rows, cols = zero[0].any(1).nonzero().flatten(), zero[0].any(0).nonzero().flatten()
+        assert 1 <= len(rows) <= 6 and 1 <= len(cols) <= 6
+        assert zero[0].sum() == len(rows) * len(cols)  # one rectangle
+        assert torch.equal(rows, torch.arange(rows[0], rows[-1] + 1))
+        assert torch.equal(cols, torch.arange(cols[0], cols[-1] + 1))
+        clipped += len(rows) * len(cols) < 36
+    assert 0 < clipped < 64  # centres near the border clip the square, interior ones do not
+    assert torch.equal(out[out != 0], x[out != 0])  # the rest untouched
+
+
+def test_auxiliary_loss_is_added_with_its_weight() -> None:
+    """One standard step with auxiliary_weight w moves the weights as SGD on
+    CE(logits) + w * CE(aux_logits) of the same forward (float64, no drop path); w = 0 leaves
+    the auxiliary head without gradient."""
+    from search_spaces import Genotype, Network
+
+    torch.manual_seed(0)
+    net = Network(Genotype.from_dict(GENOTYPE), in_channels=1, num_classes=3, C=4, layers=3, auxiliary=True).double()
+    x, y = torch.rand(8, 1, 8, 8, dtype=torch.double), torch.randint(0, 3, (8,))
+    want = copy.deepcopy(net)
+    logits = want(x)
+    loss = F.cross_entropy(logits, y) + 0.4 * F.cross_entropy(want.aux_logits, y)
+    grads = torch.autograd.grad(loss, list(want.parameters()))
+    with torch.no_grad():
+        for p, g in zip(want.parameters(), grads):
+            p -= 0.1 * g
+    for w in (0.4, 0.0):
+        model = copy.deepcopy(net)
+        strategy = make_strategy("standard")
+        strategy.aux_weight = w
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        metrics = strategy.step(model, x, y, opt)
+        head = [p.grad for p in model.auxiliary_head.parameters()]
+        if w:
+            assert "aux_loss" in metrics
+            for (k, a), b in zip(model.state_dict().items(), want.state_dict().values()):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=k)
+        else:
+            assert "aux_loss" not in metrics and all(g is None for g in head)
+
+
+@pytest.mark.parametrize(
+    "over,needle",
+    [
+        ({"model": {"name": "mlp", "auxiliary_weight": 0.4}}, "only a genotype's network has an auxiliary head"),
+        (
+            {"model": {"genotype": "g.json", "auxiliary_weight": 0.4}, "strategy": {"strategy": "pgd"}},
+            "model.auxiliary_weight: the auxiliary head trains with strategy standard only",
+        ),
+    ],
+)
+def test_auxiliary_weight_is_refused_where_nothing_would_train_it(tmp_path, over, needle) -> None:
+    from distsearch.errors import UsageError
+
+    with pytest.raises(UsageError, match=needle):
+        train_config(str(tmp_path / "o"), **over)
+
+
+def test_darts_recipe_run_resumes_exactly(tmp_path) -> None:
+    """Cutout, augmentation, the auxiliary head, drop path and a gradient clip together: a run
+    interrupted mid-epoch and resumed ends bitwise where the uninterrupted one does."""
+    import json
+
+    from distsearch.runner import Interrupted
+    from distsearch.storage import Store
+    from distsearch.train import run_training
+
+    (tmp_path / "g.json").write_text(json.dumps(GENOTYPE))
+    model = {"genotype": str(tmp_path / "g.json"), "C": 4, "layers": 3, "drop_path_prob": 0.2, "auxiliary_weight": 0.4}
+    over = {
+        "data": {
+            "name": "synthetic",
+            "batch_size": 16,
+            "augment": True,
+            "cutout": 4,
+            "synthetic": {"n": 80, "image_size": 8},
+        },
+        "optim": {"grad_clip": 0.5},
+    }
+    a, b = (train_config(str(tmp_path / n), model, **over) for n in ("a", "b"))
+    ra = run_training(a, Store(a.storage.uri))
+    with pytest.raises(Interrupted):
+        run_training(b, Store(b.storage.uri), stop_after_steps=6)
+    rb = run_training(b, Store(b.storage.uri))
+    assert ra["test/loss"] == rb["test/loss"]
+    sa, sb = (Store(c.storage.uri).load_latest()[1]["model"] for c in (a, b))
+    assert sa.keys() == sb.keys() and any(k.startswith("auxiliary_head") for k in sa)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    for name, change in (("no_clip", {"optim": {}}), ("no_cutout", {"data": {**over["data"], "cutout": 0}})):
+        c = train_config(str(tmp_path / name), model, **over | change)  # each part takes effect
+        run_training(c, Store(c.storage.uri))
+        sc = Store(c.storage.uri).load_latest()[1]["model"]
+        assert not all(torch.equal(sa[k], sc[k]) for k in sa), name

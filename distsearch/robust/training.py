@@ -47,9 +47,14 @@ class Standard(Strategy):
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)
         loss = cross_entropy(logits, y)
+        out = {"loss": loss, "acc": accuracy(logits, y)}
+        aux = getattr(model, "aux_logits", None) if self.aux_weight else None
+        if aux is not None:  # DARTS retraining: L + w·L_aux, the auxiliary head's logits of this forward
+            out["aux_loss"] = cross_entropy(aux, y)
+            loss = loss + self.aux_weight * out["aux_loss"]
         accumulate(loss, optimizer_params(optimizer))
         self.update(optimizer)
-        return {"loss": loss, "acc": accuracy(logits, y)}
+        return out
 
 
 class FGSMTraining(Strategy):

@@ -91,7 +91,8 @@ class Strategy:
 
     name = "base"
     needs_first_layer = False
-    grad_clip: float | None = None  # the searchers set optim.grad_clip
+    grad_clip: float | None = None  # the searchers set optim.grad_clip, run_training its optim.grad_clip
+    aux_weight: float = 0.0  # run_training sets model.auxiliary_weight; Standard adds the auxiliary head's loss
 
     def update(self, optimizer: torch.optim.Optimizer) -> None:
         """optimizer.step(), after clipping the gradients' total norm to `grad_clip` if set."""
