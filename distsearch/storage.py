@@ -9,7 +9,9 @@ Every file is written atomically (temp file + rename locally; one PUT on object 
 a checkpoint exists only once its MANIFEST.json (sha256 and size of each file) is written,
 last. A checkpoint whose files do not match their manifest is reported and skipped, and the
 previous one is used. Tensors are read with torch.load(weights_only=True) only: nothing
-from storage is ever unpickled.
+from storage is ever unpickled. A state that weights_only could not read back (numpy arrays,
+dataclasses, ...) is refused before anything is written; such a checkpoint found in storage is
+skipped like a corrupt one.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import io
 import json
 import logging
 import os
+import pickle
 import posixpath
 import tempfile
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 import fsspec
@@ -35,7 +39,13 @@ CKPT_DIR = "checkpoints"
 
 
 class CorruptCheckpoint(RuntimeError):
-    pass
+    """A committed checkpoint that cannot be used (files not matching the manifest, or a state
+    weights_only refuses); load_latest and latest report it and fall back to the previous one."""
+
+
+class UnloadableCheckpoint(CorruptCheckpoint, pickle.UnpicklingError):
+    """A checkpoint whose state.pt torch.load(weights_only=True) refuses (objects other than
+    tensors and plain Python values): never unpickled. An UnpicklingError too, as torch's own."""
 
 
 _REQUIRED = object()  # read_json without a default: a missing file raises
@@ -47,6 +57,75 @@ def _sha256(data: bytes) -> str:
 
 def _step_of(name: str) -> int:
     return int(name.rsplit("-", 1)[-1])
+
+
+def _read_state(data: bytes, map_location: str | torch.device = "cpu") -> Any:
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+
+
+def _refusal(e: BaseException) -> str:
+    """The line of a weights_only refusal that names its cause (torch's message is a page)."""
+    lines = str(e).splitlines()
+    for line in lines:
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(" Please use", 1)[0].strip()
+    return next((ln.strip() for ln in lines if ln.strip()), type(e).__name__)
+
+
+_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+_CONTAINERS = (dict, OrderedDict, list, tuple, set)  # as weights_only reads them (a frozenset it refuses)
+
+
+def _loads_alone(obj: Any) -> bool:
+    buf = io.BytesIO()
+    try:
+        torch.save(obj, buf)
+        _read_state(buf.getvalue())
+    except Exception:  # noqa: BLE001 - any failure means "not readable back"
+        return False
+    return True
+
+
+def _first_unloadable(obj: Any, path: str = "") -> tuple[str, Any] | None:
+    """Depth first, the key path (as `['model']['w']`) and value of the first value under `obj` that
+    weights_only cannot read back; plain values and tensors are taken as readable without a test."""
+    kind = type(obj)
+    if kind in _PLAIN or kind in (torch.Tensor, torch.nn.Parameter):
+        return None
+    if kind in _CONTAINERS:
+        if kind is set:
+            return next(filter(None, (_first_unloadable(v, f"{path} (an element)") for v in obj)), None)
+        for k, v in obj.items() if isinstance(obj, dict) else enumerate(obj):
+            if isinstance(obj, dict) and type(k) not in _PLAIN and not _loads_alone(k):
+                return f"{path} (the key {k!r})", k
+            if found := _first_unloadable(v, f"{path}[{k!r}]"):
+                return found
+        return None
+    return None if _loads_alone(obj) else (path, obj)
+
+
+def check_loadable(state: Any, data: bytes | None = None) -> None:
+    """Raise TypeError, naming the key path and type, when torch.load(weights_only=True) cannot
+    read `state` back (`data`: its torch.save bytes, when already serialised)."""
+    if data is None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+    try:
+        _read_state(data)
+    except pickle.UnpicklingError as e:
+        found = _first_unloadable(state)
+        what = "the state" if found is None else f"state{found[0]} is a {_type_name(found[1])}: it"
+        raise TypeError(
+            f"save_checkpoint: {what} cannot be read back with torch.load(weights_only=True) ({_refusal(e)}); "
+            "store tensors and plain Python values (numbers, strings, lists, tuples, dicts) instead, e.g. "
+            "torch.as_tensor(array) or array.tolist(), genotype.to_dict(); nothing was written"
+        ) from None
+
+
+def _type_name(obj: Any) -> str:
+    kind = type(obj)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 class Store:
@@ -154,10 +233,22 @@ class Store:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int | None = None) -> str:
+        """Write checkpoints/ckpt-<step> (state.pt, meta.json, then MANIFEST.json, the commit point)
+        and return its name; an existing one of that step is uncommitted first, then replaced.
+
+        state: what load_checkpoint returns, made of tensors and plain Python values (numbers,
+            strings, None, lists, tuples, sets, dicts): checked to load with weights_only=True.
+        meta: JSON-serialisable facts about the checkpoint (epoch, step, metrics).
+        keep: when set, prune to the newest `keep` checkpoints at steps <= `step` afterwards.
+        Raises TypeError, before anything is written, when weights_only could not read `state`
+        back (naming the key path and type: a numpy array, a Genotype, ...) or `meta` is not JSON.
+        """
         name = f"ckpt-{step:010d}"
         buf = io.BytesIO()
         torch.save(state, buf)
-        files = {"state.pt": buf.getvalue(), "meta.json": json.dumps(meta, indent=2, sort_keys=True).encode()}
+        state_pt = buf.getvalue()
+        check_loadable(state, state_pt)  # never store what load_checkpoint would refuse
+        files = {"state.pt": state_pt, "meta.json": json.dumps(meta, indent=2, sort_keys=True).encode()}
         rel = posixpath.join(CKPT_DIR, name)
         if self.exists(posixpath.join(rel, MANIFEST)):  # rewritten: uncommitted while its files change
             self.fs.rm(self.path(rel, MANIFEST))
@@ -170,13 +261,16 @@ class Store:
         return name
 
     def list_checkpoints(self) -> list[str]:
-        """Committed checkpoints (those with a manifest), oldest first."""
+        """Committed checkpoints (those with a manifest), oldest first. Listed afresh: gcsfs and s3fs
+        answer ls and exists from listings this process cached, blind to other processes' writes."""
         base = self.path(CKPT_DIR)
+        self.fs.invalidate_cache(base)  # base and its parents; each checkpoint's folder below
         if not self.fs.exists(base):
             return []
         names = []
         for p in self.fs.ls(base, detail=False):
             name = posixpath.basename(p.rstrip("/"))
+            self.fs.invalidate_cache(p)
             if name.startswith("ckpt-") and self.fs.exists(posixpath.join(p, MANIFEST)):
                 names.append(name)
         return sorted(names, key=_step_of)
@@ -211,14 +305,31 @@ class Store:
     def load_checkpoint(
         self, name: str, map_location: str | torch.device = "cpu"
     ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The (state, meta) of checkpoint `name` (as list_checkpoints names it), its tensors on
+        `map_location`. Files are checked against the manifest and state.pt is read with
+        torch.load(weights_only=True) only. Raises CorruptCheckpoint when a file is missing, damaged
+        or does not match the manifest, and UnloadableCheckpoint (a CorruptCheckpoint and an
+        UnpicklingError) when weights_only refuses state.pt."""
         files = self._verified_files(name)
-        state = torch.load(io.BytesIO(files["state.pt"]), map_location=map_location, weights_only=True)
-        return state, json.loads(files["meta.json"])
+        return self._read_state(name, files["state.pt"], map_location), json.loads(files["meta.json"])
+
+    @staticmethod
+    def _read_state(name: str, data: bytes, map_location: str | torch.device) -> Any:
+        try:
+            return _read_state(data, map_location)
+        except pickle.UnpicklingError as e:
+            raise UnloadableCheckpoint(
+                f"{name}: state.pt cannot be read with torch.load(weights_only=True) ({_refusal(e)}); "
+                "it holds objects other than tensors and plain Python values, and is not unpickled"
+            ) from None
 
     def load_latest(
         self, map_location: str | torch.device = "cpu"
     ) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
-        """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
+        """(name, state, meta) of the newest checkpoint that verifies and loads with weights_only
+        (see load_checkpoint), its tensors on `map_location`, or None when there is none. Corrupt
+        or unloadable ones are logged (a warning naming them and why) and skipped; errors of the
+        store itself (unreachable, no permission) are raised."""
         for name in reversed(self.list_checkpoints()):
             try:
                 state, meta = self.load_checkpoint(name, map_location)
@@ -229,9 +340,11 @@ class Store:
         return None
 
     def latest(self) -> str | None:
+        """The name of the checkpoint load_latest would load (the newest that verifies and loads
+        with weights_only), or None; skipped ones are logged as load_latest does. Reads it whole."""
         for name in reversed(self.list_checkpoints()):
             try:
-                self._verified_files(name)
+                self._read_state(name, self._verified_files(name)["state.pt"], "cpu")
                 return name
             except CorruptCheckpoint as e:
                 log.warning("skipping corrupt checkpoint %s", e)

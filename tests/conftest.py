@@ -9,6 +9,8 @@ import torch
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# gcsfs's default layer asks a gRPC API the GCS emulator lacks (60 s per call): tests/test_storage_gcs.py
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 def tiny_raw(uri: str, **over) -> dict:

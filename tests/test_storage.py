@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,3 +131,81 @@ def test_json_and_atomic_local_writes_leave_no_temp_files(tmp_path):
 def test_unknown_protocol_is_a_usage_error():
     with pytest.raises(UsageError, match="storage.uri"):
         Store("nosuchproto://bucket/x")
+
+
+def _genotype():
+    from search_spaces import Genotype
+
+    edges = (("skip_connect", 0), ("sep_conv_3x3", 1))
+    return Genotype(edges, (2,), edges, (2,))
+
+
+@pytest.mark.parametrize(
+    "bad,path,kind",
+    [
+        (lambda: {"extra": {"alphas": [torch.ones(1), np.ones(3)]}}, "['extra']['alphas'][1]", "numpy.ndarray"),
+        (lambda: {"extra": {"lr": np.float32(0.1)}}, "['extra']['lr']", "numpy.float32"),
+        (lambda: {"genotype": _genotype()}, "['genotype']", "search_spaces.genotype.Genotype"),
+    ],
+)
+def test_save_checkpoint_refuses_what_weights_only_cannot_read_back_and_writes_nothing(store, bad, path, kind):
+    from tests.conftest import store_files
+
+    store.save_checkpoint(1, {"w": torch.ones(2)}, {"step": 1})
+    before = store_files(store)
+    for step in (1, 2):  # neither a rewrite (which would uncommit ckpt 1 first) nor a new one
+        with pytest.raises(TypeError) as e:
+            store.save_checkpoint(step, {"w": torch.zeros(2), **bad()}, {"step": step})
+        msg = str(e.value)
+        assert f"state{path} is a {kind}" in msg and "weights_only=True" in msg
+        assert "tensors" in msg and "nothing was written" in msg and "Please use" not in msg
+    assert store_files(store) == before
+    assert store.latest() == "ckpt-0000000001" and torch.equal(store.load_latest()[1]["w"], torch.ones(2))
+
+
+def test_a_searchers_state_with_every_plain_type_round_trips(store):
+    from tests.conftest import tiny_searcher
+
+    searcher, (train, val) = tiny_searcher()
+    searcher.step(train, val)
+    state = searcher.state_dict()
+    state["extra"] = {"genotype": searcher.genotype().to_dict(), "t": (1, 2.5, None, "s", b"b", 1j), "s": {3}}
+    store.save_checkpoint(3, state, {"step": 3})
+    _, loaded, _ = store.load_latest()
+    assert loaded["extra"] == state["extra"] and loaded["model"].keys() == state["model"].keys()
+
+
+_ran = []
+
+
+def _side_effect() -> None:
+    _ran.append(True)
+
+
+class _Marker:
+    def __reduce__(self):
+        return (_side_effect, ())
+
+
+@pytest.mark.parametrize("bad", [lambda: np.ones(3), lambda: _genotype(), lambda: _Marker()])
+def test_a_stored_checkpoint_weights_only_refuses_is_skipped_like_a_corrupt_one(store, bad, monkeypatch, caplog):
+    """Written before save_checkpoint checked states (or by another tool): its manifest verifies,
+    but weights_only refuses it. load_latest and latest skip it, nothing of it is unpickled."""
+    import pickle
+
+    from distsearch import storage
+
+    store.save_checkpoint(1, {"w": torch.ones(2)}, {"step": 1})
+    monkeypatch.setattr(storage, "check_loadable", lambda *a: None, raising=False)  # as older versions wrote
+    store.save_checkpoint(2, {"w": torch.zeros(2), "extra": bad()}, {"step": 2})
+    monkeypatch.undo()
+    assert store.list_checkpoints() == ["ckpt-0000000001", "ckpt-0000000002"]
+    name, state, meta = store.load_latest()
+    assert name == "ckpt-0000000001" and meta == {"step": 1} and torch.equal(state["w"], torch.ones(2))
+    assert store.latest() == "ckpt-0000000001"
+    assert "ckpt-0000000002: state.pt cannot be read with torch.load(weights_only=True)" in caplog.text
+    assert "Unsupported global" in caplog.text
+    with pytest.raises(storage.UnloadableCheckpoint) as e:  # named: a corrupt one, and torch's error
+        store.load_checkpoint("ckpt-0000000002")
+    assert isinstance(e.value, storage.CorruptCheckpoint) and isinstance(e.value, pickle.UnpicklingError)
+    assert not _ran

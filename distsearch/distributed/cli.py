@@ -279,11 +279,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         f"python -m distsearch.cli run --config {shlex.quote(rel)} --storage {shlex.quote(spec['storage'])} "
         f"--name {shlex.quote(spec['name'])} {sets}"
     ).strip()
-    env = {
-        k: os.environ[k]
-        for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "RAY_USAGE_STATS_ENABLED")
-        if k in os.environ
-    }
+    env = {k: os.environ[k] for k in (*T.FORWARD_ENV, "RAY_USAGE_STATS_ENABLED") if k in os.environ}
     runtime_env = {
         "working_dir": workdir,
         "env_vars": env,

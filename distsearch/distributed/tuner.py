@@ -30,7 +30,7 @@ from .schema import ParamSpec, TuneConfig
 from .trainable import EXPERIMENT_FILE, SEARCH_DIR, search_trial
 
 # Storage settings (never secrets) that trials on other nodes need to reach the same store.
-FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
+FORWARD_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "STORAGE_EMULATOR_HOST")
 log = logging.getLogger(__name__)
 
 
