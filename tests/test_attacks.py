@@ -559,3 +559,18 @@ def test_attack_classes_document_what_they_do_and_every_parameter(name: str) -> 
     for param in inspect.signature(cls.__init__).parameters:
         if param != "self":
             assert param in docs, f"{name}: {param} undocumented"
+
+
+def test_strategies_and_attacks_store_numpy_numbers_as_python_ones() -> None:
+    """NumPy scalars (a YAML-free sweep, a config built with NumPy) are accepted and stored as
+    Python numbers, so no NumPy scalar meets a tensor inside a step."""
+    import numpy as np
+
+    from distsearch.robust import make_attack, make_strategy
+
+    s = make_strategy("pgd", eps=np.float32(0.1), steps=np.int64(3), alpha=np.float64(0.02))
+    assert (type(s.eps), type(s.steps), type(s.alpha)) == (float, int, float)
+    a = make_attack("apgd", eps=np.float32(0.1), steps=np.int64(5))
+    assert (type(a.eps), type(a.steps)) == (float, int)
+    with pytest.raises(ValueError, match="steps: must be an integer >= 1"):
+        make_strategy("pgd", eps=0.1, steps=np.float64(3.0))

@@ -102,9 +102,9 @@ class APGD(Attack):
         check_range: bool = True,
     ):
         eps = check_positive("eps", eps)
-        check_int("steps", steps, minimum=2)
-        check_int("restarts", restarts)
-        check_int("n_targets", n_targets)
+        steps = check_int("steps", steps, minimum=2)
+        restarts = check_int("restarts", restarts)
+        n_targets = check_int("n_targets", n_targets)
         check_norm(norm)
         if loss not in LOSSES:
             raise ValueError(f"loss: must be one of {', '.join(LOSSES)}, got {loss!r}")

@@ -94,9 +94,11 @@ def check_positive(name: str, value: float | int | None, allow_none: bool = Fals
     return float(value)
 
 
-def check_int(name: str, value: int, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+def check_int(name: str, value: int, minimum: int = 1) -> int:
+    """`value` as a Python int, checked >= minimum (any integer: int, NumPy integers; not bool)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def check_norm(norm: str) -> None:

@@ -107,8 +107,8 @@ class PGD(Attack):
         check_range: bool = True,
     ):
         eps = check_positive("eps", eps)
-        check_int("steps", steps)
-        check_int("restarts", restarts)
+        steps = check_int("steps", steps)
+        restarts = check_int("restarts", restarts)
         check_norm(norm)
         alpha = check_positive("alpha", alpha, allow_none=True)
         self.eps, self.steps, self.norm, self.restarts = eps, steps, norm, restarts

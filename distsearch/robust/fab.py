@@ -111,9 +111,9 @@ class FAB(Attack):
     ):
         eps = check_positive("eps", eps, allow_none=True)
         check_norm(norm)
-        check_int("steps", steps)
-        check_int("restarts", restarts)
-        check_int("n_targets", n_targets)
+        steps = check_int("steps", steps)
+        restarts = check_int("restarts", restarts)
+        n_targets = check_int("n_targets", n_targets)
         if not isinstance(targeted, bool):
             raise ValueError(f"targeted: must be True or False, got {targeted!r}")
         number = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731

@@ -36,7 +36,7 @@ class _MinDistortion(Attack):
 
     def __init__(self, targeted: bool, c_init: float, search_steps: int, eps: float | None, check_range: bool):
         c_init = check_positive("c_init", c_init)
-        check_int("search_steps", search_steps)
+        search_steps = check_int("search_steps", search_steps)
         eps = check_positive("eps", eps, allow_none=True)
         self.targeted, self.c_init, self.search_steps, self.eps = targeted, c_init, search_steps, eps
         self.check_range = check_range
@@ -85,7 +85,7 @@ class LBFGS(_MinDistortion):
         check_range: bool = True,
     ):
         super().__init__(targeted, c_init, search_steps, eps, check_range)
-        check_int("max_iter", max_iter)
+        max_iter = check_int("max_iter", max_iter)
         self.max_iter = max_iter
 
     def solve(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -133,7 +133,7 @@ class CarliniWagnerL2(_MinDistortion):
         check_range: bool = True,
     ):
         super().__init__(targeted, c_init, search_steps, eps, check_range)
-        check_int("steps", steps)
+        steps = check_int("steps", steps)
         lr = check_positive("lr", lr)
         if not isinstance(kappa, numbers.Real) or isinstance(kappa, bool) or not kappa >= 0:
             raise ValueError(f"kappa: must be a number >= 0, got {kappa!r}")

@@ -119,10 +119,10 @@ class Square(Attack):
     ):
         eps = check_positive("eps", eps)
         check_norm(norm)
-        check_int("n_queries", n_queries)
+        n_queries = check_int("n_queries", n_queries)
         if not isinstance(p_init, numbers.Real) or isinstance(p_init, bool) or not 0 < p_init <= 1:
             raise ValueError(f"p_init: must lie in (0, 1], got {p_init!r}")
-        check_int("seed", seed, minimum=0)
+        seed = check_int("seed", seed, minimum=0)
         self.eps, self.norm, self.n_queries, self.p_init = eps, norm, n_queries, float(p_init)
         self.seed, self.rescale, self.eval_mode, self.check_range = seed, rescale, eval_mode, check_range
 

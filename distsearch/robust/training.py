@@ -63,7 +63,7 @@ class FGSMTraining(Strategy):
     name, norm = "fgsm", "linf"
 
     def __init__(self, eps: float = 8 / 255, alpha: float = 0.5):
-        check_positive("eps", eps)
+        eps = check_positive("eps", eps)
         if not isinstance(alpha, (int, float)) or not 0.0 <= alpha < 1.0:
             raise ValueError(f"alpha: the clean-loss weight must be in [0, 1), got {alpha!r}")
         self.eps, self.alpha = eps, alpha
@@ -87,8 +87,8 @@ class FGMTraining(FGSMTraining):
     name, norm = "fgm", "l2"
 
     def __init__(self, eps: float = 1.0, adv_weight: float = 1.0):
-        check_positive("eps", eps)
-        check_positive("adv_weight", adv_weight)
+        eps = check_positive("eps", eps)
+        adv_weight = check_positive("adv_weight", adv_weight)
         self.eps, self.adv_weight = eps, adv_weight
         self.weights = (1.0, adv_weight)
 
@@ -97,8 +97,8 @@ class FastAT(Strategy):
     name = "fgsm_rs"
 
     def __init__(self, eps: float = 8 / 255, alpha: float | None = None):
-        check_positive("eps", eps)
-        check_positive("alpha", alpha, allow_none=True)
+        eps = check_positive("eps", eps)
+        alpha = check_positive("alpha", alpha, allow_none=True)
         self.eps, self.alpha = eps, alpha if alpha is not None else 1.25 * eps
 
     def _step(self, model, x, y, optimizer, counter: PassCounter) -> dict[str, torch.Tensor]:
@@ -117,10 +117,10 @@ class PGDTraining(Strategy):
     name = "pgd"
 
     def __init__(self, eps: float = 8 / 255, alpha: float | None = None, steps: int = 7, norm: str = "linf"):
-        check_positive("eps", eps)
-        check_int("steps", steps)
+        eps = check_positive("eps", eps)
+        steps = check_int("steps", steps)
         check_norm(norm)
-        check_positive("alpha", alpha, allow_none=True)
+        alpha = check_positive("alpha", alpha, allow_none=True)
         self.eps, self.steps, self.norm = eps, steps, norm
         self.alpha = alpha if alpha is not None else eps / 4
         # check_range=False: the range check would wait for the device every step (tests/test_no_host_sync.py)
@@ -145,10 +145,10 @@ class Trades(Strategy):
     name = "trades"
 
     def __init__(self, eps: float = 8 / 255, beta: float = 6.0, steps: int = 10, alpha: float | None = None):
-        check_positive("eps", eps)
-        check_positive("beta", beta)
-        check_int("steps", steps)
-        check_positive("alpha", alpha, allow_none=True)
+        eps = check_positive("eps", eps)
+        beta = check_positive("beta", beta)
+        steps = check_int("steps", steps)
+        alpha = check_positive("alpha", alpha, allow_none=True)
         self.eps, self.beta, self.steps = eps, beta, steps
         self.alpha = alpha if alpha is not None else eps / 4
         self._attack = PGD(eps, self.alpha, steps, "linf", random_start=True, loss_fn=kl_per_example, check_range=False)

@@ -30,8 +30,8 @@ class Free(Strategy):
     graph_safe = False  # rebinds the carried delta each step (search/graphed.py)
 
     def __init__(self, eps: float = 8 / 255, replays: int = 8, norm: str = "linf"):
-        check_positive("eps", eps)
-        check_int("replays", replays)
+        eps = check_positive("eps", eps)
+        replays = check_int("replays", replays)
         check_norm(norm)
         self.eps, self.replays, self.norm = eps, replays, norm
         self.delta: torch.Tensor | None = None
@@ -74,10 +74,10 @@ class Yopo(Strategy):
     name, needs_first_layer = "yopo", True
 
     def __init__(self, eps: float = 8 / 255, m: int = 5, n: int = 3, alpha: float | None = None):
-        check_positive("eps", eps)
-        check_int("m", m)
-        check_int("n", n)
-        check_positive("alpha", alpha, allow_none=True)
+        eps = check_positive("eps", eps)
+        m = check_int("m", m)
+        n = check_int("n", n)
+        alpha = check_positive("alpha", alpha, allow_none=True)
         self.eps, self.m, self.n = eps, m, n
         self.alpha = alpha if alpha is not None else eps / 4
 
@@ -120,11 +120,11 @@ class FreeLB(Strategy):
     def __init__(
         self, eps: float = 1.0, steps: int = 3, alpha: float | None = None, init: float | None = None, norm: str = "l2"
     ):
-        check_positive("eps", eps)
-        check_int("steps", steps)
+        eps = check_positive("eps", eps)
+        steps = check_int("steps", steps)
         check_norm(norm)
-        check_positive("alpha", alpha, allow_none=True)
-        check_positive("init", init, allow_none=True)
+        alpha = check_positive("alpha", alpha, allow_none=True)
+        init = check_positive("init", init, allow_none=True)
         self.eps, self.steps, self.norm = eps, steps, norm
         self.alpha = alpha if alpha is not None else eps / 2
         self.init = init if init is not None else eps
