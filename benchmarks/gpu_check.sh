@@ -33,7 +33,7 @@ step dsrna_exact 60 --algorithm dsrna-jacobian-fd --projections 0 --steps 3 --wa
 step dsrna_cb 40 --algorithm dsrna-certified --bound ibp --steps 3 --warmup 1
 timeout 90 python3 - <<'PY' 2>&1 | grep -v Warning | tee "$OUT/smoke.txt"
 import tempfile, time
-from distsearch.config import parse_config
+from distsearch.config_file import parse_config
 from distsearch.runner import run_search
 from distsearch.storage import Store
 raw = {"epochs": 2, "device": "cuda", "data": {"name": "synthetic", "batch_size": 32,

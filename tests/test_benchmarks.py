@@ -1,0 +1,51 @@
+"""The benchmarks and the prepared GPU script run where no test runs them (on a lent GPU, by
+hand): every project name they import, at any depth of their code, must exist. A name moved in a
+refactor (parse_config went to config_file.py) would otherwise be found only on the device,
+with its minutes spent."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = ("distsearch", "search_spaces")
+
+
+def _sources() -> dict[str, str]:
+    out = {str(p.relative_to(ROOT)): p.read_text() for p in sorted((ROOT / "benchmarks").glob("*.py"))}
+    for sh in sorted((ROOT / "benchmarks").glob("*.sh")):  # python heredocs of the shell scripts
+        for i, body in enumerate(re.findall(r"<<'?PY'?[^\n]*\n(.*?)\nPY\n", sh.read_text(), flags=re.S)):
+            out[f"{sh.relative_to(ROOT)} (heredoc {i})"] = body
+    return out
+
+
+def _project_imports(source: str) -> list[tuple[str, str | None]]:
+    """(module, name) of every import of a project module in `source`; name None for `import m`."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in OURS:
+            found += [(node.module, a.name) for a in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(a.name, None) for a in node.names if a.name.split(".")[0] in OURS]
+    return found
+
+
+@pytest.mark.parametrize("where,source", list(_sources().items()))
+def test_benchmark_imports_resolve(where: str, source: str) -> None:
+    imports = _project_imports(source)
+    assert imports, f"{where}: imports nothing of the project?"
+    for module, name in imports:
+        mod = importlib.import_module(module)
+        assert name is None or hasattr(mod, name) or importlib.util.find_spec(f"{module}.{name}"), (
+            f"{where}: `from {module} import {name}`: no such name"
+        )
+
+
+def test_the_gpu_script_has_its_heredoc() -> None:
+    assert any("gpu_check.sh" in k for k in _sources()), "the GPU script's Python part was not found"
