@@ -42,6 +42,13 @@ class DataConfig(Strict):
     )
     synthetic: SyntheticConfig = SyntheticConfig()
 
+    @field_validator("cutout")
+    @classmethod
+    def _cutout_cuts(cls, length: int) -> int:
+        if length == 1:
+            raise ValueError("1 zeroes nothing (a square of side length // 2 * 2); use 0 (off) or 2 or more")
+        return length
+
 
 class SpaceConfig(Strict):
     C: int = Field(16, gt=0, description="initial channels")
@@ -239,10 +246,6 @@ class ModelConfig(Strict):
     def _one_source(self) -> ModelConfig:
         if (self.genotype is None) == (self.name is None):
             raise ValueError("give exactly one of model.genotype (a genotype JSON) or model.name")
-        if self.auxiliary_weight and self.name is not None:
-            raise ValueError(
-                "auxiliary_weight: only a genotype's network has an auxiliary head; remove it for model.name"
-            )
         return self
 
 
@@ -282,7 +285,11 @@ class TrainConfig(RunConfig):
     eval: RobustEvalConfig = RobustEvalConfig()
 
     @model_validator(mode="after")
-    def _auxiliary_with_standard(self) -> TrainConfig:
+    def _auxiliary_head_trains(self) -> TrainConfig:
+        if self.model.auxiliary_weight and self.model.name is not None:
+            raise ValueError(
+                "model.auxiliary_weight: only a genotype's network has an auxiliary head; remove it for model.name"
+            )
         if self.model.auxiliary_weight and self.strategy.strategy != "standard":
             raise ValueError(
                 "model.auxiliary_weight: the auxiliary head trains with strategy standard only (DARTS's "

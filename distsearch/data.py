@@ -190,6 +190,11 @@ class BatchStream:
     ):
         if batch_size > len(indices):
             raise DataError(f"data.batch_size: {batch_size} is larger than the split ({len(indices)} examples)")
+        side = min(x.shape[-2:])
+        if cutout > side:
+            raise DataError(
+                f"data.cutout: {cutout} is larger than the {x.shape[-2]}x{x.shape[-1]} images; at most {side}"
+            )
         self.x, self.y, self.indices, self.batch_size = x, y, indices, batch_size
         self.seed, self.device, self.augment, self.cutout = seed, torch.device(device), augment, cutout
         self.passes, self.pos = 0, 0

@@ -212,6 +212,8 @@ class Store:
     def check_writable(self) -> None:
         """Fail early (before any work) when the store cannot be written; creates nothing locally."""
         if self.is_local:
+            if os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise UsageError(f"{self.field}: {self.uri} is a file; give a folder (it is created if missing)")
             parent = self.root
             while not os.path.exists(parent):
                 parent = os.path.dirname(parent) or "."

@@ -4,6 +4,7 @@ on a small CNN trained on mnist5k."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -523,13 +524,14 @@ def test_game_table_leaves_the_callers_rng_alone() -> None:
     rows = game_table(model, x, y, {"linf": [0.1], "l2": [0.5]}, attacks=("pgd-20",), seed=4)
     assert torch.equal(torch.get_rng_state(), state)
     assert game_table(model, x, y, {"linf": [0.1], "l2": [0.5]}, attacks=("pgd-20",), seed=4) == rows
+    single = {"linf": np.float64(0.1), "l2": 0.5}  # one budget per norm, as a number
+    assert game_table(model, x, y, single, attacks=("pgd-20",), seed=4) == rows
     table = transfer_table({"a": model, "b": other}, x, y, PGD(0.2, steps=2), seed=1)
     assert torch.equal(torch.get_rng_state(), state)
     assert transfer_table({"a": model, "b": other}, x, y, PGD(0.2, steps=2), seed=1) == table
 
 
 def test_numbers_of_any_real_type_are_accepted_as_floats() -> None:
-    import numpy as np
 
     from distsearch.robust.attack_base import check_positive
 
@@ -564,7 +566,6 @@ def test_attack_classes_document_what_they_do_and_every_parameter(name: str) -> 
 def test_strategies_and_attacks_store_numpy_numbers_as_python_ones() -> None:
     """NumPy scalars (a YAML-free sweep, a config built with NumPy) are accepted and stored as
     Python numbers, so no NumPy scalar meets a tensor inside a step."""
-    import numpy as np
 
     from distsearch.robust import make_attack, make_strategy
 

@@ -242,8 +242,9 @@ def test_conv_string_padding_bounds_are_sound(padding) -> None:
         (nn.Sequential(nn.Conv2d(1, 2, 2, padding="same"), nn.Flatten()), "asymmetric"),
         (nn.Sequential(nn.Conv2d(1, 2, 1), nn.Tanh(), nn.Flatten()), "no bound propagation rule for Tanh"),
         (build_model("resnet18", 1, 5), "no bound propagation rule for SmallInputResNet"),
+        (nn.Sequential(nn.MaxPool2d(2, return_indices=True), nn.Flatten()), "return_indices=True"),
     ],
-    ids=["reflect", "same-even", "tanh", "resnet"],
+    ids=["reflect", "same-even", "tanh", "resnet", "pool-indices"],
 )
 def test_unsupported_modules_are_refused_by_name(model: nn.Module, needle: str) -> None:
     """Non-zero padding modes would give unsound bounds: refused, like every op without a rule."""
@@ -313,20 +314,61 @@ class _StandardisedConv(nn.Conv2d):
         return self._conv_forward(x, w, self.bias)
 
 
+class _ScaledConv(nn.Conv2d):  # forward inherited; the convolution it calls is not
+    def _conv_forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return super()._conv_forward(x, 3 * w, b)
+
+
+class _Flipped(Network):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -super().forward(x)
+
+
+class _FlippedRest(Network):
+    def forward_rest(self, z: torch.Tensor) -> torch.Tensor:
+        return -super().forward_rest(z)
+
+
+class _Built(nn.Sequential):  # construction only: bounded as the Sequential it is
+    def __init__(self) -> None:
+        super().__init__(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 5))
+
+
 def _hooked() -> nn.Module:
     m = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 5))
     m[1].register_forward_pre_hook(lambda mod, args: (args[0] * 2,))
     return m
 
 
+def _patched() -> nn.Module:
+    m = nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
+    m[1].forward = lambda z, lin=m[1]: torch.nn.functional.linear(5 * z, lin.weight, lin.bias)
+    return m
+
+
+def _flipped_small_cnn() -> nn.Module:
+    m = build_model("small_cnn", 1, 5, width=3, hidden=12)
+    cnn = type(m)
+    m.__class__ = type("FlippedCNN", (cnn,), {"forward": lambda self, x: -cnn.forward(self, x)})
+    return m
+
+
 @pytest.mark.parametrize(
     "build,needle",
     [
-        (lambda: _Normalised(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 5)), "overrides nn.Sequential"),
-        (lambda: nn.Sequential(_StandardisedConv(1, 2, 3), nn.Flatten(), nn.Linear(72, 5)), "overrides nn.Conv2d"),
+        (lambda: _Normalised(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 5)), "_Normalised.forward"),
+        (
+            lambda: nn.Sequential(_StandardisedConv(1, 2, 3), nn.Flatten(), nn.Linear(72, 5)),
+            "_StandardisedConv.forward",
+        ),
+        (lambda: nn.Sequential(_ScaledConv(1, 2, 3), nn.Flatten(), nn.Linear(72, 5)), "_ScaledConv._conv_forward"),
+        (lambda: _Flipped(GENO, in_channels=1, num_classes=5, C=4, layers=3), "bounded as Network, but _Flipped"),
+        (lambda: _FlippedRest(GENO, in_channels=1, num_classes=5, C=4, layers=3), "_FlippedRest.forward_rest"),
+        (_flipped_small_cnn, "bounded as SmallCNN, but FlippedCNN.forward"),
+        (_patched, "forward patched on the instance"),
         (_hooked, r"1 \(Linear\) has forward hooks"),
     ],
-    ids=["sequential-forward", "conv-forward", "pre-hook"],
+    ids=["sequential-forward", "conv-forward", "conv-inner", "network", "network-rest", "small-cnn", "patch", "hook"],
 )
 def test_modules_computing_something_else_are_refused(build, needle: str, monkeypatch) -> None:
     """A subclass that overrides a bounded class's forward, or a hook, changes what the module
@@ -344,23 +386,40 @@ def test_modules_computing_something_else_are_refused(build, needle: str, monkey
     assert not ((lo <= f + TOL) & (f <= up + TOL)).all()  # the model's own output escapes
 
 
-@pytest.mark.parametrize("eps", [-0.1, float("nan")])
-def test_negative_or_nan_eps_is_refused(eps: float) -> None:
+def test_subclasses_adding_only_construction_and_parametrised_weights_are_bounded() -> None:
+    """What the check lets through is bounded soundly: a Sequential subclass with only __init__, and
+    weights read through torch's parametrisations (weight norm, spectral norm)."""
+    torch.manual_seed(0)
+    norm = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(72, 5))
+    torch.nn.utils.parametrizations.weight_norm(norm[0])
+    torch.nn.utils.parametrizations.spectral_norm(norm[3])
+    x, g = inputs(n=4), torch.Generator().manual_seed(5)
+    for model in (_Built().double().eval(), norm.double().eval()):
+        for method in ("ibp", "crown"):
+            lo, up = spec_bounds(model, x, 0.05, "linf", method)
+            f = model(sample_ball(x, 0.05, "linf", g, 8))
+            assert ((lo.repeat(8, 1) <= f + TOL) & (f <= up.repeat(8, 1) + TOL)).all()
+
+
+@pytest.mark.parametrize("eps", [-0.1, float("nan"), torch.tensor(-0.1), torch.full((4,), float("nan"))])
+def test_negative_or_nan_eps_is_refused(eps) -> None:
     """A negative eps made lo > hi and certified every example, misclassified ones too."""
     from distsearch.robust.certify import certified_accuracy
 
     model, x = make_model("seq"), inputs(n=4)
     y = torch.zeros(4, dtype=torch.long)
-    with pytest.raises(ValueError, match="eps: must be a number >= 0"):
+    with pytest.raises(ValueError, match="eps: must be"):
         spec_bounds(model, x, eps)
-    with pytest.raises(ValueError, match="eps: must be a number >= 0"):
-        certified_accuracy(model, x, y, [eps])
+    with pytest.raises(ValueError, match="eps: must be"):
+        certified_accuracy(model, x, y, eps if isinstance(eps, torch.Tensor) else [eps])
 
 
 def test_inputs_outside_the_domain_are_refused() -> None:
     """The ball is clipped to the domain: an x outside it is not in its own input set, so the
     'certificate' would not cover x itself; domain=None (no box) bounds it soundly."""
     model, x = make_model("seq"), inputs(n=4)
+    with pytest.raises(ValueError, match=r"x: values in \[nan, nan\] lie outside"):  # NaN: no bound at all
+        spec_bounds(model, torch.where(x > 0.5, float("nan"), x), 0.01, "linf", "crown")
     for bad in (x * 2, x - 0.5):
         with pytest.raises(ValueError, match=r"x: values in .* lie outside domain=\(0.0, 1.0\)"):
             spec_bounds(model, bad, 0.01, "linf", "crown")

@@ -71,6 +71,7 @@ def test_bad_config_exits_2_naming_the_field_and_writes_nothing(tmp_path, capsys
         (["search", "--config", "{cfg}", "--set", "storage.uri=nosuchproto://x/y"], "storage.uri: cannot open"),
         (["train", "--model", "mlp", "--set", "data.name=digits", "--out", "/proc/nope"], "--out: cannot write"),
         (["derive", "nosuchproto://x/y"], "URI: cannot open"),
+        (["search", "--config", "{cfg}", "--out", "{cfg}"], "is a file; give a folder"),
         (["run", "--config", "{root}/launch/experiments/quickstart.yaml", "--storage", "/proc/x"], "--storage: cannot"),
         (["derive", "{tmp}/empty"], "no valid checkpoint"),
         (["frobnicate"], "invalid choice"),

@@ -286,6 +286,29 @@ def test_a_store_without_checkpoints_takes_a_new_config(tmp_path, tiny_config):
     assert store.read_json("config.json")["space"]["C"] == 4
 
 
+class _Parts(torch.nn.Module):
+    """arch_parameters() / weight_parameters() as given: empty or overlapping lists."""
+
+    def __init__(self, arch: bool, shared: bool) -> None:
+        super().__init__()
+        self.a, self.w = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+        self._arch, self._shared = arch, shared
+
+    def arch_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.a] if self._arch else []
+
+    def weight_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.w, self.a] if self._shared else [self.w]
+
+
+@pytest.mark.parametrize("parts,needle", [((False, False), "returns no α"), ((True, True), "shares parameters")])
+def test_a_searcher_refuses_empty_or_shared_parameter_lists(parts, needle):
+    from distsearch.search import SEARCHERS
+
+    with pytest.raises(ValueError, match=f"DartsSearcher: model's arch_parameters.*_Parts {needle}"):
+        SEARCHERS["darts"](_Parts(*parts), epochs=1)
+
+
 @pytest.mark.parametrize("name", ["darts", "dsrna", "lease"])
 @pytest.mark.parametrize("model", [lambda: torch.nn.Linear(4, 3), lambda: object()])
 def test_a_searcher_refuses_a_model_without_architecture_parameters(name, model):

@@ -374,6 +374,23 @@ def test_cutout_zeroes_one_clipped_square_per_image_seeded() -> None:
     assert torch.equal(out[out != 0], x[out != 0])  # the rest untouched
 
 
+def test_cutout_that_cuts_nothing_or_everything_is_refused(tmp_path) -> None:
+    """cutout 1 zeroes nothing (a side of 1 // 2 * 2), and one larger than the images blanked every
+    training image (a run at chance, no warning): each one line naming data.cutout."""
+    from distsearch.data import DataError
+    from distsearch.errors import UsageError
+    from distsearch.storage import Store
+    from distsearch.train import run_training
+
+    data = {"name": "synthetic", "batch_size": 16, "synthetic": {"n": 80, "image_size": 8}}
+    for bad in (1, True):
+        with pytest.raises(UsageError, match="data.cutout: 1 zeroes nothing"):
+            train_config(str(tmp_path / "o"), data={**data, "cutout": bad})
+    cfg = train_config(str(tmp_path / "o"), data={**data, "cutout": 9})
+    with pytest.raises(DataError, match="data.cutout: 9 is larger than the 8x8 images; at most 8"):
+        run_training(cfg, Store(cfg.storage.uri))
+
+
 def test_auxiliary_loss_is_added_with_its_weight() -> None:
     """One standard step with auxiliary_weight w moves the weights as SGD on
     CE(logits) + w * CE(aux_logits) of the same forward (float64, no drop path); w = 0 leaves

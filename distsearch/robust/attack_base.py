@@ -10,8 +10,9 @@ Input contract, checked by `__call__` with one ValueError naming the argument: x
 tensor [N, ...] (8-bit images: x.float() / 255); y [N, ...], and where y are class labels (every
 attack but FGSM, FGM and PGD with a `loss_fn`) a 1-D integer tensor [N], cast to int64. The range
 check x ∈ [0, 1] needs a host sync (x.min(), x.max()): `check_range=False` skips it, and every
-attack built inside a training or search step (training.py's strategies) turns it off. Outside
-the box the ε-ball guarantee would be void: the output is clamped into [0, 1].
+attack built inside a training or search step (training.py's strategies) turns it off. An x
+outside the box, unchecked, gets a result in its ε-ball (within_ball) but not in [0, 1], and
+attacked as if the box were [0, 1]: its numbers mean nothing.
 
 Geometry: the threat model is B_ε(x) = {x' : ‖x' − x‖_p ≤ ε} ∩ [0, 1]^m with p ∈ {∞, 2}.
 Clamping x + δ to the box only shrinks each |δ_i|, so "project to the ball, then clamp to

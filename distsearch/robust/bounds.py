@@ -48,16 +48,18 @@ def _eps(eps: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def check_inputs(model: nn.Module, x: torch.Tensor, eps: float | torch.Tensor, domain: Domain, full: bool) -> None:
     """One ValueError for what would make a bound wrong rather than loose: a model the rules would
-    misread (bounds_ibp.check_model; its hooks only when `full`), a negative or NaN eps (a Python
-    number; a tensor eps is the caller's), and when `full` an x outside `domain`: the ball is
-    clamped to the domain, so it would no longer contain x. `full` costs a host sync; a search
-    step passes False."""
+    misread (bounds_ibp.check_model; its hooks only when `full`), a negative or NaN eps (a number;
+    a tensor's values only when `full`), and when `full` an x with NaN or outside `domain`: the
+    ball is clamped to the domain, so it would no longer contain x. `full` costs a host sync; a
+    search step passes False."""
     check_model(model, hooks=full)
     if not isinstance(eps, torch.Tensor) and not float(eps) >= 0:
         raise ValueError(f"eps: must be a number >= 0, got {eps!r}")
+    if full and isinstance(eps, torch.Tensor) and eps.numel() and not bool((eps >= 0).all()):  # NaN fails too
+        raise ValueError(f"eps: must be >= 0 everywhere, got values in [{float(eps.min()):g}, {float(eps.max()):g}]")
     if full and domain is not None and x.numel():
         lo, hi = float(x.min()), float(x.max())
-        if lo < domain[0] or hi > domain[1]:
+        if not (lo >= domain[0] and hi <= domain[1]):  # NaN fails too
             raise ValueError(
                 f"x: values in [{lo:.4g}, {hi:.4g}] lie outside domain={domain}, which the ball is clipped "
                 "to: pass images in the domain (normalise inside the model) or the domain x lives in "

@@ -45,8 +45,10 @@ def _eval(model: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
-def _eps_list(eps: Sequence[float] | float) -> list[float]:
-    """A list of budgets; one number is a list of one."""
+def _eps_list(eps: Sequence[float] | float | torch.Tensor) -> list[float]:
+    """A list of budgets; one number (or a 0-d tensor) is a list of one."""
+    if isinstance(eps, torch.Tensor):
+        eps = eps.flatten().tolist()
     return [float(eps)] if isinstance(eps, numbers.Real) else [float(e) for e in eps]
 
 

@@ -162,7 +162,7 @@ def game_table(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    eps: dict[str, Sequence[float]],
+    eps: dict[str, Sequence[float] | float],
     attacks: Sequence[str] = DEFAULT_ATTACKS,
     batch_size: int = 256,
     cw_kwargs: dict[str, Any] | None = None,
@@ -174,14 +174,16 @@ def game_table(
     every attack's output (each attack finds different examples, so this per-example minimum
     is the table's best estimate of robust accuracy, lower than any one attack's row).
     `attacks`: names of EVAL_ATTACKS or PRESETS ("autoattack"), see `expand_attacks`.
-    `eps` maps a norm ('linf' or 'l2') to its budgets, e.g. {'linf': [0.1, 0.3], 'l2': [1.0]}.
+    `eps` maps a norm ('linf' or 'l2') to its budgets, e.g. {'linf': [0.1, 0.3], 'l2': 1.0}.
     `progress`: a bar over every (attack, budget, batch) on stderr. `seed` seeds the attacks'
     random starts; the caller's RNG state is left as it was."""
+    eps = {norm: [budgets] if isinstance(budgets, numbers.Real) else list(budgets) for norm, budgets in eps.items()}
     for norm, budgets in eps.items():
         check_norm(norm)
         for e in budgets:
             if not isinstance(e, numbers.Real) or isinstance(e, bool) or not 0 < e < math.inf:
                 raise ValueError(f"eps: budgets must be finite numbers > 0, got {e!r} for norm {norm!r}")
+    eps = {norm: [float(e) for e in budgets] for norm, budgets in eps.items()}
     attacks = expand_attacks(attacks)
     with seeded(seed, model):  # the attacks' random starts: a table is reproducible
         return _game_rows(model, x, y, eps, attacks, batch_size, cw_kwargs, progress)

@@ -42,9 +42,18 @@ def val_objective(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, 
 
 def check_searchable(model: Any, searcher: str = "DartsSearcher") -> None:
     """Raise TypeError unless `model` is an nn.Module with arch_parameters() and weight_parameters()
-    (a search_spaces.Supernet): what a searcher optimises, α and the weights apart."""
+    (a search_spaces.Supernet): what a searcher optimises, α and the weights apart; ValueError
+    when either list is empty or they share a parameter."""
     missing = [m for m in ("arch_parameters", "weight_parameters") if not callable(getattr(model, m, None))]
     if isinstance(model, torch.nn.Module) and not missing:
+        arch, weights = list(model.arch_parameters()), list(model.weight_parameters())
+        shared = {id(p) for p in arch} & {id(p) for p in weights}
+        if not arch or not weights or shared:
+            what = "shares parameters between them" if shared else f"returns no {'α' if not arch else 'weights'}"
+            raise ValueError(
+                f"{searcher}: model's arch_parameters() and weight_parameters() must be two non-empty, disjoint "
+                f"lists (the bilevel problem's two variables); {type(model).__name__} {what}"
+            )
         return
     lacks = f"it has no {' or '.join(f'{m}()' for m in missing)}" if missing else "it is not an nn.Module"
     raise TypeError(
