@@ -1,8 +1,12 @@
-"""Shared fixtures: tiny configs (a few channels, 2-3 cells, small images) for fast tests."""
+"""Shared fixtures: tiny configs (a few channels, 2-3 cells, small images) for fast tests, and the
+one local Ray of a test session (`ray_local`: tests/test_distributed.py, tests/test_distributed_gcs.py)."""
 
 from __future__ import annotations
 
 import os
+import signal
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +87,63 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# -- process bookkeeping: end only what these tests started, by PID --------------------------
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(ppid, session id) of a process, None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[1]), int(fields[3])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid in _pids():
+        st = _stat(pid)
+        if st:
+            children.setdefault(st[0], []).append(pid)
+    out, todo = set(), [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def in_session(sid: int) -> set[int]:
+    return {pid for pid in _pids() if (st := _stat(pid)) and st[1] == sid}
+
+
+def end_pids(pids: set[int], grace: float = 5.0) -> None:
+    pids = {p for p in pids if p != os.getpid()}
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace
+        while time.time() < deadline and any(_stat(p) for p in pids):
+            time.sleep(0.2)
+
+
+# -- the session's Ray -----------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (num_cpus=2, no dashboard) for this session; yields its GCS address."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    address = ray.get_runtime_context().gcs_address
+    yield address
+    started = descendants(os.getpid())
+    ray.shutdown()
+    end_pids(started)
