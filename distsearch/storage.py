@@ -313,10 +313,10 @@ class Store:
         or does not match the manifest, and UnloadableCheckpoint (a CorruptCheckpoint and an
         UnpicklingError) when weights_only refuses state.pt."""
         files = self._verified_files(name)
-        return self._read_state(name, files["state.pt"], map_location), json.loads(files["meta.json"])
+        return self._load_state(name, files["state.pt"], map_location), json.loads(files["meta.json"])
 
     @staticmethod
-    def _read_state(name: str, data: bytes, map_location: str | torch.device) -> Any:
+    def _load_state(name: str, data: bytes, map_location: str | torch.device) -> Any:
         try:
             return _read_state(data, map_location)
         except pickle.UnpicklingError as e:
@@ -346,7 +346,7 @@ class Store:
         with weights_only), or None; skipped ones are logged as load_latest does. Reads it whole."""
         for name in reversed(self.list_checkpoints()):
             try:
-                self._read_state(name, self._verified_files(name)["state.pt"], "cpu")
+                self._load_state(name, self._verified_files(name)["state.pt"], "cpu")
                 return name
             except CorruptCheckpoint as e:
                 log.warning("skipping corrupt checkpoint %s", e)

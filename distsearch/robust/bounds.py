@@ -17,9 +17,9 @@ in alpha and w. `certified_radius` bisects on log eps; the returned radius was v
 BatchNorm uses running statistics: the bounds are those of the eval-mode network.
 Models: a Supernet, a genotype's Network, robust/models.py's small_cnn and mlp, and any
 nn.Sequential of the ops bounds_ibp.py knows; anything else (the ResNets' residual blocks, a
-Conv2d padding other than zeros, a module called at two input sizes, a subclass overriding a
-bounded module's forward, a forward hook) is refused by name, as are a negative eps and an x
-outside `domain` (check_inputs): each would give a certificate that is wrong, not just loose.
+Conv2d padding other than zeros, a module called at two input sizes, a subclass adding code to
+a bounded class, a forward hook) is refused by name, as are a negative eps and an x outside
+`domain` (check_inputs): each would give a certificate that is wrong, not just loose.
 """
 
 from __future__ import annotations
