@@ -49,3 +49,16 @@ def test_benchmark_imports_resolve(where: str, source: str) -> None:
 
 def test_the_gpu_script_has_its_heredoc() -> None:
     assert any("gpu_check.sh" in k for k in _sources()), "the GPU script's Python part was not found"
+
+
+def test_the_gpu_scripts_smoke_configs_load() -> None:
+    """The smoke runs' configs (everything the heredoc sets before its loop) load in this version:
+    a renamed or removed config key would fail them only on the device."""
+    from distsearch.config_file import parse_config
+
+    body = next(v for k, v in _sources().items() if "gpu_check.sh" in k)
+    ns: dict = {}
+    exec(body.split("for algo, graph in runs:")[0], ns)  # imports, raw and runs: no run starts
+    assert ns["runs"]
+    for algo, graph in ns["runs"]:
+        parse_config({**ns["raw"], "algorithm": algo, "cuda_graph": graph, "storage": {"uri": "unused"}})
