@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("distsearch", "search_spaces")
@@ -62,3 +63,21 @@ def test_the_gpu_scripts_smoke_configs_load() -> None:
     assert ns["runs"]
     for algo, graph in ns["runs"]:
         parse_config({**ns["raw"], "algorithm": algo, "cuda_graph": graph, "storage": {"uri": "unused"}})
+
+
+def test_search_step_builds_every_algorithm() -> None:
+    """benchmarks/search_step.py's searchers construct on a tiny supernet (no step is timed here):
+    a renamed searcher argument would otherwise surface on the device."""
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import search_step
+    finally:
+        sys.path.pop(0)
+    args = argparse.Namespace(
+        channels=1, classes=3, C=2, layers=2, nodes=2, batch=8, channels_last=False, projections=1, bound="ibp"
+    )
+    for algo in search_step.ALGORITHMS:
+        assert search_step.make(algo, args, torch.device("cpu")).model is not None, algo
