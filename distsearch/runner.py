@@ -120,15 +120,15 @@ def build_searcher(cfg: SearchConfig, model: Supernet, data: DataSplits) -> Sear
 def evaluate(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device
 ) -> dict[str, float]:
-    was_training = model.training
-    model.eval()
+    from .robust.attack_base import eval_mode
+
     loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
-    for xb, yb in eval_batches(x, y, batch_size, device):
-        logits = model(xb)
-        loss += F.cross_entropy(logits, yb, reduction="sum")
-        correct += (logits.argmax(1) == yb).sum()
-    model.train(was_training)
+    with eval_mode(model):
+        for xb, yb in eval_batches(x, y, batch_size, device):
+            logits = model(xb)
+            loss += F.cross_entropy(logits, yb, reduction="sum")
+            correct += (logits.argmax(1) == yb).sum()
     return {"loss": float(loss) / len(x), "acc": float(correct) / len(x)}
 
 

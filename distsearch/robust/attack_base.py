@@ -42,20 +42,30 @@ def ce_per_example(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def attack_context(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
-    """Eval mode (optionally) and frozen parameters inside; every module's mode and every
-    parameter's requires_grad flag restored on exit."""
+def eval_mode(model: nn.Module, on: bool = True) -> Iterator[nn.Module]:
+    """The model in eval mode inside (unless `on` is False); every module's own mode back on exit
+    (a frozen BatchNorm inside a training model stays in eval)."""
     modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        if eval_mode:
+        if on:
             model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
+        yield model
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+@contextlib.contextmanager
+def attack_context(model: nn.Module, in_eval: bool = True) -> Iterator[None]:
+    """Eval mode (unless `in_eval` is False) and frozen parameters inside; every module's mode and
+    every parameter's requires_grad flag restored on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with eval_mode(model, in_eval):
+            for p, _ in flags:
+                p.requires_grad_(False)
+            yield
+    finally:
         for p, flag in flags:
             p.requires_grad_(flag)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attack_base import eval_mode
 from .bounds_ibp import Box, Trace, check_model, head_of, ibp, spec_linear
 from .bounds_linear import Back, back
 
@@ -155,13 +156,8 @@ def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
     head = head_of(model)
     if head is not None:
         return head.out_features
-    modes = [(m, m.training) for m in model.modules()]
-    try:  # eval mode: a training-mode forward would move BatchNorm's running statistics
-        with torch.no_grad():
-            return model.eval()(x[:1]).shape[1]
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with torch.no_grad(), eval_mode(model):  # a training-mode forward would move BatchNorm's statistics
+        return model(x[:1]).shape[1]
 
 
 def margin_bounds(

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import numbers
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .attack_base import eval_mode
 from .bounds import certified_radius, margin_lower_bound
 from .tables import Row, to_markdown, write_csv, write_markdown
 
@@ -32,17 +32,6 @@ __all__ = [
     "write_csv",
     "write_markdown",
 ]
-
-
-@contextmanager
-def _eval(model: nn.Module) -> Iterator[nn.Module]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:  # each module's own mode back (a frozen BatchNorm stays in eval)
-            m.training = mode
 
 
 def _eps_list(eps: Sequence[float] | float | torch.Tensor) -> list[float]:
@@ -78,7 +67,7 @@ def certified_accuracy(
     """Fraction of examples certified at each eps (one entry per eps); `bar` advances per batch."""
     eps_list = _eps_list(eps_list)
     counts = [0] * len(eps_list)
-    with _eval(model):
+    with eval_mode(model):
         for xb, yb in _chunks(x, y, batch_size, _device(model), bar):
             for i, eps in enumerate(eps_list):
                 counts[i] += int((margin_lower_bound(model, xb, yb, float(eps), norm, method) > 0).sum())
@@ -102,7 +91,7 @@ def mean_certified_radius(
     if eps_max is None:
         eps_max = 1.0 if norm == "linf" else float(x[0].numel()) ** 0.5
     radii = []
-    with _eval(model):
+    with eval_mode(model):
         for xb, yb in _chunks(x, y, batch_size, _device(model), bar):
             radii.append(certified_radius(model, xb, yb, norm, method, eps_max, steps).cpu())
     r = torch.cat(radii) if radii else torch.zeros(0)
@@ -127,7 +116,7 @@ def certify_table(
     key/values (e.g. label="dsrna") are prepended to each row."""
     eps_list = _eps_list(eps_list)
     x = x.to(next(model.parameters()).dtype)
-    with torch.no_grad(), _eval(model):
+    with torch.no_grad(), eval_mode(model):
         correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in _chunks(x, y, batch_size, _device(model)))
     clean = 100.0 * correct / max(1, x.shape[0])  # percentages, like the game-based table
     batches = -(-int(x.shape[0]) // batch_size)

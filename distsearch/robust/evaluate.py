@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .apgd import APGD, APGDT
-from .attack_base import Attack, check_norm, seeded
+from .attack_base import Attack, check_norm, eval_mode, seeded
 from .attacks import FGM, FGSM, PGD
 from .fab import FABT
 from .lbfgs_cw import CarliniWagnerL2
@@ -100,11 +100,9 @@ def right_masks(
     An example is robust when the model is right on it and on attack(model, x, y): δ = 0 lies in
     every ball, so the clean point is one of the attacker's choices and robust implies clean
     (robust = clean without an attack). `bar`: advanced by one per batch."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     clean, robust = [], []
-    try:
+    with eval_mode(model):
         for i in range(0, x.shape[0], batch_size):
             xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
             with torch.no_grad():
@@ -116,8 +114,6 @@ def right_masks(
                     robust.append((right & (model(xa).argmax(1) == yb)).cpu())
             if bar is not None:
                 bar.update(1)
-    finally:
-        model.train(was_training)
     c = torch.cat(clean) if clean else torch.zeros(0, dtype=torch.bool)
     return c, (torch.cat(robust) if attack is not None and robust else c)
 
@@ -149,13 +145,8 @@ def accuracy(
 
 
 def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return model(x.to(next(model.parameters()).device)).shape[1]
-    finally:
-        model.train(was_training)
+    with torch.no_grad(), eval_mode(model):
+        return model(x.to(next(model.parameters()).device)).shape[1]
 
 
 def game_table(

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .attack_base import Attack, seeded
+from .attack_base import Attack, eval_mode, seeded
 from .tables import Row, write_csv, write_markdown
 
 __all__ = ["distortion", "gaussian_like", "plot_heatmap", "transfer_table", "write_csv", "write_markdown"]
@@ -51,13 +51,11 @@ def _batched(attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 @torch.no_grad()
 def _error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    was_training = model.training
-    model.eval()
-    wrong = sum(
-        int((model(x[i : i + batch_size]).argmax(1) != y[i : i + batch_size]).sum())
-        for i in range(0, len(x), batch_size)
-    )
-    model.train(was_training)
+    with eval_mode(model):
+        wrong = sum(
+            int((model(x[i : i + batch_size]).argmax(1) != y[i : i + batch_size]).sum())
+            for i in range(0, len(x), batch_size)
+        )
     return 100.0 * wrong / max(1, len(x))
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attack_base import eval_mode
+
 
 @dataclass
 class UnitImages:
@@ -45,14 +47,12 @@ def activations(model: nn.Module, layer: str | nn.Module, x: torch.Tensor, batch
         layer = named[layer]
     captured: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda m, a, out: captured.append(out.detach().flatten(1)))
-    was_training = model.training
-    model.eval()
     try:
-        for i in range(0, x.shape[0], batch_size):
-            model(x[i : i + batch_size])
+        with eval_mode(model):
+            for i in range(0, x.shape[0], batch_size):
+                model(x[i : i + batch_size])
     finally:
         handle.remove()
-        model.train(was_training)
     return torch.cat(captured)
 
 

@@ -28,29 +28,16 @@ coordinate pinned at +-eps or at the box edge passes no gradient.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from search_spaces.double_backward import differentiated_twice
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 NORMS = ("linf", "l2")
 WEIGHTINGS = ("delta", "abs_delta", "abs_delta_plus_one")
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """The explainer attacks (and is attacked) in eval mode: BN running stats, untouched."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def _per_example(t: torch.Tensor) -> tuple[int, ...]:

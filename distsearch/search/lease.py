@@ -52,6 +52,7 @@ from torch import nn
 from search_spaces import Supernet
 from search_spaces.pattern import Pattern, make_replayable
 
+from ..robust.attack_base import eval_mode
 from .base import Batch, accuracy
 from .darts import DartsSearcher
 from .explain import (
@@ -59,7 +60,6 @@ from .explain import (
     WEIGHTINGS,
     attack_metrics,
     attack_target,
-    eval_mode,
     pgd_explanation,
     random_start,
     to_display,
