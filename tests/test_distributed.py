@@ -26,6 +26,7 @@ import yaml
 pytest.importorskip("ray")
 pytest.importorskip("optuna")
 from conftest import _stat, end_pids, in_session, tiny_raw  # noqa: E402
+from conftest import tiny_experiment as experiment  # noqa: E402
 
 from distsearch.cli import main  # noqa: E402
 
@@ -82,23 +83,6 @@ def s3_bucket():
         yield "s3://exp/runs"
     finally:
         end_pids(in_session(proc.pid), grace=1.0)
-
-
-def experiment(path: Path, epochs: int = 2, **tune) -> str:
-    """A tiny experiment file: darts vs dsrna (synthetic 8x8 data, seconds per trial)."""
-    section = {
-        "search_alg": "optuna",
-        "scheduler": "asha",
-        "num_samples": 2,
-        "max_concurrent_trials": 2,
-        "resources": {"cpu": 1, "gpu": 0},
-        "params": {"algorithm.name": {"choice": ["darts", "dsrna"]}},
-        "points_to_evaluate": [{"algorithm.name": "darts"}, {"algorithm.name": "dsrna"}],
-    }
-    section.update(tune)
-    raw = tiny_raw("unused", epochs=epochs, tune=section)
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
 
 
 def trials(root: Path) -> dict[str, Path]:

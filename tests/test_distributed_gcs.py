@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gcsfs is imported (as conftest.py)
 pytest.importorskip("ray")
@@ -46,7 +45,7 @@ gcsfs = pytest.importorskip("gcsfs")
 pytest.importorskip("gcp_storage_emulator")
 pytest.importorskip("pyarrow._gcsfs", reason="pyarrow built without GCS")
 serialization = pytest.importorskip("cryptography.hazmat.primitives.serialization")
-from conftest import _stat, end_pids, in_session, tiny_raw  # noqa: E402
+from conftest import _stat, end_pids, in_session, tiny_experiment  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
 
 from distsearch.cli import main  # noqa: E402
@@ -150,19 +149,8 @@ def gcs(gcs_server, monkeypatch):
 
 
 def experiment(path: Path, epochs: int = 1, **tune) -> str:
-    """The tiny experiment of tests/test_distributed.py: darts vs dsrna, synthetic 8x8 data."""
-    section = {
-        "search_alg": "optuna",
-        "scheduler": "fifo",
-        "num_samples": 2,
-        "max_concurrent_trials": 2,
-        "resources": {"cpu": 1, "gpu": 0},
-        "params": {"algorithm.name": {"choice": ["darts", "dsrna"]}},
-        "points_to_evaluate": [{"algorithm.name": "darts"}, {"algorithm.name": "dsrna"}],
-    }
-    section.update(tune)
-    path.write_text(yaml.safe_dump(tiny_raw("unused", epochs=epochs, tune=section)))
-    return str(path)
+    """conftest's tiny experiment (darts vs dsrna, synthetic 8x8 data), one epoch, FIFO."""
+    return tiny_experiment(path, epochs, **{"scheduler": "fifo", **tune})
 
 
 def trial_ids(fs, root: str) -> list[str]:

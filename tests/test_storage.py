@@ -1,3 +1,4 @@
+import hashlib
 import io
 import json
 import os
@@ -11,12 +12,17 @@ from distsearch.errors import UsageError
 from distsearch.storage import Store
 
 
-@pytest.fixture(params=["memory", "local"])
+@pytest.fixture(params=["memory", "local", "gs"])
 def store(request, tmp_path):
+    """A fresh store in memory, in a local folder, and on gs:// (tests.conftest's emulator)."""
     if request.param == "memory":
         import uuid
 
         return Store(f"memory://test-{uuid.uuid4().hex}/run")
+    if request.param == "gs":
+        from tests.conftest import gcs_store
+
+        return gcs_store(request.getfixturevalue("gcs_endpoint"))
     return Store(str(tmp_path / "run"))
 
 
@@ -28,6 +34,12 @@ def test_checkpoints_commit_list_latest_and_prune(store):
     assert name == "ckpt-0000000020" and meta == {"step": 20} and torch.equal(state["w"], torch.full((3,), 20.0))
     manifest = store.read_json("checkpoints/ckpt-0000000020/MANIFEST.json")
     assert set(manifest["files"]) == {"state.pt", "meta.json"} and len(manifest["files"]["state.pt"]["sha256"]) == 64
+    for fname, info in manifest["files"].items():  # the manifest describes the files as stored
+        data = store.read_bytes(f"checkpoints/ckpt-0000000020/{fname}")
+        assert info == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    store.fs.invalidate_cache()
+    left = {p.split("/")[-2] for p in store.fs.find(store.path("checkpoints"))}  # nothing of a pruned one
+    assert left == {"ckpt-0000000010", "ckpt-0000000015", "ckpt-0000000020"}
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
@@ -90,20 +102,16 @@ def test_rewriting_a_checkpoint_uncommits_it_first(store):
 def test_uncommitted_checkpoint_is_invisible(store):
     store.save_checkpoint(1, {"w": torch.ones(1)}, {})
     store.write_bytes("checkpoints/ckpt-0000000002/state.pt", b"partial")  # crashed before its manifest
-    assert store.list_checkpoints() == ["ckpt-0000000001"]
+    assert store.list_checkpoints() == ["ckpt-0000000001"] and store.latest() == "ckpt-0000000001"
 
 
 def test_never_unpickles_arbitrary_objects(store):
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("echo pwned",))
-
+    """A checkpoint whose manifest verifies but whose state.pt holds a pickled call: refused by
+    torch.load(weights_only=True), the call never runs, load_latest falls back."""
     store.save_checkpoint(1, {"w": torch.ones(1)}, {})
     buf = io.BytesIO()
-    torch.save({"w": Evil()}, buf, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    torch.save({"w": _Marker()}, buf, pickle_protocol=pickle.DEFAULT_PROTOCOL)
     data = buf.getvalue()
-    import hashlib
-
     store.write_bytes("checkpoints/ckpt-0000000002/state.pt", data)
     store.write_bytes("checkpoints/ckpt-0000000002/meta.json", b"{}")
     store.write_json(
@@ -118,6 +126,8 @@ def test_never_unpickles_arbitrary_objects(store):
     )
     with pytest.raises(pickle.UnpicklingError):
         store.load_checkpoint("ckpt-0000000002")
+    assert store.load_latest()[0] == "ckpt-0000000001"
+    assert not _ran
 
 
 def test_json_and_atomic_local_writes_leave_no_temp_files(tmp_path):
