@@ -28,6 +28,7 @@ from ..cli import add_config_args
 from ..driver_lease import LEASE_DIR, DriverLease, describe, live_drivers
 from ..errors import UsageError
 from ..storage import Store
+from . import locations as L
 from . import tuner as T
 from .trainable import SEARCH_DIR, newest_progress, trial_uri
 
@@ -191,7 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     spec = T.experiment_spec(cfg, args.storage, args.name)
-    T.check_storage(spec["root"], "--storage" if args.storage else "tune.storage")
+    L.check_storage(spec["root"], "--storage" if args.storage else "tune.storage")
     _need_ray()
     args.out = spec["root"]  # for the interruption hint
     # a second `run` of this name (or a `resume`) is refused first, naming the live driver; a
@@ -227,7 +228,7 @@ def _drive(spec: dict[str, Any], address: str | None, tuner: Any) -> None:
 def cmd_resume(args: argparse.Namespace) -> int:
     from ..config_file import run_command
 
-    store = Store(T.normalize_storage(args.uri), field="URI")
+    store = Store(L.normalize_storage(args.uri), field="URI")
     if store.exists("config.json"):  # one run, not an experiment
         command = run_command(store.read_config())
         raise UsageError(
@@ -243,7 +244,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    uri = T.normalize_storage(args.uri)
+    uri = L.normalize_storage(args.uri)
     for run in (uri, posixpath.join(uri, SEARCH_DIR)):  # one run (or a trial's folder): no Ray
         if Store(run).exists("config.json"):
             from ..report import run_status
@@ -259,7 +260,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     spec = T.experiment_spec(cfg, args.storage, args.name)
-    T.check_storage(spec["root"], "--storage" if args.storage else "tune.storage")
+    L.check_storage(spec["root"], "--storage" if args.storage else "tune.storage")
     _refuse_existing(spec)
     workdir = os.path.abspath(args.working_dir)
     rel = os.path.relpath(os.path.abspath(args.config), workdir)
@@ -279,7 +280,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         f"python -m distsearch.cli run --config {shlex.quote(rel)} --storage {shlex.quote(spec['storage'])} "
         f"--name {shlex.quote(spec['name'])} {sets}"
     ).strip()
-    env = {k: os.environ[k] for k in (*T.FORWARD_ENV, "RAY_USAGE_STATS_ENABLED") if k in os.environ}
+    env = {k: os.environ[k] for k in (*L.FORWARD_ENV, "RAY_USAGE_STATS_ENABLED") if k in os.environ}
     runtime_env = {
         "working_dir": workdir,
         "env_vars": env,
@@ -317,7 +318,7 @@ def _submit(client: Any, entrypoint: str, runtime_env: dict[str, Any], wait_s: f
 def cmd_tensorboard(args: argparse.Namespace) -> int:
     """Serve TensorBoard on the event files at URI (a local folder in place; a remote one from a
     temporary copy, deleted when TensorBoard ends) until Ctrl-C or SIGTERM; its exit status."""
-    spec_root = T.normalize_storage(args.uri)
+    spec_root = L.normalize_storage(args.uri)
     store = Store(spec_root, field="URI")
     if not store.exists():
         raise UsageError(f"URI: nothing at {args.uri!r}")
