@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from .attack_base import eval_mode
-from .bounds_ibp import Box, Trace, check_model, head_of, ibp, spec_linear
+from .bounds_check import check_model
+from .bounds_ibp import Box, Trace, head_of, ibp, spec_linear
 from .bounds_linear import Back, back
 
 Domain = tuple[float, float] | None
@@ -49,7 +50,7 @@ def _eps(eps: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def check_inputs(model: nn.Module, x: torch.Tensor, eps: float | torch.Tensor, domain: Domain, full: bool) -> None:
     """One ValueError for what would make a bound wrong rather than loose: a model the rules would
-    misread (bounds_ibp.check_model; its hooks only when `full`), a negative or NaN eps (a number;
+    misread (bounds_check.check_model; its hooks only when `full`), a negative or NaN eps (a number;
     a tensor's values only when `full`), and when `full` an x with NaN or outside `domain`: the
     ball is clamped to the domain, so it would no longer contain x. `full` costs a host sync; a
     search step passes False."""
