@@ -434,6 +434,33 @@ def test_bad_arguments_get_one_clear_error_each(name: str) -> None:
         attack(model, x, y[:, None])
     with pytest.raises(ValueError, match=r"^y: the class labels must be a 1-D integer tensor.*torch\.float32"):
         attack(model, x, y.float())
+    # the model gives 5 logits: CE raised an IndexError for 5 and ignored -100; Square and FAB left
+    # such an example unattacked
+    for bad, found in ((5, r"\[0, 5\]"), (-1, r"\[-1, 4\]"), (-100, r"\[-100, 4\]")):
+        y_bad = torch.arange(8) % 5
+        y_bad[3] = bad
+        with pytest.raises(
+            ValueError,
+            match=rf"^y: class labels must lie in \[0, 4\] \(the model gives 5 logits\), got labels in {found}",
+        ):
+            attack(model, x, y_bad)
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_the_label_check_costs_no_forward_pass(name: str) -> None:
+    """It reads the attack's own first forward: as many forwards (queries) as without the checks."""
+    model, x, y = tiny_model(1), torch.rand(4, 1, 8, 8), torch.arange(4)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    results = []
+    for check in (True, False):
+        calls.clear()
+        attack = tiny_attack(name, eps=0.3)
+        attack.check_range = check
+        torch.manual_seed(0)
+        results.append((attack(model, x, y), list(calls)))
+    assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
+    assert results[0][1]  # the attack did query the model
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))

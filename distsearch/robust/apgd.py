@@ -85,7 +85,7 @@ class APGD(Attack):
     eps (8/255), steps (100, at least 2), norm ("linf" or "l2"), loss ("ce", "dlr", or "dlr-t":
     APGD-T), restarts (1; keep each example's successful run), rho (0.75, the checkpoint test),
     momentum (0.75), eval_mode (True), n_targets (9, dlr-t only: targets per example, capped at
-    K − 1), check_range (True: check x ∈ [0, 1], a host sync). Returns per example the first
+    K − 1), check_range (True: check x ∈ [0, 1], the labels < K; a host sync each). Returns per example the first
     misclassified point found, else the point of highest loss."""
 
     def __init__(

@@ -8,9 +8,10 @@ gradients are computed, and restores both afterwards, even on error.
 
 Input contract, checked by `__call__` with one ValueError naming the argument: x a floating-point
 tensor [N, ...] (8-bit images: x.float() / 255); y [N, ...], and where y are class labels (every
-attack but FGSM, FGM and PGD with a `loss_fn`) a 1-D integer tensor [N], cast to int64. The range
-check x ∈ [0, 1] needs a host sync (x.min(), x.max()): `check_range=False` skips it, and every
-attack built inside a training or search step (training.py's strategies) turns it off. An x
+attack but FGSM, FGM and PGD with a `loss_fn`) a 1-D integer tensor [N], cast to int64, each in
+[0, K) for the model's K logits (checked on the attack's first forward, no extra query). The range
+checks (x ∈ [0, 1], the labels' range) need a host sync each: `check_range=False` skips them, and
+every attack built inside a training or search step (training.py's strategies) turns it off. An x
 outside the box, unchecked, gets a result in its ε-ball (within_ball) but not in [0, 1], and
 attacked as if the box were [0, 1]: its numbers mean nothing.
 
@@ -246,6 +247,33 @@ def check_inputs(x: object, y: object, labels: bool) -> torch.Tensor:
     return y
 
 
+@contextlib.contextmanager
+def labels_checked(model: nn.Module, y: torch.Tensor) -> Iterator[None]:
+    """Inside, the model's first forward that returns logits [n, K] checks 0 <= y < K (one host sync,
+    no extra forward, so query-counting attacks spend nothing on it) and raises a ValueError naming
+    the labels found and K. Without it, cross-entropy raises an IndexError for y >= K, ignores
+    y = -100, and Square and FAB count such an example as misclassified and leave it unattacked."""
+    lo, hi = (y.min(), y.max()) if y.numel() else (None, None)
+
+    def hook(module: nn.Module, args: object, out: object) -> None:
+        if not isinstance(out, torch.Tensor) or out.dim() != 2:
+            return  # not logits: the next forward checks
+        handle.remove()
+        classes = out.shape[1]
+        if not bool((lo >= 0) & (hi < classes)):  # the one sync
+            raise ValueError(
+                f"y: class labels must lie in [0, {classes - 1}] (the model gives {classes} logits), "
+                f"got labels in [{int(lo)}, {int(hi)}]"
+            )
+
+    handle = model.register_forward_hook(hook) if lo is not None else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 def check_unit_range(x: torch.Tensor) -> None:
     """x ∈ [0, 1], else a ValueError naming the range found. One host sync (min and max)."""
     if x.numel() == 0:
@@ -264,7 +292,7 @@ class Attack:
     modes and flags, and keeps the result in the attack's ball (`eps`, `norm`) exactly."""
 
     eval_mode: bool = True
-    check_range: bool = True  # False: skip the x ∈ [0, 1] check and its host sync (training, search)
+    check_range: bool = True  # False: skip the x ∈ [0, 1] and label checks and their host syncs (training, search)
     eps: float | None = None  # the ball of the result, if any
     norm: str = "linf"
 
@@ -280,7 +308,8 @@ class Attack:
         if self.check_range:
             check_unit_range(x)
         x, y = x.detach(), y.detach()
-        with attack_context(model, self.eval_mode):
+        checked = labels_checked(model, y) if self.check_range and self.labels() else contextlib.nullcontext()
+        with attack_context(model, self.eval_mode), checked:
             x_adv = self.perturb(model, x, y)
         if self.eps is not None:
             x_adv = within_ball(x, x_adv.detach(), self.eps, self.norm)

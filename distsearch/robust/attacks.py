@@ -91,7 +91,7 @@ class PGD(Attack):
     (True), restarts (1; per example the run that succeeds, ties: the larger loss), targeted
     (False: y is the target), loss_fn (None: per-example CE; else y is whatever it takes,
     [N, ...], e.g. TRADES' soft labels), eval_mode (True), check_range (True: check x ∈ [0, 1],
-    a host sync; False inside training steps)."""
+    the labels < K; a host sync each; False inside training steps)."""
 
     def __init__(
         self,

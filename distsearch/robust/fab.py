@@ -93,7 +93,7 @@ class FAB(Attack):
     a random point at half the best distance), targeted (False; True is FAB-T), n_targets (9,
     FAB-T: the most likely other classes, capped at K − 1), alpha_max (0.1), eta (1.05, the
     overshoot), beta (0.9, the backward step), eval_mode (True), check_range (True: check
-    x ∈ [0, 1], a host sync). Success is untargeted (argmax ≠ y) in both forms."""
+    x ∈ [0, 1], the labels < K; a host sync each). Success is untargeted (argmax ≠ y) in both forms."""
 
     def __init__(
         self,

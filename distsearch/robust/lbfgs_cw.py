@@ -73,7 +73,7 @@ class LBFGS(_MinDistortion):
 
     targeted (False: l is the runner-up class; True: l = y), c_init (0.1), search_steps (6),
     max_iter (50 L-BFGS iterations), eps (None; set: the result projected onto the L2 ε-ball),
-    check_range (True: check x ∈ [0, 1], a host sync)."""
+    check_range (True: check x ∈ [0, 1], the labels < K; a host sync each)."""
 
     def __init__(
         self,
@@ -117,7 +117,7 @@ class CarliniWagnerL2(_MinDistortion):
     targeted (False: any misclassification; True: reach y), c_init (1.0), search_steps (5),
     steps (100 Adam steps), lr (0.1; the paper's 0.01 needs thousands of steps), kappa (0, the
     confidence), eps (None; set: the result projected onto the L2 ε-ball), check_range (True:
-    check x ∈ [0, 1], a host sync)."""
+    check x ∈ [0, 1], the labels < K; a host sync each)."""
 
     c_weighs_distortion = False
 

@@ -104,7 +104,7 @@ class Square(Attack):
     clean check included), p_init (0.8, the first square's share of the image), seed (0, of
     its own torch.Generator: a call is reproducible), rescale (True: the p schedule stretched
     to n_queries; False: AutoAttack's), eval_mode (True), check_range (True: check x ∈ [0, 1],
-    a host sync). x: images [N, C, H, W]."""
+    the labels < K; a host sync each). x: images [N, C, H, W]."""
 
     def __init__(
         self,
