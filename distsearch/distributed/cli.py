@@ -193,6 +193,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     spec = T.experiment_spec(cfg, args.storage, args.name)
     L.check_storage(spec["root"], "--storage" if args.storage else "tune.storage")
+    if spec["base"]["data"]["path"]:
+        from ..data_npz import check_exists
+
+        check_exists(spec["base"]["data"]["path"])
     _need_ray()
     args.out = spec["root"]  # for the interruption hint
     # a second `run` of this name (or a `resume`) is refused first, naming the live driver; a

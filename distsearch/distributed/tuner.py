@@ -146,11 +146,15 @@ def experiment_spec(cfg: SearchConfig, storage: str | None = None, name: str | N
         raise UsageError(
             f"--name: {name!r} must be a plain folder name (letters, digits, '_', '-', '.'; not starting with '.')"
         )
+    base = cfg.model_dump(mode="json", exclude={"tune"})
+    for key in ("root", "path"):  # Tune runs each trial in a folder of its own: relative paths would miss
+        if base["data"][key] and "://" not in base["data"][key]:
+            base["data"][key] = os.path.abspath(os.path.expanduser(base["data"][key]))
     return {
         "name": name,
         "storage": storage,
         "root": posixpath.join(storage, name),
-        "base": cfg.model_dump(mode="json", exclude={"tune"}),
+        "base": base,
         "tune": cfg.tune.model_dump(mode="json"),
         "resources": cfg.tune.resources.model_dump(),
         "cpu": cfg.tune.resources.cpu,

