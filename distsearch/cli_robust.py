@@ -50,19 +50,34 @@ def _note_n(asked: int, used: int) -> None:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     """The run's model and data, torch set up as its search/training was (--threads overrides its threads)."""
+    from .data import DataError
     from .runner import resolve_device
     from .train import load_model
 
-    model, data, _ = load_model(args.uri, device=resolve_device(args.device), setup=True, threads=args.threads)
+    try:
+        model, data, _ = load_model(
+            args.uri, device=resolve_device(args.device), setup=True, threads=args.threads, data_at=args.data
+        )
+    except DataError as e:
+        if args.data is not None:
+            raise DataError(f"--data: {e}") from None
+        raise DataError(f"{e}; or pass --data with where the run's data is on this machine") from None
     return model, data
 
 
-def add_device_arg(p: argparse.ArgumentParser) -> None:
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    """How a run is loaded here: --device, and --data (where its data set is on this machine)."""
     p.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
         default="auto",
         help="where the model and the attacks run (default: auto, cuda when a GPU is visible)",
+    )
+    p.add_argument(
+        "--data",
+        metavar="LOCATION",
+        help="where the run's data set is on this machine: the torchvision folder (its data.root) or the .npz "
+        "file (its data.path) (default: where the run recorded it)",
     )
 
 
@@ -228,7 +243,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=_seed, default=0, help="seed of the attacks' random starts (default: %(default)s)")
     p.add_argument("--out", type=out_folder, help="local folder for the table and plot (default: <uri>/eval)")
     add_threads_arg(p, RUN_THREADS)
-    add_device_arg(p)
+    add_load_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("attack", help="adversarial examples and a before/after grid for a run")
@@ -261,7 +276,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=out_folder, help="local folder (default: <uri>/attack)")
     add_threads_arg(p, RUN_THREADS)
-    add_device_arg(p)
+    add_load_args(p)
     p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("certify", help="certified accuracy and radius (verification-based evaluation)")
@@ -281,5 +296,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=out_folder, help="local folder (default: <uri>/certify)")
     add_threads_arg(p, RUN_THREADS)
-    add_device_arg(p)
+    add_load_args(p)
     p.set_defaults(func=cmd_certify)

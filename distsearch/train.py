@@ -155,13 +155,31 @@ def run_training(
     return final
 
 
+def relocate_data(cfg: Any, where: str) -> Any:
+    """`cfg` with its data set read from `where`: the torchvision folder (data.root) or the .npz
+    file (data.path) on this machine, for a run whose files lie elsewhere here (`--data`)."""
+    from .data import _TORCHVISION
+
+    name = cfg.data.name
+    if name not in (*_TORCHVISION, "npz"):
+        made = "is generated" if name == "synthetic" else "ships with its package"
+        raise UsageError(f"--data: the run's data set {name} {made}, so it has no location; leave --data out")
+    key = "path" if name == "npz" else "root"
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={key: where})})
+
+
 def load_model(
-    uri: str, device: str | torch.device = "cpu", setup: bool = False, threads: int | None = None
+    uri: str,
+    device: str | torch.device = "cpu",
+    setup: bool = False,
+    threads: int | None = None,
+    data_at: str | None = None,
 ) -> tuple[torch.nn.Module, DataSplits, dict[str, Any]]:
     """The trained network of a training store, or the supernet of a search store, with its
     data set; weights from the newest valid checkpoint, in eval mode. `setup`: torch set up
     first as the run's search/training set it up (setup_torch: its `threads`, or `threads`
-    when given; deterministic; its seed), as evaluate / attack / certify do."""
+    when given; deterministic; its seed), as evaluate / attack / certify do. `data_at`: where
+    the data set is here (relocate_data), else where the run recorded it."""
     from .config_file import parse_config, run_command
 
     store = Store(uri, field="URI")
@@ -173,6 +191,8 @@ def load_model(
         raise UsageError(f"URI: no valid checkpoint under {uri!r}")
     name, state, meta = latest
     cfg = parse_config(raw, TrainConfig if run_command(raw) == "train" else SearchConfig)
+    if data_at is not None:
+        cfg = relocate_data(cfg, data_at)
     if setup:  # device: the one asked for here, not the run's
         setup_torch(cfg.model_copy(update={"device": "cpu"} | ({"threads": threads} if threads else {})))
     data = build_data(cfg)

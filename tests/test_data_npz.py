@@ -193,3 +193,43 @@ def test_torchvision_idx_sets_load_from_their_real_file_format(tmp_path, name, f
 def test_missing_torchvision_files_give_one_clear_message(name, tmp_path):
     with pytest.raises(DataError, match=r"^data\.root: no .* under .*download=true"):
         load_dataset(name, root=str(tmp_path))
+
+
+def test_evaluate_finds_a_moved_data_file_with_data(tmp_path, capsys):
+    """A run trained on an .npz is evaluated after the file moved: without --data one line naming
+    data.path and --data; with it, the same table as before the move. --data on a run whose data
+    ships with its package is refused."""
+    from distsearch.cli import main
+
+    x, y = digits(300)
+    np.savez(tmp_path / "mine.npz", x=x, y=y)
+    out = tmp_path / "run"
+    common = ["--set", "model.C=4", "--set", "model.layers=3", "--set", "eval.n=0", "--set", "monitor.progress=false"]
+    data = ["--set", "data.name=npz", "--set", f"data.path={tmp_path / 'mine.npz'}", "--set", "data.batch_size=32"]
+    assert main(["train", "--model", "mlp", "--epochs", "1", "--out", str(out), *common, *data]) == 0
+    table = ["evaluate", str(out), "--attacks", "fgsm", "--eps-linf", "0.1", "--n", "20", "--device", "cpu"]
+    assert main([*table, "--out", str(tmp_path / "before")]) == 0
+    (tmp_path / "mine.npz").rename(tmp_path / "moved.npz")
+    capsys.readouterr()
+    assert main([*table, "--out", str(tmp_path / "lost")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("distsearch evaluate: data.path: no file") and err.endswith(
+        "or pass --data with where the run's data is on this machine"
+    )
+    assert main([*table, "--out", str(tmp_path / "after"), "--data", str(tmp_path / "moved.npz")]) == 0
+    for name in ("robustness.csv", "robustness.md"):
+        assert (tmp_path / "after" / name).read_text() == (tmp_path / "before" / name).read_text()
+    capsys.readouterr()
+    assert main([*table, "--data", str(tmp_path / "absent.npz")]) == 2
+    assert capsys.readouterr().err.strip().startswith("distsearch evaluate: --data: data.path: no file")
+    other = tmp_path / "digits_run"
+    assert (
+        main(["train", "--model", "mlp", "--epochs", "1", "--out", str(other), *common, "--set", "data.name=digits"])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["certify", str(other), "--data", "x", "--n", "2", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "distsearch certify: --data: the run's data set digits ships with its package, so it has no location; "
+        "leave --data out"
+    )
