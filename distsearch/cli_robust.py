@@ -55,13 +55,15 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from .train import load_model
 
     try:
-        model, data, _ = load_model(
+        model, data, info = load_model(
             args.uri, device=resolve_device(args.device), setup=True, threads=args.threads, data_at=args.data
         )
     except DataError as e:
         if args.data is not None:
             raise DataError(f"--data: {e}") from None
         raise DataError(f"{e}; or pass --data with where the run's data is on this machine") from None
+    if info["other_data"]:
+        print(f"note: not the images the run was made on; the results are for {info['other_data']}", file=sys.stderr)
     return model, data
 
 

@@ -11,11 +11,13 @@ import math
 import os
 import posixpath
 import re
+import sys
 import tempfile
 from typing import Any
 
 from .cli import add_resume_args, add_threads_arg
 from .cli_robust import _positive_float
+from .data import TORCHVISION_SETS
 from .errors import UsageError, out_uri
 
 
@@ -33,6 +35,24 @@ def default_train_out(cfg: Any) -> str:
                 source = posixpath.basename(posixpath.dirname(ref)) or source
     source = re.sub(r"[^A-Za-z0-9_.-]+", "_", source).strip("._") or "genotype"
     return f"runs/train_{source}_{cfg.strategy.strategy}"
+
+
+def _search_data(raw: dict[str, Any], genotype: str | None, sets: list[str]) -> dict[str, Any]:
+    """`raw` with the data set of the search --genotype comes from, unless the file or a --set names
+    one (data.name): a genotype is retrained on what it was searched on, not on the default mnist5k."""
+    from .train import search_data
+
+    if not genotype or "data" in raw or any(s.startswith("data.name=") for s in sets):
+        return raw
+    data = search_data(genotype)
+    if data is None:
+        return raw
+    where = data.get("path") or (data.get("root") if data.get("name") in TORCHVISION_SETS else None)
+    print(
+        f"note: data: {data.get('name', 'mnist5k')}{f' at {where}' if where else ''}, as the search ran on",
+        file=sys.stderr,
+    )
+    return {**raw, "data": data}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -61,11 +81,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.config:
         raw = read_yaml(args.config)
         check_kind(raw, TrainConfig, args.config)
-        raw = apply_overrides(raw, sets)
+        raw = apply_overrides(_search_data(raw, args.genotype, sets), sets)
     elif args.resume and args.out and not (args.model or args.genotype):
         raw = stored_config(args.out, "train", sets)  # continue the run as it ran: its own config.json
     elif args.model or args.genotype:
-        raw = apply_overrides({}, sets)
+        raw = apply_overrides(_search_data({}, args.genotype, sets), sets)
     else:
         raise UsageError("--model or --genotype: one is required (or --out URI --resume, to continue a run)")
     cfg = parse_config(raw, TrainConfig)

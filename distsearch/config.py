@@ -5,6 +5,7 @@ a file, `--set` overrides and the one-line error messages are in config_file.py.
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -27,11 +28,17 @@ class SyntheticConfig(Strict):
     noise: float = Field(0.15, ge=0)
 
 
+def local_path(path: str) -> str:
+    """A local path made absolute (~ expanded), a URI as it is: a run resumed or evaluated from
+    another folder, and Ray Tune's trials (each in a folder of its own), find the same files."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
 class DataConfig(Strict):
     name: Literal["mnist5k", "digits", "synthetic", "mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "npz"] = (
         "mnist5k"
     )
-    root: str = Field("./data", description="folder of the torchvision data sets")
+    root: str = Field("data", description="folder of the torchvision data sets", validate_default=True)
     path: str | None = Field(None, description="name npz: the .npz file's path or URI (see distsearch/data_npz.py)")
     download: bool = False
     train_portion: float = Field(0.5, gt=0, lt=1)
@@ -54,6 +61,11 @@ class DataConfig(Strict):
         if self.name != "npz" and self.path:
             raise ValueError(f"only data.name npz reads data.path (name is {self.name}); remove data.path")
         return self
+
+    @field_validator("root", "path")
+    @classmethod
+    def _absolute(cls, path: str | None) -> str | None:
+        return local_path(path) if path else path
 
     @field_validator("cutout")
     @classmethod

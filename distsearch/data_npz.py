@@ -3,13 +3,14 @@
 Keys, one of two layouts:
 - `x_train`, `y_train`, and optionally `x_test`, `y_test` (both or neither);
 - `x`, `y`: one set.
-Without test arrays a seeded `test_fraction` is held out, as for mnist5k. The training arrays are
-shuffled with the seed either way: the bilevel split takes D_tr and D_val as the first and the
-last part of the training set, which a file sorted by label would make class-disjoint.
-`x`: images [N, H, W] (one channel), [N, C, H, W], or [N, H, W, C] with C of 1, 3 or 4 last
-(when the second axis is not such a C); square (H = W); uint8 (divided by 255) or floating point
-in [0, 1]. `y`: integer class labels [N], ≥ 0. The number of classes is max(y) + 1 over both
-splits; an optional scalar `num_classes` sets it when the highest classes are absent.
+Without test arrays a seeded `test_fraction` is held out, as for mnist5k. Both sets are shuffled
+with the seed either way: the bilevel split takes D_tr and D_val as the first and the last part of
+the training set, and `--n`, `eval.n` and `data.subset` the first test images, which a file sorted
+by label would make one or two classes.
+`x`: square images [N, H, W] (one channel), [N, C, H, W] or [N, H, W, C] (channels last when axes
+1 and 2 are equal and axis 3 is not); uint8 (divided by 255) or floating point in [0, 1].
+`y`: integer class labels [N], 0..K-1 with each class among the training labels (1-based or gappy
+labels would give classes never seen); an optional scalar `num_classes` sets K when some are unused.
 Read with allow_pickle=False: nothing is unpickled (an object array is refused), and every
 problem is one DataError naming data.path, the key and the fix.
 """
@@ -25,7 +26,6 @@ import torch
 from .data import DataError, DataSplits, _holdout
 
 KEYS = ("x_train", "y_train", "x_test", "y_test", "x", "y", "num_classes")
-_CHANNELS = (1, 3, 4)
 
 
 def check_exists(path: str) -> None:
@@ -35,7 +35,7 @@ def check_exists(path: str) -> None:
     try:
         fs, local = fsspec.core.url_to_fs(path)
         there = fs.isfile(local)
-    except (OSError, ValueError, ImportError) as e:
+    except Exception as e:  # any backend's error, as in _read
         raise DataError(f"data.path: cannot read {path!r} ({type(e).__name__}: {e})") from None
     if not there:
         raise DataError(f"data.path: no file {path!r}; give the path or URI of a .npz file")
@@ -49,7 +49,9 @@ def _read(path: str) -> dict[str, np.ndarray]:
             raw = f.read()
     except FileNotFoundError:
         raise DataError(f"data.path: no file {path!r}; give the path or URI of a .npz file") from None
-    except (OSError, ValueError, ImportError) as e:
+    except IsADirectoryError:
+        raise DataError(f"data.path: {path!r} is a folder; give the .npz file's path or URI") from None
+    except Exception as e:  # any backend's error (botocore's NoCredentialsError is no OSError)
         raise DataError(f"data.path: cannot read {path!r} ({type(e).__name__}: {e})") from None
     not_npz = f"data.path: {path!r} is not a .npz archive; write one with numpy.savez(path, x_train=..., y_train=...)"
     try:
@@ -87,14 +89,18 @@ def _images(path: str, key: str, a: np.ndarray) -> np.ndarray:
         raise DataError(f"{where}: images of dtype {a.dtype}; store uint8 (0-255) or floats in [0, 1]")
     if x.ndim == 3:
         x = x[:, None]
-    elif x.ndim == 4 and x.shape[1] not in _CHANNELS and x.shape[3] in _CHANNELS:
-        x = x.transpose(0, 3, 1, 2)
     elif x.ndim != 4:
         raise DataError(f"{where}: images of shape {a.shape}; give [N, H, W], [N, C, H, W] or [N, H, W, C]")
+    elif x.shape[2] != x.shape[3] and x.shape[1] == x.shape[2]:  # square in axes 1, 2: channels last
+        x = x.transpose(0, 3, 1, 2)
     if x.shape[2] != x.shape[3]:
-        raise DataError(f"{where}: the images are {x.shape[2]}x{x.shape[3]}; the networks take square images")
+        raise DataError(
+            f"{where}: images of shape {a.shape} are not square in [N, C, H, W] nor in [N, H, W, C]; the "
+            "networks take square images (crop or pad them)"
+        )
     if len(x) == 0:
-        raise DataError(f"{where}: holds no images")
+        fix = "; leave x_test and y_test out to hold out data.test_fraction" if key == "x_test" else ""
+        raise DataError(f"{where}: holds no images{fix}")
     return np.ascontiguousarray(x)
 
 
@@ -137,6 +143,14 @@ def load_npz(path: str | None, seed: int, test_fraction: float) -> DataSplits:
             raise DataError(f"data.path: {path!r}: x_test images are {xt.shape[1:]}, x_train's {x.shape[1:]}")
         highest = max(highest, int(yt.max()))
     classes = highest + 1
+    absent = sorted(set(range(classes)) - set(np.unique(y).tolist()))
+    if absent and "num_classes" not in arrays:
+        shown = ", ".join(map(str, absent[:5])) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+        raise DataError(
+            f"data.path: {path!r}, {layout[1]}: the labels run to {highest}, but class(es) {shown} never occur "
+            "among the training labels; number the classes 0..K-1 (np.unique(y, return_inverse=True)) or store "
+            "num_classes to keep unused ones"
+        )
     if "num_classes" in arrays:
         given = arrays["num_classes"]
         if given.ndim != 0 or not np.issubdtype(given.dtype, np.integer) or int(given) <= highest:
@@ -155,7 +169,12 @@ def load_npz(path: str | None, seed: int, test_fraction: float) -> DataSplits:
                 "training or test set; give more images, another test_fraction, or x_test and y_test"
             )
         return d
-    perm = np.random.default_rng(seed).permutation(len(x))
+    g = np.random.default_rng(seed)
+    perm, perm_t = g.permutation(len(x)), g.permutation(len(xt))
     return DataSplits(
-        torch.from_numpy(x[perm]), torch.from_numpy(y[perm]), torch.from_numpy(xt), torch.from_numpy(yt), classes
+        torch.from_numpy(x[perm]),
+        torch.from_numpy(y[perm]),
+        torch.from_numpy(xt[perm_t]),
+        torch.from_numpy(yt[perm_t]),
+        classes,
     )

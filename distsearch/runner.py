@@ -23,7 +23,7 @@ from search_spaces import Genotype, Supernet
 
 from .config import RobustEvalConfig, RunConfig, SearchConfig
 from .config_file import resume_changes, run_command
-from .data import BatchStream, DataSplits, bilevel_split, eval_batches, load_dataset
+from .data import BatchStream, DataSplits, bilevel_split, describe, eval_batches, load_dataset
 from .errors import UsageError
 from .loop import EpochHook, EpochLoop, Interrupted  # noqa: F401 - Interrupted re-exported
 from .monitor import Monitor
@@ -73,7 +73,7 @@ def autocast(cfg: SearchConfig, device: torch.device) -> contextlib.AbstractCont
 
 def build_data(cfg: RunConfig) -> DataSplits:
     d = cfg.data
-    return load_dataset(
+    data = load_dataset(
         d.name,
         root=d.root,
         download=d.download,
@@ -83,6 +83,9 @@ def build_data(cfg: RunConfig) -> DataSplits:
         synthetic_kwargs=d.synthetic.model_dump(),
         path=d.path,
     )
+    if log.isEnabledFor(logging.INFO):  # -v
+        log.info("data: %s, %s", d.name, describe(data.fingerprint()))
+    return data
 
 
 def build_supernet(cfg: SearchConfig, data: DataSplits) -> Supernet:
@@ -165,6 +168,28 @@ def check_store_matches(store: Store, cfg: RunConfig, allow_changes: bool = Fals
         )
 
 
+DATA_FILE = "data.json"  # the run's data set (DataSplits.fingerprint), written at every (re)start
+
+
+def check_data(store: Store, data: DataSplits, allow_changes: bool = False) -> dict[str, Any]:
+    """The data set of a run with checkpoints is the one it ran on (its data.json), unless
+    `allow_changes`: the same file moved is fine, other images would continue another run.
+    Returns the fingerprint for record_run."""
+    new, old = data.fingerprint(), store.read_json(DATA_FILE, None)
+    if old is not None and old != new and not allow_changes and store.list_checkpoints():
+        raise UsageError(
+            f"data: {store.uri} ran on {describe(old)}; this config gives {describe(new)}. Point "
+            "data.path / data.root at the run's data set, or pass --allow-changes"
+        )
+    return new
+
+
+def record_run(store: Store, cfg: RunConfig, fingerprint: dict[str, Any]) -> None:
+    """config.json and data.json, at every (re)start (epochs, monitor, the data's location may change)."""
+    store.write_json("config.json", cfg.model_dump(mode="json"))
+    store.write_json(DATA_FILE, fingerprint)
+
+
 def run_search(
     cfg: SearchConfig,
     store: Store,
@@ -193,8 +218,9 @@ def run_search(
         val.load_state_dict(state["val_stream"])
 
     check_store_matches(store, cfg, allow_changes)
+    fingerprint = check_data(store, data, allow_changes)
     loop.resume(device, load)
-    store.write_json("config.json", cfg.model_dump(mode="json"))  # a resume's too (epochs, monitor may change)
+    record_run(store, cfg, fingerprint)
     monitor = loop.open_monitor(monitor)
 
     def end_epoch(epoch: int) -> dict[str, float]:

@@ -8,6 +8,7 @@ supernet) from a store for evaluate / attack / certify.
 from __future__ import annotations
 
 import logging
+import posixpath
 from typing import Any
 
 import torch
@@ -15,10 +16,20 @@ import torch
 from search_spaces import Genotype, GenotypeError, Network
 
 from .config import SearchConfig, TrainConfig
-from .data import BatchStream, DataSplits
+from .data import BatchStream, DataSplits, describe
 from .errors import UsageError, checkpoint_mismatch
 from .loop import EpochLoop
-from .runner import build_data, build_supernet, check_store_matches, evaluate, robust_accuracy, setup_torch
+from .runner import (
+    DATA_FILE,
+    build_data,
+    build_supernet,
+    check_data,
+    check_store_matches,
+    evaluate,
+    record_run,
+    robust_accuracy,
+    setup_torch,
+)
 from .search.base import adopt_hyperparameters, hyperparameters, rng_state, set_rng_state
 from .storage import Store
 
@@ -42,6 +53,31 @@ def read_genotype(ref: str) -> Genotype:
     except GenotypeError as e:
         raise UsageError(f"model.genotype: {ref}: {e}") from None
     raise UsageError(f"model.genotype: {ref!r} is neither a genotype JSON file nor a search's storage folder")
+
+
+INHERITED_DATA = ("name", "root", "path", "download", "test_fraction", "synthetic")  # which data set, not how fed
+
+
+def search_data(ref: str) -> dict[str, Any] | None:
+    """Which data set the search that `ref` (--genotype) comes from ran on: its store's config.json,
+    or that of the folder of its genotype.json; None when `ref` is no search's."""
+    import fsspec
+
+    from .config_file import run_command
+
+    try:
+        fs, path = fsspec.core.url_to_fs(ref)
+        if fs.isfile(path):
+            if posixpath.basename(ref.rstrip("/")) != "genotype.json":
+                return None
+            ref = posixpath.dirname(ref.rstrip("/"))
+        store = Store(ref)
+        raw = store.read_config() if store.exists("config.json") else None
+    except (OSError, ValueError, UsageError):
+        return None
+    if not raw or run_command(raw) != "search":
+        return None
+    return {k: v for k, v in raw.get("data", {}).items() if k in INHERITED_DATA}
 
 
 def run_genotype(cfg: TrainConfig, store: Store) -> Genotype | None:
@@ -89,8 +125,9 @@ def run_training(
 ) -> dict[str, Any]:
     """Train (or resume) to cfg.epochs; returns the last epoch's record."""
     device = setup_torch(cfg)
-    check_store_matches(store, cfg, allow_changes)
     data = build_data(cfg)
+    check_store_matches(store, cfg, allow_changes)
+    fingerprint = check_data(store, data, allow_changes)
     genotype = run_genotype(cfg, store)
     model = build_network(cfg, data, genotype).to(device)
     strategy = cfg.strategy.build()
@@ -116,7 +153,7 @@ def run_training(
         adopt_hyperparameters({"optimizer": optimizer}, {"scheduler": scheduler}, configured)
 
     loop.resume(device, load)
-    store.write_json("config.json", cfg.model_dump(mode="json"))  # a resume's too (epochs, monitor may change)
+    record_run(store, cfg, fingerprint)
     if genotype is not None:  # the genotype trained (a resume's own, unless changed with --allow-changes)
         store.write_json("genotype.json", genotype.to_dict())
     monitor = loop.open_monitor()
@@ -158,10 +195,10 @@ def run_training(
 def relocate_data(cfg: Any, where: str) -> Any:
     """`cfg` with its data set read from `where`: the torchvision folder (data.root) or the .npz
     file (data.path) on this machine, for a run whose files lie elsewhere here (`--data`)."""
-    from .data import _TORCHVISION
+    from .data import TORCHVISION_SETS
 
     name = cfg.data.name
-    if name not in (*_TORCHVISION, "npz"):
+    if name not in (*TORCHVISION_SETS, "npz"):
         made = "is generated" if name == "synthetic" else "ships with its package"
         raise UsageError(f"--data: the run's data set {name} {made}, so it has no location; leave --data out")
     key = "path" if name == "npz" else "root"
@@ -179,7 +216,9 @@ def load_model(
     data set; weights from the newest valid checkpoint, in eval mode. `setup`: torch set up
     first as the run's search/training set it up (setup_torch: its `threads`, or `threads`
     when given; deterministic; its seed), as evaluate / attack / certify do. `data_at`: where
-    the data set is here (relocate_data), else where the run recorded it."""
+    the data set is here (relocate_data), else where the run recorded it. A data set of other
+    image shapes or classes than the run's data.json is refused; other images of the same
+    shapes are allowed and named in the returned dict's `other_data`."""
     from .config_file import parse_config, run_command
 
     store = Store(uri, field="URI")
@@ -196,6 +235,12 @@ def load_model(
     if setup:  # device: the one asked for here, not the run's
         setup_torch(cfg.model_copy(update={"device": "cpu"} | ({"threads": threads} if threads else {})))
     data = build_data(cfg)
+    ran_on, fingerprint = store.read_json(DATA_FILE, None), data.fingerprint()
+    if ran_on is not None and (ran_on["train"][1:], ran_on["classes"]) != (fingerprint["train"][1:], data.num_classes):
+        raise UsageError(
+            f"{'--data' if data_at is not None else 'URI'}: the run was made on {describe(ran_on)}; its data set "
+            f"here has {describe(fingerprint)}; name the run's data with --data"
+        )
     if isinstance(cfg, TrainConfig):
         genotype = Genotype.from_dict(store.read_json("genotype.json")) if cfg.model.genotype else None
         model, weights = build_network(cfg, data, genotype), state["model"]
@@ -205,4 +250,6 @@ def load_model(
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise checkpoint_mismatch("URI", name, e, "read it with the distsearch version that wrote it") from e
-    return model.to(device).eval(), data, {"config": raw, "meta": meta}
+    other = ran_on is not None and ran_on != fingerprint  # other images of the same shape and classes
+    info = {"config": raw, "meta": meta, "other_data": describe(fingerprint) if other else None}
+    return model.to(device).eval(), data, info

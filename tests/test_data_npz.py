@@ -1,5 +1,7 @@
 """A user's own arrays (`data.name: npz`) and the torchvision sets read from their real files."""
 
+import json
+import os
 import subprocess
 import sys
 
@@ -29,25 +31,28 @@ def test_train_and_test_arrays_in_every_image_layout(tmp_path):
     x, y = digits()
     rgb = np.repeat(x[:, :, :, None], 3, axis=3)  # [N, H, W, 3], each channel the digit
     rgb[..., 1] //= 2
+    test = np.arange(len(x)) % 3 == 0  # both sets sorted by label
     for name, images, want in (
         ("nhw", x, x[:, None]),
         ("nchw", rgb.transpose(0, 3, 1, 2), rgb.transpose(0, 3, 1, 2)),
         ("nhwc", rgb, rgb.transpose(0, 3, 1, 2)),
+        ("nhwc2", rgb[..., :2], rgb[..., :2].transpose(0, 3, 1, 2)),  # any number of channels last
         ("float", x.astype(np.float64) / 255, x[:, None]),
     ):
         path = tmp_path / f"{name}.npz"
-        np.savez(path, x_train=images[:200], y_train=y[:200], x_test=images[200:], y_test=y[200:])
+        np.savez(path, x_train=images[~test], y_train=y[~test], x_test=images[test], y_test=y[test])
         d = load_dataset("npz", path=str(path), seed=0)
         expect = torch.from_numpy(want.astype(np.float32) / 255)
         assert d.num_classes == 10 and d.x_test.dtype == torch.float32 and d.y_train.dtype == torch.int64
-        assert torch.allclose(d.x_test, expect[200:], atol=1e-6) and torch.equal(d.y_test, torch.from_numpy(y[200:]))
-        # the training arrays are shuffled with the seed (sorted by label, the bilevel split's D_tr and
-        # D_val would hold different classes), pairs kept
-        assert len(set(d.y_train[:50].tolist())) > 3
-        perm = np.random.default_rng(0).permutation(200)
-        assert torch.allclose(d.x_train, expect[:200][perm], atol=1e-6) and torch.equal(
-            d.y_train, torch.from_numpy(y[:200][perm])
-        )
+        # both sets are shuffled with the seed, pairs kept: sorted by label, the bilevel split's D_tr
+        # and D_val would hold different classes, and --n / eval.n the first test images one class
+        assert len(set(d.y_train[:50].tolist())) > 5 and len(set(d.y_test[:30].tolist())) > 5
+        g = np.random.default_rng(0)
+        perm, perm_t = g.permutation(int((~test).sum())), g.permutation(int(test.sum()))
+        assert torch.allclose(d.x_train, expect[~test][perm], atol=1e-6)
+        assert torch.equal(d.y_train, torch.from_numpy(y[~test][perm]))
+        assert torch.allclose(d.x_test, expect[test][perm_t], atol=1e-6)
+        assert torch.equal(d.y_test, torch.from_numpy(y[test][perm_t]))
     assert not torch.equal(load_dataset("npz", path=str(path), seed=1).y_train, d.y_train)
 
 
@@ -92,7 +97,32 @@ def bad_files(tmp_path) -> list[tuple[str, str]]:
     npz("nan.npz", "x: the images hold NaN or infinite values", x=np.full(x.shape, np.nan), y=y)
     npz("int16.npz", "x: images of dtype int16; store uint8", x=x.astype(np.int16), y=y)
     npz("flat.npz", r"x: images of shape \(40, 64\)", x=x.reshape(40, 64), y=y)
-    npz("wide.npz", "x: the images are 8x4; the networks take square images", x=x[:, :, :4], y=y)
+    npz(
+        "wide.npz",
+        r"x: images of shape \(40, 8, 4\) are not square in \[N, C, H, W\] nor in \[N, H, W, C\]",
+        x=x[:, :, :4],
+        y=y,
+    )
+    npz("gap.npz", r"y: the labels run to 10, but class\(es\) 0 never occur .*np\.unique", x=x, y=y + 1)
+    npz("outlier.npz", r"class\(es\) 1, 10, 11, 12, 13 and 999986 more never occur", x=x, y=np.where(y == 1, 10**6, y))
+    npz(
+        "testonly.npz",
+        r"y_train: the labels run to 9, but class\(es\) 9 never occur",
+        x_train=x[y < 9],
+        y_train=y[y < 9],
+        x_test=x,
+        y_test=y,
+    )
+    npz(
+        "emptytest.npz",
+        "x_test: holds no images; leave x_test and y_test out",
+        x_train=x,
+        y_train=y,
+        x_test=x[:0],
+        y_test=y[:0],
+    )
+    (tmp_path / "folder.npz").mkdir()
+    cases.append((str(tmp_path / "folder.npz"), "is a folder; give the .npz file's path or URI"))
     npz("empty.npz", "x: holds no images", x=x[:0], y=y[:0])
     npz("onehot.npz", r"y: class labels must be a 1-D integer array, got shape \(40, 10\)", x=x, y=np.eye(10)[y])
     npz("floaty.npz", "y: class labels must be a 1-D integer array.*float64", x=x, y=y.astype(float))
@@ -114,7 +144,12 @@ def bad_files(tmp_path) -> list[tuple[str, str]]:
         x_test=x[:, :4, :4],
         y_test=y,
     )
-    npz("tiny.npz", "test_fraction 0.2 of 2 images leaves an empty training or test set", x=x[[0, -1]], y=y[[0, -1]])
+    npz(
+        "tiny.npz",
+        "test_fraction 0.2 of 2 images leaves an empty training or test set",
+        x=x[[0, -1]],
+        y=np.array([0, 1]),
+    )
     return cases
 
 
@@ -233,3 +268,108 @@ def test_evaluate_finds_a_moved_data_file_with_data(tmp_path, capsys):
         "distsearch certify: --data: the run's data set digits ships with its package, so it has no location; "
         "leave --data out"
     )
+
+
+def test_a_run_continues_only_on_its_own_data(tmp_path):
+    """data.json records what a run was made on: a resume on a moved copy goes on; on other images
+    it is refused naming both (before anything is written), unless allow_changes."""
+    from distsearch.config_file import parse_config
+    from distsearch.errors import UsageError
+    from distsearch.runner import run_search
+    from distsearch.storage import Store
+
+    x, y = digits(160)
+    np.savez(tmp_path / "a.npz", x=x, y=y % 3)
+    np.savez(tmp_path / "b.npz", x=x[::-1].copy(), y=y % 3)  # the same images, another order
+    out = str(tmp_path / "run")
+
+    def search(path: str, epochs: int, allow: bool = False) -> None:
+        raw = tiny_raw(out, epochs=epochs, data={"name": "npz", "path": path, "batch_size": 16})
+        run_search(parse_config(raw), Store(out), allow_changes=allow)
+
+    search(str(tmp_path / "a.npz"), 1)
+    recorded = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert recorded["train"] == [128, 1, 8, 8] and recorded["classes"] == 3
+    before = store_files(Store(out))
+    with pytest.raises(
+        UsageError, match=r"^data: .* ran on 128 training and 32 test images of 1x8x8, 3 classes \(sha256 "
+    ):
+        search(str(tmp_path / "b.npz"), 2)
+    assert store_files(Store(out)) == before
+    (tmp_path / "a.npz").rename(tmp_path / "moved.npz")
+    search(str(tmp_path / "moved.npz"), 2)
+    assert json.loads((tmp_path / "run" / "data.json").read_text()) == recorded
+    search(str(tmp_path / "b.npz"), 3, allow=True)
+    assert json.loads((tmp_path / "run" / "data.json").read_text())["sha256"] != recorded["sha256"]
+
+
+def test_retraining_takes_the_searchs_data_and_evaluation_checks_it(tmp_path, capsys):
+    """`train --genotype <search>` retrains on the data set the search ran on (not the default
+    mnist5k), unless told otherwise; evaluate refuses --data of other shapes and names other images
+    of the same shapes."""
+    from distsearch.cli import main
+
+    x, y = digits(300)
+    rgb = np.repeat(x[:, None], 3, axis=1)
+    np.savez(tmp_path / "rgb.npz", x=rgb, y=y)
+    np.savez(tmp_path / "gray.npz", x=x, y=y)
+    np.savez(tmp_path / "rgb_other.npz", x=255 - rgb, y=y)
+    search = tmp_path / "search"
+    raw = tiny_raw(str(search), epochs=1, data={"name": "npz", "path": str(tmp_path / "rgb.npz"), "batch_size": 16})
+    (tmp_path / "s.yaml").write_text(__import__("yaml").safe_dump(raw))
+    assert main(["search", "--config", str(tmp_path / "s.yaml")]) == 0
+    common = ["--epochs", "1", "--set", "model.C=4", "--set", "model.layers=3", "--set", "eval.n=0"]
+    capsys.readouterr()
+    for source in (str(search), str(search / "genotype.json")):
+        out = tmp_path / f"train_{len(source)}"
+        assert main(["train", "--genotype", source, "--out", str(out), *common]) == 0
+        assert f"note: data: npz at {tmp_path / 'rgb.npz'}, as the search ran on" in capsys.readouterr().err
+        data = json.loads((out / "config.json").read_text())["data"]
+        assert (data["name"], data["path"], data["batch_size"]) == ("npz", str(tmp_path / "rgb.npz"), 64)
+        assert json.loads((out / "data.json").read_text())["train"][1:] == [3, 8, 8]
+    own = tmp_path / "own"
+    assert main(["train", "--genotype", str(search), "--out", str(own), *common, "--set", "data.name=digits"]) == 0
+    assert "note: data" not in capsys.readouterr().err
+    assert json.loads((own / "config.json").read_text())["data"]["name"] == "digits"
+
+    table = ["evaluate", str(out), "--attacks", "fgsm", "--eps-linf", "0.1", "--n", "8", "--device", "cpu"]
+    assert main([*table, "--data", str(tmp_path / "gray.npz"), "--out", str(tmp_path / "e1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("distsearch evaluate: --data: the run was made on 240 training and 60 test images of 3x8x8")
+    assert err.endswith("name the run's data with --data") and "of 1x8x8" in err
+    assert main([*table, "--data", str(tmp_path / "rgb_other.npz"), "--out", str(tmp_path / "e2")]) == 0
+    assert "note: not the images the run was made on; the results are for 240 training" in capsys.readouterr().err
+    assert main([*table, "--out", str(tmp_path / "e3")]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_validate_and_paths(tmp_path, monkeypatch, capsys):
+    """Local data paths are stored absolute (a resume or evaluation from another folder, Tune's
+    trials in folders of their own find them); validate checks data.path; any backend's error
+    while reading is one DataError."""
+    import fsspec
+
+    from distsearch.cli import main
+    from distsearch.config import DataConfig
+
+    monkeypatch.chdir(tmp_path)
+    d = DataConfig(name="npz", path="sub/x.npz")
+    assert d.path == str(tmp_path / "sub" / "x.npz") and d.root == str(tmp_path / "data")
+    assert DataConfig(root="~/d").root == os.path.expanduser("~/d")
+    assert DataConfig(name="npz", path="s3://bucket/x.npz").path == "s3://bucket/x.npz"
+    raw = tiny_raw("runs/v", data={"name": "npz", "path": "x.npz"})
+    (tmp_path / "v.yaml").write_text(__import__("yaml").safe_dump(raw))
+    assert main(["validate", "--config", "v.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"distsearch validate: data.path: no file '{tmp_path / 'x.npz'}'; give the path or URI of a .npz file"
+    )
+    x, y = digits(40)
+    np.savez(tmp_path / "x.npz", x=x, y=y)
+    assert main(["validate", "--config", "v.yaml"]) == 0
+
+    def no_credentials(*args, **kwargs):
+        raise RuntimeError("Unable to locate credentials")  # botocore's NoCredentialsError is no OSError
+
+    monkeypatch.setattr(fsspec, "open", no_credentials)
+    with pytest.raises(DataError, match=r"^data\.path: cannot read .* \(RuntimeError: Unable to locate credentials\)$"):
+        load_dataset("npz", path="s3://bucket/x.npz")

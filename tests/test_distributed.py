@@ -542,7 +542,10 @@ def test_pbt_exploit_continues_with_the_mutated_learning_rate(ray_local, tmp_pat
 
 @pytest.mark.slow
 def test_killed_driver_then_resume(ray_local, tmp_path):
-    f = experiment(tmp_path / "exp.yaml", epochs=3, scheduler="fifo", max_concurrent_trials=1)
+    # 5 epochs of ~0.75 s: the kill must land after the second trial's first checkpoint is 1.5 s old
+    # and before it ends (with 3 epochs that window was ~0.1 s on an idle machine, and was missed)
+    epochs = 5
+    f = experiment(tmp_path / "exp.yaml", epochs=epochs, scheduler="fifo", max_concurrent_trials=1)
     root = tmp_path / "runs" / "killed"
     cmd = [
         sys.executable,
@@ -631,7 +634,7 @@ def test_killed_driver_then_resume(ray_local, tmp_path):
     for trial, s in stores.items():
         starts = json.loads((s / "trial_starts.json").read_text())
         result = json.loads((s / "result.json").read_text())
-        assert result["epochs"] == 3
+        assert result["epochs"] == epochs
         if trial in finished:
             assert len(starts) == 1, starts  # the finished trial did not run again
         else:

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from ..config import SearchConfig
+from ..config import SearchConfig, local_path
 from ..errors import UsageError
 from ..storage import Store
 from .locations import FORWARD_ENV, check_gcs_emulator, normalize_storage
@@ -146,16 +146,18 @@ def experiment_spec(cfg: SearchConfig, storage: str | None = None, name: str | N
         raise UsageError(
             f"--name: {name!r} must be a plain folder name (letters, digits, '_', '-', '.'; not starting with '.')"
         )
-    base = cfg.model_dump(mode="json", exclude={"tune"})
-    for key in ("root", "path"):  # Tune runs each trial in a folder of its own: relative paths would miss
-        if base["data"][key] and "://" not in base["data"][key]:
-            base["data"][key] = os.path.abspath(os.path.expanduser(base["data"][key]))
+    tune = cfg.tune.model_dump(mode="json")
+    for key in ("data.root", "data.path"):  # the base's are absolute (DataConfig); sampled ones too
+        spec = tune["params"].get(key) or {}
+        for kind in ("choice", "grid"):
+            if spec.get(kind):
+                spec[kind] = [local_path(p) if isinstance(p, str) else p for p in spec[kind]]
     return {
         "name": name,
         "storage": storage,
         "root": posixpath.join(storage, name),
-        "base": base,
-        "tune": cfg.tune.model_dump(mode="json"),
+        "base": cfg.model_dump(mode="json", exclude={"tune"}),
+        "tune": tune,
         "resources": cfg.tune.resources.model_dump(),
         "cpu": cfg.tune.resources.cpu,
         "env": {k: os.environ[k] for k in FORWARD_ENV if k in os.environ},
