@@ -23,9 +23,13 @@ import zipfile
 import numpy as np
 import torch
 
-from .data import DataError, DataSplits, _holdout
+from .data import DataError, DataSplits, holdout
 
 KEYS = ("x_train", "y_train", "x_test", "y_test", "x", "y", "num_classes")
+
+
+def _no_file(path: str) -> DataError:
+    return DataError(f"data.path: no file {path!r}; give the path or URI of a .npz file")
 
 
 def check_exists(path: str) -> None:
@@ -38,7 +42,7 @@ def check_exists(path: str) -> None:
     except Exception as e:  # any backend's error, as in _read
         raise DataError(f"data.path: cannot read {path!r} ({type(e).__name__}: {e})") from None
     if not there:
-        raise DataError(f"data.path: no file {path!r}; give the path or URI of a .npz file")
+        raise _no_file(path)
 
 
 def _read(path: str) -> dict[str, np.ndarray]:
@@ -48,7 +52,7 @@ def _read(path: str) -> dict[str, np.ndarray]:
         with fsspec.open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        raise DataError(f"data.path: no file {path!r}; give the path or URI of a .npz file") from None
+        raise _no_file(path) from None
     except IsADirectoryError:
         raise DataError(f"data.path: {path!r} is a folder; give the .npz file's path or URI") from None
     except Exception as e:  # any backend's error (botocore's NoCredentialsError is no OSError)
@@ -143,12 +147,14 @@ def load_npz(path: str | None, seed: int, test_fraction: float) -> DataSplits:
             raise DataError(f"data.path: {path!r}: x_test images are {xt.shape[1:]}, x_train's {x.shape[1:]}")
         highest = max(highest, int(yt.max()))
     classes = highest + 1
-    absent = sorted(set(range(classes)) - set(np.unique(y).tolist()))
-    if absent and "num_classes" not in arrays:
-        shown = ", ".join(map(str, absent[:5])) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+    seen = set(np.unique(y).tolist())
+    if len(seen) < classes and "num_classes" not in arrays:  # the first few absent ones, without range(classes)
+        absent = [c for c in range(min(classes, len(seen) + 5)) if c not in seen][:5]
+        more = classes - len(seen) - len(absent)
+        shown = ", ".join(map(str, absent)) + (f" and {more} more" if more else "")
         raise DataError(
             f"data.path: {path!r}, {layout[1]}: the labels run to {highest}, but class(es) {shown} never occur "
-            "among the training labels; number the classes 0..K-1 (np.unique(y, return_inverse=True)) or store "
+            f"in {layout[1]}; number the classes 0..K-1 (np.unique(y, return_inverse=True)) or store "
             "num_classes to keep unused ones"
         )
     if "num_classes" in arrays:
@@ -162,7 +168,7 @@ def load_npz(path: str | None, seed: int, test_fraction: float) -> DataSplits:
     if classes < 2:
         raise DataError(f"data.path: {path!r}: the labels name one class; a classifier needs two or more")
     if not test:
-        d = _holdout(x, y, seed, test_fraction, classes)
+        d = holdout(x, y, seed, test_fraction, classes)
         if not len(d.x_train) or not len(d.x_test):
             raise DataError(
                 f"data.path: {path!r}: data.test_fraction {test_fraction} of {len(x)} images leaves an empty "

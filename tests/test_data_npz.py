@@ -104,7 +104,18 @@ def bad_files(tmp_path) -> list[tuple[str, str]]:
         y=y,
     )
     npz("gap.npz", r"y: the labels run to 10, but class\(es\) 0 never occur .*np\.unique", x=x, y=y + 1)
-    npz("outlier.npz", r"class\(es\) 1, 10, 11, 12, 13 and 999986 more never occur", x=x, y=np.where(y == 1, 10**6, y))
+    npz(
+        "outlier.npz",
+        r"class\(es\) 1, 10, 11, 12, 13 and 999986 more never occur in y;",
+        x=x,
+        y=np.where(y == 1, 10**6, y),
+    )
+    npz(
+        "huge.npz",
+        r"run to 9000000000000000000, but class\(es\) 5, 6, 7, 8, 9 and 8999999999999999990 more",
+        x=x,
+        y=np.where(y > 4, 9 * 10**18, y),
+    )
     npz(
         "testonly.npz",
         r"y_train: the labels run to 9, but class\(es\) 9 never occur",
