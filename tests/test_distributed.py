@@ -157,17 +157,28 @@ def test_bad_experiment_exits_2_before_any_trial(case, tmp_path, capsys, monkeyp
     assert not (tmp_path / "runs").exists() and ray.is_initialized() == was_up
 
 
-def test_a_missing_data_file_exits_2_before_ray_starts(tmp_path, capsys):
+def test_a_missing_data_file_exits_2_before_ray_starts(tmp_path, capsys, monkeypatch):
+    """The base data.path and each sampled one are checked, relative paths made absolute first
+    (the trials run in folders of their own)."""
+    import numpy as np
     import ray
 
-    raw = tiny_raw("unused", tune={"params": {"seed": {"choice": [0, 1]}}}, data={"name": "npz", "path": "nowhere.npz"})
+    from distsearch.config_file import load_config
+    from distsearch.distributed.tuner import experiment_spec
+
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "here.npz", x=np.zeros((8, 4, 4), np.uint8), y=np.arange(8) % 2)
+    sampled = {"data.path": {"choice": ["here.npz", "nowhere.npz"]}}
+    raw = tiny_raw("unused", tune={"params": sampled}, data={"name": "npz", "path": "here.npz"})
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(raw))
+    spec = experiment_spec(load_config("exp.yaml"))
+    assert spec["base"]["data"]["path"] == str(tmp_path / "here.npz")
+    assert spec["tune"]["params"]["data.path"]["choice"] == [str(tmp_path / "here.npz"), str(tmp_path / "nowhere.npz")]
     was_up = ray.is_initialized()
-    assert main(["run", "--config", str(tmp_path / "exp.yaml"), "--storage", str(tmp_path / "runs")]) == 2
+    assert main(["run", "--config", "exp.yaml", "--storage", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err.strip()
     assert (
-        err
-        == f"distsearch run: data.path: no file '{os.path.abspath('nowhere.npz')}'; give the path or URI of a .npz file"
+        err == f"distsearch run: data.path: no file '{tmp_path / 'nowhere.npz'}'; give the path or URI of a .npz file"
     )
     assert not (tmp_path / "runs").exists() and ray.is_initialized() == was_up
 
