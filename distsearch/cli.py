@@ -112,10 +112,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     kind = config_kind(raw) or ("transfer" if "models" in raw else "train" if "model" in raw else "search")
     schema = {"transfer": TransferConfig, "train": TrainConfig}.get(kind, SearchConfig)
     cfg = parse_config(apply_overrides(raw, args.overrides), schema)
-    if cfg.data.path:  # as `run` checks before Ray starts; the file itself is read by the run
-        from .data_npz import check_exists
+    from .data_npz import check_files
 
-        check_exists(cfg.data.path)
+    check_files(cfg)  # as `run` does before Ray starts
     if schema is not SearchConfig:
         uri = cfg.storage.uri
         if schema is TrainConfig and "uri" not in cfg.storage.model_fields_set:

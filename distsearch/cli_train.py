@@ -37,22 +37,34 @@ def default_train_out(cfg: Any) -> str:
     return f"runs/train_{source}_{cfg.strategy.strategy}"
 
 
-def _search_data(raw: dict[str, Any], genotype: str | None, sets: list[str]) -> dict[str, Any]:
-    """`raw` with the data set of the search --genotype comes from, unless the file or a --set names
-    one (data.name): a genotype is retrained on what it was searched on, not on the default mnist5k."""
+def _search_data(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str] | None]:
+    """`raw` completed with the data set and seed of the search its model.genotype comes from, so a
+    genotype is retrained on what it was searched on (and tested on the search's test split), not on
+    the default mnist5k. The file's or --set's own data keys and seed win; a data.name of another data
+    set takes nothing. Returns the completed raw and the data keys given that differ from the
+    search's (None: nothing taken)."""
+    from .config import local_path
     from .train import search_data
 
-    if not genotype or "data" in raw or any(s.startswith("data.name=") for s in sets):
-        return raw
-    data = search_data(genotype)
-    if data is None:
-        return raw
-    where = data.get("path") or (data.get("root") if data.get("name") in TORCHVISION_SETS else None)
-    print(
-        f"note: data: {data.get('name', 'mnist5k')}{f' at {where}' if where else ''}, as the search ran on",
-        file=sys.stderr,
-    )
-    return {**raw, "data": data}
+    genotype = (raw.get("model") or {}).get("genotype")
+    found = search_data(genotype) if isinstance(genotype, str) else None
+    own = raw.get("data") or {}
+    if found is None or own.get("name", found["data"]["name"]) != found["data"]["name"]:
+        return raw, None
+
+    def same(key: str, a: Any, b: Any) -> bool:
+        return local_path(a) == local_path(b) if key in ("root", "path") and a and b else a == b
+
+    changed = [f"data.{k}" for k, v in own.items() if k in found["data"] and not same(k, v, found["data"][k])]
+    return {"seed": found["seed"], **raw, "data": {**found["data"], **own}}, changed
+
+
+def _note_search_data(cfg: Any, changed: list[str]) -> None:
+    d = cfg.data
+    where = d.path or (d.root if d.name in TORCHVISION_SETS else None)
+    what = f"{d.name}{f' at {where}' if where else ''}, seed {cfg.seed}"
+    how = f"the search's, with your {', '.join(changed)}" if changed else "as the search ran on"
+    print(f"note: data: {what} ({how}; --set data.name=... trains on another)", file=sys.stderr)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -78,17 +90,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         if value is not None:
             sets.append(f"{key}={value}")
     sets += args.overrides
+    changed = None
     if args.config:
         raw = read_yaml(args.config)
         check_kind(raw, TrainConfig, args.config)
-        raw = apply_overrides(_search_data(raw, args.genotype, sets), sets)
+        raw, changed = _search_data(apply_overrides(raw, sets))
     elif args.resume and args.out and not (args.model or args.genotype):
         raw = stored_config(args.out, "train", sets)  # continue the run as it ran: its own config.json
     elif args.model or args.genotype:
-        raw = apply_overrides(_search_data({}, args.genotype, sets), sets)
+        raw, changed = _search_data(apply_overrides({}, sets))
     else:
         raise UsageError("--model or --genotype: one is required (or --out URI --resume, to continue a run)")
     cfg = parse_config(raw, TrainConfig)
+    if changed is not None:
+        _note_search_data(cfg, changed)
     if cfg.strategy.strategy == "standard" and cfg.strategy.eps is not None:  # standard has no budget to use
         if args.eps is not None:
             raise UsageError(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,17 +33,20 @@ def _no_file(path: str) -> DataError:
     return DataError(f"data.path: no file {path!r}; give the path or URI of a .npz file")
 
 
-def check_exists(path: str) -> None:
-    """A DataError unless the file is there: `distsearch run` checks before any trial starts."""
-    import fsspec
+def _folder(path: str) -> DataError:
+    return DataError(f"data.path: {path!r} is a folder; give the .npz file's path or URI")
 
-    try:
-        fs, local = fsspec.core.url_to_fs(path)
-        there = fs.isfile(local)
-    except Exception as e:  # any backend's error, as in _read
-        raise DataError(f"data.path: cannot read {path!r} ({type(e).__name__}: {e})") from None
-    if not there:
-        raise _no_file(path)
+
+def check_files(cfg: Any) -> None:
+    """Each .npz a config reads (data.path, and each sampled by an experiment's tune.params), read
+    and checked as the run will read it: `validate`, and `run` before Ray starts."""
+    from .config import local_path
+
+    spec = cfg.tune.params.get("data.path") if getattr(cfg, "tune", None) else None
+    sampled = (spec.choice or spec.grid or []) if spec is not None else []
+    for path in dict.fromkeys([cfg.data.path, *(local_path(p) for p in sampled if isinstance(p, str))]):
+        if path:
+            load_npz(path, cfg.seed, cfg.data.test_fraction)
 
 
 def _read(path: str) -> dict[str, np.ndarray]:
@@ -54,7 +58,7 @@ def _read(path: str) -> dict[str, np.ndarray]:
     except FileNotFoundError:
         raise _no_file(path) from None
     except IsADirectoryError:
-        raise DataError(f"data.path: {path!r} is a folder; give the .npz file's path or URI") from None
+        raise _folder(path) from None
     except Exception as e:  # any backend's error (botocore's NoCredentialsError is no OSError)
         raise DataError(f"data.path: cannot read {path!r} ({type(e).__name__}: {e})") from None
     not_npz = f"data.path: {path!r} is not a .npz archive; write one with numpy.savez(path, x_train=..., y_train=...)"
@@ -117,6 +121,8 @@ def _labels(path: str, key: str, a: np.ndarray, n: int) -> np.ndarray:
         )
     if len(a) != n:
         raise DataError(f"{where}: {len(a)} labels for {n} images")
+    if a.dtype.kind == "u" and a.size and a.max() > np.iinfo(np.int64).max:
+        raise DataError(f"{where}: labels up to {a.max()} do not fit int64; number the classes 0..K-1")
     if a.min() < 0:
         raise DataError(f"{where}: labels must be >= 0, got {a.min()}")
     return a.astype(np.int64)

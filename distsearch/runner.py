@@ -23,7 +23,7 @@ from search_spaces import Genotype, Supernet
 
 from .config import RobustEvalConfig, RunConfig, SearchConfig
 from .config_file import resume_changes, run_command
-from .data import BatchStream, DataSplits, bilevel_split, describe, eval_batches, load_dataset
+from .data import TORCHVISION_SETS, BatchStream, DataSplits, bilevel_split, describe, eval_batches, load_dataset
 from .errors import UsageError
 from .loop import EpochHook, EpochLoop, Interrupted  # noqa: F401 - Interrupted re-exported
 from .monitor import Monitor
@@ -171,17 +171,41 @@ def check_store_matches(store: Store, cfg: RunConfig, allow_changes: bool = Fals
 DATA_FILE = "data.json"  # the run's data set (DataSplits.fingerprint), written at every (re)start
 
 
+def recorded_data(store: Store) -> dict[str, Any] | None:
+    """The fingerprint in the store's data.json (its history of earlier data sets left out), or None."""
+    found = store.read_json(DATA_FILE, None)
+    return None if found is None else {k: v for k, v in found.items() if k != "earlier"}
+
+
+def _located(raw: dict[str, Any]) -> str:
+    """' (npz at /a/b.npz)': where a config.json's data set was."""
+    d = raw.get("data") or {}
+    name = d.get("name", "mnist5k")
+    where = d.get("path") or (d.get("root") if name in TORCHVISION_SETS else None)
+    return f" ({name}{f' at {where}' if where else ''})"
+
+
 def check_data(store: Store, data: DataSplits, allow_changes: bool = False) -> dict[str, Any]:
-    """The data set of a run with checkpoints is the one it ran on (its data.json), unless
-    `allow_changes`: the same file moved is fine, other images would continue another run.
-    Returns the fingerprint for record_run."""
-    new, old = data.fingerprint(), store.read_json(DATA_FILE, None)
-    if old is not None and old != new and not allow_changes and store.list_checkpoints():
+    """The data set of a run with checkpoints is the one it ran on (its data.json): the same file
+    moved is fine; other images of the same shapes and classes only with `allow_changes` (logged,
+    and the earlier fingerprint kept in data.json's `earlier`); other shapes or classes never (its
+    networks could not take them). Returns what record_run writes."""
+    new, found = data.fingerprint(), store.read_json(DATA_FILE, None)
+    if found is None or not store.list_checkpoints():
+        return new
+    earlier, recorded = found.get("earlier", []), {k: v for k, v in found.items() if k != "earlier"}
+    if recorded == new:
+        return {**new, "earlier": earlier} if earlier else new
+    what = f"{store.uri} ran on {describe(recorded)}{_located(store.read_config())}; this config gives {describe(new)}"
+    if (recorded["train"][1:], recorded["classes"]) != (new["train"][1:], new["classes"]):
         raise UsageError(
-            f"data: {store.uri} ran on {describe(old)}; this config gives {describe(new)}. Point "
-            "data.path / data.root at the run's data set, or pass --allow-changes"
+            f"data: {what}: its networks cannot take other image shapes or classes; point data.path / "
+            "data.root at the run's data set"
         )
-    return new
+    if not allow_changes:
+        raise UsageError(f"data: {what}. Point data.path / data.root at the run's data set, or pass --allow-changes")
+    log.warning("data: %s; continuing on the new images (--allow-changes)", what)
+    return {**new, "earlier": [*earlier, recorded]}
 
 
 def record_run(store: Store, cfg: RunConfig, fingerprint: dict[str, Any]) -> None:

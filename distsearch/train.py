@@ -20,13 +20,13 @@ from .data import BatchStream, DataSplits, describe
 from .errors import UsageError, checkpoint_mismatch
 from .loop import EpochLoop
 from .runner import (
-    DATA_FILE,
     build_data,
     build_supernet,
     check_data,
     check_store_matches,
     evaluate,
     record_run,
+    recorded_data,
     robust_accuracy,
     setup_torch,
 )
@@ -59,8 +59,9 @@ INHERITED_DATA = ("name", "root", "path", "download", "test_fraction", "syntheti
 
 
 def search_data(ref: str) -> dict[str, Any] | None:
-    """Which data set the search that `ref` (--genotype) comes from ran on: its store's config.json,
-    or that of the folder of its genotype.json; None when `ref` is no search's."""
+    """What the search that `ref` (--genotype) comes from ran on: {"data": its data set (INHERITED_DATA
+    of its config.json, or of the folder of its genotype.json), "seed": its seed (the held-out test
+    split of mnist5k, digits, synthetic and x/y .npz files depends on it)}; None when `ref` is no search's."""
     import fsspec
 
     from .config_file import run_command
@@ -77,7 +78,8 @@ def search_data(ref: str) -> dict[str, Any] | None:
         return None
     if not raw or run_command(raw) != "search":
         return None
-    return {k: v for k, v in raw.get("data", {}).items() if k in INHERITED_DATA}
+    data = {k: v for k, v in raw.get("data", {}).items() if k in INHERITED_DATA}
+    return {"data": {"name": "mnist5k", **data}, "seed": raw.get("seed", 0)}
 
 
 def run_genotype(cfg: TrainConfig, store: Store) -> Genotype | None:
@@ -235,11 +237,13 @@ def load_model(
     if setup:  # device: the one asked for here, not the run's
         setup_torch(cfg.model_copy(update={"device": "cpu"} | ({"threads": threads} if threads else {})))
     data = build_data(cfg)
-    ran_on, fingerprint = store.read_json(DATA_FILE, None), data.fingerprint()
+    ran_on, fingerprint = recorded_data(store), data.fingerprint()
     if ran_on is not None and (ran_on["train"][1:], ran_on["classes"]) != (fingerprint["train"][1:], data.num_classes):
+        made = f"the run was made on {describe(ran_on)}"
         raise UsageError(
-            f"{'--data' if data_at is not None else 'URI'}: the run was made on {describe(ran_on)}; its data set "
-            f"here has {describe(fingerprint)}; name the run's data with --data"
+            f"--data: {made}; --data holds {describe(fingerprint)}"
+            if data_at is not None
+            else f"URI: {made}; its data set here has {describe(fingerprint)}; name the run's data with --data"
         )
     if isinstance(cfg, TrainConfig):
         genotype = Genotype.from_dict(store.read_json("genotype.json")) if cfg.model.genotype else None
@@ -249,7 +253,9 @@ def load_model(
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise checkpoint_mismatch("URI", name, e, "read it with the distsearch version that wrote it") from e
+        fix = "its data set here may have other classes or image sizes (--data), or read it with the "
+        fix += "distsearch version that wrote it"
+        raise checkpoint_mismatch("URI", name, e, fix) from e
     other = ran_on is not None and ran_on != fingerprint  # other images of the same shape and classes
     info = {"config": raw, "meta": meta, "other_data": describe(fingerprint) if other else None}
     return model.to(device).eval(), data, info

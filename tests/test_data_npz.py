@@ -281,9 +281,12 @@ def test_evaluate_finds_a_moved_data_file_with_data(tmp_path, capsys):
     )
 
 
-def test_a_run_continues_only_on_its_own_data(tmp_path):
+def test_a_run_continues_only_on_its_own_data(tmp_path, caplog):
     """data.json records what a run was made on: a resume on a moved copy goes on; on other images
-    it is refused naming both (before anything is written), unless allow_changes."""
+    it is refused naming both (before anything is written), unless allow_changes (a warning, and
+    data.json keeps the earlier one); on other classes or shapes always refused."""
+    import logging
+
     from distsearch.config_file import parse_config
     from distsearch.errors import UsageError
     from distsearch.runner import run_search
@@ -310,8 +313,17 @@ def test_a_run_continues_only_on_its_own_data(tmp_path):
     (tmp_path / "a.npz").rename(tmp_path / "moved.npz")
     search(str(tmp_path / "moved.npz"), 2)
     assert json.loads((tmp_path / "run" / "data.json").read_text()) == recorded
-    search(str(tmp_path / "b.npz"), 3, allow=True)
-    assert json.loads((tmp_path / "run" / "data.json").read_text())["sha256"] != recorded["sha256"]
+    with caplog.at_level(logging.WARNING, logger="distsearch.runner"):
+        search(str(tmp_path / "b.npz"), 3, allow=True)
+    assert f"(npz at {tmp_path / 'moved.npz'}); this config gives" in caplog.text  # the old one named
+    assert "continuing on the new images (--allow-changes)" in caplog.text
+    now = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert now["sha256"] != recorded["sha256"] and now["earlier"] == [recorded]  # the first kept
+    np.savez(tmp_path / "c.npz", x=x, y=y % 4)  # 4 classes: no network of the run takes them
+    before = store_files(Store(out))
+    with pytest.raises(UsageError, match=r"its networks cannot take other image shapes or classes"):
+        search(str(tmp_path / "c.npz"), 4, allow=True)
+    assert store_files(Store(out)) == before
 
 
 def test_retraining_takes_the_searchs_data_and_evaluation_checks_it(tmp_path, capsys):
@@ -327,27 +339,57 @@ def test_retraining_takes_the_searchs_data_and_evaluation_checks_it(tmp_path, ca
     np.savez(tmp_path / "rgb_other.npz", x=255 - rgb, y=y)
     search = tmp_path / "search"
     raw = tiny_raw(str(search), epochs=1, data={"name": "npz", "path": str(tmp_path / "rgb.npz"), "batch_size": 16})
-    (tmp_path / "s.yaml").write_text(__import__("yaml").safe_dump(raw))
+    (tmp_path / "s.yaml").write_text(__import__("yaml").safe_dump({**raw, "seed": 3}))
     assert main(["search", "--config", str(tmp_path / "s.yaml")]) == 0
+    searched = json.loads((search / "data.json").read_text())
     common = ["--epochs", "1", "--set", "model.C=4", "--set", "model.layers=3", "--set", "eval.n=0"]
     capsys.readouterr()
     for source in (str(search), str(search / "genotype.json")):
         out = tmp_path / f"train_{len(source)}"
         assert main(["train", "--genotype", source, "--out", str(out), *common]) == 0
-        assert f"note: data: npz at {tmp_path / 'rgb.npz'}, as the search ran on" in capsys.readouterr().err
-        data = json.loads((out / "config.json").read_text())["data"]
-        assert (data["name"], data["path"], data["batch_size"]) == ("npz", str(tmp_path / "rgb.npz"), 64)
-        assert json.loads((out / "data.json").read_text())["train"][1:] == [3, 8, 8]
+        assert f"note: data: npz at {tmp_path / 'rgb.npz'}, seed 3 (as the search ran on;" in capsys.readouterr().err
+        cfg = json.loads((out / "config.json").read_text())
+        assert (cfg["data"]["name"], cfg["data"]["path"], cfg["data"]["batch_size"], cfg["seed"]) == (
+            "npz",
+            str(tmp_path / "rgb.npz"),
+            64,
+            3,  # the search's test split (it depends on the seed for x/y files)
+        )
+        assert json.loads((out / "data.json").read_text())["test"] == searched["test"]
+    # a --config whose data section names no data set keeps the search's, with its own batch size
+    (tmp_path / "t.yaml").write_text("model: {C: 4}\ndata: {batch_size: 16}\n")
+    assert (
+        main(
+            [
+                "train",
+                "--genotype",
+                str(search),
+                "--config",
+                str(tmp_path / "t.yaml"),
+                "--out",
+                str(tmp_path / "t"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert "seed 3 (as the search ran on;" in capsys.readouterr().err
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["data"]["name"] == "npz"
+    # another file: the note names it, and says what came from the search
+    other = ["--set", f"data.path={tmp_path / 'rgb_other.npz'}", "--out", str(tmp_path / "o")]
+    assert main(["train", "--genotype", str(search), *common, *other]) == 0
+    assert f"npz at {tmp_path / 'rgb_other.npz'}, seed 3 (the search's, with your data.path;" in capsys.readouterr().err
     own = tmp_path / "own"
     assert main(["train", "--genotype", str(search), "--out", str(own), *common, "--set", "data.name=digits"]) == 0
     assert "note: data" not in capsys.readouterr().err
-    assert json.loads((own / "config.json").read_text())["data"]["name"] == "digits"
+    cfg = json.loads((own / "config.json").read_text())
+    assert cfg["data"]["name"] == "digits" and cfg["data"]["path"] is None and cfg["seed"] == 0
 
     table = ["evaluate", str(out), "--attacks", "fgsm", "--eps-linf", "0.1", "--n", "8", "--device", "cpu"]
     assert main([*table, "--data", str(tmp_path / "gray.npz"), "--out", str(tmp_path / "e1")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("distsearch evaluate: --data: the run was made on 240 training and 60 test images of 3x8x8")
-    assert err.endswith("name the run's data with --data") and "of 1x8x8" in err
+    assert "; --data holds 240 training and 60 test images of 1x8x8, 10 classes" in err
     assert main([*table, "--data", str(tmp_path / "rgb_other.npz"), "--out", str(tmp_path / "e2")]) == 0
     assert "note: not the images the run was made on; the results are for 240 training" in capsys.readouterr().err
     assert main([*table, "--out", str(tmp_path / "e3")]) == 0
@@ -375,12 +417,24 @@ def test_validate_and_paths(tmp_path, monkeypatch, capsys):
         f"distsearch validate: data.path: no file '{tmp_path / 'x.npz'}'; give the path or URI of a .npz file"
     )
     x, y = digits(40)
+    np.savez(tmp_path / "x.npz", x=x, y=y + 1)
+    assert main(["validate", "--config", "v.yaml"]) == 2  # read as the run reads it
+    assert "class(es) 0 never occur in y" in capsys.readouterr().err
     np.savez(tmp_path / "x.npz", x=x, y=y)
     assert main(["validate", "--config", "v.yaml"]) == 0
+    raw["tune"] = {"params": {"data.path": {"choice": ["x.npz", "y.npz"]}}}  # each sampled file too
+    (tmp_path / "v.yaml").write_text(__import__("yaml").safe_dump(raw))
+    capsys.readouterr()
+    assert main(["validate", "--config", "v.yaml"]) == 2
+    assert f"no file '{tmp_path / 'y.npz'}'" in capsys.readouterr().err
 
     def no_credentials(*args, **kwargs):
         raise RuntimeError("Unable to locate credentials")  # botocore's NoCredentialsError is no OSError
 
+    big = np.array([0, 1, 2**64 - 1] * 10 + [0] * 10, np.uint64)
+    np.savez(tmp_path / "u64.npz", x=x, y=big)
+    with pytest.raises(DataError, match=r"y: labels up to 18446744073709551615 do not fit int64"):
+        load_dataset("npz", path=str(tmp_path / "u64.npz"))
     monkeypatch.setattr(fsspec, "open", no_credentials)
     with pytest.raises(DataError, match=r"^data\.path: cannot read .* \(RuntimeError: Unable to locate credentials\)$"):
         load_dataset("npz", path="s3://bucket/x.npz")

@@ -193,11 +193,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     spec = T.experiment_spec(cfg, args.storage, args.name)
     L.check_storage(spec["root"], "--storage" if args.storage else "tune.storage")
-    from ..data_npz import check_exists
+    from ..data_npz import check_files
 
-    sampled = spec["tune"]["params"].get("data.path") or {}
-    for path in {spec["base"]["data"]["path"], *(sampled.get("choice") or sampled.get("grid") or [])} - {None}:
-        check_exists(path)  # before Ray starts, not in every trial
+    check_files(cfg)  # before Ray starts, not in every trial
     _need_ray()
     args.out = spec["root"]  # for the interruption hint
     # a second `run` of this name (or a `resume`) is refused first, naming the live driver; a
