@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "distsearch.cli_train",
     "distsearch.cli_robust",
     "distsearch.report",
+    "distsearch.pack",
     "distsearch.distributed.cli",
 )
 

@@ -10,7 +10,8 @@ by label would make one or two classes.
 `x`: square images [N, H, W] (one channel), [N, C, H, W] or [N, H, W, C] (channels last when axes
 1 and 2 are equal and axis 3 is not); uint8 (divided by 255) or floating point in [0, 1].
 `y`: integer class labels [N], 0..K-1 with each class among the training labels (1-based or gappy
-labels would give classes never seen); an optional scalar `num_classes` sets K when some are unused.
+labels would give classes never seen); an optional scalar `num_classes` sets K when some are unused,
+optional `class_names` name them (K strings; `distsearch pack` writes them: pack.py).
 Read with allow_pickle=False: nothing is unpickled (an object array is refused), and every
 problem is one DataError naming data.path, the key and the fix.
 """
@@ -26,7 +27,7 @@ import torch
 
 from .data import DataError, DataSplits, holdout
 
-KEYS = ("x_train", "y_train", "x_test", "y_test", "x", "y", "num_classes")
+KEYS = ("x_train", "y_train", "x_test", "y_test", "x", "y", "num_classes", "class_names")
 
 
 def _no_file(path: str) -> DataError:
@@ -141,7 +142,7 @@ def load_npz(path: str | None, seed: int, test_fraction: float) -> DataSplits:
     if unknown or mixed or missing or len(test) == 1 or (test and layout == ("x", "y")):
         raise DataError(
             f"data.path: {path!r} holds the arrays {sorted(arrays)}; expected x_train, y_train (and optionally "
-            "both x_test, y_test), or x, y alone (optional: a scalar num_classes)"
+            "both x_test, y_test), or x, y alone (optional: a scalar num_classes, class_names)"
         )
     x = _images(path, layout[0], arrays[layout[0]])
     y = _labels(path, layout[1], arrays[layout[1]], len(x))
@@ -171,6 +172,12 @@ def load_npz(path: str | None, seed: int, test_fraction: float) -> DataSplits:
                 f"({highest}), got {given.tolist()!r}"
             )
         classes = int(given)
+    names = arrays.get("class_names")
+    if names is not None and (names.ndim != 1 or names.dtype.kind != "U" or len(names) != classes):
+        raise DataError(
+            f"data.path: {path!r}, class_names: must be {classes} strings, one per class, got "
+            f"{names.dtype} {names.shape}"
+        )
     if classes < 2:
         raise DataError(f"data.path: {path!r}: the labels name one class; a classifier needs two or more")
     if not test:

@@ -132,6 +132,13 @@ def bad_files(tmp_path) -> list[tuple[str, str]]:
         x_test=x[:0],
         y_test=y[:0],
     )
+    npz(
+        "names.npz",
+        r"class_names: must be 10 strings, one per class, got <U1 \(3,\)",
+        x=x,
+        y=y,
+        class_names=np.array(list("abc")),
+    )
     (tmp_path / "folder.npz").mkdir()
     cases.append((str(tmp_path / "folder.npz"), "is a folder; give the .npz file's path or URI"))
     npz("empty.npz", "x: holds no images", x=x[:0], y=y[:0])
@@ -438,3 +445,66 @@ def test_validate_and_paths(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fsspec, "open", no_credentials)
     with pytest.raises(DataError, match=r"^data\.path: cannot read .* \(RuntimeError: Unable to locate credentials\)$"):
         load_dataset("npz", path="s3://bucket/x.npz")
+
+
+def image_folder(root, x: np.ndarray, y: np.ndarray, names: list[str], ext: str = ".png") -> None:
+    """The ImageFolder layout: root/<class name>/<i>.png."""
+    from PIL import Image
+
+    for i, (image, label) in enumerate(zip(x, y, strict=True)):
+        folder = root / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i}{ext}")
+
+
+def test_pack_turns_an_image_folder_into_the_npz_a_search_reads(tmp_path, capsys):
+    from distsearch.cli import main
+
+    x, y = digits(120)
+    names = [f"digit_{k}" for k in range(10)]
+    tr = np.arange(120) % 4 != 0
+    x, y, xt, yt = x[tr], y[tr], x[~tr], y[~tr]
+    image_folder(tmp_path / "train", x, y, names)
+    image_folder(tmp_path / "test", xt, yt, names)
+    out = tmp_path / "packed" / "digits.npz"
+    argv = ["pack", str(tmp_path / "train"), "--test", str(tmp_path / "test"), "--out", str(out), "--gray"]
+    assert main(argv) == 0
+    assert "packed 90 training and 30 test images of 1x8x8, 10 classes" in capsys.readouterr().out
+    with np.load(out, allow_pickle=False) as z:
+        assert list(z["class_names"]) == names
+        # each image exactly (PNG is lossless, no resize), its label from its folder's rank
+        got = sorted((int(z["y_train"][j]), z["x_train"][j].tobytes()) for j in range(90))
+        assert got == sorted((int(y[i]), x[i][None].tobytes()) for i in range(90))
+        assert sorted(z["y_test"].tolist()) == sorted(yt.tolist())
+    d = load_dataset("npz", path=str(out))
+    assert d.x_train.shape == (90, 1, 8, 8) and d.x_test.shape == (30, 1, 8, 8) and d.num_classes == 10
+
+    # RGB and resized: shorter side to 12, centre crop; a 16x8 image becomes 24x12 -> 12x12
+    from PIL import Image
+
+    wide = tmp_path / "wide"
+    image_folder(wide, x[:20], y[:20] % 2, ["a", "b"])
+    Image.fromarray(np.zeros((8, 16), np.uint8)).save(wide / "a" / "wide.png")
+    assert main(["pack", str(wide), "--out", str(tmp_path / "w.npz")]) == 2
+    assert "--size: the images differ in size or are not square" in capsys.readouterr().err
+    assert not (tmp_path / "w.npz").exists()
+    assert main(["pack", str(wide), "--out", str(tmp_path / "w.npz"), "--size", "12"]) == 0
+    with np.load(tmp_path / "w.npz") as z:
+        assert z["x"].shape == (21, 3, 12, 12) and sorted(set(z["y"].tolist())) == [0, 1]
+    # mistakes: one line each, nothing written
+    (wide / "b" / "broken.png").write_text("not an image")
+    bad = [
+        (["pack", str(wide), "--out", str(tmp_path / "b.npz"), "--size", "12"], "broken.png is not a readable image"),
+        (["pack", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b.npz")], "is not a folder"),
+        (["pack", str(wide / "a"), "--out", str(tmp_path / "b.npz")], "has 0 subfolder(s) with images"),
+        (["pack", str(tmp_path / "train"), "--out", str(out)], "exists; choose another file"),
+        (
+            ["pack", str(tmp_path / "train"), "--out", str(tmp_path / "b.npz"), "--size", "2"],
+            "--size: must be at least 4",
+        ),
+    ]
+    for argv, needle in bad:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "b.npz").exists() and not list(tmp_path.glob("*.part-*"))
