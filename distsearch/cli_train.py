@@ -17,7 +17,7 @@ from typing import Any
 
 from .cli import add_resume_args, add_threads_arg
 from .cli_robust import _positive_float
-from .data import TORCHVISION_SETS
+from .data import located
 from .errors import UsageError, out_uri
 
 
@@ -60,9 +60,7 @@ def _search_data(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str] | None]
 
 
 def _note_search_data(cfg: Any, changed: list[str]) -> None:
-    d = cfg.data
-    where = d.path or (d.root if d.name in TORCHVISION_SETS else None)
-    what = f"{d.name}{f' at {where}' if where else ''}, seed {cfg.seed}"
+    what = f"{located(cfg.data.name, cfg.data.root, cfg.data.path)}, seed {cfg.seed}"
     how = f"the search's, with your {', '.join(changed)}" if changed else "as the search ran on"
     print(f"note: data: {what} ({how}; --set data.name=... trains on another)", file=sys.stderr)
 

@@ -171,6 +171,12 @@ def load_dataset(
     return d
 
 
+def located(name: str, root: str | None = None, path: str | None = None) -> str:
+    """'npz at /a/b.npz', 'cifar10 at /data/torchvision', 'mnist5k': a data set and where it is read."""
+    where = path or (root if name in TORCHVISION_SETS else None)
+    return f"{name} at {where}" if where else name
+
+
 def describe(fingerprint: dict) -> str:
     """One line for a fingerprint: '3000 training and 750 test images of 1x28x28, 10 classes (sha256 1a2b3c4d5e6f)'."""
     n, *image = fingerprint["train"]

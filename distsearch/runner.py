@@ -23,7 +23,7 @@ from search_spaces import Genotype, Supernet
 
 from .config import RobustEvalConfig, RunConfig, SearchConfig
 from .config_file import resume_changes, run_command
-from .data import TORCHVISION_SETS, BatchStream, DataSplits, bilevel_split, describe, eval_batches, load_dataset
+from .data import BatchStream, DataSplits, bilevel_split, describe, eval_batches, load_dataset, located
 from .errors import UsageError
 from .loop import EpochHook, EpochLoop, Interrupted  # noqa: F401 - Interrupted re-exported
 from .monitor import Monitor
@@ -174,15 +174,11 @@ DATA_FILE = "data.json"  # the run's data set (DataSplits.fingerprint), written 
 def recorded_data(store: Store) -> dict[str, Any] | None:
     """The fingerprint in the store's data.json (its history of earlier data sets left out), or None."""
     found = store.read_json(DATA_FILE, None)
-    return None if found is None else {k: v for k, v in found.items() if k != "earlier"}
+    return None if found is None else _without_history(found)
 
 
-def _located(raw: dict[str, Any]) -> str:
-    """' (npz at /a/b.npz)': where a config.json's data set was."""
-    d = raw.get("data") or {}
-    name = d.get("name", "mnist5k")
-    where = d.get("path") or (d.get("root") if name in TORCHVISION_SETS else None)
-    return f" ({name}{f' at {where}' if where else ''})"
+def _without_history(found: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in found.items() if k != "earlier"}
 
 
 def check_data(store: Store, data: DataSplits, allow_changes: bool = False) -> dict[str, Any]:
@@ -193,10 +189,12 @@ def check_data(store: Store, data: DataSplits, allow_changes: bool = False) -> d
     new, found = data.fingerprint(), store.read_json(DATA_FILE, None)
     if found is None or not store.list_checkpoints():
         return new
-    earlier, recorded = found.get("earlier", []), {k: v for k, v in found.items() if k != "earlier"}
+    earlier, recorded = found.get("earlier", []), _without_history(found)
     if recorded == new:
         return {**new, "earlier": earlier} if earlier else new
-    what = f"{store.uri} ran on {describe(recorded)}{_located(store.read_config())}; this config gives {describe(new)}"
+    d = store.read_config().get("data") or {}
+    where = located(d.get("name", "mnist5k"), d.get("root"), d.get("path"))
+    what = f"{store.uri} ran on {describe(recorded)} ({where}); this config gives {describe(new)}"
     if (recorded["train"][1:], recorded["classes"]) != (new["train"][1:], new["classes"]):
         raise UsageError(
             f"data: {what}: its networks cannot take other image shapes or classes; point data.path / "
