@@ -181,6 +181,12 @@ def _without_history(found: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in found.items() if k != "earlier"}
 
 
+def same_shapes(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two fingerprints' images have one shape and their labels one number of classes: the
+    networks of a run made on one take the other."""
+    return (a["train"][1:], a["classes"]) == (b["train"][1:], b["classes"])
+
+
 def check_data(store: Store, data: DataSplits, allow_changes: bool = False) -> dict[str, Any]:
     """The data set of a run with checkpoints is the one it ran on (its data.json): the same file
     moved is fine; other images of the same shapes and classes only with `allow_changes` (logged,
@@ -195,7 +201,7 @@ def check_data(store: Store, data: DataSplits, allow_changes: bool = False) -> d
     d = store.read_config().get("data") or {}
     where = located(d.get("name", "mnist5k"), d.get("root"), d.get("path"))
     what = f"{store.uri} ran on {describe(recorded)} ({where}); this config gives {describe(new)}"
-    if (recorded["train"][1:], recorded["classes"]) != (new["train"][1:], new["classes"]):
+    if not same_shapes(recorded, new):
         raise UsageError(
             f"data: {what}: its networks cannot take other image shapes or classes; point data.path / "
             "data.root at the run's data set"

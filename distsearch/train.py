@@ -28,6 +28,7 @@ from .runner import (
     record_run,
     recorded_data,
     robust_accuracy,
+    same_shapes,
     setup_torch,
 )
 from .search.base import adopt_hyperparameters, hyperparameters, rng_state, set_rng_state
@@ -238,7 +239,7 @@ def load_model(
         setup_torch(cfg.model_copy(update={"device": "cpu"} | ({"threads": threads} if threads else {})))
     data = build_data(cfg)
     ran_on, fingerprint = recorded_data(store), data.fingerprint()
-    if ran_on is not None and (ran_on["train"][1:], ran_on["classes"]) != (fingerprint["train"][1:], data.num_classes):
+    if ran_on is not None and not same_shapes(ran_on, fingerprint):
         made = f"the run was made on {describe(ran_on)}"
         raise UsageError(
             f"--data: {made}; --data holds {describe(fingerprint)}"
