@@ -217,7 +217,8 @@ def test_killed_driver_then_resume_on_gcs(ray_local, gcs, tmp_path):
     and the other has reported a checkpoint: `status` says INTERRUPTED, `resume gs://...`
     finishes the other trial from its checkpoint and leaves the finished one alone."""
     base, fs = gcs
-    f = experiment(tmp_path / "exp.yaml", epochs=3, max_concurrent_trials=1)
+    epochs = 5  # the kill must land between the second trial's first checkpoint + 1.5 s and its end
+    f = experiment(tmp_path / "exp.yaml", epochs=epochs, max_concurrent_trials=1)
     root = f"{BUCKET}/runs/killed"
     cmd = [sys.executable, "-m", "distsearch.cli", "run", "--config", f, "--storage", base, "--name", "killed"]
     with open(tmp_path / "driver.log", "w") as log:
@@ -268,7 +269,7 @@ def test_killed_driver_then_resume_on_gcs(ray_local, gcs, tmp_path):
     fs.invalidate_cache()
     for t in trial_ids(fs, root):
         starts = json.loads(fs.cat(f"{root}/{t}/search/trial_starts.json"))
-        assert json.loads(fs.cat(f"{root}/{t}/search/result.json"))["epochs"] == 3
+        assert json.loads(fs.cat(f"{root}/{t}/search/result.json"))["epochs"] == epochs
         if t in finished:
             assert len(starts) == 1, starts
         else:

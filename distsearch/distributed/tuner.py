@@ -194,8 +194,11 @@ def build_tuner(spec: dict[str, Any], verbose: int = 1) -> Any:
     run_config = tune.RunConfig(
         name=spec["name"],
         storage_path=spec["storage"],
-        # Tune checkpoints are pointer files; PBT clones donors' older ones, so keep them all there
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=None if t.scheduler == "pbt" else 2),
+        # Tune checkpoints are pointer files of a few bytes (the searches' own checkpoints are pruned by
+        # storage.keep), all kept: Tune's saved state lags the trials by seconds, and a resume after the
+        # driver was killed failed when it named one deleted since ("does not exist on storage
+        # anymore", seen on gs://); PBT clones donors' older ones too
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
         failure_config=tune.FailureConfig(max_failures=t.max_failures),
         callbacks=[stop_marker(spec), JsonLoggerCallback()],
         verbose=verbose,
