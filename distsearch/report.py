@@ -62,6 +62,16 @@ def _read(store: Store) -> Read:
     )
 
 
+def _data(store: Store, config: dict[str, Any]) -> tuple[str, str | None]:
+    """('npz at /a/b.npz', '975 training and 225 test images of 1x28x28, 10 classes (sha256 …)'):
+    the data set a run reads, and what it was made on (its data.json; None before data.json)."""
+    from .data import describe, located
+
+    d = config.get("data") or {}
+    made_on = store.read_json("data.json", None)
+    return located(d.get("name", "mnist5k"), d.get("root"), d.get("path")), describe(made_on) if made_on else None
+
+
 def _headline(
     result: dict[str, Any] | None, latest: Latest, stopped: dict[str, Any] | None
 ) -> tuple[dict[str, Any], str]:
@@ -82,7 +92,9 @@ def _section(label: str, store: Store, read: Read, folder: str) -> list[str]:
     config, result, latest, stopped = read
     algo = (config.get("algorithm") or {}).get("name")
     what = f"search ({algo})" if algo else "training"
-    lines = [f"## {label}", "", f"`{store.uri}` — {what} on {config['data']['name']}, {config['epochs']} epochs", ""]
+    where, made_on = _data(store, config)
+    lines = [f"## {label}", "", f"`{store.uri}` — {what} on {where}, {config['epochs']} epochs", ""]
+    lines += [f"Data: {made_on}.", ""] if made_on else []
     meta = latest[2] if latest else {}
     metrics = _headline(result, latest, stopped)[0]
     if result:
@@ -187,7 +199,10 @@ def run_status(uri: str) -> int:
     algo = (config.get("algorithm") or {}).get("name")
     what = f"search ({algo})" if algo else f"training ({(config.get('strategy') or {}).get('strategy', 'standard')})"
     done = result.get("epochs") if result else (latest[2].get("epoch", 0) if latest else 0)
-    print(f"{uri}: {what} on {config['data'].get('name')}, epoch {done} of {config.get('epochs')}")
+    where, made_on = _data(store, config)
+    print(f"{uri}: {what} on {where}, epoch {done} of {config.get('epochs')}")
+    if made_on:
+        print(f"  data: {made_on}")
     metrics = _headline(result, latest, stopped)[0]
     shown = [f"{k} {_value(k, metrics[k])}" for k in SUMMARY if isinstance(metrics.get(k), (int, float))]
     if shown:

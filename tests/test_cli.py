@@ -213,8 +213,9 @@ def test_status_of_one_run(tmp_path, capsys):
     capsys.readouterr()
     assert main(["status", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"{out}: search (darts) on synthetic, epoch 1 of 1" and lines[1].startswith("  val/acc ")
-    assert lines[2] == f"finished: {out}/result.json"
+    assert lines[0] == f"{out}: search (darts) on synthetic, epoch 1 of 1"
+    assert lines[1].startswith("  data: 128 training and 32 test images of 1x8x8, 3 classes (sha256 ")  # data.json
+    assert lines[2].startswith("  val/acc ") and lines[3] == f"finished: {out}/result.json"
     (out / "result.json").unlink()  # as if killed before the end
     assert main(["status", str(out)]) == 0
     assert f"interrupted: continue it with `distsearch search --out {out} --resume`" in capsys.readouterr().out

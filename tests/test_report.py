@@ -25,7 +25,8 @@ def test_report_of_a_search(tmp_path, tiny_config):
     assert main(["report", store.uri]) == 0
     folder = tmp_path / "run" / "report"
     text = (folder / "report.md").read_text()
-    assert "## run" in text and "search (darts)" in text and "State: finished." in text
+    assert "## run" in text and "search (darts) on synthetic, " in text and "State: finished." in text
+    assert "Data: " in text and " test images of 1x8x8, " in text  # what it was made on (data.json)
     assert result.genotype.normal[0][0] in text  # the genotype JSON
     names = _images_exist(folder, text)
     assert {"run_curves.png", "run_normal.png", "run_reduce.png", "run_alpha_normal.png"} <= set(names)
