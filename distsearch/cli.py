@@ -106,8 +106,9 @@ def refuse_experiment_root(uri: str, flag: str = "--out") -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     import posixpath
 
-    from .config import SearchConfig, TrainConfig, TransferConfig
+    from .config import SearchConfig, TrainConfig
     from .config_file import apply_overrides, config_kind, parse_config, read_yaml
+    from .config_transfer import TransferConfig
 
     raw = read_yaml(args.config)
     kind = config_kind(raw) or ("transfer" if "models" in raw else "train" if "model" in raw else "search")

@@ -144,8 +144,8 @@ def _strategy_budgets() -> str:
 def cmd_transfer(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import TransferConfig
     from .config_file import load_config
+    from .config_transfer import TransferConfig
     from .monitor import Monitor
     from .robust.attacks import make_attack
     from .robust.tables import to_markdown, write_csv, write_markdown

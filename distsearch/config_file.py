@@ -11,7 +11,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .config import OptimConfig, RunConfig, SearchConfig, TrainConfig, TrainOptimConfig, TransferConfig
+from .config import OptimConfig, RunConfig, SearchConfig, TrainConfig, TrainOptimConfig
+from .config_transfer import TransferConfig
 from .errors import UsageError
 
 
