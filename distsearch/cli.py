@@ -167,7 +167,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     experiment = experiment_of(store)  # a trial's store: not beside the experiment's live driver
     with DriverLease(store, "search", "--out" if args.out else "storage.uri", (experiment,) if experiment else ()):
         result = run_search(cfg, store, allow_changes=args.allow_changes)
-    print(f"genotype ({result.epochs} epochs, val acc {result.metrics.get('val/acc', float('nan')):.4f}):")
+    epochs = f"{result.epochs} epoch{'s' * (result.epochs != 1)}"
+    print(f"genotype ({epochs}, val acc {result.metrics.get('val/acc', float('nan')):.4f}):")
     print(result.genotype.to_json())
     print(f"written to {store.uri}/genotype.json")
     if store.is_local:

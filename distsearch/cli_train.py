@@ -56,6 +56,7 @@ def _search_data(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str] | None]
         return local_path(a) == local_path(b) if key in ("root", "path") and a and b else a == b
 
     changed = [f"data.{k}" for k, v in own.items() if k in found["data"] and not same(k, v, found["data"][k])]
+    changed += ["seed"] if raw.get("seed", found["seed"]) != found["seed"] else []
     return {"seed": found["seed"], **raw, "data": {**found["data"], **own}}, changed
 
 

@@ -177,6 +177,11 @@ def located(name: str, root: str | None = None, path: str | None = None) -> str:
     return f"{name} at {where}" if where else name
 
 
+def shape_of(fingerprint: dict) -> str:
+    """'images of 1x28x28 in 10 classes': what a network made on the fingerprinted data set takes."""
+    return f"images of {'x'.join(map(str, fingerprint['train'][1:]))} in {fingerprint['classes']} classes"
+
+
 def describe(fingerprint: dict) -> str:
     """One line for a fingerprint: '3000 training and 750 test images of 1x28x28, 10 classes (sha256 1a2b3c4d5e6f)'."""
     n, *image = fingerprint["train"]

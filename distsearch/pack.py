@@ -41,7 +41,7 @@ def _classes(folder: Path, field: str) -> dict[str, list[Path]]:
     return found
 
 
-def _image(path: Path, size: int | None, gray: bool) -> np.ndarray:
+def _image(path: Path, size: int | None, gray: bool, field: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -55,11 +55,11 @@ def _image(path: Path, size: int | None, gray: bool) -> np.ndarray:
                 im = im.crop((left, top, left + size, top + size))
             a = np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as e:
-        raise UsageError(f"FOLDER: {path} is not a readable image ({type(e).__name__}: {e}); remove it") from None
+        raise UsageError(f"{field}: {path} is not a readable image ({type(e).__name__}: {e}); remove it") from None
     return a[None] if gray else a.transpose(2, 0, 1)
 
 
-def _pack(classes: dict[str, list[Path]], names: list[str], size: int | None, gray: bool) -> tuple:
+def _pack(classes: dict[str, list[Path]], names: list[str], size: int | None, gray: bool, field: str) -> tuple:
     from tqdm import tqdm
 
     total = sum(len(v) for v in classes.values())
@@ -67,7 +67,7 @@ def _pack(classes: dict[str, list[Path]], names: list[str], size: int | None, gr
     with tqdm(total=total, desc="pack", unit="image", disable=total < 500) as bar:
         for name, files in classes.items():
             for f in files:
-                a = _image(f, size, gray)
+                a = _image(f, size, gray, field)
                 shapes.add(a.shape[1:])
                 if len(shapes) > 1 or a.shape[1] != a.shape[2]:
                     raise UsageError(
@@ -88,13 +88,13 @@ def cmd_pack(args: argparse.Namespace) -> int:
     train = _classes(Path(args.folder), "FOLDER")
     names = list(train)
     arrays: dict[str, np.ndarray] = {"class_names": np.asarray(names)}
-    x, y = _pack(train, names, args.size, args.gray)
+    x, y = _pack(train, names, args.size, args.gray, "FOLDER")
     if args.test:
         test = _classes(Path(args.test), "--test")
         unknown = sorted(set(test) - set(names))
         if unknown:
             raise UsageError(f"--test: classes {unknown} have no training images in FOLDER; the classes are {names}")
-        xt, yt = _pack(test, names, args.size or x.shape[-1], args.gray)
+        xt, yt = _pack(test, names, args.size, args.gray, "--test")
         if xt.shape[1:] != x.shape[1:]:
             raise UsageError(f"--test: images of {xt.shape[1:]}, FOLDER's are {x.shape[1:]}; give --size N")
         arrays |= {"x_train": x, "y_train": y, "x_test": xt, "y_test": yt}
@@ -113,6 +113,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
             os.remove(tmp)
     n_test = f" and {len(arrays['x_test'])} test" if args.test else ""
     print(f"packed {len(x)} training{n_test} images of {'x'.join(map(str, x.shape[1:]))}, {len(names)} classes")
+    print("labels: " + ", ".join(f"{i} {name}" for i, name in enumerate(names)))
     print(f"search on them: distsearch search --config CONFIG --set data.name=npz --set data.path={args.out}")
     return 0
 

@@ -93,7 +93,12 @@ def _section(label: str, store: Store, read: Read, folder: str) -> list[str]:
     algo = (config.get("algorithm") or {}).get("name")
     what = f"search ({algo})" if algo else "training"
     where, made_on = _data(store, config)
-    lines = [f"## {label}", "", f"`{store.uri}` — {what} on {where}, {config['epochs']} epochs", ""]
+    lines = [
+        f"## {label}",
+        "",
+        f"`{store.uri}` — {what} on {where}, {config['epochs']} epoch{'s' * (config['epochs'] != 1)}",
+        "",
+    ]
     lines += [f"Data: {made_on}.", ""] if made_on else []
     meta = latest[2] if latest else {}
     metrics = _headline(result, latest, stopped)[0]

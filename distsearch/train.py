@@ -16,7 +16,7 @@ import torch
 from search_spaces import Genotype, GenotypeError, Network
 
 from .config import SearchConfig, TrainConfig
-from .data import BatchStream, DataSplits, describe
+from .data import BatchStream, DataSplits, describe, shape_of
 from .errors import UsageError, checkpoint_mismatch
 from .loop import EpochLoop
 from .runner import (
@@ -240,11 +240,11 @@ def load_model(
     data = build_data(cfg)
     ran_on, fingerprint = recorded_data(store), data.fingerprint()
     if ran_on is not None and not same_shapes(ran_on, fingerprint):
-        made = f"the run was made on {describe(ran_on)}"
+        takes = f"the run's networks take {shape_of(ran_on)} (made on {describe(ran_on)})"
         raise UsageError(
-            f"--data: {made}; --data holds {describe(fingerprint)}"
+            f"--data: holds {shape_of(fingerprint)}; {takes}"
             if data_at is not None
-            else f"URI: {made}; its data set here has {describe(fingerprint)}; name the run's data with --data"
+            else f"URI: its data set here holds {shape_of(fingerprint)}; {takes}; name the run's data with --data"
         )
     if isinstance(cfg, TrainConfig):
         genotype = Genotype.from_dict(store.read_json("genotype.json")) if cfg.model.genotype else None

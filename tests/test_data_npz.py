@@ -386,6 +386,8 @@ def test_retraining_takes_the_searchs_data_and_evaluation_checks_it(tmp_path, ca
     other = ["--set", f"data.path={tmp_path / 'rgb_other.npz'}", "--out", str(tmp_path / "o")]
     assert main(["train", "--genotype", str(search), *common, *other]) == 0
     assert f"npz at {tmp_path / 'rgb_other.npz'}, seed 3 (the search's, with your data.path;" in capsys.readouterr().err
+    assert main(["train", "--genotype", str(search), *common, "--set", "seed=1", "--out", str(tmp_path / "s1")]) == 0
+    assert "seed 1 (the search's, with your seed;" in capsys.readouterr().err
     own = tmp_path / "own"
     assert main(["train", "--genotype", str(search), "--out", str(own), *common, "--set", "data.name=digits"]) == 0
     assert "note: data" not in capsys.readouterr().err
@@ -395,8 +397,10 @@ def test_retraining_takes_the_searchs_data_and_evaluation_checks_it(tmp_path, ca
     table = ["evaluate", str(out), "--attacks", "fgsm", "--eps-linf", "0.1", "--n", "8", "--device", "cpu"]
     assert main([*table, "--data", str(tmp_path / "gray.npz"), "--out", str(tmp_path / "e1")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("distsearch evaluate: --data: the run was made on 240 training and 60 test images of 3x8x8")
-    assert "; --data holds 240 training and 60 test images of 1x8x8, 10 classes" in err
+    assert err.startswith(
+        "distsearch evaluate: --data: holds images of 1x8x8 in 10 classes; the run's networks take images of "
+        "3x8x8 in 10 classes (made on 240 training and 60 test images of 3x8x8, 10 classes (sha256 "
+    )
     assert main([*table, "--data", str(tmp_path / "rgb_other.npz"), "--out", str(tmp_path / "e2")]) == 0
     assert "note: not the images the run was made on; the results are for 240 training" in capsys.readouterr().err
     assert main([*table, "--out", str(tmp_path / "e3")]) == 0
@@ -469,7 +473,9 @@ def test_pack_turns_an_image_folder_into_the_npz_a_search_reads(tmp_path, capsys
     out = tmp_path / "packed" / "digits.npz"
     argv = ["pack", str(tmp_path / "train"), "--test", str(tmp_path / "test"), "--out", str(out), "--gray"]
     assert main(argv) == 0
-    assert "packed 90 training and 30 test images of 1x8x8, 10 classes" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "packed 90 training and 30 test images of 1x8x8, 10 classes" in printed
+    assert "labels: 0 digit_0, 1 digit_1," in printed
     with np.load(out, allow_pickle=False) as z:
         assert list(z["class_names"]) == names
         # each image exactly (PNG is lossless, no resize), its label from its folder's rank
@@ -488,13 +494,33 @@ def test_pack_turns_an_image_folder_into_the_npz_a_search_reads(tmp_path, capsys
     assert main(["pack", str(wide), "--out", str(tmp_path / "w.npz")]) == 2
     assert "--size: the images differ in size or are not square" in capsys.readouterr().err
     assert not (tmp_path / "w.npz").exists()
+    # a test folder is not resized either without --size
+    test_wide = tmp_path / "test_wide"
+    image_folder(test_wide, xt, yt, names)
+    Image.fromarray(np.zeros((8, 16), np.uint8)).save(test_wide / names[0] / "wide.png")
+    assert main(["pack", str(tmp_path / "train"), "--test", str(test_wide), "--out", str(tmp_path / "w.npz")]) == 2
+    assert "--size: the images differ in size or are not square" in capsys.readouterr().err
     assert main(["pack", str(wide), "--out", str(tmp_path / "w.npz"), "--size", "12"]) == 0
     with np.load(tmp_path / "w.npz") as z:
         assert z["x"].shape == (21, 3, 12, 12) and sorted(set(z["y"].tolist())) == [0, 1]
     # mistakes: one line each, nothing written
     (wide / "b" / "broken.png").write_text("not an image")
+    (test_wide / names[0] / "broken.png").write_text("not an image")
     bad = [
-        (["pack", str(wide), "--out", str(tmp_path / "b.npz"), "--size", "12"], "broken.png is not a readable image"),
+        (["pack", str(wide), "--out", str(tmp_path / "b.npz"), "--size", "12"], "FOLDER: " + str(wide / "b")),
+        (
+            [
+                "pack",
+                str(tmp_path / "train"),
+                "--test",
+                str(test_wide),
+                "--out",
+                str(tmp_path / "b.npz"),
+                "--size",
+                "8",
+            ],
+            "--test: " + str(test_wide / names[0] / "broken.png") + " is not a readable image",
+        ),
         (["pack", str(tmp_path / "nowhere"), "--out", str(tmp_path / "b.npz")], "is not a folder"),
         (["pack", str(wide / "a"), "--out", str(tmp_path / "b.npz")], "has 0 subfolder(s) with images"),
         (["pack", str(tmp_path / "train"), "--out", str(out)], "exists; choose another file"),
