@@ -135,6 +135,21 @@ def end_pids(pids: set[int], grace: float = 5.0) -> None:
             time.sleep(0.2)
 
 
+def kill_driver_when(driver, ready, log: Path, timeout: float = 240.0) -> None:
+    """SIGKILL an experiment's driver (its own session) as soon as `ready()` holds, polled every
+    0.3 s; it must still be running then (else its log's tail is shown). Its session's processes
+    are ended either way."""
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and driver.poll() is None and not ready():
+            time.sleep(0.3)
+        assert driver.poll() is None, log.read_text()[-3000:]
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        end_pids(in_session(driver.pid))
+
+
 # -- the session's Ray -----------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def ray_local():

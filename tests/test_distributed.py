@@ -25,7 +25,7 @@ import yaml
 
 pytest.importorskip("ray")
 pytest.importorskip("optuna")
-from conftest import _stat, end_pids, in_session, tiny_raw  # noqa: E402
+from conftest import _stat, end_pids, in_session, kill_driver_when, tiny_raw  # noqa: E402
 from conftest import tiny_experiment as experiment  # noqa: E402
 
 from distsearch.cli import main  # noqa: E402
@@ -577,27 +577,21 @@ def test_killed_driver_then_resume(ray_local, tmp_path):
     ]
     log = open(tmp_path / "driver.log", "w")
     driver = start_session(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and driver.poll() is None:
-            stores = trials(root)
-            done = [s for s in stores.values() if (s / "result.json").exists()]
-            # the other trial has reported a checkpoint more than 1.5 s ago: Tune's saved state
-            # (saved every second here) then holds its pointer, which the resume must follow
-            reported = [
-                s
-                for s in stores.values()
-                if s not in done
-                and any(time.time() - m.stat().st_mtime > 1.5 for m in s.glob("checkpoints/*/MANIFEST.json"))
-            ]
-            if done and reported:
-                break
-            time.sleep(0.3)
-        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
-    finally:
-        end_pids(in_session(driver.pid))
+
+    def ready() -> bool:
+        stores = trials(root)
+        done = [s for s in stores.values() if (s / "result.json").exists()]
+        # the other trial has reported a checkpoint more than 1.5 s ago: Tune's saved state
+        # (saved every second here) then holds its pointer, which the resume must follow
+        reported = [
+            s
+            for s in stores.values()
+            if s not in done
+            and any(time.time() - m.stat().st_mtime > 1.5 for m in s.glob("checkpoints/*/MANIFEST.json"))
+        ]
+        return bool(done and reported)
+
+    kill_driver_when(driver, ready, tmp_path / "driver.log")
     finished = {s.parent.name for s in trials(root).values() if (s / "result.json").exists()}
     assert len(finished) == 1
 

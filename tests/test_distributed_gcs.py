@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -45,7 +44,7 @@ gcsfs = pytest.importorskip("gcsfs")
 pytest.importorskip("gcp_storage_emulator")
 pytest.importorskip("pyarrow._gcsfs", reason="pyarrow built without GCS")
 serialization = pytest.importorskip("cryptography.hazmat.primitives.serialization")
-from conftest import _stat, end_pids, in_session, tiny_experiment  # noqa: E402
+from conftest import _stat, end_pids, in_session, kill_driver_when, tiny_experiment  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
 
 from distsearch.cli import main  # noqa: E402
@@ -225,24 +224,19 @@ def test_killed_driver_then_resume_on_gcs(ray_local, gcs, tmp_path):
         driver = subprocess.Popen(
             [*cmd, "--address", ray_local], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-    try:
-        deadline, seen = time.time() + 240, {}
-        while time.time() < deadline and driver.poll() is None:
-            fs.invalidate_cache()
-            done = {p.split("/")[-3] for p in fs.glob(f"{root}/*/search/result.json")}
-            for m in fs.glob(f"{root}/*/search/checkpoints/*/MANIFEST.json"):
-                if m.split("/")[-5] not in done:
-                    seen.setdefault(m, time.time())
-            # the other trial reported a checkpoint more than 1.5 s ago: Tune's saved state
-            # (saved every second here) then holds its pointer, which the resume must follow
-            if done and any(time.time() - t > 1.5 for m, t in seen.items() if m.split("/")[-5] not in done):
-                break
-            time.sleep(0.3)
-        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
-    finally:
-        end_pids(in_session(driver.pid))
+    seen = {}
+
+    def ready() -> bool:
+        fs.invalidate_cache()
+        done = {p.split("/")[-3] for p in fs.glob(f"{root}/*/search/result.json")}
+        for m in fs.glob(f"{root}/*/search/checkpoints/*/MANIFEST.json"):
+            if m.split("/")[-5] not in done:
+                seen.setdefault(m, time.time())
+        # the other trial reported a checkpoint more than 1.5 s ago: Tune's saved state
+        # (saved every second here) then holds its pointer, which the resume must follow
+        return bool(done) and any(time.time() - t > 1.5 for m, t in seen.items() if m.split("/")[-5] not in done)
+
+    kill_driver_when(driver, ready, tmp_path / "driver.log")
     fs.invalidate_cache()
     finished = {p.split("/")[-3] for p in fs.glob(f"{root}/*/search/result.json")}
     assert len(finished) == 1
