@@ -238,7 +238,8 @@ def load_model(
     if setup:  # device: the one asked for here, not the run's
         setup_torch(cfg.model_copy(update={"device": "cpu"} | ({"threads": threads} if threads else {})))
     data = build_data(cfg)
-    ran_on, fingerprint = recorded_data(store), data.fingerprint()
+    ran_on = recorded_data(store)  # runs before data.json: nothing to compare, nothing to hash
+    fingerprint = data.fingerprint() if ran_on is not None else None
     if ran_on is not None and not same_shapes(ran_on, fingerprint):
         takes = f"the run's networks take {shape_of(ran_on)} (made on {describe(ran_on)})"
         raise UsageError(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 
+from ..config import local_path
 from ..errors import UsageError
 from ..storage import Store
 
@@ -35,9 +36,7 @@ def normalize_storage(uri: str) -> str:
     """Absolute local path for local/file:// URIs; remote URIs unchanged (no trailing slash)."""
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
-    if "://" not in uri:
-        return os.path.abspath(os.path.expanduser(uri))
-    return uri.rstrip("/")
+    return local_path(uri) if "://" not in uri else uri.rstrip("/")
 
 
 def _emulator(variable: str) -> str | None:
