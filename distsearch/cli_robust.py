@@ -153,7 +153,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         from . import plots
 
         title = args.attack + ("" if args.attack == "lbfgs" else f" ({norm}, ε = {eps:g})")
-        plots.save(plots.before_after(x, x_adv, y, pred, pred_adv, title), os.path.join(folder, "before_after.png"))
+        figure = plots.before_after(x, x_adv, y, pred, pred_adv, title, names=data.class_names)
+        plots.save(figure, os.path.join(folder, "before_after.png"))
 
     where = _outputs(args, "attack", write)
     budget = "" if args.attack == "lbfgs" else f" ({norm}, eps {eps:g}, seed {args.seed})"

@@ -29,6 +29,7 @@ class DataSplits:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    class_names: tuple[str, ...] | None = None  # a .npz's class_names, torchvision's classes; shown, not hashed
 
     @property
     def in_channels(self) -> int:
@@ -54,11 +55,13 @@ class DataSplits:
         }
 
 
-def holdout(x: np.ndarray, y: np.ndarray, seed: int, test_fraction: float, classes: int) -> DataSplits:
+def holdout(
+    x: np.ndarray, y: np.ndarray, seed: int, test_fraction: float, classes: int, names: tuple[str, ...] | None = None
+) -> DataSplits:
     perm = np.random.default_rng(seed).permutation(len(x))
     x, y = torch.as_tensor(x[perm], dtype=torch.float32), torch.as_tensor(y[perm], dtype=torch.long)
     n_test = int(round(test_fraction * len(x)))
-    return DataSplits(x[n_test:], y[n_test:], x[:n_test], y[:n_test], classes)
+    return DataSplits(x[n_test:], y[n_test:], x[:n_test], y[:n_test], classes, names)
 
 
 @functools.cache
@@ -129,7 +132,8 @@ def _torchvision(name: str, root: str, download: bool) -> DataSplits:
         return x.float().div_(255.0), torch.as_tensor(np.asarray(labels), dtype=torch.long)
 
     (xtr, ytr), (xte, yte) = tensors(train), tensors(test)
-    return DataSplits(xtr, ytr, xte, yte, classes)
+    names = getattr(train, "classes", None)  # SVHN has none; its labels are its digits
+    return DataSplits(xtr, ytr, xte, yte, classes, tuple(map(str, names)) if names else None)
 
 
 DATASETS = ("mnist5k", "digits", "synthetic", *TORCHVISION_SETS, "npz")
@@ -167,6 +171,7 @@ def load_dataset(
             d.x_test[: max(1, subset // 4)],
             d.y_test[: max(1, subset // 4)],
             d.num_classes,
+            d.class_names,
         )
     return d
 

@@ -180,8 +180,9 @@ def load_npz(path: str | None, seed: int, test_fraction: float) -> DataSplits:
         )
     if classes < 2:
         raise DataError(f"data.path: {path!r}: the labels name one class; a classifier needs two or more")
+    names = None if names is None else tuple(map(str, names))
     if not test:
-        d = holdout(x, y, seed, test_fraction, classes)
+        d = holdout(x, y, seed, test_fraction, classes, names)
         if not len(d.x_train) or not len(d.x_test):
             raise DataError(
                 f"data.path: {path!r}: data.test_fraction {test_fraction} of {len(x)} images leaves an empty "
@@ -196,4 +197,5 @@ def load_npz(path: str | None, seed: int, test_fraction: float) -> DataSplits:
         torch.from_numpy(xt[perm_t]),
         torch.from_numpy(yt[perm_t]),
         classes,
+        names,
     )

@@ -206,16 +206,24 @@ def before_after(
     pred_adv: torch.Tensor,
     title: str,
     k: int = 12,
+    names: Sequence[str] | None = None,
 ) -> Figure:
     """`distsearch attack`'s picture of its first k examples: rows original, adversarial and the
-    perturbation magnified (grey = 0); columns captioned label, prediction before → after;
-    the examples the attack flipped (right before, wrong after) framed in red."""
+    perturbation magnified (grey = 0); columns captioned label, prediction before → after (as
+    class numbers, or the data set's class names cut to 9 characters); the examples the attack
+    flipped (right before, wrong after) framed in red."""
     k = min(k, len(x))
     diff = (x_adv[:k] - x[:k]).detach().float().cpu()
     peak = float(diff.abs().amax().clamp_min(1e-12))
     flipped = [bool(pred[i] == y[i] and pred_adv[i] != y[i]) for i in range(k)]
+
+    def label(c: torch.Tensor) -> str:
+        return names[int(c)][:9] if names else str(int(c))
+
     captions = [
-        f"y={int(y[i])}\npred {int(pred[i])} → {int(pred_adv[i])}" + (" ✗" if flipped[i] else "") for i in range(k)
+        f"y={label(y[i])}\n{'' if names else 'pred '}{label(pred[i])} → {label(pred_adv[i])}"
+        + (" ✗" if flipped[i] else "")
+        for i in range(k)
     ]
     rows = [
         ("original", x[:k]),

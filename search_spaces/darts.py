@@ -266,9 +266,11 @@ class Supernet(nn.Module):
             raise ValueError(f"space.ops: unknown op(s) {unknown}; known: {', '.join(PRIMITIVES)}")
         if len(set(ops)) != len(ops) or not [o for o in ops if o != "none"]:
             raise ValueError("space.ops: needs distinct ops and at least one op other than 'none'")
-        if image_size is not None and image_size < 2 ** len(reduction_layers(layers)):
+        halvings = len(reduction_layers(layers))
+        if image_size is not None and image_size < 2**halvings:
             raise ValueError(
-                f"space: image_size {image_size} is too small for {len(reduction_layers(layers))} reductions"
+                f"space: image_size {image_size} is too small for {halvings} reduction cells, each halving it; "
+                f"give images of at least {2**halvings} pixels a side (distsearch pack --size N resizes a folder)"
             )
         self.ops, self.nodes = ops, nodes
         self.multiplier = multiplier or nodes

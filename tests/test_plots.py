@@ -176,6 +176,9 @@ def test_before_after_is_readable_and_marks_flipped_examples():
     titles = [a.get_title() for a in axes[:6]]
     assert titles[1] == "y=1\npred 1 → 7 ✗" and titles[0] == "y=0\npred 0 → 0"
     assert [a.title.get_color() == "red" for a in axes[:6]] == [False, True, False, False, False, True]
+    names = [f"class_{k}_long_name" for k in range(10)]  # the data set's names, cut to 9 characters
+    titles = [a.get_title() for a in plots.before_after(x, x_adv, y, pred, pred_adv, "pgd", names=names).axes[:2]]
+    assert titles == ["y=class_0_l\nclass_0_l → class_0_l", "y=class_1_l\nclass_1_l → class_7_l ✗"]
 
 
 def test_image_grids_are_titled_and_an_inch_per_image():
