@@ -120,6 +120,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if store.list_checkpoints() and not args.resume:
         raise UsageError(f"--out: {cfg.storage.uri} already holds a run; pass --resume or choose another --out")
     store.check_writable()
+    if cfg.strategy.strategy == "free" and not args.resume:
+        m = cfg.strategy.build().replays
+        print(
+            f"note: free replays each batch {m} times, so each of the {cfg.epochs} epochs costs {m} standard ones; "
+            f"Shafahi et al. train for the standard epochs / {m} (e.g. --epochs {math.ceil(cfg.epochs / m)} "
+            f"for {cfg.epochs})",
+            file=sys.stderr,
+        )
     with DriverLease(store, "train", field="--out"):  # one process per --out
         final = run_training(cfg, store, allow_changes=args.allow_changes)
     print(" ".join(f"{k}={v:.4f}" for k, v in final.items() if k.startswith("test/")))
@@ -229,7 +237,10 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         store.upload_dir(tmp, "")
     monitor.close()
     print(to_markdown(rows))
-    print(f"error rates (%) of each column model on each row's examples; table, heatmap in {store.uri}")
+    print(
+        "error rates (%) of each column model on each row's examples (fooled: % of the images its source gets "
+        f"right that fool it; distortion: over those); table, heatmap in {store.uri}"
+    )
     return 0
 
 
@@ -254,7 +265,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--epochs",
         type=int,
-        help=f"epochs (default: the --config file's, else {TrainConfig.model_fields['epochs'].default})",
+        help=f"epochs (default: the --config file's, else {TrainConfig.model_fields['epochs'].default}); an epoch "
+        "of free replays each batch m = 8 times, so Shafahi et al. give it the standard epochs / m",
     )
     p.add_argument("--config", help="optional TrainConfig YAML (data, model, strategy, optim, eval, storage, monitor)")
     p.add_argument(

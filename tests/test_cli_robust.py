@@ -184,6 +184,15 @@ def test_bad_robust_arguments_exit_2(trained, tmp_path, capsys, argv, needle):
     assert not (tmp_path / "o").exists()
 
 
+def test_free_training_says_what_its_epochs_cost(tmp_path, capsys):
+    """FreeAT's epoch replays each batch m times; Shafahi et al. divide the epochs by m."""
+    argv = ["train", "--model", "mlp", "--strategy", "free", "--epochs", "3", "--out", str(tmp_path / "f"), *DATA]
+    assert main([*argv, "--set", "strategy.kwargs={replays: 2}", "--set", "model.kwargs={hidden: [8]}"]) == 0
+    err = capsys.readouterr().err
+    assert "free replays each batch 2 times, so each of the 3 epochs costs 2 standard ones" in err
+    assert "(e.g. --epochs 2 for 3)" in err
+
+
 @pytest.mark.parametrize("strategy", ["free", "pgd"])
 def test_training_resume_is_exact(tmp_path, strategy):
     raw = {

@@ -34,7 +34,7 @@ def transfer_rows() -> list[dict]:
 
 def test_transfer_ordering(transfer_rows) -> None:
     by = {r["examples"]: r for r in transfer_rows}
-    names = [k for k in by["clean"] if k not in ("examples", "distortion")]
+    names = [k for k in by["clean"] if k not in ("examples", "fooled", "distortion")]
     for target in names:
         own = by[target][target]
         for source in names:
@@ -56,8 +56,44 @@ def test_transfer_writers(transfer_rows, tmp_path) -> None:
     assert [r["examples"] for r in back] == [r["examples"] for r in transfer_rows]
     assert float(back[1]["mlp128"]) == pytest.approx(transfer_rows[1]["mlp128"])
     md = (tmp_path / "t.md").read_text()
-    assert md.startswith("| examples | distortion | mlp128") and md.count("\n") == len(transfer_rows) + 2
+    assert md.startswith("| examples | fooled | distortion | mlp128") and md.count("\n") == len(transfer_rows) + 2
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class _MeanAboveHalf(torch.nn.Module):
+    """Class 1 when an image's mean pixel is above 0.5: which images it gets wrong is known."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.flatten(1).mean(1)
+        return 10 * torch.stack([0.5 - m, m - 0.5], 1)
+
+
+def test_fooled_and_distortion_count_only_the_examples_that_fool_the_source() -> None:
+    """Szegedy's mean minimum distortion is over the adversarial examples found: an image the
+    source already gets wrong, or one its attack leaves or fails on, is not one (the error cells
+    still count every image, as his tables do)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, 4, 4, generator=g)
+    truth = (x.flatten(1).mean(1) > 0.5).long()
+    y = truth.clone()
+    y[:10] = 1 - y[:10]  # the model gets the first 10 wrong clean
+    away = (1 - 2 * y).float().view(-1, 1, 1, 1)  # towards the other class
+
+    def attack(model, xs, ys):  # noqa: ANN001, ANN202 (any callable(model, x, y) is one)
+        step = torch.zeros(len(xs), 1, 1, 1)
+        step[20:25], step[25:] = -0.001, 0.3  # 20-24: a nudge towards their own class; 25-39: flipped
+        return (xs + step * away).clamp(0, 1)
+
+    rows = transfer_table({"m": _MeanAboveHalf()}, x, y, attack, batch_size=64)  # one batch: the attack indexes it
+    by = {r["examples"]: r for r in rows}
+    assert by["clean"]["m"] == 25.0
+    x_adv = attack(None, x, y)
+    assert (_MeanAboveHalf()(x_adv[25:]).argmax(1) != y[25:]).all()
+    assert by["m"]["m"] == 100 * (10 + 15) / 40  # every image, the clean mistakes included
+    assert by["m"]["fooled"] == 100 * 15 / 30  # of the 30 images it gets right
+    assert by["m"]["distortion"] == pytest.approx(float(distortion(x_adv[25:], x[25:]).mean()))
+    assert by["noise(m)"]["fooled"] < 50  # same-size noise rarely crosses the boundary
+    assert by["noise(m)"]["distortion"] == pytest.approx(by["m"]["distortion"], rel=1e-3)  # the same images
 
 
 def test_gaussian_baseline_matches_l2_norm() -> None:

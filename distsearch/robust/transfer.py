@@ -4,9 +4,15 @@ Adversarial examples are made on each source model (models with other hyperparam
 trained on disjoint halves of the training set), and every model's error rate (%) on them is
 tabulated beside a Gaussian-noise baseline of the same distortion: per example, noise
 N(0, I) scaled so that, clamped to [0, 1], it has the adversarial perturbation's L2 norm.
-Distortion is Szegedy's sqrt(Σ(x' − x)²/n), averaged over examples.
 Rows: 'clean', then for each source S the row 'S' (its adversarial examples) and the row
-'noise(S)'; columns: 'examples', 'distortion', then one error-rate column per model.
+'noise(S)'; columns: 'examples', 'fooled', 'distortion', then one error-rate column per model.
+The error rates are over all the images, as in Szegedy's tables: an image a model gets wrong
+clean counts for it in every row (the 'clean' row shows how many). 'fooled' is the source's
+own success: of the images S classifies right, the % whose example (or noise) S gets wrong.
+'distortion' is Szegedy's sqrt(Σ(x' − x)²/n) averaged over those fooling examples, their
+"mean minimum distortion" for L-BFGS (an image S already gets wrong needs no perturbation, a
+failed attack makes none: neither is counted); NaN when none fools S. A noise row's distortion
+is over the same images as its source's row (the noise has their sizes).
 """
 
 from __future__ import annotations
@@ -50,13 +56,16 @@ def _batched(attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 @torch.no_grad()
-def _error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+def _wrong(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Per image: whether `model` misclassifies it."""
     with eval_mode(model):
-        wrong = sum(
-            int((model(x[i : i + batch_size]).argmax(1) != y[i : i + batch_size]).sum())
-            for i in range(0, len(x), batch_size)
+        return torch.cat(
+            [model(x[i : i + batch_size]).argmax(1) != y[i : i + batch_size] for i in range(0, len(x), batch_size)]
         )
-    return 100.0 * wrong / max(1, len(x))
+
+
+def _percent(mask: torch.Tensor) -> float:
+    return 100.0 * float(mask.sum()) / max(1, len(mask))
 
 
 def transfer_table(
@@ -72,18 +81,24 @@ def transfer_table(
         raise ValueError("models: need at least one model")
     g = torch.Generator().manual_seed(seed)
     with seeded(seed, *models.values()):  # the attacks' random starts; the caller's RNG left as it was
+        clean = {t: _wrong(m, x, y, batch_size) for t, m in models.items()}
         rows: list[Row] = [
-            {"examples": "clean", "distortion": 0.0, **{t: _error(m, x, y, batch_size) for t, m in models.items()}}
+            {"examples": "clean", "fooled": 0.0, "distortion": 0.0, **{t: _percent(w) for t, w in clean.items()}}
         ]
         for source, model in models.items():
             x_adv = _batched(attack, model, x, y, batch_size)
             x_noise = gaussian_like(x, x_adv, g)
+            right, found = ~clean[source], None
             for label, xs in ((source, x_adv), (f"noise({source})", x_noise)):
+                wrong = {t: _wrong(m, xs, y, batch_size) for t, m in models.items()}
+                fooling = right & wrong[source]
+                found = fooling if found is None else found  # the noise row: the size of the same examples
                 rows.append(
                     {
                         "examples": label,
-                        "distortion": float(distortion(xs, x).mean()),
-                        **{t: _error(m, xs, y, batch_size) for t, m in models.items()},
+                        "fooled": _percent(fooling[right]),
+                        "distortion": float(distortion(xs[found], x[found]).mean()),  # NaN when none
+                        **{t: _percent(w) for t, w in wrong.items()},
                     }
                 )
     return rows
@@ -93,7 +108,7 @@ def plot_heatmap(rows: Sequence[Row], path: str | os.PathLike[str], title: str =
     """Heatmap: rows = whose examples (and noise baselines), columns = evaluated model."""
     from matplotlib.figure import Figure  # no pyplot: the Agg canvas, no global backend state
 
-    targets = [k for k in rows[0] if k not in ("examples", "distortion")]
+    targets = [k for k in rows[0] if k not in ("examples", "fooled", "distortion")]
     labels = [f"{r['examples']} (d={r['distortion']:.3f})" for r in rows]
     data = [[float(r[t]) for t in targets] for r in rows]
     fig = Figure(figsize=(1.2 * len(targets) + 3, 0.5 * len(rows) + 1.5))
