@@ -385,4 +385,10 @@ class SearchConfig(RunConfig):
             tune.check_paths(
                 {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in info.data.items()}
             )
+            if not tune.resources.gpu and (info.data.get("device") == "cuda" or info.data.get("cuda_graph")):
+                what = "device is cuda" if info.data.get("device") == "cuda" else "cuda_graph is on"
+                raise ValueError(
+                    f"resources.gpu is 0, so Ray gives each trial no GPU, but {what}; give each trial a GPU "
+                    "share (tune.resources.gpu: 1, or a fraction such as 0.5) or run on the CPU (device: auto)"
+                )
         return tune

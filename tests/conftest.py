@@ -153,10 +153,12 @@ def kill_driver_when(driver, ready, log: Path, timeout: float = 240.0) -> None:
 # -- the session's Ray -----------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray (num_cpus=2, no dashboard) for this session; yields its GCS address."""
+    """One local Ray (num_cpus=2, no dashboard) for this session; yields its GCS address. It
+    declares one GPU: Ray schedules fractional-GPU trials on it as on a real one (torch finds no
+    CUDA, so they run on the CPU)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING")
     address = ray.get_runtime_context().gcs_address
     yield address
     started = descendants(os.getpid())

@@ -157,6 +157,19 @@ def test_bad_experiment_exits_2_before_any_trial(case, tmp_path, capsys, monkeyp
     assert not (tmp_path / "runs").exists() and ray.is_initialized() == was_up
 
 
+@pytest.mark.parametrize("over", [{"device": "cuda"}, {"device": "auto", "cuda_graph": True}])
+def test_trials_without_a_gpu_share_cannot_ask_for_cuda(over, tmp_path, capsys):
+    """Ray gives a trial of tune.resources.gpu 0 no GPU (and hides none from it): cuda there is refused."""
+    raw = {**tiny_raw("unused", tune={"params": {"seed": {"choice": [0, 1]}}}), **over}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["validate", "--config", str(tmp_path / "exp.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "tune: resources.gpu is 0, so Ray gives each trial no GPU" in err and "tune.resources.gpu: 1" in err
+    raw["tune"]["resources"] = {"cpu": 1, "gpu": 0.5}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["validate", "--config", str(tmp_path / "exp.yaml")]) == 0
+
+
 def test_a_missing_data_file_exits_2_before_ray_starts(tmp_path, capsys, monkeypatch):
     """The base data.path and each sampled one are checked, relative paths made absolute first
     (the trials run in folders of their own)."""
@@ -437,8 +450,9 @@ def test_quickstart_experiment_is_valid():
 
 @pytest.mark.slow
 def test_two_trials_optuna_asha_local(ray_local, tmp_path, capsys, monkeypatch):
-    """Also: a user's .npz file named relative to the cwd reaches the trials, which Tune runs in
-    folders of their own."""
+    """Two trials of half a GPU each share the session Ray's one GPU at the same time. Also: a
+    user's .npz file named relative to the cwd reaches the trials, which Tune runs in folders of
+    their own."""
     import numpy as np
     import yaml
 
@@ -447,7 +461,7 @@ def test_two_trials_optuna_asha_local(ray_local, tmp_path, capsys, monkeypatch):
     d = synthetic(n=160, image_size=8, num_classes=3)
     (tmp_path / "data").mkdir()
     np.savez(tmp_path / "data" / "mine.npz", x=d.x_train.numpy(), y=d.y_train.numpy())
-    f = experiment(tmp_path / "exp.yaml")
+    f = experiment(tmp_path / "exp.yaml", resources={"cpu": 1, "gpu": 0.5})
     raw = yaml.safe_load(open(f))
     raw["data"] = {"name": "npz", "path": "data/mine.npz", "batch_size": 16, "eval_batch_size": 64}
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(raw))
@@ -455,8 +469,14 @@ def test_two_trials_optuna_asha_local(ray_local, tmp_path, capsys, monkeypatch):
     assert main(["run", "--config", "exp.yaml", "--storage", "runs", "--name", "local"]) == 0
     root = tmp_path / "runs" / "local"
     assert sorted(check_finished(trials(root))) == ["darts", "dsrna"]
+    starts, ends = [], []
     for store in trials(root).values():
         assert json.loads((store / "config.json").read_text())["data"]["path"] == str(tmp_path / "data" / "mine.npz")
+        (start,) = json.loads((store / "trial_starts.json").read_text())
+        assert start["gpu_ids"] == ["0"] and start["device"] == "cpu", start  # Ray's GPU 0; no CUDA here
+        starts.append(start["time"])
+        ends.append((store / "result.json").stat().st_mtime)
+    assert max(starts) < min(ends), (starts, ends)  # both at once on the one GPU
     assert main(["status", str(root)]) == 0
     out = capsys.readouterr().out
     assert out.count("TERMINATED") >= 2 and "N[" in out
@@ -643,6 +663,8 @@ def test_killed_driver_then_resume(ray_local, tmp_path):
         starts = json.loads((s / "trial_starts.json").read_text())
         result = json.loads((s / "result.json").read_text())
         assert result["epochs"] == epochs
+        # trials of gpu 0 hold none of the session Ray's GPU, and never take one (device auto -> cpu)
+        assert {(x["device"], tuple(x["gpu_ids"])) for x in starts} == {("cpu", ())}, starts
         if trial in finished:
             assert len(starts) == 1, starts  # the finished trial did not run again
         else:

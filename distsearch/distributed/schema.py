@@ -137,7 +137,9 @@ class ParamSpec(_Strict):
 
 class Resources(_Strict):
     cpu: float = Field(1, gt=0, description="CPUs per trial (also its torch / OMP threads)")
-    gpu: float = Field(0, ge=0, description="GPU share per trial: 0, a fraction such as 0.25, or 1")
+    gpu: float = Field(
+        0, ge=0, description="GPU share per trial: 0 (the trial runs on the CPU), a fraction such as 0.25, or 1"
+    )
 
     @field_validator("gpu")
     @classmethod

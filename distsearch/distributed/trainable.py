@@ -88,9 +88,12 @@ def newest_progress(store: Store) -> tuple[int, dict[str, Any]]:
     return meta.get("epoch", 0), (meta.get("history") or [{}])[-1]
 
 
-def _record_start(store: Store, node_ip: str, params: dict[str, Any], source: str | None) -> None:
-    """Append this start to trial_starts.json: the epoch it resumes from, the node it runs on,
-    the sampled params it runs with and, after a PBT exploit, the store its checkpoint came from."""
+def _record_start(
+    store: Store, node_ip: str, params: dict[str, Any], source: str | None, gpu_ids: list[str], device: str
+) -> None:
+    """Append this start to trial_starts.json: the epoch it resumes from, the node it runs on, the
+    GPUs Ray gave it and the device it runs on, the sampled params it runs with and, after a PBT
+    exploit, the store its checkpoint came from."""
     starts = store.read_json("trial_starts.json", [])
     epoch = newest_progress(store)[0]  # informational: run_search verifies and loads
     starts.append(
@@ -99,6 +102,8 @@ def _record_start(store: Store, node_ip: str, params: dict[str, Any], source: st
             "epoch": epoch,
             "node_ip": node_ip,
             "pid": os.getpid(),
+            "gpu_ids": gpu_ids,
+            "device": device,
             "params": params,
             "checkpoint_from": source,
         }
@@ -123,7 +128,7 @@ def search_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     from ray import tune
 
     from ..config_file import parse_config
-    from ..runner import run_search
+    from ..runner import resolve_device, run_search
 
     ctx = tune.get_context()
     for key, value in spec.get("env", {}).items():  # storage endpoint etc.; the node's own setting wins
@@ -134,6 +139,10 @@ def search_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     raw.update(threads=threads, name=f"{raw.get('name', 'search')}/{ctx.get_trial_id()}")
     raw.setdefault("storage", {})["uri"] = uri
     raw.setdefault("monitor", {})["progress"] = False
+    if not spec.get("resources", {}).get("gpu") and raw.get("device", "auto") == "auto":
+        # Ray (2.60) leaves CUDA_VISIBLE_DEVICES as it is for a trial that asked for no GPU: `auto`
+        # would take GPU 0 beside the trials Ray gave it to
+        raw["device"] = "cpu"
     cfg = parse_config(raw)
     store = Store(uri)
 
@@ -150,7 +159,8 @@ def search_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
         store.write_json("config.json", cfg.model_dump(mode="json"))  # PBT may have changed the config
     if store.exists("stopped.json"):  # a scheduler's stop the driver did not live to save: running again
         store.fs.rm(store.path("stopped.json"))
-    _record_start(store, ray.util.get_node_ip_address(), dict(config), source)
+    gpu_ids = [str(i) for i in ray.get_gpu_ids()]
+    _record_start(store, ray.util.get_node_ip_address(), dict(config), source, gpu_ids, str(resolve_device(cfg.device)))
     reported = False
     # An objective (tune.metric / metrics) only another sampled algorithm reports, e.g. train/R_jac
     # in a darts trial, is NaN here: Tune refuses a result without it; ASHA and PBT pass NaN by,
