@@ -477,9 +477,12 @@ def test_two_trials_optuna_asha_local(ray_local, tmp_path, capsys, monkeypatch):
         starts.append(start["time"])
         ends.append((store / "result.json").stat().st_mtime)
     assert max(starts) < min(ends), (starts, ends)  # both at once on the one GPU
+    capsys.readouterr()
     assert main(["status", str(root)]) == 0
     out = capsys.readouterr().out
     assert out.count("TERMINATED") >= 2 and "N[" in out
+    rows = [line.split() for line in out.splitlines()[1:3]]
+    assert [r[4].split("/")[1] for r in rows] == ["gpu0"] * 2, out  # where each ran: node/Ray's GPU
 
 
 @pytest.mark.slow

@@ -60,6 +60,15 @@ def _starts(starts: list[dict[str, Any]]) -> str:
     return f"{len(starts)} (<-{donor}@{exploits[-1]['epoch']})"
 
 
+def _where(starts: list[dict[str, Any]]) -> str:
+    """Where a trial last ran: '127.0.0.1/cpu', '10.0.0.5/gpu0' (Ray's GPU ids), '-' before a start."""
+    if not starts:
+        return "-"
+    last = starts[-1]
+    ids = last.get("gpu_ids")
+    return f"{last.get('node_ip', '?')}/{'gpu' + ','.join(ids) if ids else last.get('device', '?')}"
+
+
 SHOWN = ("val/robust_clean_acc", "val/robust_acc")
 ORPHANED = "ORPHANED"
 STOPPED = "STOPPED"  # stopped early by the scheduler (ASHA): stopped.json
@@ -116,6 +125,7 @@ def trial_rows(uri: str) -> list[dict[str, Any]]:
                 "state": state,
                 "epochs": epochs,
                 "starts": _starts(starts),
+                "where": _where(starts),
                 "params": trial.config if trial else (starts[0]["params"] if starts else {}),
                 "metrics": record,
                 "genotype": store.read_json("genotype.json", None),
@@ -137,13 +147,14 @@ def print_table(uri: str) -> list[dict[str, Any]]:
     if not rows:
         print(f"{uri}: no trials recorded yet")
         return rows
-    metrics = [k for k in rows[0] if k not in ("trial", "state", "epochs", "starts", "params", "genotype")]
-    head = ["trial", "state", "epochs", "starts", *metrics, "params", "genotype"]
+    fixed = ("trial", "state", "epochs", "starts", "where")
+    metrics = [k for k in rows[0] if k not in (*fixed, "params", "genotype")]
+    head = [*fixed, *metrics, "params", "genotype"]
     table = [head]
     for r in rows:
         params = " ".join(f"{k}={v}" for k, v in r["params"].items())
         vals = [f"{r[m]:.4f}" if isinstance(r[m], float) else str(r[m]) for m in metrics]
-        row = [r["trial"], r["state"], str(r["epochs"]), r["starts"], *vals, params, _short_genotype(r["genotype"])]
+        row = [*(str(r[k]) for k in fixed), *vals, params, _short_genotype(r["genotype"])]
         table.append(row)
     widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
     for row in table:
