@@ -47,6 +47,15 @@ def make_model(kind: str, seed: int = 0) -> nn.Module:
             nn.ReLU(),
             nn.Linear(10, 5),
         )
+    elif kind == "linear4d":  # an nn.Linear on the last axis of a 4-D activation, as torch applies it
+        m = nn.Sequential(
+            nn.Conv2d(1, 2, 3, padding=1),
+            nn.ReLU(),
+            nn.Linear(8, 6),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(2 * 8 * 6, 5),
+        )
     elif kind == "supernet":
         m = Supernet(in_channels=1, num_classes=5, C=4, layers=3, nodes=3)  # a normal cell, then two reduce
         with torch.no_grad():
@@ -129,7 +138,7 @@ def sample_ball(x: torch.Tensor, eps: float, norm: str, g: torch.Generator, n: i
     return x + project(d, x, eps, norm)
 
 
-@pytest.mark.parametrize("kind", ["seq", "supernet", "network", "small_cnn", "mlp"])
+@pytest.mark.parametrize("kind", ["seq", "supernet", "network", "small_cnn", "mlp", "linear4d"])
 @pytest.mark.parametrize("norm,eps", [("linf", 0.02), ("l2", 0.1)])
 def test_bounds_contain_sampled_and_pgd_outputs(kind: str, norm: str, eps: float) -> None:
     model, x = make_model(kind), inputs(n=4)
@@ -155,7 +164,7 @@ def test_bounds_contain_sampled_and_pgd_outputs(kind: str, norm: str, eps: float
         assert (mb <= margin(f_marg, y) + TOL).all() and (mb <= margin(f0, y) + TOL).all()
 
 
-@pytest.mark.parametrize("kind", ["seq", "supernet", "network", "small_cnn", "mlp"])
+@pytest.mark.parametrize("kind", ["seq", "supernet", "network", "small_cnn", "mlp", "linear4d"])
 @pytest.mark.parametrize("norm,eps", [("linf", 0.03), ("l2", 0.2)])
 def test_linear_bounds_never_looser_than_ibp(kind: str, norm: str, eps: float) -> None:
     model, x = make_model(kind, seed=3), inputs(seed=4)
@@ -243,8 +252,9 @@ def test_conv_string_padding_bounds_are_sound(padding) -> None:
         (nn.Sequential(nn.Conv2d(1, 2, 1), nn.Tanh(), nn.Flatten()), "no bound propagation rule for Tanh"),
         (build_model("resnet18", 1, 5), "no bound propagation rule for SmallInputResNet"),
         (nn.Sequential(nn.MaxPool2d(2, return_indices=True), nn.Flatten()), "return_indices=True"),
+        (nn.Sequential(nn.AvgPool2d(2, divisor_override=-1), nn.Flatten()), "divisor_override -1"),
     ],
-    ids=["reflect", "same-even", "tanh", "resnet", "pool-indices"],
+    ids=["reflect", "same-even", "tanh", "resnet", "pool-indices", "negative-divisor"],
 )
 def test_unsupported_modules_are_refused_by_name(model: nn.Module, needle: str) -> None:
     """Non-zero padding modes would give unsound bounds: refused, like every op without a rule."""
@@ -443,3 +453,35 @@ def test_bounds_leave_batch_norm_statistics_and_modes_alone() -> None:
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert [m.training for m in model] == [True, False, True, True]
+
+
+def test_rounding_never_certifies_a_misclassified_example(monkeypatch) -> None:
+    """Bounds are not rounded outward: a float32 bound was seen 1-2 ulps of the logit scale above
+    the forward's own margin at eps = 0, certifying misclassified examples. Here a bound rounded
+    up by 3 ulps on an example the forward gets wrong by 1 ulp: certify refuses it, and still
+    certifies an example classified right by a clear margin."""
+    from distsearch.robust import bounds, certify
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([1.0, 1.0]))
+        model[1].bias[1] = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))  # f_1 one ulp below f_0
+    x, y = torch.full((2, 1, 2, 2), 0.5), torch.tensor([1, 0])  # example 0: wrong by an ulp; 1: right by one
+    ulp = torch.finfo(torch.float32).eps
+
+    def rounded_up(model, x, y, eps, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        f = model(x)
+        true = f.gather(1, y[:, None]).squeeze(1) - f.scatter(1, y[:, None], float("-inf")).max(1).values
+        return true + 3 * ulp * f.abs().amax(1)
+
+    for where in (bounds, certify):
+        monkeypatch.setattr(where, "margin_lower_bound", rounded_up)
+    assert certify.certified_accuracy(model, x[:1], y[:1], [0.0, 0.01]) == [0.0, 0.0]
+    assert bounds.certified_radius(model, x[:1], y[:1]).tolist() == [0.0]
+    right, slack = bounds.rounding_guard(model, x, y)
+    assert right.tolist() == [False, False] and torch.allclose(slack, torch.full((2,), 100 * ulp))
+    with torch.no_grad():
+        model[1].bias[0] = 1.5  # example 1 now right by 0.5: certified, its radius eps_max
+    assert certify.certified_accuracy(model, x[1:], y[1:], [0.0, 0.01]) == [1.0, 1.0]
+    assert bounds.certified_radius(model, x[1:], y[1:]).tolist() == [1.0]

@@ -71,6 +71,10 @@ def check_model(model: nn.Module, hooks: bool = True) -> None:
                 f"bounds: {where} has forward hooks, which the bounds would ignore; remove them first "
                 "(weight reparametrisations: torch.nn.utils.parametrize works)"
             )
+        if isinstance(m, nn.AvgPool2d) and m.divisor_override is not None and m.divisor_override <= 0:
+            raise ValueError(  # the rules take a pool's weights as nonnegative
+                f"bounds: {where} has divisor_override {m.divisor_override}; bounds need a positive divisor"
+            )
         base = next((c for c in type(m).__mro__ if c in BOUNDED), None)
         added = _added_code(m) if base is not None else None
         if added:

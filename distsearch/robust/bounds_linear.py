@@ -120,9 +120,10 @@ def back(m: nn.Module, A: Coef, st: Back) -> Coef:
         return A
     if isinstance(m, nn.Conv2d):
         return _conv_back(m, A, st)
-    if isinstance(m, nn.Linear):
+    if isinstance(m, nn.Linear):  # on the last axis of its input, whatever the leading ones
         if m.bias is not None:
-            st.add(A @ m.bias)
+            c = A @ m.bias
+            st.add(c.flatten(2).sum(2) if c.dim() > 2 else c)  # each position adds its bias term
         return A @ m.weight
     if isinstance(m, nn.BatchNorm2d):
         s, t = bn_affine(m)

@@ -2,8 +2,10 @@
 accuracy at a list of eps and the mean certified radius, from the sound bounds of
 robust/bounds.py (IBP or CROWN-IBP) on a derived Network or a Supernet, in eval mode (BN by
 running statistics). An example is certified at eps when the certified lower bound of its
-margin f_y - max_{j != y} f_j over the eps-ball (intersected with [0, 1]) is > 0; that
-implies it is classified correctly. Rows are dicts; CSV / Markdown writers come from
+margin f_y - max_{j != y} f_j over the eps-ball (intersected with [0, 1]) is > 0, by more than
+a rounding slack of 100 machine epsilons of its largest |logit|, and the forward classifies it
+right by more than that slack too (bounds.rounding_guard: float bounds are not rounded
+outward). Rows are dicts; CSV / Markdown writers come from
 robust/tables.py; the plot is certified accuracy against eps (matplotlib, Agg).
 """
 
@@ -19,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .attack_base import eval_mode
-from .bounds import certified_radius, margin_lower_bound
+from .bounds import certified_radius, margin_lower_bound, rounding_guard
 from .tables import Row, to_markdown, write_csv, write_markdown
 
 __all__ = [
@@ -69,8 +71,10 @@ def certified_accuracy(
     counts = [0] * len(eps_list)
     with eval_mode(model):
         for xb, yb in _chunks(x, y, batch_size, _device(model), bar):
+            right, slack = rounding_guard(model, xb, yb)
             for i, eps in enumerate(eps_list):
-                counts[i] += int((margin_lower_bound(model, xb, yb, float(eps), norm, method) > 0).sum())
+                bound = margin_lower_bound(model, xb, yb, float(eps), norm, method)
+                counts[i] += int((right & (bound > slack)).sum())
     return [c / max(1, x.shape[0]) for c in counts]
 
 

