@@ -127,6 +127,11 @@ def test_evaluate_attack_certify_write_tables_and_pictures(trained, tmp_path, ca
         main(["certify", str(trained), "--eps", "0.001", "0.01", "--n", "8", "--method", "ibp", "--device", "cpu"]) == 0
     )
     assert (trained / "certify" / "certified.png").exists()
+    single = (trained / "certify" / "certified.csv").read_text()
+    argv = ["certify", str(trained), "--eps", "0.001", "0.01", "--n", "8", "--method", "ibp", "--float64"]
+    assert main([*argv, "--out", str(tmp_path / "f64")]) == 0
+    double = (tmp_path / "f64" / "certified.csv").read_text()
+    assert double.splitlines()[0] == single.splitlines()[0] and len(double.splitlines()) == 3
 
 
 @pytest.mark.parametrize(
