@@ -65,8 +65,9 @@ def _where(starts: list[dict[str, Any]]) -> str:
     if not starts:
         return "-"
     last = starts[-1]
-    ids = last.get("gpu_ids")
-    return f"{last.get('node_ip', '?')}/{'gpu' + ','.join(ids) if ids else last.get('device', '?')}"
+    ids, device = last.get("gpu_ids"), last.get("device")  # neither in a start recorded before they were
+    on = "gpu" + ",".join(ids) if ids else device
+    return f"{last.get('node_ip', '?')}/{on}" if on else last.get("node_ip", "?")
 
 
 SHOWN = ("val/robust_clean_acc", "val/robust_acc")
