@@ -211,7 +211,8 @@ class DsrnaConfig(Strict):
     bn_stats: Literal["batch", "running"] = Field(
         "running",
         description="BN statistics while computing R: the running ones (the eval network; finite bounds on "
-        "deep supernets) or the clean val batch's (exploding interval widths: NaN on 8 cells)",
+        "deep supernets) or the clean val batch's (exploding interval widths: NaN on 8 cells; held constant in "
+        "the arch gradient, a stop-gradient: search/dsrna.py)",
     )
     cb_scale: Literal["symlog", "linear"] = Field("symlog", description="R_cb = mean of symlog(margin) or margin")
     fd_r: float = _fd_r()

@@ -116,7 +116,7 @@ def build_searcher(cfg: SearchConfig, model: Supernet, data: DataSplits) -> Sear
     name = algo.pop("name")
     kwargs = dict(epochs=cfg.epochs, **cfg.optim.model_dump(), **algo, weight_strategy=build_weight_strategy(cfg))
     if name == "lease":
-        kwargs.update(in_channels=data.in_channels, num_classes=data.num_classes)
+        kwargs.update(in_channels=data.in_channels, num_classes=data.num_classes, image_size=data.image_size)
     return SEARCHERS[name](model, **kwargs)
 
 

@@ -284,14 +284,19 @@ def test_exact_resume(fresh):
     assert a.learning_rates() == b.learning_rates()
 
 
-def test_builds_audience_by_name():
+@pytest.mark.parametrize("audience", ["small_cnn", "mlp"])
+def test_builds_audience_by_name(audience):
+    """Sized to the images (the MLP's first layer takes C*H*W: it crashed on anything but 28x28)."""
     models = pytest.importorskip("distsearch.robust.models")
     torch.manual_seed(0)
     model = Supernet(in_channels=C_IN, num_classes=K, C=2, layers=1, nodes=2)
-    s = LeaseSearcher(model, **{k: v for k, v in KW.items()}, audience="small_cnn")
+    s = LeaseSearcher(model, **{k: v for k, v in KW.items()}, audience=audience, image_size=S)
     assert isinstance(s.audience, nn.Module) and models is not None
     x, y = batches(1)[0]
     s.step((x.float(), y), (x.float(), y))
+    if audience == "mlp":
+        with pytest.raises(ValueError, match="algorithm.audience: mlp needs the image size"):
+            LeaseSearcher(Supernet(in_channels=C_IN, num_classes=K, C=2, layers=1, nodes=2), **KW, audience="mlp")
 
 
 @pytest.mark.slow

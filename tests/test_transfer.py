@@ -68,7 +68,7 @@ class _MeanAboveHalf(torch.nn.Module):
         return 10 * torch.stack([0.5 - m, m - 0.5], 1)
 
 
-def test_fooled_and_distortion_count_only_the_examples_that_fool_the_source() -> None:
+def test_fooled_and_distortion_count_only_the_examples_that_fool_the_source(tmp_path) -> None:
     """Szegedy's mean minimum distortion is over the adversarial examples found: an image the
     source already gets wrong, or one its attack leaves or fails on, is not one (the error cells
     still count every image, as his tables do)."""
@@ -94,6 +94,9 @@ def test_fooled_and_distortion_count_only_the_examples_that_fool_the_source() ->
     assert by["m"]["distortion"] == pytest.approx(float(distortion(x_adv[25:], x[25:]).mean()))
     assert by["noise(m)"]["fooled"] < 50  # same-size noise rarely crosses the boundary
     assert by["noise(m)"]["distortion"] == pytest.approx(by["m"]["distortion"], rel=1e-3)  # the same images
+    unmoved = transfer_table({"m": _MeanAboveHalf()}, x, y, lambda model, xs, ys: xs)  # fools nothing
+    assert [r["distortion"] for r in unmoved[1:]] == [None, None] and unmoved[1]["fooled"] == 0.0
+    plot_heatmap(unmoved, tmp_path / "t.png")  # an empty distortion cell is drawn as '-'
 
 
 def test_gaussian_baseline_matches_l2_norm() -> None:

@@ -11,7 +11,7 @@ clean counts for it in every row (the 'clean' row shows how many). 'fooled' is t
 own success: of the images S classifies right, the % whose example (or noise) S gets wrong.
 'distortion' is Szegedy's sqrt(Σ(x' − x)²/n) averaged over those fooling examples, their
 "mean minimum distortion" for L-BFGS (an image S already gets wrong needs no perturbation, a
-failed attack makes none: neither is counted); NaN when none fools S. A noise row's distortion
+failed attack makes none: neither is counted); None (an empty cell) when none fools S. A noise row's distortion
 is over the same images as its source's row (the noise has their sizes).
 """
 
@@ -97,7 +97,7 @@ def transfer_table(
                     {
                         "examples": label,
                         "fooled": _percent(fooling[right]),
-                        "distortion": float(distortion(xs[found], x[found]).mean()),  # NaN when none
+                        "distortion": float(distortion(xs[found], x[found]).mean()) if found.any() else None,
                         **{t: _percent(w) for t, w in wrong.items()},
                     }
                 )
@@ -109,7 +109,7 @@ def plot_heatmap(rows: Sequence[Row], path: str | os.PathLike[str], title: str =
     from matplotlib.figure import Figure  # no pyplot: the Agg canvas, no global backend state
 
     targets = [k for k in rows[0] if k not in ("examples", "fooled", "distortion")]
-    labels = [f"{r['examples']} (d={r['distortion']:.3f})" for r in rows]
+    labels = [f"{r['examples']} (d={'-' if r['distortion'] is None else format(r['distortion'], '.3f')})" for r in rows]
     data = [[float(r[t]) for t in targets] for r in rows]
     fig = Figure(figsize=(1.2 * len(targets) + 3, 0.5 * len(rows) + 1.5))
     ax = fig.subplots()

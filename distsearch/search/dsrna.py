@@ -24,8 +24,13 @@ statistics as they were before this step's L_val forward updated them (a copy: t
 eval-mode network the certify tables report; interval widths stay finite on deep supernets);
 "batch" freezes it to the statistics of the clean validation forward that gives L_val
 (captured by hooks, detached), so R describes the function the search trains (its interval
-bounds explode with depth). Either way each example's bound and Jacobian are its own, R
-does not touch the running statistics, and no host sync happens in a step.
+bounds explode with depth). Detached, they are a stop-gradient: the α step follows R's
+derivative at fixed statistics, not the total derivative of the L_val - γR it reports (torch's
+batch_norm takes no gradient through frozen statistics); a review measured the two differ,
+even in sign, on a tiny supernet. "running" statistics do not depend on this step's α, so its
+gradient is the total one (tested against finite differences). Either way each example's
+bound and Jacobian are its own, R does not touch the running statistics, and no host sync
+happens in a step.
 
 One forward fewer (finite differences with "running"): the train-mode forward of L_val and
 the frozen forward of the finite differences' points run as one batch, each BatchNorm

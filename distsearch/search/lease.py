@@ -78,6 +78,7 @@ class LeaseSearcher(DartsSearcher):
         epochs: int,
         in_channels: int,
         num_classes: int,
+        image_size: int | None = None,
         order: str = "first",
         gamma: float = 1.0,
         audience: str = "small_cnn",
@@ -112,7 +113,10 @@ class LeaseSearcher(DartsSearcher):
         if audience_model is None:
             from ..robust.models import build_model  # lazy: the model zoo is optional at import time
 
-            audience_model = build_model(audience, in_channels=in_channels, num_classes=num_classes)
+            if audience == "mlp" and image_size is None:
+                raise ValueError("algorithm.audience: mlp needs the image size (LeaseSearcher's image_size)")
+            sized = {"image_size": image_size} if audience == "mlp" else {}  # the MLP's first layer takes C*H*W
+            audience_model = build_model(audience, in_channels=in_channels, num_classes=num_classes, **sized)
         make_replayable(audience_model)  # its ReLUs and max pools, for finite_diff_hvp's replay
         p = next(model.parameters())
         self.audience = audience_model.to(device=p.device, dtype=p.dtype).train()
