@@ -232,7 +232,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=[0.05, 0.1, 0.2],
         help="L-inf budgets (default: %(default)s)",
     )
-    p.add_argument("--eps-l2", type=_positive_float, nargs="*", default=[], help="L2 budgets (default: none)")
+    p.add_argument(
+        "--eps-l2",
+        type=_positive_float,
+        nargs="*",
+        default=[],
+        help="L2 budgets (default: none; cw runs only at L2 budgets; `--eps-linf` with no value leaves L-inf out)",
+    )
     p.add_argument(
         "--attacks",
         nargs="+",
@@ -245,7 +251,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--n", type=int, default=200, help="first test images used (default: %(default)s; more than there are: all)"
     )
-    p.add_argument("--seed", type=_seed, default=0, help="seed of the attacks' random starts (default: %(default)s)")
+    p.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        help="seed of the attacks' random starts and square's draws (default: %(default)s)",
+    )
     p.add_argument("--out", type=out_folder, help="local folder for the table and plot (default: <uri>/eval)")
     add_threads_arg(p, RUN_THREADS)
     add_load_args(p)
@@ -277,7 +288,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--seed",
         type=_seed,
         default=0,
-        help="seed of the random starts (pgd, apgd, square, fab restarts) (default: %(default)s)",
+        help="seed of the random starts (pgd, apgd, apgd-t) and of square's draws; fab and fab-t are deterministic "
+        "(default: %(default)s)",
     )
     p.add_argument("--out", type=out_folder, help="local folder (default: <uri>/attack)")
     add_threads_arg(p, RUN_THREADS)

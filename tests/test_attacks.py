@@ -211,6 +211,24 @@ def test_min_distortion_attacks_beat_fgsm_distortion(cnn, test_set, attack) -> N
     assert dist < fgsm_distortion_at_success(cnn, x, y, rate)
 
 
+def test_cw_kappa_returns_examples_that_win_by_kappa(cnn, test_set) -> None:
+    """Carlini & Wagner's confidence: a point succeeds only when the wrong class (or the target)
+    leads by kappa; it used to shape the loss alone, so kappa 5 returned margins of 0.01-0.5."""
+    x, y = correct_subset(cnn, *test_set, 10)
+    for targeted, t in ((False, y), (True, (y + 1) % 10)):
+        plain, confident = (
+            CarliniWagnerL2(targeted=targeted, kappa=k, steps=60, search_steps=4)(cnn, x, t) for k in (0.0, 2.0)
+        )
+        with torch.no_grad():
+            logits = cnn(confident)
+        lead = (logits.scatter(1, t[:, None], float("-inf")).amax(1) - logits.gather(1, t[:, None]).squeeze(1)) * (
+            -1 if targeted else 1
+        )
+        moved = (confident - x).flatten(1).norm(dim=1) > 0  # x itself where no point won by kappa
+        assert moved.float().mean() >= 0.8 and (lead[moved] >= 2.0).all(), lead
+        assert (l2_norm(confident - x)[moved] > l2_norm(plain - x)[moved]).all()  # confidence costs distortion
+
+
 def test_robust_accuracy_counts_an_image_only_when_clean_and_attacked_are_right(cnn, test_set) -> None:
     """An 'attack' that moves every image to one the model gets right cannot lift robust
     accuracy above clean accuracy: delta = 0 is in the ball, so a clean error is an error."""
@@ -537,6 +555,32 @@ def test_within_ball_is_exact_and_moves_only_points_outside() -> None:
             inside = distance(x, x_adv, norm) <= radius(eps, torch.float32)
             assert torch.equal(fixed[inside], x_adv[inside])
             assert (fixed - x_adv).abs().max() < 1e-5  # an ulp or so, where it moved at all
+
+
+@pytest.mark.parametrize("name", ["fgsm", "fgm", "pgd", "apgd", "apgd-t", "square", "fab", "fab-t", "lbfgs", "cw"])
+def test_an_empty_batch_comes_back_empty(name) -> None:
+    from distsearch.robust.attacks import make_attack
+
+    x = torch.rand(0, 1, 8, 8)
+    assert make_attack(name)(tiny_model(0), x, torch.zeros(0, dtype=torch.long)).shape == x.shape
+
+
+def test_game_table_seeds_square_too(monkeypatch) -> None:
+    """Square draws from a generator of its own: game_table's seed reaches it (it kept seed 0)."""
+    from distsearch.robust import evaluate
+    from distsearch.robust.square import Square
+
+    seen, perturb = [], Square.perturb
+
+    def recording(self, *args):  # noqa: ANN001, ANN002, ANN202
+        seen.append(self.seed)
+        return perturb(self, *args)
+
+    monkeypatch.setattr(Square, "perturb", recording)
+    model, x = tiny_model(3), torch.rand(4, 1, 8, 8)
+    for seed in (0, 7):
+        evaluate.game_table(model, x, torch.randint(5, (4,)), {"linf": [0.1]}, attacks=("square",), seed=seed)
+    assert seen == [0, 7]
 
 
 def test_game_table_leaves_the_callers_rng_alone() -> None:

@@ -167,7 +167,7 @@ def game_table(
     `attacks`: names of EVAL_ATTACKS or PRESETS ("autoattack"), see `expand_attacks`.
     `eps` maps a norm ('linf' or 'l2') to its budgets, e.g. {'linf': [0.1, 0.3], 'l2': 1.0}.
     `progress`: a bar over every (attack, budget, batch) on stderr. `seed` seeds the attacks'
-    random starts; the caller's RNG state is left as it was."""
+    random starts and Square's draws; the caller's RNG state is left as it was."""
     eps = {norm: [budgets] if isinstance(budgets, numbers.Real) else list(budgets) for norm, budgets in eps.items()}
     for norm, budgets in eps.items():
         check_norm(norm)
@@ -177,7 +177,7 @@ def game_table(
     eps = {norm: [float(e) for e in budgets] for norm, budgets in eps.items()}
     attacks = expand_attacks(attacks)
     with seeded(seed, model):  # the attacks' random starts: a table is reproducible
-        return _game_rows(model, x, y, eps, attacks, batch_size, cw_kwargs, progress)
+        return _game_rows(model, x, y, eps, attacks, batch_size, cw_kwargs, progress, seed)
 
 
 def _game_rows(
@@ -189,8 +189,9 @@ def _game_rows(
     batch_size: int,
     cw_kwargs: dict[str, Any] | None,
     progress: bool,
+    seed: int,
 ) -> list[Row]:
-    """game_table's rows, the arguments checked, under its seed."""
+    """game_table's rows, the arguments checked, under its seed (Square's own generator too)."""
     n = int(x.shape[0])
     if n and any(MIN_CLASSES.get(a, 0) > 2 for a in attacks):
         classes = _num_classes(model, x[:1])
@@ -203,6 +204,8 @@ def _game_rows(
         for e in budgets:
             for name in attacks:
                 attack = _cw(e, norm, **(cw_kwargs or {})) if name == "cw" else EVAL_ATTACKS[name](e, norm)
+                if isinstance(attack, Square):  # draws from a generator of its own
+                    attack.seed = seed
                 if attack is not None:
                     plan.append(("fgm" if name == "fgsm" and norm == "l2" else name, norm, float(e), attack))
     batches = -(-n // batch_size)

@@ -45,15 +45,21 @@ class _MinDistortion(Attack):
         """Candidates x' for penalty constants c (one per example)."""
         raise NotImplementedError
 
+    def succeeded(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per example: whether logits count as a success (untargeted: any misclassification)."""
+        return success(logits, y, self.targeted)
+
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
+        if n == 0:  # nothing to attack (L-BFGS would concatenate no solutions)
+            return x.clone()
         c = torch.full((n,), float(self.c_init), device=x.device)
         lo, hi = torch.zeros_like(c), torch.full_like(c, float("inf"))
         best, best_d = x.clone(), torch.full_like(c, float("inf"))
         for _ in range(self.search_steps):
             cand = self.solve(model, x, y, c)
             with torch.no_grad():
-                ok = success(model(cand), y, self.targeted)  # untargeted: any misclassification counts
+                ok = self.succeeded(model(cand), y)
                 d = l2_norm(cand - x)
             better = ok & (d < best_d)
             best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), cand, best)
@@ -116,8 +122,9 @@ class CarliniWagnerL2(_MinDistortion):
 
     targeted (False: any misclassification; True: reach y), c_init (1.0), search_steps (5),
     steps (100 Adam steps), lr (0.1; the paper's 0.01 needs thousands of steps), kappa (0, the
-    confidence), eps (None; set: the result projected onto the L2 ε-ball), check_range (True:
-    check x ∈ [0, 1], the labels < K; a host sync each)."""
+    confidence: as in the paper's code, a point counts as a success only when the wrong class
+    (or the target) leads by at least κ), eps (None; set: the result projected onto the L2
+    ε-ball), check_range (True: check x ∈ [0, 1], the labels < K; a host sync each)."""
 
     c_weighs_distortion = False
 
@@ -143,20 +150,16 @@ class CarliniWagnerL2(_MinDistortion):
     def solve(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         w = torch.atanh((2 * x - 1) * self.squash).detach().requires_grad_(True)
         opt = torch.optim.Adam([w], lr=self.lr)
-        onehot = F.one_hot(y, num_classes=model(x[:1]).shape[1]).bool()
         best, best_d = x.clone(), torch.full_like(c, float("inf"))
         for _ in range(self.steps):
             xa = (torch.tanh(w) + 1) / 2
             logits = model(xa)
-            real = logits.masked_fill(~onehot, float("-inf")).amax(1)
-            other = logits.masked_fill(onehot, float("-inf")).amax(1)
-            margin = other - real if self.targeted else real - other
             dist = ((xa - x) ** 2).flatten(1).sum(1)
-            loss = (dist + c * margin.clamp(min=-self.kappa)).sum()
+            loss = (dist + c * self._margin(logits, y).clamp(min=-self.kappa)).sum()
             opt.zero_grad()
             loss.backward()
             with torch.no_grad():
-                ok = success(logits, y, self.targeted) & (dist < best_d)
+                ok = self.succeeded(logits, y) & (dist < best_d)
                 best = torch.where(ok.view(-1, *([1] * (x.dim() - 1))), xa, best)
                 best_d = torch.where(ok, dist, best_d)
             opt.step()
@@ -164,3 +167,14 @@ class CarliniWagnerL2(_MinDistortion):
         with torch.no_grad():
             last = (torch.tanh(w) + 1) / 2
         return torch.where(torch.isinf(best_d).view(-1, *([1] * (x.dim() - 1))), last, best).detach()
+
+    def _margin(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Z_y − max_{i≠y} Z_i (untargeted), max_{i≠t} Z_i − Z_t (targeted t = y): ≤ −κ is a success."""
+        onehot = F.one_hot(y, num_classes=logits.shape[1]).bool()
+        real = logits.masked_fill(~onehot, float("-inf")).amax(1)
+        other = logits.masked_fill(onehot, float("-inf")).amax(1)
+        return other - real if self.targeted else real - other
+
+    def succeeded(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ok = success(logits, y, self.targeted)
+        return ok & (self._margin(logits, y) <= -self.kappa) if self.kappa > 0 else ok
