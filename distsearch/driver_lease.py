@@ -74,6 +74,17 @@ def describe(lease: dict[str, Any], now: float | None = None) -> str:
     )
 
 
+def _well_formed(lease: Any) -> bool:
+    """A dict with the fields is_live and describe read, of their types."""
+    number = (int, float)
+    return (
+        isinstance(lease, dict)
+        and isinstance(lease.get("host"), str)
+        and isinstance(lease.get("pid"), int)
+        and all(isinstance(lease.get(k), number) and not isinstance(lease.get(k), bool) for k in ("started", "beat"))
+    )
+
+
 def leases(store: Store) -> list[tuple[str, dict[str, Any]]]:
     """(file name, lease) for every readable lease under the store's drivers/ folder; `live` is
     False for one copied here with its folder (written on this host for another path). Paths are
@@ -92,7 +103,9 @@ def leases(store: Store) -> list[tuple[str, dict[str, Any]]]:
         try:
             lease = store.read_json(posixpath.join(LEASE_DIR, name))
         except (FileNotFoundError, ValueError):
-            continue  # released meanwhile, or half-written by a killed driver
+            continue  # released meanwhile, or damaged
+        if not _well_formed(lease):
+            continue  # not a lease this code wrote (leases are written whole, then renamed)
         here = lease.get("store", me) == me or lease.get("host") != socket.gethostname()
         out.append((name, dict(lease, live=here)))
     return out

@@ -212,10 +212,18 @@ def check_data(store: Store, data: DataSplits, allow_changes: bool = False) -> d
     return {**new, "earlier": [*earlier, recorded]}
 
 
-def record_run(store: Store, cfg: RunConfig, fingerprint: dict[str, Any]) -> None:
-    """config.json and data.json, at every (re)start (epochs, monitor, the data's location may change)."""
+def record_run(
+    store: Store, cfg: RunConfig, fingerprint: dict[str, Any], epoch: int, outputs: tuple[str, ...] = ()
+) -> None:
+    """config.json and data.json, at every (re)start (epochs, monitor, the data's location may change).
+    A run that goes on (at `epoch` of more cfg.epochs) drops result.json and `outputs` a finished run
+    wrote: they would say it is finished and hand out its old results (status, report, train --genotype)."""
     store.write_json("config.json", cfg.model_dump(mode="json"))
     store.write_json(DATA_FILE, fingerprint)
+    if epoch < cfg.epochs:
+        for name in ("result.json", *outputs):
+            if store.exists(name):
+                store.fs.rm(store.path(name))
 
 
 def run_search(
@@ -248,7 +256,7 @@ def run_search(
     check_store_matches(store, cfg, allow_changes)
     fingerprint = check_data(store, data, allow_changes)
     loop.resume(device, load)
-    record_run(store, cfg, fingerprint)
+    record_run(store, cfg, fingerprint, loop.epoch, outputs=("genotype.json",))  # the search's, rewritten at its end
     monitor = loop.open_monitor(monitor)
 
     def end_epoch(epoch: int) -> dict[str, float]:

@@ -178,22 +178,23 @@ class Store:
         self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
 
     def read_json(self, rel: str, default: Any = _REQUIRED) -> Any:
-        """The JSON file `rel`; `default` instead when given and the file does not exist."""
+        """The JSON file `rel`; `default` instead when given and the file does not exist. A file
+        that is not JSON (truncated, overwritten) is a UsageError naming it (a ValueError)."""
         try:
             return json.loads(self.read_bytes(rel))
         except FileNotFoundError:
             if default is _REQUIRED:
                 raise
             return default
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UsageError(
+                f"{self.field}: {self.uri}/{rel} is not valid JSON ({e}); the store is damaged: restore the file "
+                "from a copy, or remove it if the run can do without it"
+            ) from None
 
     def read_config(self) -> dict[str, Any]:
         """The run's config.json as a dict; one clear error when it is damaged or not a run's."""
-        try:
-            raw = self.read_json("config.json")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UsageError(
-                f"{self.field}: {self.uri}/config.json is not valid JSON ({e}); the store is damaged"
-            ) from None
+        raw = self.read_json("config.json")
         if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
             raise UsageError(
                 f"{self.field}: {self.uri}/config.json is not a distsearch run's config (no 'data' section)"

@@ -156,7 +156,7 @@ def run_training(
         adopt_hyperparameters({"optimizer": optimizer}, {"scheduler": scheduler}, configured)
 
     loop.resume(device, load)
-    record_run(store, cfg, fingerprint)
+    record_run(store, cfg, fingerprint, loop.epoch)
     if genotype is not None:  # the genotype trained (a resume's own, unless changed with --allow-changes)
         store.write_json("genotype.json", genotype.to_dict())
     monitor = loop.open_monitor()

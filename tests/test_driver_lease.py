@@ -190,3 +190,14 @@ def test_paths_are_not_compared_across_hosts(tmp_path):
     store = Store(str(tmp_path / "run"))
     _foreign(store, **{"store": "file:///mnt/elsewhere/run"})
     assert len(live_drivers(store)) == 1
+
+
+def test_leases_of_another_shape_are_ignored(tmp_path) -> None:
+    """Valid JSON that is not a lease (edited by hand, another tool) is skipped, not a traceback."""
+    store = Store(str(tmp_path / "run"))
+    for i, text in enumerate(["[]", "null", '{"host": "vm", "pid": "abc"}', '{"host": "vm", "pid": 1}']):
+        (tmp_path / "run" / LEASE_DIR).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "run" / LEASE_DIR / f"odd{i}.json").write_text(text)
+    assert leases(store) == [] and live_drivers(store) == []
+    with DriverLease(store, "search"):
+        assert [lease["command"] for _, lease in leases(store)] == ["search"]

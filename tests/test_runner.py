@@ -320,3 +320,19 @@ def test_a_searcher_refuses_a_model_without_architecture_parameters(name, model)
     with pytest.raises(TypeError, match=r"model must be a search_spaces\.Supernet or an nn\.Module with") as e:
         SEARCHERS[name](m, epochs=1, **extra)
     assert type(m).__name__ in str(e.value) and SEARCHERS[name].__name__ in str(e.value)
+
+
+def test_a_finished_run_taken_further_no_longer_says_it_is_finished(tmp_path, tiny_config):
+    """Resumed with more epochs and stopped: result.json and genotype.json of the first end are gone
+    (status, report and `train --genotype` read them); the run's end writes them again."""
+    store = Store(str(tmp_path / "run"))
+    run_search(tiny_config(store.uri, epochs=1), store)
+    assert store.exists("result.json") and store.exists("genotype.json")
+    longer = tiny_config(store.uri, epochs=2)
+    with pytest.raises(Interrupted):
+        run_search(longer, store, stop_after_steps=6)  # epoch 2 of 2 (4 steps an epoch)
+    assert not store.exists("result.json") and not store.exists("genotype.json")
+    run_search(longer, store)
+    assert store.read_json("result.json")["epochs"] == 2 and store.exists("genotype.json")
+    run_search(longer, store)  # finished already: its outputs stay
+    assert store.read_json("result.json")["epochs"] == 2 and store.exists("genotype.json")

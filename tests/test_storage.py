@@ -219,3 +219,11 @@ def test_a_stored_checkpoint_weights_only_refuses_is_skipped_like_a_corrupt_one(
         store.load_checkpoint("ckpt-0000000002")
     assert isinstance(e.value, storage.CorruptCheckpoint) and isinstance(e.value, pickle.UnpicklingError)
     assert not _ran
+
+
+def test_a_damaged_json_file_is_one_error_naming_it(tmp_path) -> None:
+    store = Store(str(tmp_path / "run"))
+    store.write_json("data.json", {"train": [1]})
+    (tmp_path / "run" / "data.json").write_text('{"train": [1')  # truncated
+    with pytest.raises(UsageError, match=r"run/data.json is not valid JSON .*the store is damaged"):
+        store.read_json("data.json", None)
