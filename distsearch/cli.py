@@ -8,6 +8,7 @@ exits with code 2, before anything is written.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
@@ -254,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"distsearch {args.command}: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
     except Exception as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk or quota
+            print(f"distsearch {args.command}: {e}; free space, then {_hint(args, 'rerun it')}", file=sys.stderr)
+            return 1
         if not type(e).__module__.startswith(STORAGE_ERRORS):
             raise
         msg = " ".join(str(e).split())

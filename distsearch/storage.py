@@ -16,6 +16,7 @@ skipped like a corrupt one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -160,11 +161,16 @@ class Store:
         if self.is_local:
             os.makedirs(parent, exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:  # disk full, Ctrl-C: no half-written file left behind
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
         else:
             self.fs.pipe_file(path, data)  # a single PUT: atomic on object stores
 

@@ -410,3 +410,21 @@ def test_search_with_an_experiment_file_says_it_ignores_tune(tmp_path, capsys):
     raw = tiny_raw(str(tmp_path / "o"), epochs=1, tune={"params": {"seed": {"choice": [0, 1]}}})
     assert main(["search", "--config", _write(tmp_path, raw)]) == 0
     assert "is an experiment file: `search` runs one search of its base config" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import distsearch.storage
+
+    out = tmp_path / "run"
+    cfg = _write(tmp_path, tiny_raw(str(out), epochs=1))
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(distsearch.storage.os, "fsync", full)
+    assert main(["search", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device; free space, then" in err[0] and "--resume" in err[0], err
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
