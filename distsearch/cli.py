@@ -138,7 +138,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .config_file import load_config, parse_config, stored_config
+    from .config_file import load_config, occupied, parse_config, stored_config
     from .distributed.trainable import experiment_of  # layout only: no ray imported
     from .driver_lease import DriverLease
     from .runner import run_search
@@ -161,9 +161,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         )
     store = Store(cfg.storage.uri, field="--out" if args.out else "storage.uri")
     if store.list_checkpoints() and not args.resume:
-        raise UsageError(
-            f"--out: {cfg.storage.uri} already holds a search; pass --resume to continue it or choose another --out"
-        )
+        raise occupied(store, "search", "--out" if args.out else "storage.uri")
     store.check_writable()
     experiment = experiment_of(store)  # a trial's store: not beside the experiment's live driver
     with DriverLease(store, "search", "--out" if args.out else "storage.uri", (experiment,) if experiment else ()):

@@ -69,7 +69,7 @@ def _note_search_data(cfg: Any, changed: list[str]) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from .cli import refuse_experiment_root
     from .config import TrainConfig
-    from .config_file import apply_overrides, check_kind, parse_config, read_yaml, stored_config
+    from .config_file import apply_overrides, check_kind, occupied, parse_config, read_yaml, stored_config
     from .driver_lease import DriverLease
     from .storage import Store
     from .train import run_training
@@ -118,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     refuse_experiment_root(cfg.storage.uri, "--out")
     store = Store(cfg.storage.uri, field="--out" if args.out else "storage.uri")
     if store.list_checkpoints() and not args.resume:
-        raise UsageError(f"--out: {cfg.storage.uri} already holds a run; pass --resume or choose another --out")
+        raise occupied(store, "train", "--out" if args.out else "storage.uri")
     store.check_writable()
     if cfg.strategy.strategy == "free" and not args.resume:
         m = cfg.strategy.build().replays

@@ -180,6 +180,21 @@ def run_command(raw: dict[str, Any]) -> str:
     return "train" if "model" in raw else "search"
 
 
+def occupied(store: Any, command: str, field: str) -> UsageError:
+    """The error for a new `distsearch <command>` run on a store that holds one: continue it with
+    --resume, or, when it is the other command's run, with that command."""
+    kind = run_command(store.read_config()) if store.exists("config.json") else command
+    if kind == command:
+        return UsageError(
+            f"{field}: {store.uri} already holds a {command} run; pass --resume to continue it or choose "
+            f"another {field}"
+        )
+    return UsageError(
+        f"{field}: {store.uri} holds a {kind} run (continue it: distsearch {kind} --out {store.uri} --resume); "
+        f"choose another {field}"
+    )
+
+
 def stored_config(uri: str, command: str, overrides: list[str]) -> dict[str, Any]:
     """The raw config.json of the run at `uri` with `overrides` applied, for `distsearch <command>
     --out URI --resume` without --config; one line when there is no such run, it is another

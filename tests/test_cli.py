@@ -428,3 +428,22 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device; free space, then" in err[0] and "--resume" in err[0], err
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+def test_a_new_run_on_an_out_holding_one_says_which_command_continues_it(tmp_path, capsys):
+    search = tmp_path / "s"
+    cfg = _write(tmp_path, tiny_raw(str(search), epochs=1))
+    assert main(["search", "--config", str(cfg)]) == 0
+    assert main(["search", "--config", str(cfg)]) == 2
+    assert f"--out: {search} already holds a search run; pass --resume" in capsys.readouterr().err.replace(
+        "storage.uri", "--out"
+    )
+    train = tmp_path / "t"
+    argv = ["train", "--model", "mlp", "--epochs", "1", "--set", "data.name=digits", "--set", "data.subset=64"]
+    assert main([*argv, "--out", str(train), "--set", "monitor.progress=false"]) == 0
+    capsys.readouterr()
+    assert main(["search", "--config", str(cfg), "--out", str(train)]) == 2
+    err = capsys.readouterr().err
+    assert f"holds a train run (continue it: distsearch train --out {train} --resume)" in err, err
+    assert main([*argv, "--out", str(search)]) == 2
+    assert f"holds a search run (continue it: distsearch search --out {search} --resume)" in capsys.readouterr().err
