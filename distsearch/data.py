@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -165,13 +165,13 @@ def load_dataset(
     else:
         raise DataError(f"data.name: unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     if subset:
-        d = DataSplits(
-            d.x_train[:subset],
-            d.y_train[:subset],
-            d.x_test[: max(1, subset // 4)],
-            d.y_test[: max(1, subset // 4)],
-            d.num_classes,
-            d.class_names,
+        n_test = max(1, subset // 4)
+        d = replace(
+            d,
+            x_train=d.x_train[:subset],
+            y_train=d.y_train[:subset],
+            x_test=d.x_test[:n_test],
+            y_test=d.y_test[:n_test],
         )
     return d
 

@@ -116,9 +116,9 @@ def named_model(name: str, data: DataSplits, kwargs: dict[str, Any], field: str)
     """robust.models.build_model sized to the data set (the MLP needs the image size)."""
     from .robust.models import build_model
 
-    kwargs = ({"image_size": data.image_size} if name == "mlp" else {}) | kwargs
     try:
-        return build_model(name, in_channels=data.in_channels, num_classes=data.num_classes, **kwargs)
+        sized = {"image_size": data.image_size} | kwargs  # a model.kwargs image_size wins
+        return build_model(name, in_channels=data.in_channels, num_classes=data.num_classes, **sized)
     except ValueError as e:
         raise UsageError(f"{field}: {e}") from None
 

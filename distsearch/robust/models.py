@@ -99,8 +99,14 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(name: str, in_channels: int = 1, num_classes: int = 10, **kwargs: object) -> nn.Module:
-    """A named model; an unknown name or a bad size raises ValueError naming the field."""
+def build_model(
+    name: str, in_channels: int = 1, num_classes: int = 10, image_size: int | None = None, **kwargs: object
+) -> nn.Module:
+    """A named model; an unknown name or a bad size raises ValueError naming the field. `image_size`
+    sizes the models that need it (the MLP's first layer takes C*H*W; its own default is 28), unless
+    `kwargs` give one; the convolutional ones take any size."""
+    if name == "mlp" and image_size is not None:
+        kwargs.setdefault("image_size", image_size)
     if name not in MODELS:
         raise ValueError(f"model: unknown name {name!r}; choose one of {', '.join(MODELS)}")
     for field, value in (("in_channels", in_channels), ("num_classes", num_classes)):

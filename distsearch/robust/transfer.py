@@ -88,15 +88,16 @@ def transfer_table(
         for source, model in models.items():
             x_adv = _batched(attack, model, x, y, batch_size)
             x_noise = gaussian_like(x, x_adv, g)
-            right, found = ~clean[source], None
+            right = ~clean[source]
+            found = None  # the examples that fool the source: both rows' distortion is over them
             for label, xs in ((source, x_adv), (f"noise({source})", x_noise)):
                 wrong = {t: _wrong(m, xs, y, batch_size) for t, m in models.items()}
-                fooling = right & wrong[source]
-                found = fooling if found is None else found  # the noise row: the size of the same examples
+                if found is None:
+                    found = right & wrong[source]
                 rows.append(
                     {
                         "examples": label,
-                        "fooled": _percent(fooling[right]),
+                        "fooled": _percent(wrong[source][right]),
                         "distortion": float(distortion(xs[found], x[found]).mean()) if found.any() else None,
                         **{t: _percent(w) for t, w in wrong.items()},
                     }

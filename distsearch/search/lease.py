@@ -115,8 +115,9 @@ class LeaseSearcher(DartsSearcher):
 
             if audience == "mlp" and image_size is None:
                 raise ValueError("algorithm.audience: mlp needs the image size (LeaseSearcher's image_size)")
-            sized = {"image_size": image_size} if audience == "mlp" else {}  # the MLP's first layer takes C*H*W
-            audience_model = build_model(audience, in_channels=in_channels, num_classes=num_classes, **sized)
+            audience_model = build_model(
+                audience, in_channels=in_channels, num_classes=num_classes, image_size=image_size
+            )
         make_replayable(audience_model)  # its ReLUs and max pools, for finite_diff_hvp's replay
         p = next(model.parameters())
         self.audience = audience_model.to(device=p.device, dtype=p.dtype).train()
