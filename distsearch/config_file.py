@@ -6,7 +6,7 @@ line naming the field (`format_validation_error`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
@@ -14,6 +14,9 @@ from pydantic import ValidationError
 from .config import OptimConfig, RunConfig, SearchConfig, TrainConfig, TrainOptimConfig
 from .config_transfer import TransferConfig
 from .errors import UsageError
+
+if TYPE_CHECKING:  # storage imports torch: not at import time here
+    from .storage import Store
 
 
 def format_validation_error(err: ValidationError, prefix: str = "config") -> str:
@@ -180,7 +183,7 @@ def run_command(raw: dict[str, Any]) -> str:
     return "train" if "model" in raw else "search"
 
 
-def occupied(store: Any, command: str, field: str) -> UsageError:
+def occupied(store: Store, command: str, field: str) -> UsageError:
     """The error for a new `distsearch <command>` run on a store that holds one: continue it with
     --resume, or, when it is the other command's run, with that command."""
     kind = run_command(store.read_config()) if store.exists("config.json") else command
