@@ -20,6 +20,7 @@ from search_spaces import GenotypeError
 from . import __version__
 from .data import DataError
 from .errors import UsageError, out_uri
+from .interrupt import sigint_recorded
 
 # Modules with `register(subparsers)`; each adds its commands with set_defaults(func=...).
 COMMAND_MODULES: tuple[str, ...] = (
@@ -248,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        return int(args.func(args) or 0)
+        with sigint_recorded():
+            return int(args.func(args) or 0)
     except (UsageError, DataError, GenotypeError) as e:
         print(f"distsearch {args.command}: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2

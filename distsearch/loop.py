@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import RunConfig
 from .errors import UsageError, checkpoint_mismatch
+from .interrupt import raise_if_interrupted
 from .monitor import Monitor
 from .storage import Store
 
@@ -115,6 +116,7 @@ class EpochLoop:
                 t0 = time.time()
                 while self.step - self.epoch * n < n:
                     metrics = step_fn()
+                    raise_if_interrupted()  # before the step counts: a swallowed Ctrl-C stops here
                     self.step += 1
                     for k, v in metrics.items():
                         self.sums[k] = self.sums.get(k, 0.0) + torch.as_tensor(v).detach().double()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..interrupt import raise_if_interrupted
 from .attack_base import eval_mode
 from .bounds import certified_radius, margin_lower_bound, rounding_guard
 from .tables import Row, to_markdown, write_csv, write_markdown
@@ -47,6 +48,7 @@ def _chunks(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.dev
     """Batches on `device`; `bar` advances once each batch is done."""
     for i in range(0, x.shape[0], batch_size):
         yield x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+        raise_if_interrupted()
         if bar is not None:
             bar.update(1)
 

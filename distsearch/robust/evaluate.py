@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..interrupt import raise_if_interrupted
 from .apgd import APGD, APGDT
 from .attack_base import Attack, check_norm, eval_mode, seeded
 from .attacks import FGM, FGSM, PGD
@@ -112,6 +113,7 @@ def right_masks(
                 xa = attack(model, xb, yb)
                 with torch.no_grad():
                     robust.append((right & (model(xa).argmax(1) == yb)).cpu())
+            raise_if_interrupted()
             if bar is not None:
                 bar.update(1)
     c = torch.cat(clean) if clean else torch.zeros(0, dtype=torch.bool)
