@@ -43,9 +43,18 @@ class EpochLoop:
     history: list[dict[str, float]] = field(default_factory=list)
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     monitor: Monitor | None = None
+    # what the run is made of (record_run: its config and data fingerprint); every checkpoint
+    # carries it, so a resume checks itself against the checkpoint, not files one may edit
+    recorded: dict[str, Any] = field(default_factory=dict)
 
-    def resume(self, device: torch.device, load: Callable[[dict[str, Any]], None]) -> bool:
-        """Load the newest valid checkpoint into the run (`load`) and the loop; False if none."""
+    def resume(
+        self,
+        device: torch.device,
+        load: Callable[[dict[str, Any]], None],
+        check: Callable[[dict[str, Any]], None] | None = None,
+    ) -> bool:
+        """Load the newest valid checkpoint into the run (`load`) and the loop; False if none.
+        `check(meta)` may refuse the checkpoint first (raising), before anything is loaded."""
         latest = self.store.load_latest(map_location=device)
         if latest is None:
             if committed := self.store.list_checkpoints():
@@ -54,6 +63,8 @@ class EpochLoop:
                 )
             return False
         name, state, meta = latest
+        if check is not None:
+            check(meta)
         self.check_epochs(meta["epoch"], meta["global_step"])
         try:
             load(state)
@@ -84,7 +95,7 @@ class EpochLoop:
         return self.monitor
 
     def checkpoint(self, state: dict[str, Any], meta: dict[str, Any]) -> str:
-        meta = {"epoch": self.epoch, "global_step": self.step, "history": self.history, **meta}
+        meta = {"epoch": self.epoch, "global_step": self.step, "history": self.history, "run": self.recorded, **meta}
         name = self.store.save_checkpoint(self.step, {**state, "sums": self.sums}, meta, keep=self.cfg.storage.keep)
         self.monitor.sync()
         return name

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,18 +213,67 @@ def check_data(store: Store, data: DataSplits, allow_changes: bool = False) -> d
     return {**new, "earlier": [*earlier, recorded]}
 
 
+def check_recorded(
+    store: Store, cfg: RunConfig, fingerprint: dict[str, Any], meta: dict[str, Any], allow_changes: bool = False
+) -> dict[str, Any]:
+    """The newest checkpoint's own record (meta "run", checksummed with it) against this resume, so
+    a config.json edited or a data.json deleted by hand lets no change through. Returns the data
+    record to keep: the checkpoint's, with its history of earlier data sets. Checkpoints written
+    before meta had "run" pass (config.json and data.json were checked)."""
+    ran = meta.get("run")
+    if not ran or allow_changes:
+        return fingerprint
+    changes = resume_changes(ran["config"], cfg)
+    if changes:
+        raise UsageError(
+            f"{store.field}: the newest checkpoint in {store.uri} ran with other values ({'; '.join(changes)}) "
+            "than its config.json now says (edited since); pass --config with the values it ran with, or "
+            "--allow-changes"
+        )
+    recorded = _without_history(ran["data"])
+    if recorded != _without_history(fingerprint):
+        raise UsageError(
+            f"data: the newest checkpoint in {store.uri} ran on {describe(recorded)}; this config gives "
+            f"{describe(fingerprint)} (its data.json is missing or was edited). Point data.path / data.root at "
+            "the run's data set, or pass --allow-changes"
+        )
+    return ran["data"]
+
+
 def record_run(
     store: Store, cfg: RunConfig, fingerprint: dict[str, Any], epoch: int, outputs: tuple[str, ...] = ()
-) -> None:
-    """config.json and data.json, at every (re)start (epochs, monitor, the data's location may change).
+) -> dict[str, Any]:
+    """config.json and data.json, at every (re)start (epochs, monitor, the data's location may change);
+    returns them as the record each checkpoint carries (EpochLoop.recorded).
     A run that goes on (at `epoch` of more cfg.epochs) drops result.json and `outputs` a finished run
     wrote: they would say it is finished and hand out its old results (status, report, train --genotype)."""
-    store.write_json("config.json", cfg.model_dump(mode="json"))
+    record = {"config": cfg.model_dump(mode="json"), "data": fingerprint}
+    store.write_json("config.json", record["config"])
     store.write_json(DATA_FILE, fingerprint)
     if epoch < cfg.epochs:
         for name in ("result.json", *outputs):
             if store.exists(name):
                 store.fs.rm(store.path(name))
+    return record
+
+
+def resume_and_record(
+    loop: EpochLoop,
+    device: torch.device,
+    load: Callable[[dict[str, Any]], None],
+    fingerprint: dict[str, Any],
+    allow_changes: bool,
+    outputs: tuple[str, ...] = (),
+) -> None:
+    """loop.resume, its checkpoint checked against its own record first (check_recorded), then
+    record_run; each checkpoint from here on carries that record."""
+
+    def check(meta: dict[str, Any]) -> None:
+        nonlocal fingerprint
+        fingerprint = check_recorded(loop.store, loop.cfg, fingerprint, meta, allow_changes)
+
+    loop.resume(device, load, check)
+    loop.recorded = record_run(loop.store, loop.cfg, fingerprint, loop.epoch, outputs)
 
 
 def run_search(
@@ -255,8 +305,8 @@ def run_search(
 
     check_store_matches(store, cfg, allow_changes)
     fingerprint = check_data(store, data, allow_changes)
-    loop.resume(device, load)
-    record_run(store, cfg, fingerprint, loop.epoch, outputs=("genotype.json",))  # the search's, rewritten at its end
+    # the search's genotype.json is rewritten at its end
+    resume_and_record(loop, device, load, fingerprint, allow_changes, outputs=("genotype.json",))
     monitor = loop.open_monitor(monitor)
 
     def end_epoch(epoch: int) -> dict[str, float]:

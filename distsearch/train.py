@@ -25,8 +25,8 @@ from .runner import (
     check_data,
     check_store_matches,
     evaluate,
-    record_run,
     recorded_data,
+    resume_and_record,
     robust_accuracy,
     same_shapes,
     setup_torch,
@@ -155,8 +155,7 @@ def run_training(
         # the configured schedule, not the loaded one (more epochs: T_max grows, the lr anneals to lr_min)
         adopt_hyperparameters({"optimizer": optimizer}, {"scheduler": scheduler}, configured)
 
-    loop.resume(device, load)
-    record_run(store, cfg, fingerprint, loop.epoch)
+    resume_and_record(loop, device, load, fingerprint, allow_changes)
     if genotype is not None:  # the genotype trained (a resume's own, unless changed with --allow-changes)
         store.write_json("genotype.json", genotype.to_dict())
     monitor = loop.open_monitor()

@@ -203,6 +203,26 @@ def test_resume_continues_with_the_config_the_run_ran_with(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["optim"]["w_lr"] == 0.01
 
 
+def test_a_hand_edited_config_json_cannot_change_what_a_resume_runs(tmp_path, capsys):
+    """Each checkpoint carries the config it ran with: a config.json edited after it was written
+    is refused on --resume, naming the key, with nothing written; --allow-changes continues."""
+    from distsearch.storage import Store
+    from tests.conftest import store_files
+
+    out = tmp_path / "o"
+    assert main(["search", "--config", _write(tmp_path, tiny_raw("unused", epochs=1)), "--out", str(out)]) == 0
+    ran = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**ran, "optim": {**ran["optim"], "w_lr": 0.5}}))
+    before = store_files(Store(str(out)))
+    capsys.readouterr()
+    assert main(["search", "--out", str(out), "--resume", "--set", "epochs=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the newest checkpoint in" in err and "(optim.w_lr: 0.025 -> 0.5) than its config.json" in err, err
+    assert len(err.splitlines()) == 1 and store_files(Store(str(out))) == before
+    assert main(["search", "--out", str(out), "--resume", "--set", "epochs=2", "--allow-changes"]) == 0
+    assert json.loads((out / "result.json").read_text())["epochs"] == 2
+
+
 def test_status_of_one_run(tmp_path, capsys):
     """`status` on a search's --out (no Ray): how far, headline metrics, and running / finished /
     interrupted with the command that continues it."""

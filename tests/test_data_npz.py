@@ -337,6 +337,37 @@ def test_a_run_continues_only_on_its_own_data(tmp_path, caplog):
     assert store_files(Store(out)) == before
 
 
+def test_a_deleted_data_json_lets_no_other_data_in(tmp_path):
+    """Each checkpoint carries the data record: with data.json deleted, a resume on other images is
+    still refused (nothing written), and one on the run's own images writes data.json back as it was,
+    with its history of earlier data sets."""
+    from distsearch.config_file import parse_config
+    from distsearch.errors import UsageError
+    from distsearch.runner import run_search
+    from distsearch.storage import Store
+
+    x, y = digits(160)
+    np.savez(tmp_path / "a.npz", x=x, y=y % 3)
+    np.savez(tmp_path / "b.npz", x=x[::-1].copy(), y=y % 3)
+    out = str(tmp_path / "run")
+
+    def search(name: str, epochs: int, allow: bool = False) -> None:
+        raw = tiny_raw(out, epochs=epochs, data={"name": "npz", "path": str(tmp_path / name), "batch_size": 16})
+        run_search(parse_config(raw), Store(out), allow_changes=allow)
+
+    search("a.npz", 1)
+    search("b.npz", 2, allow=True)  # data.json now remembers a.npz as an earlier data set
+    recorded = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert len(recorded["earlier"]) == 1
+    (tmp_path / "run" / "data.json").unlink()
+    before = store_files(Store(out))
+    with pytest.raises(UsageError, match=r"^data: the newest checkpoint in .* ran on 128 training .* data.json is mis"):
+        search("a.npz", 3)
+    assert store_files(Store(out)) == before
+    search("b.npz", 3)
+    assert json.loads((tmp_path / "run" / "data.json").read_text()) == recorded
+
+
 def test_retraining_takes_the_searchs_data_and_evaluation_checks_it(tmp_path, capsys):
     """`train --genotype <search>` retrains on the data set the search ran on (not the default
     mnist5k), unless told otherwise; evaluate refuses --data of other shapes and names other images
