@@ -66,9 +66,10 @@ def _data(store: Store, config: dict[str, Any]) -> tuple[str, str | None]:
     """('npz at /a/b.npz', '975 training and 225 test images of 1x28x28, 10 classes (sha256 …)'):
     the data set a run reads, and what it was made on (its data.json; None before data.json)."""
     from .data import describe, located
+    from .runner import DATA_FILE, DATA_KEYS
 
     d = config.get("data") or {}
-    made_on = store.read_json("data.json", None)
+    made_on = store.read_json(DATA_FILE, None, DATA_KEYS)
     return located(d.get("name", "mnist5k"), d.get("root"), d.get("path")), describe(made_on) if made_on else None
 
 

@@ -170,11 +170,12 @@ def check_store_matches(store: Store, cfg: RunConfig, allow_changes: bool = Fals
 
 
 DATA_FILE = "data.json"  # the run's data set (DataSplits.fingerprint), written at every (re)start
+DATA_KEYS = ("train", "test", "classes", "sha256")
 
 
 def recorded_data(store: Store) -> dict[str, Any] | None:
     """The fingerprint in the store's data.json (its history of earlier data sets left out), or None."""
-    found = store.read_json(DATA_FILE, None)
+    found = store.read_json(DATA_FILE, None, DATA_KEYS)
     return None if found is None else _without_history(found)
 
 
@@ -193,7 +194,7 @@ def check_data(store: Store, data: DataSplits, allow_changes: bool = False) -> d
     moved is fine; other images of the same shapes and classes only with `allow_changes` (logged,
     and the earlier fingerprint kept in data.json's `earlier`); other shapes or classes never (its
     networks could not take them). Returns what record_run writes."""
-    new, found = data.fingerprint(), store.read_json(DATA_FILE, None)
+    new, found = data.fingerprint(), store.read_json(DATA_FILE, None, DATA_KEYS)
     if found is None or not store.list_checkpoints():
         return new
     earlier, recorded = found.get("earlier", []), _without_history(found)

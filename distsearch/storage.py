@@ -183,20 +183,29 @@ class Store:
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
 
-    def read_json(self, rel: str, default: Any = _REQUIRED) -> Any:
+    def read_json(self, rel: str, default: Any = _REQUIRED, keys: tuple[str, ...] = ()) -> Any:
         """The JSON file `rel`; `default` instead when given and the file does not exist. A file
-        that is not JSON (truncated, overwritten) is a UsageError naming it (a ValueError)."""
+        that is not JSON (truncated, overwritten), or not an object with all of `keys`, is a
+        UsageError naming it (a ValueError)."""
         try:
-            return json.loads(self.read_bytes(rel))
+            found = json.loads(self.read_bytes(rel))
         except FileNotFoundError:
             if default is _REQUIRED:
                 raise
             return default
         except (ValueError, UnicodeDecodeError) as e:
-            raise UsageError(
-                f"{self.field}: {self.uri}/{rel} is not valid JSON ({e}); the store is damaged: restore the file "
-                "from a copy, or remove it if the run can do without it"
-            ) from None
+            raise self._damaged(rel, f"is not valid JSON ({e})") from None
+        if keys and not isinstance(found, dict):
+            raise self._damaged(rel, "is not a JSON object")
+        if missing := sorted(set(keys) - found.keys()) if keys else []:
+            raise self._damaged(rel, f"lacks {', '.join(map(repr, missing))}")
+        return found
+
+    def _damaged(self, rel: str, what: str) -> UsageError:
+        return UsageError(
+            f"{self.field}: {self.uri}/{rel} {what}; the store is damaged: restore the file from a copy, or "
+            "remove it if the run can do without it"
+        )
 
     def read_config(self) -> dict[str, Any]:
         """The run's config.json as a dict; one clear error when it is damaged or not a run's."""
@@ -272,17 +281,21 @@ class Store:
     def list_checkpoints(self) -> list[str]:
         """Committed checkpoints (those with a manifest), oldest first. Listed afresh: gcsfs and s3fs
         answer ls and exists from listings this process cached, blind to other processes' writes."""
+        return [name for name, committed in self._folders() if committed]
+
+    def _folders(self) -> list[tuple[str, bool]]:
+        """(name, committed) of every checkpoint folder, oldest first."""
         base = self.path(CKPT_DIR)
         self.fs.invalidate_cache(base)  # base and its parents; each checkpoint's folder below
         if not self.fs.exists(base):
             return []
-        names = []
+        found = []
         for p in self.fs.ls(base, detail=False):
             name = posixpath.basename(p.rstrip("/"))
             self.fs.invalidate_cache(p)
-            if name.startswith("ckpt-") and self.fs.exists(posixpath.join(p, MANIFEST)):
-                names.append(name)
-        return sorted(names, key=_step_of)
+            if name.startswith("ckpt-"):
+                found.append((name, self.fs.exists(posixpath.join(p, MANIFEST))))
+        return sorted(found, key=lambda f: _step_of(f[0]))
 
     def _verified_files(self, name: str) -> dict[str, bytes]:
         rel = posixpath.join(CKPT_DIR, name)
@@ -294,7 +307,10 @@ class Store:
         if not (
             isinstance(files, dict)
             and {"state.pt", "meta.json"} <= files.keys()
-            and all(isinstance(i, dict) and {"size", "sha256"} <= i.keys() for i in files.values())
+            and all(
+                isinstance(i, dict) and isinstance(i.get("size"), int) and isinstance(i.get("sha256"), str)
+                for i in files.values()
+            )
         ):
             raise CorruptCheckpoint(f"{name}: malformed manifest (no size and sha256 for state.pt and meta.json)")
         out = {}
@@ -360,11 +376,15 @@ class Store:
         return None
 
     def prune(self, keep: int, upto: int | None = None) -> None:
-        """Remove all but the newest `keep` checkpoints at steps <= `upto` (default: all). Those
-        past `upto`, left by an earlier attempt whose checkpoints all failed to verify, are kept:
-        counting them would delete the checkpoint just written."""
-        names = [n for n in self.list_checkpoints() if upto is None or _step_of(n) <= upto]
-        for name in names[:-keep]:
+        """Remove all but the newest `keep` checkpoints at steps <= `upto` (default: all), and the
+        uncommitted folders (a write or a prune killed midway) below `upto`. Those past `upto`, left
+        by an earlier attempt whose checkpoints all failed to verify, are kept: counting them would
+        delete the checkpoint just written."""
+        folders = [(n, c) for n, c in self._folders() if upto is None or _step_of(n) <= upto]
+        committed = [n for n, c in folders if c]
+        left = [n for n, c in folders if not c and (upto is None or _step_of(n) < upto)]
+        for name in committed[:-keep] + left:
             rel = self.path(CKPT_DIR, name)
-            self.fs.rm(posixpath.join(rel, MANIFEST))  # uncommit first, then remove the rest
+            if self.fs.exists(posixpath.join(rel, MANIFEST)):
+                self.fs.rm(posixpath.join(rel, MANIFEST))  # uncommit first, then remove the rest
             self.fs.rm(rel, recursive=True)

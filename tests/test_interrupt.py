@@ -96,3 +96,20 @@ def test_attack_and_certify_batches_stop_at_a_dropped_ctrl_c(monkeypatch):
         with sigint_recorded(), pytest.raises(KeyboardInterrupt):
             run(bar)
         assert bar.n == 1  # the second batch never finished
+
+
+def test_ctrl_c_while_the_console_script_loads_is_one_line_and_130(monkeypatch, capsys):
+    """`distsearch` pressed Ctrl-C on while torch loads: no traceback (console.run)."""
+    import importlib.abc
+
+    from distsearch.console import run
+
+    class CtrlCOnImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "distsearch.cli":
+                raise KeyboardInterrupt
+
+    monkeypatch.delitem(sys.modules, "distsearch.cli")
+    monkeypatch.setattr(sys, "meta_path", [CtrlCOnImport(), *sys.meta_path])
+    assert run() == 130
+    assert capsys.readouterr().err == "interrupted while starting; nothing was written\n"

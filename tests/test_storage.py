@@ -42,6 +42,20 @@ def test_checkpoints_commit_list_latest_and_prune(store):
     assert left == {"ckpt-0000000010", "ckpt-0000000015", "ckpt-0000000020"}
 
 
+def test_prune_removes_folders_a_killed_write_left_uncommitted(store):
+    """A checkpoint whose write was killed before its manifest (or a prune killed midway) is never
+    listed; the next prune removes it when it lies below the checkpoint just written."""
+    store.save_checkpoint(5, {"w": torch.ones(3)}, {"step": 5}, keep=2)
+    store.write_bytes("checkpoints/ckpt-0000000007/state.pt", b"half a state")  # killed at step 7
+    store.write_bytes("checkpoints/ckpt-0000000030/state.pt", b"from an earlier attempt")  # past: kept
+    assert store.list_checkpoints() == ["ckpt-0000000005"]
+    store.save_checkpoint(10, {"w": torch.ones(3)}, {"step": 10}, keep=2)
+    store.fs.invalidate_cache()
+    left = {p.split("/")[-2] for p in store.fs.find(store.path("checkpoints"))}
+    assert left == {"ckpt-0000000005", "ckpt-0000000010", "ckpt-0000000030"}
+    assert store.list_checkpoints() == ["ckpt-0000000005", "ckpt-0000000010"]
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_corrupt_or_truncated_checkpoint_falls_back_to_previous(store, damage, caplog):
     store.save_checkpoint(1, {"w": torch.ones(100)}, {"step": 1})
@@ -61,7 +75,14 @@ def test_corrupt_or_truncated_checkpoint_falls_back_to_previous(store, damage, c
     assert "ckpt-0000000002" in caplog.text
 
 
-@pytest.mark.parametrize("manifest", [{}, [], {"files": {"meta.json": {"size": 1, "sha256": "x"}}}, {"files": 3}])
+def _string_size() -> dict:
+    ok = {"size": 1, "sha256": "x"}
+    return {"files": {"state.pt": {"size": "1", "sha256": "x"}, "meta.json": ok}}
+
+
+@pytest.mark.parametrize(
+    "manifest", [{}, [], {"files": {"meta.json": {"size": 1, "sha256": "x"}}}, {"files": 3}, _string_size()]
+)
 def test_malformed_manifest_is_skipped_like_a_corrupt_checkpoint(store, manifest, caplog):
     store.save_checkpoint(1, {"w": torch.ones(2)}, {"step": 1})
     store.save_checkpoint(2, {"w": torch.ones(2) * 2}, {"step": 2})
@@ -227,3 +248,7 @@ def test_a_damaged_json_file_is_one_error_naming_it(tmp_path) -> None:
     (tmp_path / "run" / "data.json").write_text('{"train": [1')  # truncated
     with pytest.raises(UsageError, match=r"run/data.json is not valid JSON .*the store is damaged"):
         store.read_json("data.json", None)
+    for damaged, what in [({"train": [1]}, "lacks 'classes', 'test'"), ([1], "is not a JSON object")]:
+        store.write_json("data.json", damaged)
+        with pytest.raises(UsageError, match=rf"run/data.json {what}; the store is damaged"):
+            store.read_json("data.json", None, ("train", "classes", "test"))
