@@ -20,7 +20,7 @@ from search_spaces import GenotypeError
 from . import __version__
 from .data import DataError
 from .errors import UsageError, out_uri
-from .interrupt import sigint_recorded
+from .interrupt import Terminated, signals_recorded
 
 # Modules with `register(subparsers)`; each adds its commands with set_defaults(func=...).
 COMMAND_MODULES: tuple[str, ...] = (
@@ -249,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        with sigint_recorded():
+        # SIGTERM as an interruption where we own the loop; a Ray driver leaves it to Ray
+        with signals_recorded(sigterm=args.command in ("search", "train")):
             return int(args.func(args) or 0)
     except (UsageError, DataError, GenotypeError) as e:
         print(f"distsearch {args.command}: {' '.join(str(e).split())}", file=sys.stderr)  # one line
@@ -267,9 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: {_hint(args, 'rerun it')}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what, rc = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"{what}: {_hint(args, 'rerun it')}", file=sys.stderr)
+        return rc
 
 
 if __name__ == "__main__":

@@ -1,11 +1,17 @@
-"""Ctrl-C is never lost (distsearch/interrupt.py): a KeyboardInterrupt that Python drops because
-it landed in a finaliser still stops the search, which exits 130 with its resume hint."""
+"""Ctrl-C and SIGTERM are never lost (distsearch/interrupt.py): a KeyboardInterrupt that Python
+drops because it landed in a finaliser still stops the search, which exits 130 (143 for SIGTERM)
+with its resume hint; a SIGTERMed search releases its lease."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +19,8 @@ import yaml
 from torch import nn
 
 from distsearch.cli import main
-from distsearch.interrupt import sigint_recorded
+from distsearch.driver_lease import leases
+from distsearch.interrupt import signals_recorded
 from distsearch.robust.certify import certified_accuracy
 from distsearch.robust.evaluate import right_masks
 from distsearch.search.darts import DartsSearcher
@@ -21,15 +28,24 @@ from distsearch.storage import Store
 from tests.conftest import tiny_raw
 
 
-class _CtrlCInFinaliser:
-    """Deleted at once: SIGINT arrives inside __del__, where Python prints the KeyboardInterrupt
-    as "Exception ignored" and drops it (as matplotlib's weakref callbacks did on CI)."""
+class _SignalInFinaliser:
+    """Deleted at once: the signal arrives inside __del__, where Python prints the exception as
+    "Exception ignored" and drops it (as matplotlib's weakref callbacks did on CI)."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        self.signum = signum
 
     def __del__(self) -> None:
-        signal.raise_signal(signal.SIGINT)
+        if signal.getsignal(self.signum) not in (signal.SIG_DFL, signal.SIG_IGN):  # never kill pytest
+            signal.raise_signal(self.signum)
 
 
-def test_a_ctrl_c_dropped_by_a_finaliser_still_stops_the_search(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "signum,rc,said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")]
+)
+def test_a_signal_dropped_by_a_finaliser_still_stops_the_search(tmp_path, monkeypatch, capsys, signum, rc, said):
+    from distsearch.interrupt import Terminated
+
     steps = []
     real_step = DartsSearcher.step
 
@@ -37,7 +53,7 @@ def test_a_ctrl_c_dropped_by_a_finaliser_still_stops_the_search(tmp_path, monkey
         out = real_step(self, *batches)
         steps.append(1)
         if len(steps) == 3:
-            _CtrlCInFinaliser()
+            _SignalInFinaliser(signum)
         return out
 
     monkeypatch.setattr(DartsSearcher, "step", step)
@@ -45,19 +61,48 @@ def test_a_ctrl_c_dropped_by_a_finaliser_still_stops_the_search(tmp_path, monkey
     monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))
     out = (tmp_path / "run").as_uri()
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tiny_raw("unused", epochs=3)))
-    rc = main(["search", "--config", str(tmp_path / "cfg.yaml"), "--out", out])
+    assert main(["search", "--config", str(tmp_path / "cfg.yaml"), "--out", out]) == rc
     err = capsys.readouterr().err
-    assert dropped == [KeyboardInterrupt], "the interrupt was not dropped: this test no longer tests the fallback"
-    assert rc == 130 and f"distsearch search --out {out} --resume" in err, err
+    assert dropped == [Terminated if signum == signal.SIGTERM else KeyboardInterrupt], "not dropped: no test"
+    assert err.startswith(f"{said}: continue from the last checkpoint with `distsearch search --out {out} --resume`")
     assert len(steps) == 3 and Store(out).list_checkpoints() == []  # stopped in epoch 1 (4 steps), nothing saved
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
-def test_sigint_recorded_changes_nothing_off_the_main_thread_or_when_sigint_is_ignored():
+def test_a_sigterm_mid_search_releases_its_lease_and_the_search_resumes(tmp_path):
+    """A cluster preempting `distsearch search` (SIGTERM): exit 143 with the resume hint, no lease
+    left (another host would otherwise wait out its heartbeat), and --resume finishes it."""
+    raw = tiny_raw("unused", epochs=20, **{"storage.every_n_steps": 1})
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "distsearch.cli", "search", "--config", "cfg.yaml", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("checkpoints/*/MANIFEST.json")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the search ended before it could be terminated"
+        assert leases(Store(str(out))), "no lease while it runs"
+        proc.terminate()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143 and "terminated (SIGTERM): continue from the last checkpoint with" in err, err
+    assert leases(Store(str(out))) == []
+    done = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "result.json").read_text())["epochs"] == 20
+
+
+def test_signals_recorded_changes_nothing_off_the_main_thread_or_when_sigint_is_ignored():
     seen = []
 
     def worker() -> None:
-        with sigint_recorded():
+        with signals_recorded():
             seen.append(signal.getsignal(signal.SIGINT))
 
     t = threading.Thread(target=worker)
@@ -66,7 +111,7 @@ def test_sigint_recorded_changes_nothing_off_the_main_thread_or_when_sigint_is_i
     assert seen == [signal.default_int_handler]
     kept = signal.signal(signal.SIGINT, signal.SIG_IGN)  # e.g. started in the background with nohup
     try:
-        with sigint_recorded():
+        with signals_recorded():
             assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, kept)
@@ -81,7 +126,7 @@ class _BarThatDropsCtrlC:
     def update(self, k: int) -> None:
         self.n += k
         if self.n == 1:
-            _CtrlCInFinaliser()
+            _SignalInFinaliser()
 
 
 def test_attack_and_certify_batches_stop_at_a_dropped_ctrl_c(monkeypatch):
@@ -93,7 +138,7 @@ def test_attack_and_certify_batches_stop_at_a_dropped_ctrl_c(monkeypatch):
         lambda bar: certified_accuracy(model, x, y, [0.1], batch_size=2, bar=bar),
     ):
         bar = _BarThatDropsCtrlC()
-        with sigint_recorded(), pytest.raises(KeyboardInterrupt):
+        with signals_recorded(), pytest.raises(KeyboardInterrupt):
             run(bar)
         assert bar.n == 1  # the second batch never finished
 
