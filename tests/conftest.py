@@ -158,7 +158,10 @@ def ray_local():
     CUDA, so they run on the CPU)."""
     import ray
 
+    kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING")
+    for s, handler in kept.items():  # ray.init takes SIGTERM (sys.exit) for the rest of pytest
+        signal.signal(s, handler)
     address = ray.get_runtime_context().gcs_address
     yield address
     started = descendants(os.getpid())

@@ -461,7 +461,9 @@ def test_two_trials_optuna_asha_local(ray_local, tmp_path, capsys, monkeypatch):
     d = synthetic(n=160, image_size=8, num_classes=3)
     (tmp_path / "data").mkdir()
     np.savez(tmp_path / "data" / "mine.npz", x=d.x_train.numpy(), y=d.y_train.numpy())
-    f = experiment(tmp_path / "exp.yaml", resources={"cpu": 1, "gpu": 0.5})
+    # four epochs: time for both to start before either ends; ASHA on an objective the two trials
+    # tie on (one w_lr, one schedule), so it never stops one of them whichever reports first
+    f = experiment(tmp_path / "exp.yaml", epochs=4, metric="lr/weights", mode="min", resources={"cpu": 1, "gpu": 0.5})
     raw = yaml.safe_load(open(f))
     raw["data"] = {"name": "npz", "path": "data/mine.npz", "batch_size": 16, "eval_batch_size": 64}
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(raw))
@@ -488,37 +490,39 @@ def test_two_trials_optuna_asha_local(ray_local, tmp_path, capsys, monkeypatch):
 @pytest.mark.slow
 def test_a_trial_asha_stops_is_shown_as_stopped(ray_local, tmp_path, capsys):
     """ASHA (grace 1, factor 2, one trial at a time) stops the second trial after epoch 1 when it is
-    worse than the first there: here slower (metric time/epoch_s, min; eight times the channels).
-    status and report say so, and `run` still ends with 0."""
+    worse than the first there: here its learning rate after epoch 1 is higher (metric lr/weights,
+    min; ten times the w_lr): a deterministic order, unlike timings. status and report say so, and
+    `run` still ends with 0."""
     from distsearch.report import build_report
 
     f = experiment(
         tmp_path / "exp.yaml",
         search_alg="random",
         max_concurrent_trials=1,
-        metric="time/epoch_s",
+        metric="lr/weights",
         mode="min",
-        params={"space.C": {"choice": [2, 16]}},
-        points_to_evaluate=[{"space.C": 2}, {"space.C": 16}],
+        params={"optim.w_lr": {"choice": [0.02, 0.2]}},
+        points_to_evaluate=[{"optim.w_lr": 0.02}, {"optim.w_lr": 0.2}],
     )
     assert main(["run", "--config", f, "--storage", str(tmp_path / "runs"), "--name", "asha"]) == 0
     root = tmp_path / "runs" / "asha"
-    by_c = {json.loads((s / "config.json").read_text())["space"]["C"]: s for s in trials(root).values()}
-    assert (by_c[2] / "result.json").exists() and not (by_c[16] / "result.json").exists()
-    stopped = json.loads((by_c[16] / "stopped.json").read_text())
+    by_lr = {json.loads((s / "config.json").read_text())["optim"]["w_lr"]: s for s in trials(root).values()}
+    assert (by_lr[0.02] / "result.json").exists() and not (by_lr[0.2] / "result.json").exists()
+    stopped = json.loads((by_lr[0.2] / "stopped.json").read_text())
     assert stopped == {
         "scheduler": "asha",
         "epoch": 1,
-        "metric": "time/epoch_s",
+        "metric": "lr/weights",
         "value": pytest.approx(stopped["value"]),
     }
     capsys.readouterr()
     assert main(["status", str(root)]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:] if line.split()}
-    assert rows[by_c[16].parent.name][1:3] == ["STOPPED", "1"] and rows[by_c[2].parent.name][1:3] == ["TERMINATED", "2"]
+    assert rows[by_lr[0.2].parent.name][1:3] == ["STOPPED", "1"]
+    assert rows[by_lr[0.02].parent.name][1:3] == ["TERMINATED", "2"]
     (tmp_path / "report").mkdir()
     report = Path(build_report(str(root), str(tmp_path / "report"))).read_text()
-    assert "stopped early by ASHA after epoch 1 (time/epoch_s worse than its rung's cutoff)" in report
+    assert "stopped early by ASHA after epoch 1 (lr/weights worse than its rung's cutoff)" in report
     assert "unfinished" not in report
 
 

@@ -28,6 +28,18 @@ from distsearch.storage import Store
 from tests.conftest import tiny_raw
 
 
+@pytest.fixture(autouse=True)
+def _python_signal_handling():
+    """Python's own SIGINT and SIGTERM handling, whatever an earlier test (ray.init) installed."""
+    kept = {
+        s: signal.signal(s, h)
+        for s, h in [(signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)]
+    }
+    yield
+    for s, handler in kept.items():
+        signal.signal(s, handler)
+
+
 class _SignalInFinaliser:
     """Deleted at once: the signal arrives inside __del__, where Python prints the exception as
     "Exception ignored" and drops it (as matplotlib's weakref callbacks did on CI)."""
