@@ -150,6 +150,23 @@ def kill_driver_when(driver, ready, log: Path, timeout: float = 240.0) -> None:
         end_pids(in_session(driver.pid))
 
 
+_HELD_PORTS: list = []
+
+
+def held_port(host: str = "127.0.0.1") -> int:
+    """A free port held for the whole session by a socket bound with SO_REUSEADDR and never
+    listening: no other process (Ray's many) gets it from bind(0) or connect meanwhile, yet a
+    server that sets SO_REUSEADDR itself (moto's, the GCS emulator's: http.server) binds it later.
+    Unserved, it refuses connections at once."""
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    _HELD_PORTS.append(sock)
+    return sock.getsockname()[1]
+
+
 # -- the session's Ray -----------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def ray_local():

@@ -25,7 +25,7 @@ import yaml
 
 pytest.importorskip("ray")
 pytest.importorskip("optuna")
-from conftest import _stat, end_pids, in_session, kill_driver_when, tiny_raw  # noqa: E402
+from conftest import _stat, end_pids, held_port, in_session, kill_driver_when, tiny_raw  # noqa: E402
 from conftest import tiny_experiment as experiment  # noqa: E402
 
 from distsearch.cli import main  # noqa: E402
@@ -39,7 +39,7 @@ def _free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-S3_PORT = _free_port()
+S3_PORT = held_port()  # chosen now: Ray's workers inherit the endpoint
 ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -79,7 +79,11 @@ def s3_bucket():
                 client.create_bucket(Bucket="exp")
                 break
             except Exception:  # noqa: BLE001 - not listening yet
+                if proc.poll() is not None:
+                    pytest.fail(f"moto.server exited ({proc.returncode}) on port {S3_PORT}")
                 time.sleep(0.1)
+        else:
+            pytest.fail(f"moto.server did not answer on port {S3_PORT}")
         yield "s3://exp/runs"
     finally:
         end_pids(in_session(proc.pid), grace=1.0)

@@ -44,7 +44,7 @@ gcsfs = pytest.importorskip("gcsfs")
 pytest.importorskip("gcp_storage_emulator")
 pytest.importorskip("pyarrow._gcsfs", reason="pyarrow built without GCS")
 serialization = pytest.importorskip("cryptography.hazmat.primitives.serialization")
-from conftest import _stat, end_pids, in_session, kill_driver_when, tiny_experiment  # noqa: E402
+from conftest import _stat, end_pids, held_port, in_session, kill_driver_when, tiny_experiment  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
 
 from distsearch.cli import main  # noqa: E402
@@ -60,13 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "exp"
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-GCS_PORT = _free_port()
+GCS_PORT = held_port()  # chosen now: Ray's workers inherit the endpoint
 ENDPOINT = f"http://127.0.0.1:{GCS_PORT}"
 KEY_FILE = os.path.join(tempfile.gettempdir(), f"dsr-gcs-key-{os.getpid()}.json")  # written by gcs_server
 ENV = {  # the Ray settings of tests/test_distributed.py, then the emulator's
@@ -80,7 +74,7 @@ ENV = {  # the Ray settings of tests/test_distributed.py, then the emulator's
     "NO_GCE_CHECK": "true",
     "CLOUD_STORAGE_EMULATOR_ENDPOINT": ENDPOINT,
     "GOOGLE_APPLICATION_CREDENTIALS": KEY_FILE,
-    "GCE_METADATA_ROOT": f"127.0.0.1:{_free_port()}",  # closed: never the link-local metadata server
+    "GCE_METADATA_ROOT": f"127.0.0.1:{held_port()}",  # closed: never the link-local metadata server
     "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
 }
 os.environ.update(ENV)  # before Ray starts, so its workers inherit it
