@@ -8,6 +8,7 @@ exits with code 2, before anything is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import json
@@ -161,6 +162,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     store = Store(cfg.storage.uri, field="--out" if args.out else "storage.uri")
+    args.store_uri = store.uri  # for the hint after an interruption
     if store.list_checkpoints() and not args.resume:
         raise occupied(store, "search", "--out" if args.out else "storage.uri")
     store.check_writable()
@@ -227,17 +229,25 @@ STORAGE_ERRORS = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google")  # a rem
 
 
 RESUME_HINT = {  # how each long command continues after an interruption
-    "search": "continue from the last checkpoint with `distsearch search --out {out} --resume`",
-    "train": "continue from the last checkpoint with `distsearch train --out {out} --resume`",
+    "search": "continue from the last checkpoint with `distsearch search --out {out} --resume{allow}`",
+    "train": "continue from the last checkpoint with `distsearch train --out {out} --resume{allow}`",
     "run": "continue with `distsearch resume {out}`",
     "resume": "continue with `distsearch resume {out}`",
 }
 
 
 def _hint(args: argparse.Namespace, default: str) -> str:
-    where = getattr(args, "out", None) or getattr(args, "uri", None)
+    """How to continue `args.command` at its store (`args.store_uri`, set once the command knows it)."""
+    where = getattr(args, "store_uri", None) or getattr(args, "out", None) or getattr(args, "uri", None)
+    if args.command in ("search", "train") and where:
+        from .storage import Store
+
+        with contextlib.suppress(Exception):  # a store that cannot be asked: the usual hint
+            if not Store(where).exists("config.json"):
+                return "rerun the same command (nothing was saved yet)"
     where = where or ("<storage>/<name>" if args.command == "run" else "<storage.uri>")
-    return RESUME_HINT.get(args.command, default).replace("{out}", where)
+    allow = " --allow-changes" if getattr(args, "allow_changes", False) else ""
+    return RESUME_HINT.get(args.command, default).replace("{out}", where).replace("{allow}", allow)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

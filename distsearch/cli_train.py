@@ -117,6 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.storage.uri = default_train_out(cfg)
     refuse_experiment_root(cfg.storage.uri, "--out")
     store = Store(cfg.storage.uri, field="--out" if args.out else "storage.uri")
+    args.store_uri = store.uri  # for the hint after an interruption
     if store.list_checkpoints() and not args.resume:
         raise occupied(store, "train", "--out" if args.out else "storage.uri")
     store.check_writable()

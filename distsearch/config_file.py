@@ -161,10 +161,10 @@ def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def resume_changes(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
-    """'key: old -> new' for each value of a run's stored config.json that `cfg` changes, except
-    RESUME_MAY_CHANGE. The stored config is read as this version reads it, so a field added since
-    (at its default, which keeps the old behaviour) is no change."""
+def resume_changes(stored: dict[str, Any], cfg: RunConfig, may_change: tuple[str, ...] = ()) -> list[str]:
+    """'key: old -> new' for each value of a run's stored config that `cfg` changes, except
+    RESUME_MAY_CHANGE and `may_change`. The stored config is read as this version reads it, so a
+    field added since (at its default, which keeps the old behaviour) is no change."""
     try:
         stored = type(cfg).model_validate(stored).model_dump(mode="json")
     except ValueError:  # a field since renamed or removed: compare as written
@@ -174,7 +174,7 @@ def resume_changes(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
     return [
         f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
         for key in sorted(old.keys() | new.keys())
-        if old.get(key) != new.get(key) and key not in RESUME_MAY_CHANGE and not key.startswith(sections)
+        if old.get(key) != new.get(key) and key not in RESUME_MAY_CHANGE + may_change and not key.startswith(sections)
     ]
 
 

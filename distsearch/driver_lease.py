@@ -158,13 +158,19 @@ class DriverLease:
     def claim(self) -> DriverLease:
         self._made_root = self.store.is_local and not os.path.exists(self.store.root)
         self._write()
+        try:
+            return self._hold()
+        except BaseException:  # refused, Ctrl-C, SIGTERM: __exit__ will not run, so remove it here
+            self.release()
+            raise
+
+    def _hold(self) -> DriverLease:
         now = time.time()
         others = [(n, lease) for n, lease in leases(self.store) if lease.get("token") != self.token]
         live = [lease for _, lease in others if lease["live"] and is_live(lease, now, self.stale_s)]
         for blocker in self.blockers:
             live += [dict(lease, at=blocker.uri) for lease in live_drivers(blocker)]
         if live:
-            self._remove(self.file)
             where = f" (it holds {live[0]['at']})" if "at" in live[0] else ""
             raise UsageError(
                 f"{self.field}: {self.store.uri} is in use by another process{where} ({describe(live[0], now)}); "

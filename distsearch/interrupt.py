@@ -15,6 +15,7 @@ death whose lease other hosts honour for a minute.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,12 +49,16 @@ def signals_recorded(sigterm: bool = False) -> Iterator[None]:
         wanted += [signal.SIGINT] if signal.getsignal(signal.SIGINT) is signal.default_int_handler else []
         wanted += [signal.SIGTERM] if sigterm and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL else []
     kept = {s: signal.signal(s, _on_signal) for s in wanted}
+    hook = sys.unraisablehook
     _pending = None
+    if wanted:  # a dropped interrupt is raised again: no "Exception ignored" traceback for it
+        sys.unraisablehook = lambda u: None if issubclass(u.exc_type, KeyboardInterrupt) else hook(u)
     try:
         yield
     finally:
         for s, handler in kept.items():
             signal.signal(s, handler)
+        sys.unraisablehook = hook
         _pending = None
 
 

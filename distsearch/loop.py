@@ -151,6 +151,7 @@ class EpochLoop:
                 name = self.checkpoint(*state_fn())
                 if on_epoch is not None:
                     on_epoch(self.epoch, record, name)
+            raise_if_interrupted()  # one dropped during the last epoch's end: no results, as if caught
         finally:
             bar.close()
             if self.own_monitor and self.epoch < cfg.epochs:

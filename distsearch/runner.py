@@ -150,23 +150,14 @@ def robust_accuracy(
     return clean / 100.0, robust / 100.0
 
 
-def check_store_matches(store: Store, cfg: RunConfig, allow_changes: bool = False) -> None:
-    """A store holding a run must hold this config's run: the same kind (search or training) and,
-    unless `allow_changes` or it holds no checkpoint yet (killed before its first: nothing to
-    continue), the same values but for what a resume may change (config_file.resume_changes)."""
+def check_kind(store: Store, cfg: RunConfig) -> None:
+    """A store holding a run must hold this config's kind of run (search or training)."""
     if not store.exists("config.json"):
         return
-    old = store.read_config()
-    command = run_command(old)
+    command = run_command(store.read_config())
     if command != run_command(cfg.model_dump()):
         kind = "a training run" if command == "train" else "a search"
         raise UsageError(f"{store.field}: {store.uri} holds {kind}, not this kind of run; choose another --out")
-    changes = [] if allow_changes or not store.list_checkpoints() else resume_changes(old, cfg)
-    if changes:
-        raise UsageError(
-            f"{store.field}: {store.uri} ran with other values ({'; '.join(changes)}); continue it as "
-            f"it ran: `distsearch {command} --out {store.uri} --resume` (no --config), or pass --allow-changes"
-        )
 
 
 DATA_FILE = "data.json"  # the run's data set (DataSplits.fingerprint), written at every (re)start
@@ -189,21 +180,49 @@ def same_shapes(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return (a["train"][1:], a["classes"]) == (b["train"][1:], b["classes"])
 
 
-def check_data(store: Store, data: DataSplits, allow_changes: bool = False) -> dict[str, Any]:
-    """The data set of a run with checkpoints is the one it ran on (its data.json): the same file
-    moved is fine; other images of the same shapes and classes only with `allow_changes` (logged,
-    and the earlier fingerprint kept in data.json's `earlier`); other shapes or classes never (its
-    networks could not take them). Returns what record_run writes."""
-    new, found = data.fingerprint(), store.read_json(DATA_FILE, None, DATA_KEYS)
-    if found is None or not store.list_checkpoints():
-        return new
+def check_resume(
+    store: Store,
+    cfg: RunConfig,
+    fingerprint: dict[str, Any],
+    meta: dict[str, Any],
+    allow_changes: bool = False,
+    may_change: tuple[str, ...] = (),
+    genotype: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A resume continues the run its newest checkpoint holds. Each checkpoint records the config,
+    data and genotype it ran with (meta "run", checksummed with it); older ones stand on config.json
+    and data.json. Unless `allow_changes`: the same values but for what a resume may change
+    (config_file.resume_changes, and `may_change`: the keys a PBT exploit mutates), the same
+    genotype, and the same images (the same file moved is fine). With it: other values, and other
+    images of the same shapes and classes (logged, the earlier fingerprint kept under `earlier`);
+    other shapes or classes never (its networks could not take them). Returns the data record."""
+    ran = meta.get("run") or {"config": store.read_config(), "data": store.read_json(DATA_FILE, None, DATA_KEYS)}
+    changes = [] if allow_changes else resume_changes(ran["config"], cfg, may_change)
+    if changes:
+        command = run_command(ran["config"])
+        edited = store.exists("config.json") and not resume_changes(store.read_config(), cfg, may_change)
+        fix = (
+            "its config.json was edited since: pass --config with the values it ran with, or --allow-changes"
+            if edited
+            else f"continue it as it ran: `distsearch {command} --out {store.uri} --resume` (no --config), or "
+            "pass --allow-changes"
+        )
+        raise UsageError(f"{store.field}: {store.uri} ran with other values ({'; '.join(changes)}); {fix}")
+    if not allow_changes and "genotype" in ran and ran["genotype"] != genotype:
+        raise UsageError(
+            f"model.genotype: {store.uri} trained another genotype than the one its genotype.json or "
+            "model.genotype now gives (edited since); restore genotype.json, or pass --allow-changes"
+        )
+    found = ran["data"]
+    if found is None:
+        return fingerprint
     earlier, recorded = found.get("earlier", []), _without_history(found)
-    if recorded == new:
-        return {**new, "earlier": earlier} if earlier else new
-    d = store.read_config().get("data") or {}
+    if recorded == _without_history(fingerprint):
+        return {**fingerprint, "earlier": earlier} if earlier else fingerprint
+    d = ran["config"].get("data") or {}
     where = located(d.get("name", "mnist5k"), d.get("root"), d.get("path"))
-    what = f"{store.uri} ran on {describe(recorded)} ({where}); this config gives {describe(new)}"
-    if not same_shapes(recorded, new):
+    what = f"{store.uri} ran on {describe(recorded)} ({where}); this config gives {describe(fingerprint)}"
+    if not same_shapes(recorded, fingerprint):
         raise UsageError(
             f"data: {what}: its networks cannot take other image shapes or classes; point data.path / "
             "data.root at the run's data set"
@@ -211,70 +230,46 @@ def check_data(store: Store, data: DataSplits, allow_changes: bool = False) -> d
     if not allow_changes:
         raise UsageError(f"data: {what}. Point data.path / data.root at the run's data set, or pass --allow-changes")
     log.warning("data: %s; continuing on the new images (--allow-changes)", what)
-    return {**new, "earlier": [*earlier, recorded]}
+    return {**fingerprint, "earlier": [*earlier, recorded]}
 
 
-def check_recorded(
-    store: Store, cfg: RunConfig, fingerprint: dict[str, Any], meta: dict[str, Any], allow_changes: bool = False
-) -> dict[str, Any]:
-    """The newest checkpoint's own record (meta "run", checksummed with it) against this resume, so
-    a config.json edited or a data.json deleted by hand lets no change through. Returns the data
-    record to keep: the checkpoint's, with its history of earlier data sets. Checkpoints written
-    before meta had "run" pass (config.json and data.json were checked)."""
-    ran = meta.get("run")
-    if not ran or allow_changes:
-        return fingerprint
-    changes = resume_changes(ran["config"], cfg)
-    if changes:
-        raise UsageError(
-            f"{store.field}: the newest checkpoint in {store.uri} ran with other values ({'; '.join(changes)}) "
-            "than its config.json now says (edited since); pass --config with the values it ran with, or "
-            "--allow-changes"
-        )
-    recorded = _without_history(ran["data"])
-    if recorded != _without_history(fingerprint):
-        raise UsageError(
-            f"data: the newest checkpoint in {store.uri} ran on {describe(recorded)}; this config gives "
-            f"{describe(fingerprint)} (its data.json is missing or was edited). Point data.path / data.root at "
-            "the run's data set, or pass --allow-changes"
-        )
-    return ran["data"]
-
-
-def record_run(
-    store: Store, cfg: RunConfig, fingerprint: dict[str, Any], epoch: int, outputs: tuple[str, ...] = ()
-) -> dict[str, Any]:
-    """config.json and data.json, at every (re)start (epochs, monitor, the data's location may change);
-    returns them as the record each checkpoint carries (EpochLoop.recorded).
+def record_run(store: Store, record: dict[str, Any], epoch: int, outputs: tuple[str, ...] = ()) -> None:
+    """config.json and data.json, at every (re)start (epochs, monitor, the data's location may change).
     A run that goes on (at `epoch` of more cfg.epochs) drops result.json and `outputs` a finished run
     wrote: they would say it is finished and hand out its old results (status, report, train --genotype)."""
-    record = {"config": cfg.model_dump(mode="json"), "data": fingerprint}
     store.write_json("config.json", record["config"])
-    store.write_json(DATA_FILE, fingerprint)
-    if epoch < cfg.epochs:
+    store.write_json(DATA_FILE, record["data"])
+    if epoch < record["config"]["epochs"]:
         for name in ("result.json", *outputs):
             if store.exists(name):
                 store.fs.rm(store.path(name))
-    return record
 
 
 def resume_and_record(
     loop: EpochLoop,
     device: torch.device,
     load: Callable[[dict[str, Any]], None],
-    fingerprint: dict[str, Any],
+    data: DataSplits,
     allow_changes: bool,
+    may_change: tuple[str, ...] = (),
     outputs: tuple[str, ...] = (),
+    genotype: Genotype | None = None,
 ) -> None:
-    """loop.resume, its checkpoint checked against its own record first (check_recorded), then
-    record_run; each checkpoint from here on carries that record."""
+    """Check the run (check_kind), loop.resume with its checkpoint checked first (check_resume),
+    then record_run. Each checkpoint from here on carries the record (config, data, genotype)."""
+    check_kind(loop.store, loop.cfg)
+    record = {"config": loop.cfg.model_dump(mode="json"), "data": data.fingerprint()}
+    if genotype is not None:
+        record["genotype"] = genotype.to_dict()
 
     def check(meta: dict[str, Any]) -> None:
-        nonlocal fingerprint
-        fingerprint = check_recorded(loop.store, loop.cfg, fingerprint, meta, allow_changes)
+        record["data"] = check_resume(
+            loop.store, loop.cfg, record["data"], meta, allow_changes, may_change, record.get("genotype")
+        )
 
     loop.resume(device, load, check)
-    loop.recorded = record_run(loop.store, loop.cfg, fingerprint, loop.epoch, outputs)
+    record_run(loop.store, record, loop.epoch, outputs)
+    loop.recorded = record
 
 
 def run_search(
@@ -284,9 +279,11 @@ def run_search(
     on_epoch: EpochHook | None = None,
     stop_after_steps: int | None = None,
     allow_changes: bool = False,
+    may_change: tuple[str, ...] = (),
 ) -> SearchResult:
     """Run (or resume) one search to `cfg.epochs`; returns the derived genotype and metrics.
-    A resume refuses a config that changes what the run ran with unless `allow_changes`."""
+    A resume refuses a config that changes what the run ran with unless `allow_changes` (or
+    the key is in `may_change`: a PBT exploit's mutated keys)."""
     device = setup_torch(cfg)
     if cfg.cuda_graph and device.type != "cuda":
         raise UsageError(f"cuda_graph: needs a GPU; device resolved to {device.type}")
@@ -304,10 +301,8 @@ def run_search(
         train.load_state_dict(state["train_stream"])
         val.load_state_dict(state["val_stream"])
 
-    check_store_matches(store, cfg, allow_changes)
-    fingerprint = check_data(store, data, allow_changes)
     # the search's genotype.json is rewritten at its end
-    resume_and_record(loop, device, load, fingerprint, allow_changes, outputs=("genotype.json",))
+    resume_and_record(loop, device, load, data, allow_changes, may_change, outputs=("genotype.json",))
     monitor = loop.open_monitor(monitor)
 
     def end_epoch(epoch: int) -> dict[str, float]:

@@ -24,6 +24,7 @@ import logging
 import os
 import pickle
 import posixpath
+import re
 import tempfile
 import uuid
 from collections import OrderedDict
@@ -54,6 +55,9 @@ _REQUIRED = object()  # read_json without a default: a missing file raises
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+CKPT_NAME = re.compile(r"ckpt-(\d+)")  # what save_checkpoint names; anything else is not ours
 
 
 def _step_of(name: str) -> int:
@@ -293,7 +297,7 @@ class Store:
         for p in self.fs.ls(base, detail=False):
             name = posixpath.basename(p.rstrip("/"))
             self.fs.invalidate_cache(p)
-            if name.startswith("ckpt-"):
+            if CKPT_NAME.fullmatch(name):
                 found.append((name, self.fs.exists(posixpath.join(p, MANIFEST))))
         return sorted(found, key=lambda f: _step_of(f[0]))
 

@@ -22,8 +22,6 @@ from .loop import EpochLoop
 from .runner import (
     build_data,
     build_supernet,
-    check_data,
-    check_store_matches,
     evaluate,
     recorded_data,
     resume_and_record,
@@ -32,7 +30,7 @@ from .runner import (
     setup_torch,
 )
 from .search.base import adopt_hyperparameters, hyperparameters, rng_state, set_rng_state
-from .storage import Store
+from .storage import CKPT_DIR, Store
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +82,19 @@ def search_data(ref: str) -> dict[str, Any] | None:
 
 
 def run_genotype(cfg: TrainConfig, store: Store) -> Genotype | None:
-    """The genotype the run trains. A resume (the store holds checkpoints and genotype.json) builds
-    the store's own genotype.json: model.genotype is not read again (a search it names may have
-    moved on since, a relative path may name another file from another cwd). Only a model.genotype
-    changed on purpose (--allow-changes) is read anew."""
+    """The genotype the run trains. A resume builds the genotype its newest checkpoint trained (its
+    record; genotype.json for checkpoints older than the record): model.genotype is not read again (a
+    search it names may have moved on since, a relative path may name another file from another cwd).
+    Only a model.genotype changed on purpose (--allow-changes) is read anew."""
     ref = cfg.model.genotype
     if not ref:
         return None
-    if store.exists("genotype.json") and store.list_checkpoints():
-        if store.read_config().get("model", {}).get("genotype") == ref:
+    if names := store.list_checkpoints():  # unverified here: check_resume compares the verified one
+        meta = store.read_json(posixpath.join(CKPT_DIR, names[-1], "meta.json"), {})
+        ran = meta.get("run") if isinstance(meta, dict) else None
+        if ran and ran.get("genotype") and ran["config"].get("model", {}).get("genotype") == ref:
+            return Genotype.from_dict(ran["genotype"])
+        if store.exists("genotype.json") and store.read_config().get("model", {}).get("genotype") == ref:
             return Genotype.from_dict(store.read_json("genotype.json"))
     return read_genotype(ref)
 
@@ -129,8 +131,6 @@ def run_training(
     """Train (or resume) to cfg.epochs; returns the last epoch's record."""
     device = setup_torch(cfg)
     data = build_data(cfg)
-    check_store_matches(store, cfg, allow_changes)
-    fingerprint = check_data(store, data, allow_changes)
     genotype = run_genotype(cfg, store)
     model = build_network(cfg, data, genotype).to(device)
     strategy = cfg.strategy.build()
@@ -155,7 +155,7 @@ def run_training(
         # the configured schedule, not the loaded one (more epochs: T_max grows, the lr anneals to lr_min)
         adopt_hyperparameters({"optimizer": optimizer}, {"scheduler": scheduler}, configured)
 
-    resume_and_record(loop, device, load, fingerprint, allow_changes)
+    resume_and_record(loop, device, load, data, allow_changes, genotype=genotype)
     if genotype is not None:  # the genotype trained (a resume's own, unless changed with --allow-changes)
         store.write_json("genotype.json", genotype.to_dict())
     monitor = loop.open_monitor()

@@ -361,7 +361,7 @@ def test_a_deleted_data_json_lets_no_other_data_in(tmp_path):
     assert len(recorded["earlier"]) == 1
     (tmp_path / "run" / "data.json").unlink()
     before = store_files(Store(out))
-    with pytest.raises(UsageError, match=r"^data: the newest checkpoint in .* ran on 128 training .* data.json is mis"):
+    with pytest.raises(UsageError, match=r"^data: .* ran on 128 training .*\(npz at .*b.npz\); this config gives"):
         search("a.npz", 3)
     assert store_files(Store(out)) == before
     search("b.npz", 3)

@@ -201,3 +201,19 @@ def test_leases_of_another_shape_are_ignored(tmp_path) -> None:
     assert leases(store) == [] and live_drivers(store) == []
     with DriverLease(store, "search"):
         assert [lease["command"] for _, lease in leases(store)] == ["search"]
+
+
+def test_a_claim_interrupted_midway_leaves_no_lease(store, monkeypatch):
+    """Ctrl-C or SIGTERM between writing the lease and holding it (__exit__ never runs): the claim
+    removes its own lease, which other hosts would otherwise honour for STALE_S."""
+    import distsearch.driver_lease as driver_lease
+
+    def interrupted(_store):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver_lease, "leases", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with DriverLease(store, "search"):
+            pytest.fail("held")
+    monkeypatch.undo()
+    assert leases(store) == []

@@ -56,9 +56,8 @@ class _SignalInFinaliser:
     "signum,rc,said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")]
 )
 def test_a_signal_dropped_by_a_finaliser_still_stops_the_search(tmp_path, monkeypatch, capsys, signum, rc, said):
-    from distsearch.interrupt import Terminated
 
-    steps = []
+    steps, returned = [], []
     real_step = DartsSearcher.step
 
     def step(self, *batches):
@@ -66,17 +65,17 @@ def test_a_signal_dropped_by_a_finaliser_still_stops_the_search(tmp_path, monkey
         steps.append(1)
         if len(steps) == 3:
             _SignalInFinaliser(signum)
+            returned.append(1)  # the exception did not come through: dropped
         return out
 
     monkeypatch.setattr(DartsSearcher, "step", step)
-    dropped = []
-    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))
     out = (tmp_path / "run").as_uri()
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tiny_raw("unused", epochs=3)))
     assert main(["search", "--config", str(tmp_path / "cfg.yaml"), "--out", out]) == rc
     err = capsys.readouterr().err
-    assert dropped == [Terminated if signum == signal.SIGTERM else KeyboardInterrupt], "not dropped: no test"
-    assert err.startswith(f"{said}: continue from the last checkpoint with `distsearch search --out {out} --resume`")
+    assert returned == [1], "the signal was not dropped: this test no longer tests the fallback"
+    hint = f"continue from the last checkpoint with `distsearch search --out {out} --resume`"
+    assert err == f"{said}: {hint}\n", err  # one line: no "Exception ignored" traceback
     assert len(steps) == 3 and Store(out).list_checkpoints() == []  # stopped in epoch 1 (4 steps), nothing saved
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
@@ -142,7 +141,6 @@ class _BarThatDropsCtrlC:
 
 
 def test_attack_and_certify_batches_stop_at_a_dropped_ctrl_c(monkeypatch):
-    monkeypatch.setattr(sys, "unraisablehook", lambda u: None)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     x, y = torch.rand(8, 1, 2, 2), torch.arange(8) % 3
     for run in (
@@ -170,3 +168,40 @@ def test_ctrl_c_while_the_console_script_loads_is_one_line_and_130(monkeypatch, 
     monkeypatch.setattr(sys, "meta_path", [CtrlCOnImport(), *sys.meta_path])
     assert run() == 130
     assert capsys.readouterr().err == "interrupted while starting; nothing was written\n"
+
+
+def test_the_hint_names_the_store_and_what_continues_it(tmp_path, monkeypatch, capsys):
+    """After an interruption: before anything was saved, rerun; `train` without --out names its
+    default folder, not a placeholder; a resume with --allow-changes keeps the flag."""
+    import distsearch.runner
+    import distsearch.train
+
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_raw("unused", epochs=1)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distsearch.runner, "build_data", stopped)  # while the data set loads
+    assert main(["search", "--config", "cfg.yaml", "--out", "run"]) == 130
+    assert capsys.readouterr().err == "interrupted: rerun the same command (nothing was saved yet)\n"
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "--config", "cfg.yaml", "--out", "run"]) == 0
+
+    def stopped_after_config(cfg, store, **k):
+        store.write_json("config.json", cfg.model_dump(mode="json"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distsearch.train, "run_training", stopped_after_config)
+    assert main(["train", "--genotype", "run", "--epochs", "1"]) == 130
+    last = capsys.readouterr().err.splitlines()[-1]
+    want = (
+        "interrupted: continue from the last checkpoint with `distsearch train --out runs/train_run_standard --resume`"
+    )
+    assert last == want, last
+    monkeypatch.setattr(distsearch.runner, "run_search", stopped)
+    assert main(["search", "--out", "run", "--resume", "--set", "epochs=2", "--allow-changes"]) == 130
+    want = "`distsearch search --out run --resume --allow-changes`"
+    assert want in capsys.readouterr().err

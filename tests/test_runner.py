@@ -184,7 +184,7 @@ def test_resume_with_mutated_hyperparameters_follows_the_new_config(tmp_path, ti
         run_search(cfg_old, store, stop_after_steps=5)  # epoch 1 checkpointed at step 4
     cfg_new = tiny_config(store.uri, **{**base, **changed})
     store.write_json("config.json", cfg_new.model_dump(mode="json"))  # as the Tune trainable does
-    mutated = run_search(cfg_new, store, allow_changes=True)  # as the trainable does after a restore
+    mutated = run_search(cfg_new, store, may_change=tuple(changed))  # as the trainable does after a restore
     reference = run_search(tiny_config(str(tmp_path / "new"), **{**base, **changed}), Store(str(tmp_path / "new")))
 
     assert len(mutated.history) == len(reference.history) == 3
@@ -273,7 +273,7 @@ def test_a_store_without_checkpoints_takes_a_new_config(tmp_path, tiny_config):
     from distsearch.config import TrainConfig
     from distsearch.config_file import parse_config
     from distsearch.errors import UsageError
-    from distsearch.runner import check_store_matches
+    from distsearch.runner import check_kind
 
     store = Store(str(tmp_path / "x"))
     with pytest.raises(Interrupted):
@@ -281,7 +281,7 @@ def test_a_store_without_checkpoints_takes_a_new_config(tmp_path, tiny_config):
     assert store.exists("config.json") and not store.list_checkpoints()
     training = parse_config({"model": {"name": "mlp"}, "storage": {"uri": store.uri}}, TrainConfig)
     with pytest.raises(UsageError, match="holds a search, not this kind of run"):
-        check_store_matches(store, training)
+        check_kind(store, training)
     assert run_search(tiny_config(store.uri, epochs=1, **{"space.C": 4}), store).epochs == 1
     assert store.read_json("config.json")["space"]["C"] == 4
 

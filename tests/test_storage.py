@@ -56,6 +56,16 @@ def test_prune_removes_folders_a_killed_write_left_uncommitted(store):
     assert store.list_checkpoints() == ["ckpt-0000000005", "ckpt-0000000010"]
 
 
+def test_folders_not_named_as_checkpoints_are_left_alone(store):
+    """A user's ckpt-old or ckpt-backup-3 under checkpoints/ is neither listed nor pruned."""
+    for name in ("ckpt-old", "ckpt-backup-3"):
+        store.write_bytes(f"checkpoints/{name}/state.pt", b"mine")
+    for step in (5, 10):
+        store.save_checkpoint(step, {"w": torch.ones(3)}, {"step": step}, keep=1)
+    assert store.list_checkpoints() == ["ckpt-0000000010"] and store.load_latest()[0] == "ckpt-0000000010"
+    assert store.exists("checkpoints/ckpt-old/state.pt") and store.exists("checkpoints/ckpt-backup-3/state.pt")
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_corrupt_or_truncated_checkpoint_falls_back_to_previous(store, damage, caplog):
     store.save_checkpoint(1, {"w": torch.ones(100)}, {"step": 1})

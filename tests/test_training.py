@@ -258,9 +258,10 @@ def train_config(uri: str, model: dict | None = None, **over):
 
 
 def test_training_resume_trains_the_stored_genotype(tmp_path, monkeypatch):
-    """A resume builds the run's own genotype.json, not model.genotype again: the file changed
-    since (a search continued) or, relative, names nothing from another cwd. Both resumes equal
-    the uninterrupted run bitwise; the evaluated genotype.json is the one trained."""
+    """A resume builds the genotype its checkpoint trained, not model.genotype again: the file
+    changed since (a search continued) or, relative, names nothing from another cwd; nor the run's
+    genotype.json edited or deleted by hand. Each resume equals the uninterrupted run bitwise; the
+    evaluated genotype.json is the one trained."""
     import json
 
     from distsearch.runner import Interrupted
@@ -272,9 +273,9 @@ def test_training_resume_trains_the_stored_genotype(tmp_path, monkeypatch):
     (here / "g.json").write_text(json.dumps(GENOTYPE))
     monkeypatch.chdir(here)
     model = {"genotype": "g.json", "C": 4, "layers": 2}
-    uris = {name: str(tmp_path / name) for name in ("straight", "changed", "moved")}
+    uris = {name: str(tmp_path / name) for name in ("straight", "changed", "moved", "edited", "deleted")}
     want = run_training(train_config(uris["straight"], model), Store(uris["straight"]))
-    for name in ("changed", "moved"):
+    for name in ("changed", "moved", "edited", "deleted"):
         with pytest.raises(Interrupted):
             run_training(train_config(uris[name], model), Store(uris[name]), stop_after_steps=5)  # epoch 1 saved
     weights = Store(uris["straight"]).load_latest()[1]["model"]
@@ -288,6 +289,10 @@ def test_training_resume_trains_the_stored_genotype(tmp_path, monkeypatch):
 
     (here / "g.json").write_text(json.dumps(SWAPPED))
     resume("changed")
+    Store(uris["edited"]).write_json("genotype.json", SWAPPED)
+    resume("edited")
+    Store(uris["deleted"]).fs.rm(Store(uris["deleted"]).path("genotype.json"))
+    resume("deleted")
     monkeypatch.chdir(elsewhere)
     resume("moved")
     # model.genotype changed on purpose (--allow-changes): that one is read
