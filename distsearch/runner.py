@@ -161,7 +161,7 @@ def check_kind(store: Store, cfg: RunConfig) -> None:
 
 
 DATA_FILE = "data.json"  # the run's data set (DataSplits.fingerprint), written at every (re)start
-DATA_KEYS = ("train", "test", "classes", "sha256")
+DATA_KEYS = {"train": list, "test": list, "classes": int, "sha256": str}  # what data.json must hold
 
 
 def recorded_data(store: Store) -> dict[str, Any] | None:

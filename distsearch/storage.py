@@ -187,10 +187,12 @@ class Store:
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True).encode())
 
-    def read_json(self, rel: str, default: Any = _REQUIRED, keys: tuple[str, ...] = ()) -> Any:
+    def read_json(
+        self, rel: str, default: Any = _REQUIRED, keys: dict[str, type | tuple[type, ...]] | None = None
+    ) -> Any:
         """The JSON file `rel`; `default` instead when given and the file does not exist. A file
-        that is not JSON (truncated, overwritten), or not an object with all of `keys`, is a
-        UsageError naming it (a ValueError)."""
+        that is not JSON (truncated, overwritten), or not an object with `keys` of their types, is
+        a UsageError naming it (a ValueError)."""
         try:
             found = json.loads(self.read_bytes(rel))
         except FileNotFoundError:
@@ -199,10 +201,12 @@ class Store:
             return default
         except (ValueError, UnicodeDecodeError) as e:
             raise self._damaged(rel, f"is not valid JSON ({e})") from None
-        if keys and not isinstance(found, dict):
+        if keys is not None and not isinstance(found, dict):
             raise self._damaged(rel, "is not a JSON object")
-        if missing := sorted(set(keys) - found.keys()) if keys else []:
+        if missing := sorted(set(keys or ()) - found.keys()):
             raise self._damaged(rel, f"lacks {', '.join(map(repr, missing))}")
+        if wrong := [k for k, t in (keys or {}).items() if not isinstance(found[k], t)]:
+            raise self._damaged(rel, f"has {', '.join(f'{k}={found[k]!r}' for k in wrong)} of the wrong type")
         return found
 
     def _damaged(self, rel: str, what: str) -> UsageError:

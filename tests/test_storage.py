@@ -258,7 +258,12 @@ def test_a_damaged_json_file_is_one_error_naming_it(tmp_path) -> None:
     (tmp_path / "run" / "data.json").write_text('{"train": [1')  # truncated
     with pytest.raises(UsageError, match=r"run/data.json is not valid JSON .*the store is damaged"):
         store.read_json("data.json", None)
-    for damaged, what in [({"train": [1]}, "lacks 'classes', 'test'"), ([1], "is not a JSON object")]:
+    keys = {"train": list, "classes": int, "test": list}
+    for damaged, what in [
+        ({"train": [1]}, "lacks 'classes', 'test'"),
+        ([1], "is not a JSON object"),
+        ({"train": 5, "classes": 3, "test": [1]}, "has train=5 of the wrong type"),
+    ]:
         store.write_json("data.json", damaged)
         with pytest.raises(UsageError, match=rf"run/data.json {what}; the store is damaged"):
-            store.read_json("data.json", None, ("train", "classes", "test"))
+            store.read_json("data.json", None, keys)
