@@ -196,7 +196,10 @@ def check_resume(
     genotype, and the same images (the same file moved is fine). With it: other values, and other
     images of the same shapes and classes (logged, the earlier fingerprint kept under `earlier`);
     other shapes or classes never (its networks could not take them). Returns the data record."""
-    ran = meta.get("run") or {"config": store.read_config(), "data": store.read_json(DATA_FILE, None, DATA_KEYS)}
+    ran = meta.get("run") or {  # a checkpoint older than the record: the files, as far as they are there
+        "config": store.read_config() if store.exists("config.json") else cfg.model_dump(mode="json"),
+        "data": store.read_json(DATA_FILE, None, DATA_KEYS),
+    }
     changes = [] if allow_changes else resume_changes(ran["config"], cfg, may_change)
     if changes:
         command = run_command(ran["config"])

@@ -201,11 +201,13 @@ class Store:
             return default
         except (ValueError, UnicodeDecodeError) as e:
             raise self._damaged(rel, f"is not valid JSON ({e})") from None
-        if keys is not None and not isinstance(found, dict):
+        if keys is None:
+            return found
+        if not isinstance(found, dict):
             raise self._damaged(rel, "is not a JSON object")
-        if missing := sorted(set(keys or ()) - found.keys()):
+        if missing := sorted(set(keys) - found.keys()):
             raise self._damaged(rel, f"lacks {', '.join(map(repr, missing))}")
-        if wrong := [k for k, t in (keys or {}).items() if not isinstance(found[k], t)]:
+        if wrong := [k for k, t in keys.items() if not isinstance(found[k], t)]:
             raise self._damaged(rel, f"has {', '.join(f'{k}={found[k]!r}' for k in wrong)} of the wrong type")
         return found
 
