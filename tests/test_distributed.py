@@ -505,8 +505,12 @@ def test_a_trial_asha_stops_is_shown_as_stopped(ray_local, tmp_path, capsys):
         max_concurrent_trials=1,
         metric="lr/weights",
         mode="min",
-        params={"optim.w_lr": {"choice": [0.02, 0.2]}},
-        points_to_evaluate=[{"optim.w_lr": 0.02}, {"optim.w_lr": 0.2}],
+        # ten times the images for the stopped one: Tune's stop must reach it before its second epoch ends
+        params={"optim.w_lr": {"choice": [0.02, 0.2]}, "data.synthetic.n": {"choice": [160, 1600]}},
+        points_to_evaluate=[
+            {"optim.w_lr": 0.02, "data.synthetic.n": 160},
+            {"optim.w_lr": 0.2, "data.synthetic.n": 1600},
+        ],
     )
     assert main(["run", "--config", f, "--storage", str(tmp_path / "runs"), "--name", "asha"]) == 0
     root = tmp_path / "runs" / "asha"
