@@ -43,8 +43,9 @@ class EpochLoop:
     history: list[dict[str, float]] = field(default_factory=list)
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     monitor: Monitor | None = None
-    # what the run is made of (record_run: its config and data fingerprint); every checkpoint
-    # carries it, so a resume checks itself against the checkpoint, not files one may edit
+    # what the run is made of (runner.resume_and_record: its config, data fingerprint and a
+    # training's genotype); every checkpoint carries it, so a resume is checked against the
+    # checkpoint, not against files one may edit
     recorded: dict[str, Any] = field(default_factory=dict)
 
     def resume(
