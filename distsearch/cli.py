@@ -73,13 +73,14 @@ def add_resume_args(p: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="continue from the newest valid checkpoint in --out, with the config the run has there "
-        "(config.json) unless --config is given",
+        "(config.json, the flags and --set applied) unless --config is given",
     )
     p.add_argument(
         "--allow-changes",
         action="store_true",
         help="with --resume: continue even where --config/--set change values the run ran with "
-        "(anything beyond epochs, threads, device, monitor, storage)",
+        "(anything beyond epochs, threads, device, name, monitor, storage, data.root / path / download / "
+        "eval_batch_size)",
     )
 
 
@@ -239,7 +240,9 @@ RESUME_HINT = {  # how each long command continues after an interruption
 def _hint(args: argparse.Namespace, default: str) -> str:
     """How to continue `args.command` at its store (`args.store_uri`, set once the command knows it)."""
     where = getattr(args, "store_uri", None) or getattr(args, "out", None) or getattr(args, "uri", None)
-    if args.command in ("search", "train") and where:
+    if args.command in ("search", "train") and not where:  # stopped before it knew its store
+        return "rerun the same command (nothing was saved yet)"
+    if args.command in ("search", "train"):
         from .storage import Store
 
         with contextlib.suppress(Exception):  # a store that cannot be asked: the usual hint

@@ -94,8 +94,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raw = read_yaml(args.config)
         check_kind(raw, TrainConfig, args.config)
         raw, changed = _search_data(apply_overrides(raw, sets))
-    elif args.resume and args.out and not (args.model or args.genotype):
-        raw = stored_config(args.out, "train", sets)  # continue the run as it ran: its own config.json
+    elif args.resume and args.out and (Store(args.out).exists("config.json") or not (args.model or args.genotype)):
+        raw = stored_config(args.out, "train", sets)  # continue the run as it ran, with the flags given
     elif args.model or args.genotype:
         raw, changed = _search_data(apply_overrides({}, sets))
     else:

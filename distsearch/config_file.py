@@ -161,10 +161,10 @@ def _leaves(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def resume_changes(stored: dict[str, Any], cfg: RunConfig, may_change: tuple[str, ...] = ()) -> list[str]:
+def resume_changes(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
     """'key: old -> new' for each value of a run's stored config that `cfg` changes, except
-    RESUME_MAY_CHANGE and `may_change`. The stored config is read as this version reads it, so a
-    field added since (at its default, which keeps the old behaviour) is no change."""
+    RESUME_MAY_CHANGE. The stored config is read as this version reads it, so a field added since
+    (at its default, which keeps the old behaviour) is no change."""
     try:
         stored = type(cfg).model_validate(stored).model_dump(mode="json")
     except ValueError:  # a field since renamed or removed: compare as written
@@ -174,7 +174,7 @@ def resume_changes(stored: dict[str, Any], cfg: RunConfig, may_change: tuple[str
     return [
         f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
         for key in sorted(old.keys() | new.keys())
-        if old.get(key) != new.get(key) and key not in RESUME_MAY_CHANGE + may_change and not key.startswith(sections)
+        if old.get(key) != new.get(key) and key not in RESUME_MAY_CHANGE and not key.startswith(sections)
     ]
 
 
@@ -206,11 +206,16 @@ def stored_config(uri: str, command: str, overrides: list[str]) -> dict[str, Any
     from .storage import Store
 
     store = Store(uri, field="--out")
-    if not store.exists("config.json"):
+    if store.exists("config.json"):
+        raw = store.read_config()
+    else:  # deleted by hand: the newest valid checkpoint's record, when it has one
         if store.exists("distsearch_experiment.json"):
             raise UsageError(f"--out: {uri} is an experiment root; continue it with `distsearch resume {uri}`")
-        raise UsageError(f"--out: {uri} holds no run to resume (no config.json); give --config to start one")
-    raw = store.read_config()
+        latest = store.load_latest() if store.list_checkpoints() else None
+        raw = (latest[2].get("run") or {}).get("config") if latest else None
+        if raw is None:
+            fix = "give --config FILE --resume to continue its checkpoints" if latest else "give --config to start one"
+            raise UsageError(f"--out: {uri} holds no run to resume (no config.json); {fix}")
     kind = run_command(raw)
     if kind != command:
         raise UsageError(f"--out: {uri} holds a {kind} run; continue it: distsearch {kind} --out {uri} --resume")

@@ -157,8 +157,8 @@ class DriverLease:
 
     def claim(self) -> DriverLease:
         self._made_root = self.store.is_local and not os.path.exists(self.store.root)
-        self._write()
         try:
+            self._write()
             return self._hold()
         except BaseException:  # refused, Ctrl-C, SIGTERM: __exit__ will not run, so remove it here
             self.release()

@@ -119,8 +119,12 @@ def _section(label: str, store: Store, read: Read, folder: str) -> list[str]:
         name = f"{label}_curves.png"
         plots.save(plots.curves(meta["history"], label), os.path.join(folder, name))
         lines += [f"![curves]({name})", ""]
-    # a search's derived genotype, or the genotype a training run trained (its genotype.json)
-    genotype = meta.get("genotype") or (result or {}).get("genotype") or store.read_json("genotype.json", None)
+    # a search's derived genotype, or the genotype a training run trained (its checkpoint's record;
+    # genotype.json for checkpoints older than the record)
+    trained = (meta.get("run") or {}).get("genotype")
+    genotype = (
+        meta.get("genotype") or trained or (result or {}).get("genotype") or store.read_json("genotype.json", None)
+    )
     if genotype:
         g = Genotype.from_dict(genotype)
         head = "Genotype (searched):" if algo else "Genotype (trained):"

@@ -164,13 +164,7 @@ DATA_FILE = "data.json"  # the run's data set (DataSplits.fingerprint), written 
 DATA_KEYS = {"train": list, "test": list, "classes": int, "sha256": str}  # what data.json must hold
 
 
-def recorded_data(store: Store) -> dict[str, Any] | None:
-    """The fingerprint in the store's data.json (its history of earlier data sets left out), or None."""
-    found = store.read_json(DATA_FILE, None, DATA_KEYS)
-    return None if found is None else _without_history(found)
-
-
-def _without_history(found: dict[str, Any]) -> dict[str, Any]:
+def without_history(found: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in found.items() if k != "earlier"}
 
 
@@ -180,35 +174,42 @@ def same_shapes(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return (a["train"][1:], a["classes"]) == (b["train"][1:], b["classes"])
 
 
+def recorded_run(store: Store, meta: dict[str, Any]) -> dict[str, Any]:
+    """What the checkpoint with `meta` ran with: its record (config, data, a training's genotype);
+    for a checkpoint older than the record, config.json (None when gone) and data.json."""
+    if meta.get("run"):
+        return meta["run"]
+    config = store.read_config() if store.exists("config.json") else None
+    return {"config": config, "data": store.read_json(DATA_FILE, None, DATA_KEYS)}
+
+
 def check_resume(
     store: Store,
     cfg: RunConfig,
     fingerprint: dict[str, Any],
     meta: dict[str, Any],
     allow_changes: bool = False,
-    may_change: tuple[str, ...] = (),
+    config_may_change: bool = False,
     genotype: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A resume continues the run its newest checkpoint holds. Each checkpoint records the config,
-    data and genotype it ran with (meta "run", checksummed with it); older ones stand on config.json
-    and data.json. Unless `allow_changes`: the same values but for what a resume may change
-    (config_file.resume_changes, and `may_change`: the keys a PBT exploit mutates), the same
-    genotype, and the same images (the same file moved is fine). With it: other values, and other
-    images of the same shapes and classes (logged, the earlier fingerprint kept under `earlier`);
-    other shapes or classes never (its networks could not take them). Returns the data record."""
-    ran = meta.get("run") or {  # a checkpoint older than the record: the files, as far as they are there
-        "config": store.read_config() if store.exists("config.json") else cfg.model_dump(mode="json"),
-        "data": store.read_json(DATA_FILE, None, DATA_KEYS),
-    }
-    changes = [] if allow_changes else resume_changes(ran["config"], cfg, may_change)
+    """A resume continues the run its newest valid checkpoint holds, as that checkpoint records it
+    (recorded_run). Unless `allow_changes`: the same values but for what a resume may change
+    (config_file.resume_changes; any with `config_may_change`: a PBT exploit's), the same genotype,
+    and the same images (the same file moved is fine). With it: other values, and other images of
+    the same shapes and classes (logged, the earlier fingerprint kept under `earlier`); other
+    shapes or classes never (its networks could not take them). Returns the data record."""
+    ran = recorded_run(store, meta)
+    config = ran["config"] or cfg.model_dump(mode="json")  # neither a record nor config.json: no check
+    changes = [] if allow_changes or config_may_change else resume_changes(config, cfg)
     if changes:
-        command = run_command(ran["config"])
-        edited = store.exists("config.json") and not resume_changes(store.read_config(), cfg, may_change)
+        command = run_command(config)
+        edited = store.exists("config.json") and not resume_changes(store.read_config(), cfg)
         fix = (
-            "its config.json was edited since: pass --config with the values it ran with, or --allow-changes"
+            "its config.json says otherwise (edited, or an --allow-changes resume stopped before its first "
+            "checkpoint): pass --config with the values it ran with, or --allow-changes"
             if edited
-            else f"continue it as it ran: `distsearch {command} --out {store.uri} --resume` (no --config), or "
-            "pass --allow-changes"
+            else f"continue it as it ran: `distsearch {command} --out {store.uri} --resume` (without the --config "
+            "or --set that change them), or pass --allow-changes"
         )
         raise UsageError(f"{store.field}: {store.uri} ran with other values ({'; '.join(changes)}); {fix}")
     if not allow_changes and "genotype" in ran and ran["genotype"] != genotype:
@@ -219,10 +220,10 @@ def check_resume(
     found = ran["data"]
     if found is None:
         return fingerprint
-    earlier, recorded = found.get("earlier", []), _without_history(found)
-    if recorded == _without_history(fingerprint):
+    earlier, recorded = found.get("earlier", []), without_history(found)
+    if recorded == without_history(fingerprint):
         return {**fingerprint, "earlier": earlier} if earlier else fingerprint
-    d = ran["config"].get("data") or {}
+    d = config.get("data") or {}
     where = located(d.get("name", "mnist5k"), d.get("root"), d.get("path"))
     what = f"{store.uri} ran on {describe(recorded)} ({where}); this config gives {describe(fingerprint)}"
     if not same_shapes(recorded, fingerprint):
@@ -254,7 +255,7 @@ def resume_and_record(
     load: Callable[[dict[str, Any]], None],
     data: DataSplits,
     allow_changes: bool,
-    may_change: tuple[str, ...] = (),
+    config_may_change: bool = False,
     outputs: tuple[str, ...] = (),
     genotype: Genotype | None = None,
 ) -> None:
@@ -267,7 +268,7 @@ def resume_and_record(
 
     def check(meta: dict[str, Any]) -> None:
         record["data"] = check_resume(
-            loop.store, loop.cfg, record["data"], meta, allow_changes, may_change, record.get("genotype")
+            loop.store, loop.cfg, record["data"], meta, allow_changes, config_may_change, record.get("genotype")
         )
 
     loop.resume(device, load, check)
@@ -282,11 +283,11 @@ def run_search(
     on_epoch: EpochHook | None = None,
     stop_after_steps: int | None = None,
     allow_changes: bool = False,
-    may_change: tuple[str, ...] = (),
+    config_may_change: bool = False,
 ) -> SearchResult:
     """Run (or resume) one search to `cfg.epochs`; returns the derived genotype and metrics.
     A resume refuses a config that changes what the run ran with unless `allow_changes` (or
-    the key is in `may_change`: a PBT exploit's mutated keys)."""
+    `config_may_change`: a PBT exploit's config; its data is still checked)."""
     device = setup_torch(cfg)
     if cfg.cuda_graph and device.type != "cuda":
         raise UsageError(f"cuda_graph: needs a GPU; device resolved to {device.type}")
@@ -305,7 +306,7 @@ def run_search(
         val.load_state_dict(state["val_stream"])
 
     # the search's genotype.json is rewritten at its end
-    resume_and_record(loop, device, load, data, allow_changes, may_change, outputs=("genotype.json",))
+    resume_and_record(loop, device, load, data, allow_changes, config_may_change, outputs=("genotype.json",))
     monitor = loop.open_monitor(monitor)
 
     def end_epoch(epoch: int) -> dict[str, float]:

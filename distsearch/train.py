@@ -23,14 +23,15 @@ from .runner import (
     build_data,
     build_supernet,
     evaluate,
-    recorded_data,
+    recorded_run,
     resume_and_record,
     robust_accuracy,
     same_shapes,
     setup_torch,
+    without_history,
 )
 from .search.base import adopt_hyperparameters, hyperparameters, rng_state, set_rng_state
-from .storage import CKPT_DIR, Store
+from .storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +83,21 @@ def search_data(ref: str) -> dict[str, Any] | None:
 
 
 def run_genotype(cfg: TrainConfig, store: Store) -> Genotype | None:
-    """The genotype the run trains. A resume builds the genotype its newest checkpoint trained (its
-    record; genotype.json for checkpoints older than the record): model.genotype is not read again (a
-    search it names may have moved on since, a relative path may name another file from another cwd).
-    Only a model.genotype changed on purpose (--allow-changes) is read anew."""
+    """The genotype the run trains. A resume builds the genotype its newest valid checkpoint trained
+    (its record; genotype.json for a checkpoint older than the record): model.genotype is not read
+    again (a search it names may have moved on since, a relative path may name another file from
+    another cwd). Only a model.genotype changed on purpose (--allow-changes) is read anew."""
     ref = cfg.model.genotype
     if not ref:
         return None
-    if names := store.list_checkpoints():  # unverified here: check_resume compares the verified one
-        meta = store.read_json(posixpath.join(CKPT_DIR, names[-1], "meta.json"), {})
-        ran = meta.get("run") if isinstance(meta, dict) else None
-        if ran and ran.get("genotype") and ran["config"].get("model", {}).get("genotype") == ref:
-            return Genotype.from_dict(ran["genotype"])
-        if store.exists("genotype.json") and store.read_config().get("model", {}).get("genotype") == ref:
-            return Genotype.from_dict(store.read_json("genotype.json"))
+    latest = store.load_latest() if store.list_checkpoints() else None  # read again by the resume
+    if latest is not None:
+        ran = recorded_run(store, latest[2])
+        if (ran["config"] or {}).get("model", {}).get("genotype") == ref:
+            if "genotype" in ran:
+                return Genotype.from_dict(ran["genotype"])
+            if store.exists("genotype.json"):
+                return Genotype.from_dict(store.read_json("genotype.json"))
     return read_genotype(ref)
 
 
@@ -224,20 +226,20 @@ def load_model(
     from .config_file import parse_config, run_command
 
     store = Store(uri, field="URI")
-    if not store.exists("config.json"):
-        raise UsageError(f"URI: {uri!r} holds no run (no config.json); point it at a search or training --out")
-    raw = store.read_config()
     latest = store.load_latest(map_location=device)
-    if latest is None:
+    if latest is None or not (ran := recorded_run(store, latest[2]))["config"]:
+        if not store.exists("config.json"):
+            raise UsageError(f"URI: {uri!r} holds no run (no config.json); point it at a search or training --out")
         raise UsageError(f"URI: no valid checkpoint under {uri!r}")
     name, state, meta = latest
+    raw = ran["config"]  # what these weights were made with
     cfg = parse_config(raw, TrainConfig if run_command(raw) == "train" else SearchConfig)
     if data_at is not None:
         cfg = relocate_data(cfg, data_at)
     if setup:  # device: the one asked for here, not the run's
         setup_torch(cfg.model_copy(update={"device": "cpu"} | ({"threads": threads} if threads else {})))
     data = build_data(cfg)
-    ran_on = recorded_data(store)  # runs before data.json: nothing to compare, nothing to hash
+    ran_on = ran["data"] and without_history(ran["data"])  # runs before data.json: nothing to compare
     fingerprint = data.fingerprint() if ran_on is not None else None
     if ran_on is not None and not same_shapes(ran_on, fingerprint):
         takes = f"the run's networks take {shape_of(ran_on)} (made on {describe(ran_on)})"
@@ -247,7 +249,8 @@ def load_model(
             else f"URI: its data set here holds {shape_of(fingerprint)}; {takes}; name the run's data with --data"
         )
     if isinstance(cfg, TrainConfig):
-        genotype = Genotype.from_dict(store.read_json("genotype.json")) if cfg.model.genotype else None
+        trained = ran.get("genotype") or (store.read_json("genotype.json") if cfg.model.genotype else None)
+        genotype = Genotype.from_dict(trained) if trained else None
         model, weights = build_network(cfg, data, genotype), state["model"]
     else:
         model, weights = build_supernet(cfg, data), state["searcher"]["model"]

@@ -220,8 +220,9 @@ def test_a_hand_edited_config_json_cannot_change_what_a_resume_runs(tmp_path, ca
     assert main(["search", "--out", str(out), "--resume", "--set", "epochs=2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        f"distsearch search: --out: {out} ran with other values (optim.w_lr: 0.025 -> 0.5); its config.json was "
-        "edited since: pass --config with the values it ran with, or --allow-changes"
+        f"distsearch search: --out: {out} ran with other values (optim.w_lr: 0.025 -> 0.5); its config.json says "
+        "otherwise (edited, or an --allow-changes resume stopped before its first checkpoint): pass --config with "
+        "the values it ran with, or --allow-changes"
     ), err
     assert store_files(Store(str(out))) == before
     assert main(["search", "--config", cfg, "--out", str(out), "--resume", "--set", "epochs=2"]) == 0
@@ -229,6 +230,36 @@ def test_a_hand_edited_config_json_cannot_change_what_a_resume_runs(tmp_path, ca
     (out / "config.json").write_text(json.dumps({**ran, "epochs": 3, "optim": {**ran["optim"], "w_lr": 0.5}}))
     assert main(["search", "--out", str(out), "--resume", "--allow-changes"]) == 0
     assert json.loads((out / "result.json").read_text())["epochs"] == 3
+
+
+def test_a_run_resumes_from_its_checkpoint_record_without_config_json(tmp_path, capsys):
+    """config.json deleted: `--resume` continues with the config the newest checkpoint recorded; a
+    `train --resume` that also names its --genotype keeps the run's other values (here C=3)."""
+    out = tmp_path / "o"
+    assert main(["search", "--config", _write(tmp_path, tiny_raw("unused", epochs=1)), "--out", str(out)]) == 0
+    (out / "config.json").unlink()
+    assert main(["search", "--out", str(out), "--resume", "--set", "epochs=2"]) == 0
+    assert json.loads((out / "result.json").read_text())["epochs"] == 2 and (out / "config.json").exists()
+    t = tmp_path / "t"
+    argv = [
+        "train",
+        "--genotype",
+        str(out),
+        "--out",
+        str(t),
+        "--epochs",
+        "1",
+        "--set",
+        "model.C=3",
+        "--set",
+        "model.layers=2",
+    ]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["train", "--genotype", str(out), "--out", str(t), "--resume", "--epochs", "2"]) == 0, (
+        capsys.readouterr().err
+    )
+    assert json.loads((t / "config.json").read_text())["model"]["C"] == 3
 
 
 def test_status_of_one_run(tmp_path, capsys):

@@ -184,7 +184,7 @@ def test_resume_with_mutated_hyperparameters_follows_the_new_config(tmp_path, ti
         run_search(cfg_old, store, stop_after_steps=5)  # epoch 1 checkpointed at step 4
     cfg_new = tiny_config(store.uri, **{**base, **changed})
     store.write_json("config.json", cfg_new.model_dump(mode="json"))  # as the Tune trainable does
-    mutated = run_search(cfg_new, store, may_change=tuple(changed))  # as the trainable does after a restore
+    mutated = run_search(cfg_new, store, config_may_change=True)  # as the trainable does after a restore
     reference = run_search(tiny_config(str(tmp_path / "new"), **{**base, **changed}), Store(str(tmp_path / "new")))
 
     assert len(mutated.history) == len(reference.history) == 3

@@ -302,6 +302,31 @@ def test_training_resume_trains_the_stored_genotype(tmp_path, monkeypatch):
     assert run_genotype(train_config(store.uri, model), store).to_dict() == GENOTYPE
 
 
+def test_a_training_run_is_read_as_its_checkpoint_recorded_it(tmp_path):
+    """evaluate/attack/certify (load_model) and a resume take the genotype and config the newest
+    valid checkpoint recorded: not genotype.json edited or deleted by hand, and past a newest
+    checkpoint that is corrupt (its meta.json truncated), as a search does."""
+    import json
+
+    from distsearch.storage import Store
+    from distsearch.train import load_model, run_training
+
+    (tmp_path / "g.json").write_text(json.dumps(GENOTYPE))
+    model = {"genotype": str(tmp_path / "g.json"), "C": 4, "layers": 2}
+    want = run_training(train_config(str(tmp_path / "straight"), model, epochs=3), Store(str(tmp_path / "straight")))
+    store = Store(str(tmp_path / "run"))
+    run_training(train_config(store.uri, model), store)
+    store.write_json("genotype.json", SWAPPED)
+    assert load_model(store.uri)[0].genotype.to_dict() == GENOTYPE
+    store.fs.rm(store.path("genotype.json"))
+    (tmp_path / "g.json").write_text(json.dumps(SWAPPED))  # the search it came from moved on
+    assert load_model(store.uri)[0].genotype.to_dict() == GENOTYPE
+    newest = store.list_checkpoints()[-1]
+    store.write_bytes(f"checkpoints/{newest}/meta.json", store.read_bytes(f"checkpoints/{newest}/meta.json")[:20])
+    got = run_training(train_config(store.uri, model, epochs=3), store)  # from epoch 1's checkpoint
+    assert got["test/loss"] == want["test/loss"] and store.read_json("genotype.json") == GENOTYPE
+
+
 def _lrs(store) -> list[float]:
     return [r["lr"] for r in store.load_latest()[2]["history"]]
 

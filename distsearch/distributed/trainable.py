@@ -177,7 +177,7 @@ def search_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
             tune.report({**objectives, **record, "done_epochs": epoch}, checkpoint=tune.Checkpoint.from_directory(d))
         reported = True
 
-    # a restored trial runs on with the values PBT mutated (those it samples), nothing else changed
-    result = run_search(cfg, store, on_epoch=on_epoch, may_change=tuple(config))
+    # a restored trial runs on with the config PBT mutated (its data is still checked)
+    result = run_search(cfg, store, on_epoch=on_epoch, config_may_change=checkpoint is not None)
     if not reported:  # the store already held the finished search: report its result once
         tune.report({**objectives, **result.metrics, "done_epochs": result.epochs})
