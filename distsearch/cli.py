@@ -94,17 +94,30 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def refuse_experiment_root(uri: str, flag: str = "--out") -> None:
-    """A `distsearch run` experiment root (<storage>/<name>) is not a run's store: a run written
-    there would hide the experiment's trials from `report`."""
+def refuse_experiment_root(uri: str, flag: str = "--out", runs_here: bool = True) -> None:
+    """An --out no run writes into: a `distsearch run` experiment root (<storage>/<name>: a run
+    there would hide the experiment's trials from `report`), a folder inside a run (its
+    checkpoints/, tb/, a sub-folder: `status`, `report` and TensorBoard would mix the two), and
+    for a command that writes no run there (`runs_here` False: transfer) a run's own folder."""
+    import posixpath
+
     from .distributed.tuner import EXPERIMENT_FILE  # a constant: no ray imported
     from .storage import Store
 
-    if Store(uri, field=flag).exists(EXPERIMENT_FILE):
+    store = Store(uri, field=flag)
+    if store.exists(EXPERIMENT_FILE):
         raise UsageError(
             f"{flag}: {uri} is the root of a `distsearch run` experiment (it holds {EXPERIMENT_FILE}); "
             "choose another folder"
         )
+    path, fs = store.root.rstrip("/"), store.fs
+    if not runs_here and fs.exists(posixpath.join(path, "config.json")):
+        raise UsageError(f"{flag}: {uri} holds a search or training run; choose another folder")
+    parent = posixpath.dirname(path)
+    while parent and parent != path:  # up to the file system's or the bucket's root
+        if fs.exists(posixpath.join(parent, "config.json")) and fs.exists(posixpath.join(parent, "checkpoints")):
+            raise UsageError(f"{flag}: {uri} lies inside the run at {parent}; choose a folder outside it")
+        path, parent = parent, posixpath.dirname(parent)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -226,7 +239,8 @@ def build_parser() -> Parser:
     return parser
 
 
-STORAGE_ERRORS = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google")  # a remote store failing, not our code
+# a remote store failing, not our code
+STORAGE_ERRORS = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google")
 
 
 RESUME_HINT = {  # how each long command continues after an interruption

@@ -7,7 +7,6 @@ certify/.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -206,8 +205,8 @@ def _positive_float(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < v < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    if not 0 < v <= 1e4:  # budgets, step sizes and radii of images in [0, 1]: far below
+        raise argparse.ArgumentTypeError(f"must be a number > 0 and at most 1e4, got {text}")
     return v
 
 

@@ -154,6 +154,7 @@ def _strategy_budgets() -> str:
 def cmd_transfer(args: argparse.Namespace) -> int:
     import torch
 
+    from .cli import refuse_experiment_root
     from .config_file import load_config
     from .config_transfer import TransferConfig
     from .monitor import Monitor
@@ -179,6 +180,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     if cfg.units is not None and cfg.units.model not in labels:
         raise UsageError(f"units.model: {cfg.units.model!r} is not one of the models' labels {labels}")
     default = cfg.storage.uri if "uri" in cfg.storage.model_fields_set else f"runs/transfer_{cfg.name}"
+    refuse_experiment_root(args.out or default, "--out" if args.out else "storage.uri", runs_here=False)
     store = Store(args.out or default)  # never the search default runs/search
     store.check_writable()
     device = setup_torch(cfg)

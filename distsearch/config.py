@@ -288,7 +288,7 @@ class RobustEvalConfig(Strict):
     adversarial strategy (training, or a search's weight_at), eps and norm not given are the
     strategy's: robust accuracy is reported at the budget the network is trained for."""
 
-    eps: float = Field(0.1, ge=0)
+    eps: float = Field(0.1, gt=0, allow_inf_nan=False)  # PGD needs a budget: n 0 turns it off
     norm: Literal["linf", "l2"] = "linf"
     steps: int = Field(20, ge=1)
     n: int = Field(256, ge=0)

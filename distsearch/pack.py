@@ -81,10 +81,18 @@ def _pack(classes: dict[str, list[Path]], names: list[str], size: int | None, gr
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
+    if "://" in args.out or not args.out.strip():
+        raise UsageError(f"--out: {args.out!r}: give a local .npz file name (pack writes to this machine's disk)")
     if os.path.exists(args.out):
-        raise UsageError(f"--out: {args.out!r} exists; choose another file or delete it")
-    if args.size is not None and args.size < 4:
-        raise UsageError(f"--size: must be at least 4 (the networks' smallest images), got {args.size}")
+        what = "is a folder" if os.path.isdir(args.out) else "exists"
+        raise UsageError(f"--out: {args.out!r} {what}; choose another file name or delete it")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    while not os.path.exists(parent):  # the nearest folder that exists must be a folder
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out: {parent} is a file, not a folder; choose another place for {args.out!r}")
+    if args.size is not None and not 4 <= args.size <= 1024:
+        raise UsageError(f"--size: must be 4 to 1024 (the networks' smallest images; memory), got {args.size}")
     train = _classes(Path(args.folder), "FOLDER")
     names = list(train)
     arrays: dict[str, np.ndarray] = {"class_names": np.asarray(names)}

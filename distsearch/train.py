@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from search_spaces import Genotype, GenotypeError, Network
+from search_spaces import Genotype, Network
 
 from .config import SearchConfig, TrainConfig
 from .data import BatchStream, DataSplits, describe, shape_of
@@ -50,7 +50,9 @@ def read_genotype(ref: str) -> Genotype:
         latest = store.load_latest()
         if latest is not None:
             return Genotype.from_dict(latest[2]["genotype"])
-    except GenotypeError as e:
+    except UsageError:
+        raise
+    except ValueError as e:  # a bad genotype, a file that is not text, a scheme fsspec does not know
         raise UsageError(f"model.genotype: {ref}: {e}") from None
     raise UsageError(f"model.genotype: {ref!r} is neither a genotype JSON file nor a search's storage folder")
 

@@ -37,8 +37,10 @@ def _check_cell(name: str, edges: tuple[Edge, ...], concat: tuple[int, ...], ops
                 f"genotype.{name}[{k}]: input {idx!r} is not an earlier node of node {node} (allowed 0..{node + 1})"
             )
     for c in concat:
-        if not isinstance(c, int) or not 2 <= c < nodes + 2:
+        if not isinstance(c, int) or isinstance(c, bool) or not 2 <= c < nodes + 2:
             raise GenotypeError(f"genotype.{name}_concat: {c!r} is not an intermediate node (2..{nodes + 1})")
+    if not concat or len(set(concat)) != len(concat):
+        raise GenotypeError(f"genotype.{name}_concat: {list(concat)} must name distinct nodes, at least one")
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class Genotype:
         for k in ("normal", "reduce"):
             if not isinstance(d[k], list):
                 raise GenotypeError(f"genotype.{k}: expected a list of [op, input] pairs")
+            if not isinstance(d[f"{k}_concat"], list):
+                raise GenotypeError(f"genotype.{k}_concat: expected a list of node numbers")
         g = cls(
             normal=tuple(tuple(e) if isinstance(e, list) else e for e in d["normal"]),
             normal_concat=tuple(d["normal_concat"]),

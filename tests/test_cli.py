@@ -82,6 +82,10 @@ def test_bad_config_exits_2_naming_the_field_and_writes_nothing(tmp_path, capsys
         (["train", "--model", "mlp", "--config", "{root}/launch/configs/quickstart.yaml"], "is a search config"),
         (["train", "--model", "mlp", "--config", "{root}/launch/experiments/quickstart.yaml"], "distsearch run"),
         (["search", "--config", "{cfg}", "--threads", "0"], "--threads"),
+        (["tensorboard", "{tmp}", "--port", "-1"], "a TCP port is a whole number 1-65535"),
+        (["tensorboard", "{tmp}", "--port", "99999"], "a TCP port is a whole number 1-65535"),
+        (["attack", "{tmp}", "--eps", "1e308"], "at most 1e4"),
+        (["search", "--config", "{cfg}", "--set", "eval.eps=0"], "eval.eps: Input should be greater than 0"),
     ],
 )
 def test_bad_flags_exit_2(tmp_path, capsys, argv, needle):
@@ -260,6 +264,31 @@ def test_a_run_resumes_from_its_checkpoint_record_without_config_json(tmp_path, 
         capsys.readouterr().err
     )
     assert json.loads((t / "config.json").read_text())["model"]["C"] == 3
+
+
+def test_no_run_is_written_inside_another(tmp_path, capsys):
+    """--out inside a run (its checkpoints/, tb/, a sub-folder) is refused, naming the run, with
+    nothing written; so is `transfer --out` at a run's own folder."""
+    from distsearch.storage import Store
+    from tests.conftest import store_files
+
+    run = tmp_path / "s"
+    cfg = _write(tmp_path, tiny_raw("unused", epochs=1))
+    assert main(["search", "--config", cfg, "--out", str(run)]) == 0
+    before = store_files(Store(str(run)))
+    capsys.readouterr()
+    for inside in ("checkpoints", "tb", "sub/deeper"):
+        assert main(["search", "--config", cfg, "--out", str(run / inside)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert (
+            err == f"distsearch search: --out: {run / inside} lies inside the run at {run}; choose a folder outside it"
+        )
+    assert main(["train", "--genotype", str(run), "--out", str(run / "tb"), "--epochs", "1"]) == 2
+    assert "lies inside the run at" in capsys.readouterr().err
+    transfer = ROOT / "launch/configs/transfer_mnist.yaml"
+    assert main(["transfer", "--config", str(transfer), "--out", str(run)]) == 2
+    assert f"--out: {run} holds a search or training run" in capsys.readouterr().err
+    assert store_files(Store(str(run))) == before
 
 
 def test_status_of_one_run(tmp_path, capsys):

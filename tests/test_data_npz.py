@@ -562,8 +562,13 @@ def test_pack_turns_an_image_folder_into_the_npz_a_search_reads(tmp_path, capsys
         (["pack", str(tmp_path / "train"), "--out", str(out)], "exists; choose another file"),
         (
             ["pack", str(tmp_path / "train"), "--out", str(tmp_path / "b.npz"), "--size", "2"],
-            "--size: must be at least 4",
+            "--size: must be 4 to 1024",
         ),
+        (["pack", str(tmp_path / "train"), "--out", str(tmp_path / "b.npz"), "--size", "100000"], "4 to 1024"),
+        (["pack", str(tmp_path / "train"), "--out", str(tmp_path)], "is a folder; choose another file name"),
+        (["pack", str(tmp_path / "train"), "--out", str(out / "x" / "b.npz")], f"--out: {out} is a file"),
+        (["pack", str(tmp_path / "train"), "--out", "s3://bucket/b.npz"], "give a local .npz file name"),
+        (["pack", str(tmp_path / "train"), "--out", ""], "give a local .npz file name"),
     ]
     for argv, needle in bad:
         assert main(argv) == 2

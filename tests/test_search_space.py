@@ -80,6 +80,9 @@ GOOD = {
         ({"reduce": [["max_pool_3x3", 0], ["avg_pool_3x3", 2]]}, r"reduce\[1\]: input 2 is not an earlier node"),
         ({"normal": [["sep_conv_3x3", 0]]}, r"2 edges per node"),
         ({"normal_concat": [5]}, r"normal_concat"),
+        ({"normal_concat": 2}, r"normal_concat: expected a list"),
+        ({"normal_concat": []}, r"normal_concat: \[\] must name distinct nodes"),
+        ({"reduce_concat": [2, 2]}, r"reduce_concat: \[2, 2\] must name distinct nodes"),
         ({"extra": 1}, r"unknown \['extra'\]"),
     ],
 )

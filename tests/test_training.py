@@ -504,3 +504,13 @@ def test_darts_recipe_run_resumes_exactly(tmp_path) -> None:
         run_training(c, Store(c.storage.uri))
         sc = Store(c.storage.uri).load_latest()[1]["model"]
         assert not all(torch.equal(sa[k], sc[k]) for k in sa), name
+
+
+def test_a_genotype_that_cannot_be_read_is_one_usage_error(tmp_path):
+    from distsearch.errors import UsageError
+    from distsearch.train import read_genotype
+
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe")
+    for ref, match in [(str(tmp_path / "bin.json"), "codec can't decode"), ("foo://x/y", "Protocol not known")]:
+        with pytest.raises(UsageError, match=rf"^model.genotype: {ref}: .*{match}"):
+            read_genotype(ref)

@@ -267,5 +267,13 @@ def register(sub: Any) -> None:
     p = sub.add_parser("tensorboard", help="serve the TensorBoard files of an experiment or trial at URI")
     p.add_argument("uri", help="an experiment root, a trial's or a search's --out")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=6006, help="(default: %(default)s)")
+    p.add_argument("--port", type=_port, default=6006, help="1-65535 (default: %(default)s)")
     p.set_defaults(func=cmd_tensorboard)
+
+
+def _port(text: str) -> int:
+    import argparse
+
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is a whole number 1-65535, got {text!r}")
+    return int(text)
