@@ -307,6 +307,8 @@ def run_search(
 
     # the search's genotype.json is rewritten at its end
     resume_and_record(loop, device, load, data, allow_changes, config_may_change, outputs=("genotype.json",))
+    if loop.epoch >= cfg.epochs and store.exists("result.json"):  # finished before: nothing to add or log
+        return SearchResult(searcher.genotype(), loop.final, loop.epoch, loop.step, loop.history)
     monitor = loop.open_monitor(monitor)
 
     def end_epoch(epoch: int) -> dict[str, float]:

@@ -162,6 +162,8 @@ def run_training(
     resume_and_record(loop, device, load, data, allow_changes, genotype=genotype)
     if genotype is not None:  # the genotype trained (a resume's own, unless changed with --allow-changes)
         store.write_json("genotype.json", genotype.to_dict())
+    if loop.epoch >= cfg.epochs and store.exists("result.json"):  # finished before: nothing to add or log
+        return loop.final
     monitor = loop.open_monitor()
 
     def before_epoch(epoch: int) -> None:

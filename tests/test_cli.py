@@ -291,6 +291,18 @@ def test_no_run_is_written_inside_another(tmp_path, capsys):
     assert store_files(Store(str(run))) == before
 
 
+def test_resuming_a_finished_run_adds_nothing(tmp_path, capsys):
+    """`--resume` of a finished search prints its genotype and writes no second TensorBoard file
+    nor result."""
+    out = tmp_path / "o"
+    assert main(["search", "--config", _write(tmp_path, tiny_raw("unused", epochs=1)), "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    events, result = sorted((out / "tb").rglob("events.out.tfevents*")), (out / "result.json").read_bytes()
+    assert main(["search", "--out", str(out), "--resume"]) == 0
+    assert capsys.readouterr().out == first
+    assert sorted((out / "tb").rglob("events.out.tfevents*")) == events and (out / "result.json").read_bytes() == result
+
+
 def test_status_of_one_run(tmp_path, capsys):
     """`status` on a search's --out (no Ray): how far, headline metrics, and running / finished /
     interrupted with the command that continues it."""
