@@ -94,7 +94,7 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def refuse_experiment_root(uri: str, flag: str = "--out", runs_here: bool = True) -> None:
+def refuse_unfit_out(uri: str, flag: str = "--out", runs_here: bool = True) -> None:
     """An --out no run writes into: a `distsearch run` experiment root (<storage>/<name>: a run
     there would hide the experiment's trials from `report`), a folder inside a run (its
     checkpoints/, tb/, a sub-folder: `status`, `report` and TensorBoard would mix the two), and
@@ -168,7 +168,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         cfg = parse_config(stored_config(args.out, "search", overrides))
     else:
         raise UsageError("--config: required (or --out URI --resume, to continue a search from its own config.json)")
-    refuse_experiment_root(cfg.storage.uri, "--out" if args.out else "storage.uri")
+    refuse_unfit_out(cfg.storage.uri, "--out" if args.out else "storage.uri")
     if cfg.tune is not None:
         print(
             f"note: {args.config} is an experiment file: `search` runs one search of its base config "

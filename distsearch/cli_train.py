@@ -67,7 +67,7 @@ def _note_search_data(cfg: Any, changed: list[str]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .cli import refuse_experiment_root
+    from .cli import refuse_unfit_out
     from .config import TrainConfig
     from .config_file import apply_overrides, check_kind, occupied, parse_config, read_yaml, stored_config
     from .driver_lease import DriverLease
@@ -115,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     if "uri" not in cfg.storage.model_fields_set:  # not runs/search, the searches' default
         cfg.storage.uri = default_train_out(cfg)
-    refuse_experiment_root(cfg.storage.uri, "--out")
+    refuse_unfit_out(cfg.storage.uri, "--out")
     store = Store(cfg.storage.uri, field="--out" if args.out else "storage.uri")
     args.store_uri = store.uri  # for the hint after an interruption
     if store.list_checkpoints() and not args.resume:
@@ -154,7 +154,7 @@ def _strategy_budgets() -> str:
 def cmd_transfer(args: argparse.Namespace) -> int:
     import torch
 
-    from .cli import refuse_experiment_root
+    from .cli import refuse_unfit_out
     from .config_file import load_config
     from .config_transfer import TransferConfig
     from .monitor import Monitor
@@ -180,7 +180,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     if cfg.units is not None and cfg.units.model not in labels:
         raise UsageError(f"units.model: {cfg.units.model!r} is not one of the models' labels {labels}")
     default = cfg.storage.uri if "uri" in cfg.storage.model_fields_set else f"runs/transfer_{cfg.name}"
-    refuse_experiment_root(args.out or default, "--out" if args.out else "storage.uri", runs_here=False)
+    refuse_unfit_out(args.out or default, "--out" if args.out else "storage.uri", runs_here=False)
     store = Store(args.out or default)  # never the search default runs/search
     store.check_writable()
     device = setup_torch(cfg)
