@@ -8,7 +8,6 @@ exits with code 2, before anything is written.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import importlib
 import json
@@ -251,20 +250,30 @@ RESUME_HINT = {  # how each long command continues after an interruption
 }
 
 
+OWN_LOOP = ("search", "train")  # commands whose loop runs in this process (Ray runs the others' trials)
+
+
+def _holds_run(where: str | None) -> bool:
+    """Whether `where` holds a run's config.json; True when the store cannot be asked."""
+    if not where:
+        return False
+    from .storage import Store
+
+    try:
+        return Store(where).exists("config.json")
+    except Exception:  # noqa: BLE001 - unreachable, no credentials: the usual hint
+        return True
+
+
 def _hint(args: argparse.Namespace, default: str) -> str:
     """How to continue `args.command` at its store (`args.store_uri`, set once the command knows it)."""
     where = getattr(args, "store_uri", None) or getattr(args, "out", None) or getattr(args, "uri", None)
-    if args.command in ("search", "train") and not where:  # stopped before it knew its store
+    if args.command in OWN_LOOP and not _holds_run(where):
         return "rerun the same command (nothing was saved yet)"
-    if args.command in ("search", "train"):
-        from .storage import Store
-
-        with contextlib.suppress(Exception):  # a store that cannot be asked: the usual hint
-            if not Store(where).exists("config.json"):
-                return "rerun the same command (nothing was saved yet)"
-    where = where or ("<storage>/<name>" if args.command == "run" else "<storage.uri>")
     allow = " --allow-changes" if getattr(args, "allow_changes", False) else ""
-    return RESUME_HINT.get(args.command, default).replace("{out}", where).replace("{allow}", allow)
+    return (
+        RESUME_HINT.get(args.command, default).replace("{out}", where or "<storage>/<name>").replace("{allow}", allow)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -277,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         # SIGTERM as an interruption where we own the loop; a Ray driver leaves it to Ray
-        with signals_recorded(sigterm=args.command in ("search", "train")):
+        with signals_recorded(sigterm=args.command in OWN_LOOP):
             return int(args.func(args) or 0)
     except (UsageError, DataError, GenotypeError) as e:
         print(f"distsearch {args.command}: {' '.join(str(e).split())}", file=sys.stderr)  # one line

@@ -22,7 +22,7 @@ from .config import RunConfig
 from .errors import UsageError, checkpoint_mismatch
 from .interrupt import raise_if_interrupted
 from .monitor import Monitor
-from .storage import Store
+from .storage import Latest, Store
 
 log = logging.getLogger(__name__)
 EpochHook = Callable[[int, dict[str, float], str], None]
@@ -50,13 +50,13 @@ class EpochLoop:
 
     def resume(
         self,
-        device: torch.device,
+        latest: Latest,
         load: Callable[[dict[str, Any]], None],
         check: Callable[[dict[str, Any]], None] | None = None,
     ) -> bool:
-        """Load the newest valid checkpoint into the run (`load`) and the loop; False if none.
-        `check(meta)` may refuse the checkpoint first (raising), before anything is loaded."""
-        latest = self.store.load_latest(map_location=device)
+        """Load the newest valid checkpoint (`latest`: Store.load_latest's) into the run (`load`)
+        and the loop; False if none. `check(meta)` may refuse it first (raising), before anything
+        is loaded."""
         if latest is None:
             if committed := self.store.list_checkpoints():
                 log.warning(

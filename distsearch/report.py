@@ -16,7 +16,7 @@ import posixpath
 from typing import Any
 
 from .errors import UsageError, out_folder
-from .storage import Store
+from .storage import Latest, Store
 
 TABLES = (("eval", "robustness.md", "robustness.png"), ("certify", "certified.md", "certified.png"))
 
@@ -43,9 +43,6 @@ def _value(key: str, value: float) -> str:
     from .plots import ACC
 
     return f"{100 * value:.2f}" if ACC.search(key) else f"{value:.4g}"
-
-
-Latest = tuple[str, dict[str, Any], dict[str, Any]] | None  # Store.load_latest: (name, state, meta)
 
 
 Read = tuple[dict[str, Any], dict[str, Any] | None, Latest, dict[str, Any] | None]

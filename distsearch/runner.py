@@ -30,7 +30,7 @@ from .loop import EpochHook, EpochLoop, Interrupted  # noqa: F401 - Interrupted 
 from .monitor import Monitor
 from .search import SEARCHERS, Searcher
 from .search.graphed import GraphedStep
-from .storage import Store
+from .storage import Latest, Store
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +176,15 @@ def same_shapes(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 def recorded_run(store: Store, meta: dict[str, Any]) -> dict[str, Any]:
     """What the checkpoint with `meta` ran with: its record (config, data, a training's genotype);
-    for a checkpoint older than the record, config.json (None when gone) and data.json."""
+    for a checkpoint older than the record, config.json (None when gone), data.json and, for a
+    training of a genotype, genotype.json."""
     if meta.get("run"):
         return meta["run"]
     config = store.read_config() if store.exists("config.json") else None
-    return {"config": config, "data": store.read_json(DATA_FILE, None, DATA_KEYS)}
+    ran = {"config": config, "data": store.read_json(DATA_FILE, None, DATA_KEYS)}
+    if (config or {}).get("model", {}).get("genotype") and store.exists("genotype.json"):
+        ran["genotype"] = store.read_json("genotype.json")
+    return ran
 
 
 def check_resume(
@@ -251,7 +255,7 @@ def record_run(store: Store, record: dict[str, Any], epoch: int, outputs: tuple[
 
 def resume_and_record(
     loop: EpochLoop,
-    device: torch.device,
+    latest: Latest,
     load: Callable[[dict[str, Any]], None],
     data: DataSplits,
     allow_changes: bool,
@@ -259,8 +263,8 @@ def resume_and_record(
     outputs: tuple[str, ...] = (),
     genotype: Genotype | None = None,
 ) -> None:
-    """Check the run (check_kind), loop.resume with its checkpoint checked first (check_resume),
-    then record_run. Each checkpoint from here on carries the record (config, data, genotype)."""
+    """Check the run (check_kind), loop.resume from `latest` (Store.load_latest's), checked first
+    (check_resume), then record_run. Each checkpoint from here on carries the record (config, data, genotype)."""
     check_kind(loop.store, loop.cfg)
     record = {"config": loop.cfg.model_dump(mode="json"), "data": data.fingerprint()}
     if genotype is not None:
@@ -271,7 +275,7 @@ def resume_and_record(
             loop.store, loop.cfg, record["data"], meta, allow_changes, config_may_change, record.get("genotype")
         )
 
-    loop.resume(device, load, check)
+    loop.resume(latest, load, check)
     record_run(loop.store, record, loop.epoch, outputs)
     loop.recorded = record
 
@@ -306,7 +310,8 @@ def run_search(
         val.load_state_dict(state["val_stream"])
 
     # the search's genotype.json is rewritten at its end
-    resume_and_record(loop, device, load, data, allow_changes, config_may_change, outputs=("genotype.json",))
+    latest = store.load_latest(map_location=device)
+    resume_and_record(loop, latest, load, data, allow_changes, config_may_change, outputs=("genotype.json",))
     if loop.epoch >= cfg.epochs and store.exists("result.json"):  # finished before: nothing to add or log
         return SearchResult(searcher.genotype(), loop.final, loop.epoch, loop.step, loop.history)
     monitor = loop.open_monitor(monitor)

@@ -38,6 +38,7 @@ from .errors import UsageError
 log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
 CKPT_DIR = "checkpoints"
+Latest = tuple[str, dict[str, Any], dict[str, Any]] | None  # load_latest: (name, state, meta), or None
 
 
 class CorruptCheckpoint(RuntimeError):
@@ -358,9 +359,7 @@ class Store:
                 "it holds objects other than tensors and plain Python values, and is not unpickled"
             ) from None
 
-    def load_latest(
-        self, map_location: str | torch.device = "cpu"
-    ) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
+    def load_latest(self, map_location: str | torch.device = "cpu") -> Latest:
         """(name, state, meta) of the newest checkpoint that verifies and loads with weights_only
         (see load_checkpoint), its tensors on `map_location`, or None when there is none. Corrupt
         or unloadable ones are logged (a warning naming them and why) and skipped; errors of the
@@ -395,6 +394,6 @@ class Store:
         left = [n for n, c in folders if not c and (upto is None or _step_of(n) < upto)]
         for name in committed[:-keep] + left:
             rel = self.path(CKPT_DIR, name)
-            if self.fs.exists(posixpath.join(rel, MANIFEST)):
+            if name in committed:
                 self.fs.rm(posixpath.join(rel, MANIFEST))  # uncommit first, then remove the rest
             self.fs.rm(rel, recursive=True)

@@ -31,7 +31,7 @@ from .runner import (
     without_history,
 )
 from .search.base import adopt_hyperparameters, hyperparameters, rng_state, set_rng_state
-from .storage import Store
+from .storage import Latest, Store
 
 log = logging.getLogger(__name__)
 
@@ -84,22 +84,19 @@ def search_data(ref: str) -> dict[str, Any] | None:
     return {"data": {"name": "mnist5k", **data}, "seed": raw.get("seed", 0)}
 
 
-def run_genotype(cfg: TrainConfig, store: Store) -> Genotype | None:
+def run_genotype(cfg: TrainConfig, store: Store, latest: Latest = None) -> Genotype | None:
     """The genotype the run trains. A resume builds the genotype its newest valid checkpoint trained
     (its record; genotype.json for a checkpoint older than the record): model.genotype is not read
     again (a search it names may have moved on since, a relative path may name another file from
-    another cwd). Only a model.genotype changed on purpose (--allow-changes) is read anew."""
+    another cwd). Only a model.genotype changed on purpose (--allow-changes) is read anew.
+    `latest`: Store.load_latest's, read here when not given."""
     ref = cfg.model.genotype
     if not ref:
         return None
-    latest = store.load_latest() if store.list_checkpoints() else None  # read again by the resume
-    if latest is not None:
-        ran = recorded_run(store, latest[2])
-        if (ran["config"] or {}).get("model", {}).get("genotype") == ref:
-            if "genotype" in ran:
-                return Genotype.from_dict(ran["genotype"])
-            if store.exists("genotype.json"):
-                return Genotype.from_dict(store.read_json("genotype.json"))
+    latest = latest or store.load_latest()
+    ran = recorded_run(store, latest[2]) if latest else {}
+    if ran.get("genotype") and (ran["config"] or {}).get("model", {}).get("genotype") == ref:
+        return Genotype.from_dict(ran["genotype"])
     return read_genotype(ref)
 
 
@@ -135,7 +132,8 @@ def run_training(
     """Train (or resume) to cfg.epochs; returns the last epoch's record."""
     device = setup_torch(cfg)
     data = build_data(cfg)
-    genotype = run_genotype(cfg, store)
+    latest = store.load_latest(map_location=device)  # read once: the genotype and the resume
+    genotype = run_genotype(cfg, store, latest)
     model = build_network(cfg, data, genotype).to(device)
     strategy = cfg.strategy.build()
     o = cfg.optim
@@ -159,7 +157,7 @@ def run_training(
         # the configured schedule, not the loaded one (more epochs: T_max grows, the lr anneals to lr_min)
         adopt_hyperparameters({"optimizer": optimizer}, {"scheduler": scheduler}, configured)
 
-    resume_and_record(loop, device, load, data, allow_changes, genotype=genotype)
+    resume_and_record(loop, latest, load, data, allow_changes, genotype=genotype)
     if genotype is not None:  # the genotype trained (a resume's own, unless changed with --allow-changes)
         store.write_json("genotype.json", genotype.to_dict())
     if loop.epoch >= cfg.epochs and store.exists("result.json"):  # finished before: nothing to add or log
@@ -253,8 +251,7 @@ def load_model(
             else f"URI: its data set here holds {shape_of(fingerprint)}; {takes}; name the run's data with --data"
         )
     if isinstance(cfg, TrainConfig):
-        trained = ran.get("genotype") or (store.read_json("genotype.json") if cfg.model.genotype else None)
-        genotype = Genotype.from_dict(trained) if trained else None
+        genotype = Genotype.from_dict(ran["genotype"]) if ran.get("genotype") else None
         model, weights = build_network(cfg, data, genotype), state["model"]
     else:
         model, weights = build_supernet(cfg, data), state["searcher"]["model"]
