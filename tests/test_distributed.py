@@ -572,7 +572,8 @@ def test_pbt_exploit_continues_with_the_mutated_learning_rate(ray_local, tmp_pat
         starts = json.loads((store / "trial_starts.json").read_text())
         newest = sorted((store / "checkpoints").glob("*/meta.json"))[-1]
         history = {r["epoch"]: r for r in json.loads(newest.read_text())["history"]}
-        assert sorted(history) == list(range(1, epochs + 1))
+        tune_results = (store.parent / "result.json").read_text() if (store.parent / "result.json").exists() else ""
+        assert sorted(history) == list(range(1, epochs + 1)), (store, starts, tune_results[-3000:])
         exploits = [i for i, s in enumerate(starts) if s["checkpoint_from"] is not None]
         own = starts[exploits[-1] if exploits else 0 :]  # history after the last exploit is this trial's own
         ends = [s["epoch"] for s in own[1:]] + [epochs]

@@ -60,10 +60,11 @@ def pointed_store(pointer: dict[str, Any], root: str) -> str:
     return trial_uri(root, trial)
 
 
-def _adopt(source: str, pointer: dict[str, Any], store: Store) -> None:
-    """Copy the pointed-at checkpoint (another trial's, under PBT) from `source` into `store`."""
+def _adopt(source: str, pointer: dict[str, Any], store: Store) -> str:
+    """Copy the pointed-at checkpoint (another trial's, under PBT) from `source` into `store`;
+    returns the name of the checkpoint the trial resumes from."""
     if source == store.uri:
-        return
+        return pointer["checkpoint"]
     src = Store(source)
     name, committed = pointer["checkpoint"], src.list_checkpoints()
     if name not in committed:  # pruned by the donor since (storage.keep): its newest one instead
@@ -78,6 +79,7 @@ def _adopt(source: str, pointer: dict[str, Any], store: Store) -> None:
     for fname in manifest["files"]:
         store.write_bytes(posixpath.join(rel, fname), src.read_bytes(posixpath.join(rel, fname)))
     store.write_json(posixpath.join(rel, MANIFEST), manifest)
+    return name
 
 
 def newest_progress(store: Store) -> tuple[int, dict[str, Any]]:
@@ -89,11 +91,12 @@ def newest_progress(store: Store) -> tuple[int, dict[str, Any]]:
 
 
 def _record_start(
-    store: Store, node_ip: str, params: dict[str, Any], source: str | None, gpu_ids: list[str], device: str
+    store: Store, node_ip: str, params: dict[str, Any], source: str | None, gpu_ids: list[str], device: str, **more: Any
 ) -> None:
     """Append this start to trial_starts.json: the epoch it resumes from, the node it runs on, the
     GPUs Ray gave it and the device it runs on, the sampled params it runs with and, after a PBT
-    exploit, the store its checkpoint came from."""
+    exploit, the store its checkpoint came from; `more`: the Tune checkpoint it was handed and
+    the epochs it runs to."""
     starts = store.read_json("trial_starts.json", [])
     epoch = newest_progress(store)[0]  # informational: run_search verifies and loads
     starts.append(
@@ -106,6 +109,7 @@ def _record_start(
             "device": device,
             "params": params,
             "checkpoint_from": source,
+            **more,
         }
     )
     store.write_json("trial_starts.json", starts)
@@ -146,7 +150,7 @@ def search_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     cfg = parse_config(raw)
     store = Store(uri)
 
-    checkpoint, source = tune.get_checkpoint(), None
+    checkpoint, source, handed = tune.get_checkpoint(), None, None
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             pointer_file = os.path.join(d, POINTER)
@@ -154,13 +158,14 @@ def search_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
                 with open(pointer_file) as f:
                     pointer = json.load(f)
                 donor = pointed_store(pointer, spec["root"])
-                _adopt(donor, pointer, store)
+                handed = _adopt(donor, pointer, store)
                 source = None if donor == uri else donor
         store.write_json("config.json", cfg.model_dump(mode="json"))  # PBT may have changed the config
     if store.exists("stopped.json"):  # a scheduler's stop the driver did not live to save: running again
         store.fs.rm(store.path("stopped.json"))
     gpu_ids = [str(i) for i in ray.get_gpu_ids()]
-    _record_start(store, ray.util.get_node_ip_address(), dict(config), source, gpu_ids, str(resolve_device(cfg.device)))
+    node, device = ray.util.get_node_ip_address(), str(resolve_device(cfg.device))
+    _record_start(store, node, dict(config), source, gpu_ids, device, checkpoint=handed, epochs=cfg.epochs)
     reported = False
     # An objective (tune.metric / metrics) only another sampled algorithm reports, e.g. train/R_jac
     # in a darts trial, is NaN here: Tune refuses a result without it; ASHA and PBT pass NaN by,
@@ -179,5 +184,8 @@ def search_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
 
     # a restored trial runs on with the config PBT mutated (its data is still checked)
     result = run_search(cfg, store, on_epoch=on_epoch, config_may_change=checkpoint is not None)
+    starts = store.read_json("trial_starts.json", [])  # how this start ended: Tune's "completed" says less
+    starts[-1]["returned_at_epoch"] = result.epochs
+    store.write_json("trial_starts.json", starts)
     if not reported:  # the store already held the finished search: report its result once
         tune.report({**objectives, **result.metrics, "done_epochs": result.epochs})
