@@ -12,11 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from search_spaces import PRIMITIVES
 
-from .distributed.schema import TuneConfig  # the typed `tune:` section (pure pydantic, no ray)
+from .distributed.schema import StrictModel, TuneConfig  # the typed `tune:` section (pure pydantic, no ray)
 from .errors import UsageError
 
 
-class Strict(BaseModel):
+class Strict(StrictModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 

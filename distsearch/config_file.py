@@ -59,6 +59,27 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys in a mapping without a word: a file that sets
+    `epochs` twice would run with whichever came last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise _DuplicateKey(f"{key!r} is set twice (lines {seen[key]} and {line}); keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -68,7 +89,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             else f"--config: no such file {str(p)!r}"
         )
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}  # a SafeLoader
+    except _DuplicateKey as e:
+        raise UsageError(f"--config: {p}: {e}") from None
     except UnicodeDecodeError:
         raise UsageError(f"--config: {p} is not a UTF-8 text file") from None
     except yaml.YAMLError as e:

@@ -86,11 +86,16 @@ def test_bad_config_exits_2_naming_the_field_and_writes_nothing(tmp_path, capsys
         (["tensorboard", "{tmp}", "--port", "99999"], "a TCP port is a whole number 1-65535"),
         (["attack", "{tmp}", "--eps", "1e308"], "at most 1e4"),
         (["search", "--config", "{cfg}", "--set", "eval.eps=0"], "eval.eps: Input should be greater than 0"),
+        # pydantic reads true as 1 for a number; YAML keeps the last of two equal keys
+        (["search", "--config", "{cfg}", "--set", "epochs=true"], "epochs: Input should be a valid integer"),
+        (["search", "--config", "{cfg}", "--set", "optim.w_lr=false"], "optim.w_lr: Input should be a valid number"),
+        (["search", "--config", "{tmp}/twice.yaml"], "'epochs' is set twice (lines 1 and 3); keep one"),
     ],
 )
 def test_bad_flags_exit_2(tmp_path, capsys, argv, needle):
     cfg = _write(tmp_path, tiny_raw(str(tmp_path / "o")))
     (tmp_path / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
+    (tmp_path / "twice.yaml").write_text("epochs: 2\nseed: 1\nepochs: 3\n")
     (tmp_path / "damaged").mkdir()
     (tmp_path / "damaged" / "config.json").write_text("garbage{")
     argv = [a.format(cfg=cfg, tmp=tmp_path, root=ROOT) for a in argv]

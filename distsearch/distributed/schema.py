@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -86,11 +86,27 @@ STEP_METRICS = tuple(
 )
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Unknown keys, inf/nan and true/false for a number are refused (pydantic would read
+    `epochs: true` as 1)."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        out = dict(raw)
+        for key, value in raw.items():
+            field = cls.model_fields.get(key) if isinstance(value, bool) else None
+            kinds = (get_args(field.annotation) or (field.annotation,)) if field else ()
+            if bool not in kinds and (int in kinds or float in kinds):
+                out[key] = str(value).lower()  # pydantic's own error then names the field: not a number
+        return out
 
-class ParamSpec(_Strict):
+
+class ParamSpec(StrictModel):
     """One sampled key: exactly one of choice/grid (a list) or uniform/loguniform ([low, high])."""
 
     choice: list[Any] | None = None
@@ -135,7 +151,7 @@ class ParamSpec(_Strict):
         return isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
 
 
-class Resources(_Strict):
+class Resources(StrictModel):
     cpu: float = Field(1, gt=0, description="CPUs per trial (also its torch / OMP threads)")
     gpu: float = Field(
         0, ge=0, description="GPU share per trial: 0 (the trial runs on the CPU), a fraction such as 0.25, or 1"
@@ -149,7 +165,7 @@ class Resources(_Strict):
         return gpu
 
 
-class TuneConfig(_Strict):
+class TuneConfig(StrictModel):
     search_alg: Literal["optuna", "random"] = "optuna"
     sampler: Literal["tpe", "nsga2"] = "tpe"
     scheduler: Literal["asha", "pbt", "fifo"] = "fifo"
