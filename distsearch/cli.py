@@ -133,6 +133,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .data_npz import check_files
 
     check_files(cfg)  # as `run` does before Ray starts
+    from .storage import check_protocol
+
+    check_protocol(cfg.storage.uri, "storage.uri")
+    if schema is SearchConfig and cfg.tune is not None:
+        check_protocol(cfg.tune.storage, "tune.storage")
     if schema is not SearchConfig:
         uri = cfg.storage.uri
         if schema is TrainConfig and "uri" not in cfg.storage.model_fields_set:

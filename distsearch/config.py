@@ -34,6 +34,9 @@ def local_path(path: str) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
+IMAGE_SIDE = {"mnist5k": 28, "digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32, "cifar100": 32, "svhn": 32}
+
+
 class DataConfig(Strict):
     name: Literal["mnist5k", "digits", "synthetic", "mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "npz"] = (
         "mnist5k"
@@ -53,26 +56,28 @@ class DataConfig(Strict):
     synthetic: SyntheticConfig = SyntheticConfig()
 
     @model_validator(mode="after")
-    def _path_for_npz(self) -> DataConfig:
+    def _consistent(self) -> DataConfig:
         if self.name == "npz" and not self.path:
             raise ValueError(
-                "data.name npz reads a .npz file; set data.path to its path or URI (see distsearch/data_npz.py)"
+                "data.name npz reads a .npz file; set data.path to its path or URI (distsearch/data_npz.py)"
             )
         if self.name != "npz" and self.path:
             raise ValueError(f"only data.name npz reads data.path (name is {self.name}); remove data.path")
+        if self.cutout == 1:
+            raise ValueError(
+                "data.cutout: 1 zeroes nothing (a square of side length // 2 * 2); use 0 (off) or 2 or more"
+            )
+        side = self.synthetic.image_size if self.name == "synthetic" else IMAGE_SIDE.get(self.name)
+        if side and self.cutout > side:  # npz: when its images are read (data.BatchStream)
+            raise ValueError(
+                f"data.cutout: {self.cutout} is larger than {self.name}'s {side}x{side} images; at most {side}"
+            )
         return self
 
     @field_validator("root", "path")
     @classmethod
     def _absolute(cls, path: str | None) -> str | None:
         return local_path(path) if path else path
-
-    @field_validator("cutout")
-    @classmethod
-    def _cutout_cuts(cls, length: int) -> int:
-        if length == 1:
-            raise ValueError("1 zeroes nothing (a square of side length // 2 * 2); use 0 (off) or 2 or more")
-        return length
 
 
 class SpaceConfig(Strict):

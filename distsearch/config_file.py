@@ -30,7 +30,7 @@ def format_validation_error(err: ValidationError, prefix: str = "config") -> str
     elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
         msg = f"{msg} (got {e['input']!r})"
     extra = f" ({len(err.errors()) - 1} more error(s))" if len(err.errors()) > 1 else ""
-    where = f"{loc}: " if loc else ""  # whole-config checks name their fields in msg
+    where = f"{loc}: " if loc and not msg.startswith(f"{loc}.") else ""  # whole-model checks name their fields
     return f"{prefix} error: {where}{msg}{extra}"
 
 

@@ -27,13 +27,13 @@ import posixpath
 import re
 import tempfile
 import uuid
-from collections import OrderedDict
 from typing import Any
 
 import fsspec
 import torch
 
 from .errors import UsageError
+from .safe_state import check_loadable, read_state, refusal
 
 log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
@@ -65,73 +65,18 @@ def _step_of(name: str) -> int:
     return int(name.rsplit("-", 1)[-1])
 
 
-def _read_state(data: bytes, map_location: str | torch.device = "cpu") -> Any:
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+def _cannot_open(uri: str, field: str, e: Exception) -> UsageError:
+    return UsageError(f"{field}: cannot open {uri!r} ({e}); use a local path, file://, s3:// or gs://")
 
 
-def _refusal(e: BaseException) -> str:
-    """The line of a weights_only refusal that names its cause (torch's message is a page)."""
-    lines = str(e).splitlines()
-    for line in lines:
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].split(" Please use", 1)[0].strip()
-    return next((ln.strip() for ln in lines if ln.strip()), type(e).__name__)
-
-
-_PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
-_CONTAINERS = (dict, OrderedDict, list, tuple, set)  # as weights_only reads them (a frozenset it refuses)
-
-
-def _loads_alone(obj: Any) -> bool:
-    buf = io.BytesIO()
+def check_protocol(uri: str, field: str) -> None:
+    """The error Store(uri) would give for an unknown protocol or a missing package (s3fs, gcsfs),
+    without opening the store (a gs:// file system looks for credentials first, for seconds)."""
+    protocol = fsspec.core.split_protocol(uri)[0]
     try:
-        torch.save(obj, buf)
-        _read_state(buf.getvalue())
-    except Exception:  # noqa: BLE001 - any failure means "not readable back"
-        return False
-    return True
-
-
-def _first_unloadable(obj: Any, path: str = "") -> tuple[str, Any] | None:
-    """Depth first, the key path (as `['model']['w']`) and value of the first value under `obj` that
-    weights_only cannot read back; plain values and tensors are taken as readable without a test."""
-    kind = type(obj)
-    if kind in _PLAIN or kind in (torch.Tensor, torch.nn.Parameter):
-        return None
-    if kind in _CONTAINERS:
-        if kind is set:
-            return next(filter(None, (_first_unloadable(v, f"{path} (an element)") for v in obj)), None)
-        for k, v in obj.items() if isinstance(obj, dict) else enumerate(obj):
-            if isinstance(obj, dict) and type(k) not in _PLAIN and not _loads_alone(k):
-                return f"{path} (the key {k!r})", k
-            if found := _first_unloadable(v, f"{path}[{k!r}]"):
-                return found
-        return None
-    return None if _loads_alone(obj) else (path, obj)
-
-
-def check_loadable(state: Any, data: bytes | None = None) -> None:
-    """Raise TypeError, naming the key path and type, when torch.load(weights_only=True) cannot
-    read `state` back (`data`: its torch.save bytes, when already serialised)."""
-    if data is None:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        data = buf.getvalue()
-    try:
-        _read_state(data)
-    except pickle.UnpicklingError as e:
-        found = _first_unloadable(state)
-        what = "the state" if found is None else f"state{found[0]} is a {_type_name(found[1])}: it"
-        raise TypeError(
-            f"save_checkpoint: {what} cannot be read back with torch.load(weights_only=True) ({_refusal(e)}); "
-            "store tensors and plain Python values (numbers, strings, lists, tuples, dicts) instead, e.g. "
-            "torch.as_tensor(array) or array.tolist(), genotype.to_dict(); nothing was written"
-        ) from None
-
-
-def _type_name(obj: Any) -> str:
-    kind = type(obj)
-    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        fsspec.get_filesystem_class(protocol or "file")
+    except (ValueError, ImportError) as e:
+        raise _cannot_open(uri, field, e) from None
 
 
 class Store:
@@ -143,7 +88,7 @@ class Store:
         try:
             self.fs, self.root = fsspec.core.url_to_fs(uri, **storage_options)
         except (ValueError, ImportError) as e:
-            raise UsageError(f"{field}: cannot open {uri!r} ({e}); use a local path, file://, s3:// or gs://") from None
+            raise _cannot_open(uri, field, e) from None
         self.uri = uri
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.is_local = protocol in ("file", "local")
@@ -352,10 +297,10 @@ class Store:
     @staticmethod
     def _load_state(name: str, data: bytes, map_location: str | torch.device) -> Any:
         try:
-            return _read_state(data, map_location)
+            return read_state(data, map_location)
         except pickle.UnpicklingError as e:
             raise UnloadableCheckpoint(
-                f"{name}: state.pt cannot be read with torch.load(weights_only=True) ({_refusal(e)}); "
+                f"{name}: state.pt cannot be read with torch.load(weights_only=True) ({refusal(e)}); "
                 "it holds objects other than tensors and plain Python values, and is not unpickled"
             ) from None
 

@@ -90,6 +90,9 @@ def test_bad_config_exits_2_naming_the_field_and_writes_nothing(tmp_path, capsys
         (["search", "--config", "{cfg}", "--set", "epochs=true"], "epochs: Input should be a valid integer"),
         (["search", "--config", "{cfg}", "--set", "optim.w_lr=false"], "optim.w_lr: Input should be a valid number"),
         (["search", "--config", "{tmp}/twice.yaml"], "'epochs' is set twice (lines 1 and 3); keep one"),
+        # validate refuses what search would, without opening the store or reading the data
+        (["validate", "--config", "{cfg}", "--set", "storage.uri=nosuchproto://x/y"], "storage.uri: cannot open"),
+        (["validate", "--config", "{cfg}", "--set", "data.cutout=99"], "data.cutout: 99 is larger than"),
     ],
 )
 def test_bad_flags_exit_2(tmp_path, capsys, argv, needle):

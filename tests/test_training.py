@@ -406,19 +406,24 @@ def test_cutout_zeroes_one_clipped_square_per_image_seeded() -> None:
 
 def test_cutout_that_cuts_nothing_or_everything_is_refused(tmp_path) -> None:
     """cutout 1 zeroes nothing (a side of 1 // 2 * 2), and one larger than the images blanked every
-    training image (a run at chance, no warning): each one line naming data.cutout."""
-    from distsearch.data import DataError
+    training image (a run at chance, no warning): each one line naming data.cutout, from the config
+    where the data set's image size is known, else (npz) when the images are read."""
+    from distsearch.data import BatchStream, DataError
     from distsearch.errors import UsageError
-    from distsearch.storage import Store
-    from distsearch.train import run_training
 
     data = {"name": "synthetic", "batch_size": 16, "synthetic": {"n": 80, "image_size": 8}}
-    for bad in (1, True):
-        with pytest.raises(UsageError, match="data.cutout: 1 zeroes nothing"):
-            train_config(str(tmp_path / "o"), data={**data, "cutout": bad})
-    cfg = train_config(str(tmp_path / "o"), data={**data, "cutout": 9})
+    with pytest.raises(UsageError, match="data.cutout: 1 zeroes nothing"):
+        train_config(str(tmp_path / "o"), data={**data, "cutout": 1})
+    with pytest.raises(UsageError, match="data.cutout: Input should be a valid integer"):
+        train_config(str(tmp_path / "o"), data={**data, "cutout": True})
+    with pytest.raises(UsageError, match="data.cutout: 9 is larger than synthetic's 8x8 images; at most 8"):
+        train_config(str(tmp_path / "o"), data={**data, "cutout": 9})
+    with pytest.raises(UsageError, match="data.cutout: 29 is larger than mnist5k's 28x28 images; at most 28"):
+        train_config(str(tmp_path / "o"), data={"name": "mnist5k", "cutout": 29})
+    x, y = torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
     with pytest.raises(DataError, match="data.cutout: 9 is larger than the 8x8 images; at most 8"):
-        run_training(cfg, Store(cfg.storage.uri))
+        BatchStream(x, y, torch.arange(4), 2, 0, "cpu", cutout=9)
+    assert not (tmp_path / "o").exists()
 
 
 def test_auxiliary_loss_is_added_with_its_weight() -> None:
