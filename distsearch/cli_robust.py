@@ -36,8 +36,6 @@ def _outputs(args: argparse.Namespace, sub: str, write: Callable[[str], None]) -
 
 
 def _eval_set(data: Any, n: int) -> tuple[Any, Any]:
-    if n <= 0:
-        raise UsageError(f"--n: must be > 0, got {n}")
     return data.x_test[:n], data.y_test[:n]
 
 
@@ -83,16 +81,18 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .robust.evaluate import expand_attacks, game_table, plot_robustness, write_csv, write_markdown
+    from .robust.evaluate import DEFAULT_ATTACKS, expand_attacks, game_table, plot_robustness, write_csv, write_markdown
     from .robust.tables import to_markdown
 
     try:  # before the model is loaded: a misspelt name fails at once
-        attacks = expand_attacks(args.attacks)
+        attacks = expand_attacks(args.attacks or DEFAULT_ATTACKS)
     except ValueError as e:
         raise UsageError(f"--{e}") from None
     eps = {k: v for k, v in (("linf", args.eps_linf), ("l2", args.eps_l2)) if v}
     if not eps:
         raise UsageError("--eps-linf / --eps-l2: give at least one budget")
+    if args.attacks and "cw" in attacks and "l2" not in eps:  # asked for: not left out without a word
+        raise UsageError("--attacks: cw runs at L2 budgets only; add --eps-l2 BUDGET ... or leave cw out")
     model, data = _load(args)
     x, y = _eval_set(data, args.n)
     try:
@@ -210,6 +210,21 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _count(limit: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from 1 to `limit` (an attack of 10**12 steps never ends)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not 1 <= v <= limit:
+            raise argparse.ArgumentTypeError(f"must be from 1 to {limit}, got {v}")
+        return v
+
+    return parse
+
+
 def _seed(text: str) -> int:
     try:
         v = int(text)
@@ -241,14 +256,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--attacks",
         nargs="+",
-        default=["fgsm", "pgd-20", "pgd-100", "apgd-ce", "apgd-dlr", "apgd-t", "cw"],
         help="any of fgsm, pgd-20, pgd-100, apgd-ce, apgd-dlr, apgd-t (APGD, 100 steps), cw, square "
         "(gradient-free, 5000 queries; several times the cost of the rest), fab-t (minimum-norm, 100 steps "
         "per target), and autoattack (AutoAttack's standard ensemble: apgd-ce apgd-t fab-t square) "
-        "(default: all but square and fab-t)",
+        "(default: all but square and fab-t; cw only with --eps-l2)",
     )
     p.add_argument(
-        "--n", type=int, default=200, help="first test images used (default: %(default)s; more than there are: all)"
+        "--n",
+        type=_count(10**7),
+        default=200,
+        help="first test images used (default: %(default)s; more than there are: all)",
     )
     p.add_argument(
         "--seed",
@@ -276,12 +293,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "as fgm and cw; for images in [0, 1]); cw: the radius it is projected onto; lbfgs: ignored",
     )
     p.add_argument("--norm", choices=["linf", "l2"], help="(default: l2 for fgm and cw, else linf)")
-    p.add_argument("--steps", type=int, default=20, help="iterations of the iterative attacks (default: %(default)s)")
     p.add_argument(
-        "--queries", type=int, default=5000, help="queries per image of the square attack (default: %(default)s)"
+        "--steps", type=_count(10**5), default=20, help="iterations of the iterative attacks (default: %(default)s)"
     )
     p.add_argument(
-        "--n", type=int, default=64, help="first test images attacked (default: %(default)s; more than there are: all)"
+        "--queries",
+        type=_count(10**6),
+        default=5000,
+        help="queries per image of the square attack (default: %(default)s)",
+    )
+    p.add_argument(
+        "--n",
+        type=_count(10**7),
+        default=64,
+        help="first test images attacked (default: %(default)s; more than there are: all)",
     )
     p.add_argument(
         "--seed",
@@ -306,7 +331,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--n",
-        type=int,
+        type=_count(10**7),
         default=100,
         help="first test images certified (default: %(default)s; more than there are: all)",
     )

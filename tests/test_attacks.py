@@ -435,6 +435,8 @@ def test_training_attacks_skip_the_range_check_and_never_sync() -> None:
     assert rec.hits  # the default: checked, at the cost of one sync
     with pytest.raises(ValueError, match=r"^x: the attacks take images in \[0, 1\]"):
         game_table(model, x * 255, y, {"linf": [0.1]}, attacks=("fgsm",))
+    with pytest.raises(ValueError, match=r"attacks: cw run\(s\) at L2 budgets only"):  # no row but the clean one
+        game_table(model, x, y, {"linf": [0.1]}, attacks=("cw",))
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))

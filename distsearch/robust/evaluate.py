@@ -210,6 +210,8 @@ def _game_rows(
                     attack.seed = seed
                 if attack is not None:
                     plan.append(("fgm" if name == "fgsm" and norm == "l2" else name, norm, float(e), attack))
+    if attacks and not plan:  # cw alone at L-inf budgets: a table of the clean row only
+        raise ValueError(f"attacks: {', '.join(attacks)} run(s) at L2 budgets only; give L2 budgets (eps['l2'])")
     batches = -(-n // batch_size)
     rows: list[Row] = []
     worst: dict[tuple[str, float], list[torch.Tensor]] = {}
