@@ -16,22 +16,27 @@ import posixpath
 from typing import Any
 
 from .errors import UsageError, out_folder
-from .storage import Latest, Store
+from .storage import CKPT_DIR, Latest, Store
 
 TABLES = (("eval", "robustness.md", "robustness.png"), ("certify", "certified.md", "certified.png"))
+
+
+def holds_run(store: Store) -> bool:
+    """A run's folder: its config.json, or (deleted by hand) a checkpoint that records its config."""
+    return store.exists("config.json") or bool(store.list_checkpoints())
 
 
 def _stores(uri: str) -> list[tuple[str, Store]]:
     """(label, store) for a run at `uri`, or for every trial under an experiment root."""
     store = Store(uri, field="URI")
-    if store.exists("config.json"):
+    if holds_run(store):
         return [(posixpath.basename(store.root), store)]
-    found = sorted(store.fs.glob(store.path("*", "search", "config.json")))
+    found = {posixpath.dirname(p) for p in store.fs.glob(store.path("*", "search", "config.json"))}
+    found |= {posixpath.dirname(p) for p in store.fs.glob(store.path("*", "search", CKPT_DIR))}
     if not found:
         raise UsageError(f"URI: {uri!r} holds no run (no config.json) and no experiment trials (*/search/)")
     runs = []
-    for path in found:
-        search = posixpath.dirname(path)
+    for search in sorted(found):
         runs.append(
             (posixpath.basename(posixpath.dirname(search)), Store(store.uri.rstrip("/") + search[len(store.root) :]))
         )
@@ -49,14 +54,17 @@ Read = tuple[dict[str, Any], dict[str, Any] | None, Latest, dict[str, Any] | Non
 
 
 def _read(store: Store) -> Read:
-    """A run's config.json, its result.json once it finished, its newest valid checkpoint, and
-    stopped.json when an experiment's scheduler ended it early (distributed/tuner.stop_marker)."""
-    return (
-        store.read_config(),
-        store.read_json("result.json", None),
-        store.load_latest(),
-        store.read_json("stopped.json", None),
-    )
+    """A run's config (config.json, or when that was deleted its newest valid checkpoint's record),
+    its result.json once it finished, that checkpoint, and stopped.json when an experiment's
+    scheduler ended it early (distributed/tuner.stop_marker)."""
+    latest = store.load_latest()
+    if store.exists("config.json"):
+        config = store.read_config()
+    else:
+        config = (latest[2].get("run") or {}).get("config") if latest else None
+        if config is None:
+            raise UsageError(f"URI: {store.uri} holds no config.json and no valid checkpoint that records its config")
+    return config, store.read_json("result.json", None), latest, store.read_json("stopped.json", None)
 
 
 def _data(store: Store, config: dict[str, Any]) -> tuple[str, str | None]:

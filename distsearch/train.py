@@ -74,10 +74,15 @@ def search_data(ref: str) -> dict[str, Any] | None:
             if posixpath.basename(ref.rstrip("/")) != "genotype.json":
                 return None
             ref = posixpath.dirname(ref.rstrip("/"))
-        store = Store(ref)
-        raw = store.read_config() if store.exists("config.json") else None
-    except (OSError, ValueError, UsageError):
+        store = Store(ref, field="model.genotype")
+        has_config = store.exists("config.json")
+    except (OSError, ValueError, UsageError):  # no store there: reading the genotype says so
         return None
+    if has_config:  # a damaged one is one line naming it, not a silent run on the default data
+        raw = store.read_config()
+    else:  # deleted by hand: the newest valid checkpoint's record
+        latest = store.load_latest() if store.list_checkpoints() else None
+        raw = (latest[2].get("run") or {}).get("config") if latest else None
     if not raw or run_command(raw) != "search":
         return None
     data = {k: v for k, v in raw.get("data", {}).items() if k in INHERITED_DATA}

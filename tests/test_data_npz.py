@@ -441,6 +441,17 @@ def test_retraining_takes_the_searchs_data_and_evaluation_checks_it(tmp_path, ca
     assert main([*table, "--out", str(tmp_path / "e3")]) == 0
     assert "note:" not in capsys.readouterr().err
 
+    # the search's config.json deleted: its checkpoint's record says what it ran on; damaged: one
+    # line naming it (it trained on the default mnist5k without a word)
+    (search / "config.json").rename(tmp_path / "config.json")
+    assert main(["train", "--genotype", str(search), "--out", str(tmp_path / "r"), *common]) == 0
+    assert f"note: data: npz at {tmp_path / 'rgb.npz'}, seed 3 (as the search ran on;" in capsys.readouterr().err
+    (search / "config.json").write_text("garbage{")
+    assert main(["train", "--genotype", str(search), "--out", str(tmp_path / "d"), *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"model.genotype: {search}/config.json is not valid JSON" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "d").exists()
+
 
 def test_validate_and_paths(tmp_path, monkeypatch, capsys):
     """Local data paths are stored absolute (a resume or evaluation from another folder, Tune's

@@ -87,3 +87,25 @@ def test_report_refuses_a_uri_without_runs(tmp_path, capsys):
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "holds no run" in capsys.readouterr().err
     assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_report_and_status_of_a_run_whose_config_json_was_deleted(tmp_path, tiny_config, capsys):
+    """config.json deleted by hand: report and status read what the newest valid checkpoint
+    records (as --resume does), for one run and for an experiment's trials; with no checkpoint
+    either, report says there is no run."""
+    for trial in ("t1", "t2"):
+        uri = str(tmp_path / "exp" / trial / "search")
+        run_search(tiny_config(uri, epochs=1), Store(uri))
+    (tmp_path / "exp" / "t2" / "search" / "config.json").unlink()
+    run = str(tmp_path / "exp" / "t2" / "search")
+    capsys.readouterr()
+    assert main(["status", run]) == 0
+    out = capsys.readouterr().out
+    assert "search (darts) on synthetic, epoch 1 of 1" in out and "finished:" in out, out
+    assert main(["report", str(tmp_path / "exp"), "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "2 run(s)." in text and "| t2 | darts | standard | 1 |" in text
+    assert "search (darts) on synthetic, 1 epoch" in text.split("## t2")[1]
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "holds no run" in capsys.readouterr().err

@@ -130,10 +130,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     uri = L.normalize_storage(args.uri)
-    for run in (uri, posixpath.join(uri, SEARCH_DIR)):  # one run (or a trial's folder): no Ray
-        if Store(run).exists("config.json"):
-            from ..report import run_status
+    from ..report import holds_run, run_status
 
+    for run in (uri, posixpath.join(uri, SEARCH_DIR)):  # one run (or a trial's folder): no Ray
+        if holds_run(Store(run)):
             return run_status(run)
     _need_ray()
     rows = print_table(T.load_spec(args.uri)["root"])
