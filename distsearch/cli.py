@@ -12,6 +12,7 @@ import errno
 import importlib
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -248,8 +249,8 @@ STORAGE_ERRORS = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google
 
 
 RESUME_HINT = {  # how each long command continues after an interruption
-    "search": "continue from the last checkpoint with `distsearch search --out {out} --resume{allow}`",
-    "train": "continue from the last checkpoint with `distsearch train --out {out} --resume{allow}`",
+    "search": "continue from the last checkpoint with `distsearch search --out {out} --resume{allow}{sets}`",
+    "train": "continue from the last checkpoint with `distsearch train --out {out} --resume{allow}{sets}`",
     "run": "continue with `distsearch resume {out}`",
     "resume": "continue with `distsearch resume {out}`",
 }
@@ -276,9 +277,12 @@ def _hint(args: argparse.Namespace, default: str) -> str:
     if args.command in OWN_LOOP and not _holds_run(where):
         return "rerun the same command (nothing was saved yet)"
     allow = " --allow-changes" if getattr(args, "allow_changes", False) else ""
-    return (
-        RESUME_HINT.get(args.command, default).replace("{out}", where or "<storage>/<name>").replace("{allow}", allow)
-    )
+    # the values given again: a resume stopped before it wrote them (config.json, a checkpoint) would
+    # otherwise continue without them; where they were written, they change nothing
+    sets = f" --epochs {args.epochs}" if args.command == "train" and getattr(args, "epochs", None) else ""
+    sets += "".join(f" --set {shlex.quote(s)}" for s in getattr(args, "overrides", None) or [])
+    hint = RESUME_HINT.get(args.command, default).replace("{out}", where or "<storage>/<name>")
+    return hint.replace("{allow}", allow).replace("{sets}", sets)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -233,8 +233,26 @@ def run_status(uri: str) -> int:
     elif experiment:
         print(f"not running: continue the experiment with `distsearch resume {experiment.uri}`")
     else:
-        print(f"interrupted: continue it with `distsearch {run_command(config)} --out {uri} --resume`")
+        allow = " --allow-changes" if _changed_since(config, latest) else ""
+        print(f"interrupted: continue it with `distsearch {run_command(config)} --out {uri} --resume{allow}`")
     return 0
+
+
+def _changed_since(config: dict[str, Any], latest: Latest) -> bool:
+    """Whether config.json changes what the newest valid checkpoint recorded it ran with (a resume
+    with --allow-changes stopped before its first checkpoint): a plain --resume is then refused."""
+    from .config import SearchConfig, TrainConfig
+    from .config_file import resume_changes, run_command
+
+    recorded = (latest[2].get("run") or {}).get("config") if latest else None
+    if not recorded or recorded == config:
+        return False
+    try:
+        return bool(
+            resume_changes(recorded, (TrainConfig if run_command(config) == "train" else SearchConfig)(**config))
+        )
+    except ValueError:  # a config.json this version cannot read: --resume says so
+        return False
 
 
 def cmd_report(args: argparse.Namespace) -> int:

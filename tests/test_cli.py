@@ -336,6 +336,32 @@ def test_status_of_one_run(tmp_path, capsys):
     assert f"continue it with `distsearch search --out {out} --resume`" in capsys.readouterr().err
 
 
+
+def test_status_after_a_resume_with_changes_stopped_before_its_checkpoint(tmp_path, capsys):
+    """A resume with --allow-changes rewrites config.json at once; stopped before its first
+    checkpoint, the newest checkpoint records the old values and a plain --resume is refused:
+    status says --allow-changes, and that command finishes the run."""
+    from distsearch.config_file import parse_config, stored_config
+    from distsearch.runner import Interrupted, run_search
+    from distsearch.storage import Store
+
+    out = tmp_path / "o"
+    raw = tiny_raw(str(out), epochs=2)
+    store = Store(str(out))
+    with pytest.raises(Interrupted):
+        run_search(parse_config(raw), store, stop_after_steps=5)  # epoch 1 (4 steps) checkpointed
+    changed = parse_config(stored_config(str(out), "search", ["optim.w_lr=0.05"]))
+    with pytest.raises(Interrupted):
+        run_search(changed, store, stop_after_steps=5, allow_changes=True)  # one step of epoch 2, no checkpoint
+    capsys.readouterr()
+    assert main(["status", str(out)]) == 0
+    hint = f"distsearch search --out {out} --resume --allow-changes"
+    assert f"interrupted: continue it with `{hint}`" in capsys.readouterr().out
+    assert main(["search", "--out", str(out), "--resume"]) == 2
+    assert "--allow-changes" in capsys.readouterr().err
+    assert main(hint.split()[1:]) == 0
+
+
 def test_a_trials_store_is_not_written_beside_its_experiments_driver(tmp_path, capsys):
     """`search --out <root>/<trial>/search --resume` while the experiment's driver runs is refused
     (the driver's trial would write the same store); status on that trial names the driver."""

@@ -199,10 +199,16 @@ def test_the_hint_names_the_store_and_what_continues_it(tmp_path, monkeypatch, c
     assert main(["train", "--genotype", "run", "--epochs", "1"]) == 130
     last = capsys.readouterr().err.splitlines()[-1]
     want = (
-        "interrupted: continue from the last checkpoint with `distsearch train --out runs/train_run_standard --resume`"
+        "interrupted: continue from the last checkpoint with "
+        "`distsearch train --out runs/train_run_standard --resume --epochs 1`"
     )
     assert last == want, last
     monkeypatch.setattr(distsearch.runner, "run_search", stopped)
     assert main(["search", "--out", "run", "--resume", "--set", "epochs=2", "--allow-changes"]) == 130
-    want = "`distsearch search --out run --resume --allow-changes`"
+    # stopped before the resume wrote epochs 2 anywhere: the hint gives it again
+    want = "`distsearch search --out run --resume --allow-changes --set epochs=2`"
     assert want in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "--out", "run", "--resume", "--allow-changes", "--set", "epochs=2"]) == 0  # the hint
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["epochs"] == 2
