@@ -98,6 +98,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"--config: {p} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise UsageError(f"--config: {p} must hold a mapping of config keys")
+    if not raw:  # not the defaults' full-size job by accident (a 50-epoch search for a search config)
+        raise UsageError(f"--config: {p} sets no keys; give the keys to set (launch/configs/ has examples)")
     return raw
 
 

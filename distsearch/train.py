@@ -117,18 +117,21 @@ def build_network(cfg: TrainConfig, data: DataSplits, genotype: Genotype | None)
             auxiliary=m.auxiliary_weight > 0,
             drop_path_prob=m.drop_path_prob,
         )
-    return named_model(m.name, data, m.kwargs, field="model.name")
+    return named_model(m.name, data, m.kwargs, field="model")
 
 
 def named_model(name: str, data: DataSplits, kwargs: dict[str, Any], field: str) -> torch.nn.Module:
-    """robust.models.build_model sized to the data set (the MLP needs the image size)."""
-    from .robust.models import build_model
+    """robust.models.build_model sized to the data set (the MLP needs the image size); an error
+    names `field`.name or `field`.kwargs."""
+    from .robust.models import MODELS, build_model
 
     try:
         sized = {"image_size": data.image_size} | kwargs  # a model.kwargs image_size wins
         return build_model(name, in_channels=data.in_channels, num_classes=data.num_classes, **sized)
     except ValueError as e:
-        raise UsageError(f"{field}: {e}") from None
+        raise UsageError(
+            f"{field}.{'kwargs' if name in MODELS else 'name'}: {str(e).removeprefix('model: ')}"
+        ) from None
 
 
 def run_training(

@@ -170,8 +170,80 @@ def test_linear_bounds_never_looser_than_ibp(kind: str, norm: str, eps: float) -
     model, x = make_model(kind, seed=3), inputs(seed=4)
     li, ui = spec_bounds(model, x, eps, norm, "ibp")
     lc, uc = spec_bounds(model, x, eps, norm, "crown")
-    assert (lc >= li - TOL).all() and (uc <= ui + TOL).all()
-    assert (uc - lc).mean() < (ui - li).mean()  # and strictly tighter on average here
+    assert (lc >= li - TOL).all() and (uc <= ui + TOL).all()  # by construction (the max / min with IBP)
+    assert (uc - lc).mean() < (ui - li).mean()  # what the linear pass adds: strictly tighter on average
+
+
+@pytest.mark.parametrize("kind", ["supernet", "network"])
+def test_linear_pass_alone_is_the_first_order_expansion_at_tiny_eps(kind: str) -> None:
+    """At eps 1e-7 no ReLU is unstable, so CROWN's linear pass (without the max with IBP that
+    spec_bounds takes) is exact: its coefficients are the Jacobian and its lower bound is
+    f_k(x) - eps ||J_k||_q (q the dual norm), through sep / dil / strided convs, avg pools, skips,
+    factorised reduce and BN with random affine weights (no max pool: its upper line is a constant)."""
+    from distsearch.robust.bounds import _concretize, _eps, input_box
+    from distsearch.robust.bounds_ibp import Trace, head_of, ibp
+    from distsearch.robust.bounds_linear import Back, back
+
+    g = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
+    ops = ("none", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
+    if kind == "supernet":
+        m = Supernet(in_channels=2, num_classes=3, C=2, layers=3, nodes=2, stem_multiplier=2, ops=ops)
+        with torch.no_grad():
+            m.alphas_normal.normal_(generator=g)
+            m.alphas_reduce.normal_(generator=g)
+    else:
+        no_pool = Genotype(
+            normal=(("sep_conv_5x5", 0), ("avg_pool_3x3", 1), ("skip_connect", 0), ("dil_conv_5x5", 2)),
+            normal_concat=(2, 3),
+            reduce=(("sep_conv_3x3", 0), ("skip_connect", 1), ("dil_conv_3x3", 2), ("avg_pool_3x3", 0)),
+            reduce_concat=(2, 3),
+        )
+        m = Network(no_pool, in_channels=2, num_classes=3, C=2, layers=3)
+    for bn in (b for b in m.modules() if isinstance(b, nn.BatchNorm2d) and b.weight is not None):
+        with torch.no_grad():
+            bn.weight.copy_(torch.randn(bn.num_features, generator=g))
+            bn.bias.copy_(0.3 * torch.randn(bn.num_features, generator=g))
+    m = _randomise_bn(m, g)
+    x = torch.rand(2, 2, 7, 7, generator=g, dtype=torch.float64).requires_grad_(True)
+    f = m(x)
+    J = torch.stack([torch.autograd.grad(f[:, k].sum(), x, retain_graph=True)[0] for k in range(3)], 1)
+    x, eps = x.detach(), 1e-7
+    for norm, q in (("linf", 1), ("l2", 2)):
+        trace = Trace()
+        ibp(m, input_box(x, eps, norm, None), trace)
+        assert not any(((lo < 0) & (up > 0)).any() for lo, up in trace.bounds.values()), "a ReLU is unstable"
+        K = head_of(m).out_features
+        st = Back(trace)
+        A = back(m, torch.eye(K, dtype=x.dtype).expand(2, K, K), st)
+        lower = _concretize(A, st.const, x, _eps(eps, x), norm, None, (2, K))
+        assert torch.allclose(A, J, rtol=0, atol=1e-12)
+        want = f.detach() - eps * J.flatten(2).norm(p=q, dim=2)
+        assert torch.allclose(lower, want, rtol=0, atol=1e-7 * eps), norm  # f itself is exact to ~1e-16
+
+
+def test_relu_chord_on_a_range_narrower_than_1e_12_stays_sound() -> None:
+    """An unstable ReLU whose input range is narrower than 1e-12 (a tiny eps): its upper line
+    must still pass through relu(up). A floor of 1e-12 on the range's width made the chord too
+    flat, CROWN's bound (the max with IBP keeps the tighter, wrong one) certified a margin of
+    +2e-14 where x + eps is misclassified."""
+    from distsearch.robust.bounds import margin_lower_bound
+    from distsearch.robust.certify import certified_accuracy
+
+    m = nn.Sequential(nn.Flatten(), nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 2)).double().eval()
+    with torch.no_grad():
+        m[1].weight.fill_(1.0)
+        m[1].bias.fill_(-0.5)  # z = x - 0.5: unstable on [0.5 - eps, 0.5 + eps]
+        m[3].weight.copy_(torch.tensor([[-1.0], [0.0]]))  # f0 - f1 = 1e-13 - relu(z)
+        m[3].bias.copy_(torch.tensor([1e-13, 0.0]))
+    x, y, eps = torch.full((1, 1, 1, 1), 0.5, dtype=torch.float64), torch.tensor([0]), 2e-13
+    with torch.no_grad():
+        worst = m(x + eps)
+    true_margin = float(worst[0, 0] - worst[0, 1])
+    assert true_margin < 0  # x + eps lies in the ball and is misclassified
+    for method in ("ibp", "crown"):
+        assert float(margin_lower_bound(m, x, y, eps, "linf", method).detach()) <= true_margin + 1e-20, method
+    assert certified_accuracy(m, x, y, [eps], "linf", "crown") == [0.0]
 
 
 @pytest.mark.parametrize("kind", ["seq", "network"])

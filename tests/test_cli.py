@@ -90,6 +90,8 @@ def test_bad_config_exits_2_naming_the_field_and_writes_nothing(tmp_path, capsys
         (["search", "--config", "{cfg}", "--set", "epochs=true"], "epochs: Input should be a valid integer"),
         (["search", "--config", "{cfg}", "--set", "optim.w_lr=false"], "optim.w_lr: Input should be a valid number"),
         (["search", "--config", "{tmp}/twice.yaml"], "'epochs' is set twice (lines 1 and 3); keep one"),
+        (["validate", "--config", "{tmp}/empty.yaml"], "empty.yaml sets no keys"),
+        (["search", "--config", "{tmp}/empty.yaml"], "empty.yaml sets no keys"),
         # validate refuses what search would, without opening the store or reading the data
         (["validate", "--config", "{cfg}", "--set", "storage.uri=nosuchproto://x/y"], "storage.uri: cannot open"),
         (["validate", "--config", "{cfg}", "--set", "data.cutout=99"], "data.cutout: 99 is larger than"),
@@ -99,6 +101,7 @@ def test_bad_flags_exit_2(tmp_path, capsys, argv, needle):
     cfg = _write(tmp_path, tiny_raw(str(tmp_path / "o")))
     (tmp_path / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
     (tmp_path / "twice.yaml").write_text("epochs: 2\nseed: 1\nepochs: 3\n")
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
     (tmp_path / "damaged").mkdir()
     (tmp_path / "damaged" / "config.json").write_text("garbage{")
     argv = [a.format(cfg=cfg, tmp=tmp_path, root=ROOT) for a in argv]
@@ -334,7 +337,6 @@ def test_status_of_one_run(tmp_path, capsys):
     assert "running: `search` pid 7 on gpu-7" in capsys.readouterr().out
     assert main(["resume", str(out)]) == 2  # `resume` is for experiments: it names the command
     assert f"continue it with `distsearch search --out {out} --resume`" in capsys.readouterr().err
-
 
 
 def test_status_after_a_resume_with_changes_stopped_before_its_checkpoint(tmp_path, capsys):

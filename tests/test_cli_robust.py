@@ -150,6 +150,7 @@ def test_attack_runs_apgd_t_fab_t_and_square(trained, tmp_path, attack, extra, n
     "argv,needle",
     [
         (["train", "--model", "nonet", "--epochs", "1"], "model.name"),
+        (["train", "--model", "mlp", "--set", "model.kwargs.bogus=1"], "model.kwargs: bad option for 'mlp'"),
         (["train", "--model", "small_cnn", "--strategy", "magic"], "strategy"),
         (["train", "--model", "small_cnn", "--strategy", "pgd", "--set", "strategy.kwargs={{steps: 0}}"], "steps"),
         (["train", "--model", "small_cnn", "--eps", "-1"], "--eps"),

@@ -22,7 +22,7 @@ from search_spaces import Supernet
 
 def tiny_supernet(seed: int = 0) -> Supernet:
     torch.manual_seed(seed)
-    m = Supernet(in_channels=1, num_classes=4, C=4, layers=2, nodes=2)
+    m = Supernet(in_channels=1, num_classes=4, C=4, layers=3, nodes=2)  # a normal cell, then two reduce
     with torch.no_grad():
         m.alphas_normal.normal_()
         m.alphas_reduce.normal_()

@@ -66,7 +66,7 @@ def search_algorithm(t: TuneConfig, seed: int) -> Any:
 
 def scheduler(t: TuneConfig, epochs: int) -> Any:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     metric, mode = t.objectives[0]
     # rungs and perturbation intervals count the epochs a trial's store holds: after a resume
@@ -89,7 +89,7 @@ def scheduler(t: TuneConfig, epochs: int) -> Any:
                 if lo_hi is None
                 else (tune.uniform(*lo_hi) if spec.uniform else tune.loguniform(*lo_hi))
             )
-        return PopulationBasedTraining(
+        return _pbt_class()(
             time_attr="done_epochs",
             perturbation_interval=t.perturbation_interval,
             quantile_fraction=t.quantile_fraction,
@@ -97,6 +97,28 @@ def scheduler(t: TuneConfig, epochs: int) -> Any:
             hyperparam_mutations=mutations,
         )
     return FIFOScheduler()
+
+
+def _pbt_class() -> type:
+    """PopulationBasedTraining without a stale STOP after an exploit (Ray 2.60). Exploiting a trial
+    whose save is still in flight (synch mode: it reported first and is being paused) makes
+    TuneController._schedule_trial_stop cache a STOP for it; the save's future goes with the actor,
+    so nothing consumes that STOP until the restarted trial's first checkpoint, which then ends the
+    trial ("completed" after one more epoch, with its function still running). Seen 1 run in 8 of
+    tests/test_distributed.py's PBT test on 2 busy cores; the restarted trial never holds a
+    decision of its previous actor, so it is dropped here."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
+
+    class PBT(PopulationBasedTraining):
+        def _exploit(self, tune_controller: Any, trial: Trial, trial_to_clone: Trial) -> None:
+            super()._exploit(tune_controller, trial, trial_to_clone)
+            cached = getattr(tune_controller, "_cached_trial_decisions", {})
+            if trial.status == Trial.PAUSED and cached.get(trial.trial_id) == TrialScheduler.STOP:
+                del cached[trial.trial_id]
+                log.info("PBT: dropped the STOP Tune cached for %s while pausing it to exploit", trial.trial_id)
+
+    return PBT
 
 
 def stop_marker(spec: dict[str, Any]) -> Any:

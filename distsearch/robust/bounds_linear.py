@@ -82,7 +82,9 @@ def _relu_back(m: nn.ReLU, A: torch.Tensor, st: Back) -> torch.Tensor:
     lo, up = st.trace.bounds[id(m)]
     lo, up = lo.unsqueeze(1), up.unsqueeze(1)
     unstable = (lo < 0) & (up > 0)
-    chord = up / (up - lo).clamp_min(1e-12)
+    # the chord's slope on unstable units only, where up - lo > 0 exactly: a floor on the width (it
+    # was 1e-12) flattened the upper line below relu(up) on ranges narrower than that (unsound)
+    chord = torch.where(unstable, up / torch.where(unstable, up - lo, torch.ones_like(up)), torch.zeros_like(up))
     a_up = torch.where(up <= 0, torch.zeros_like(up), torch.where(lo >= 0, torch.ones_like(up), chord))
     a_low = torch.where(up <= 0, torch.zeros_like(up), torch.where(lo >= 0, torch.ones_like(up), (up > -lo).to(up)))
     b_up = torch.where(unstable, -chord * lo, torch.zeros_like(up))
