@@ -104,7 +104,7 @@ def _pbt_class() -> type:
     whose save is still in flight (synch mode: it reported first and is being paused) makes
     TuneController._schedule_trial_stop cache a STOP for it; the save's future goes with the actor,
     so nothing consumes that STOP until the restarted trial's first checkpoint, which then ends the
-    trial ("completed" after one more epoch, with its function still running). Seen 1 run in 8 of
+    trial ("completed" after one more epoch, with its function still running). Seen 2 runs in 9 of
     tests/test_distributed.py's PBT test on 2 busy cores; the restarted trial never holds a
     decision of its previous actor, so it is dropped here."""
     from ray.tune.experiment import Trial
