@@ -590,6 +590,58 @@ def test_pbt_exploit_continues_with_the_mutated_learning_rate(ray_local, tmp_pat
     assert "(<-" in capsys.readouterr().out  # the status table names the donor of the last exploit
 
 
+def _slowed(seconds: float, method: str):
+    def run(trainable):  # on the trial's actor (FunctionTrainable.execute)
+        time.sleep(seconds)
+        return getattr(trainable, method)()
+
+    return run
+
+
+@pytest.mark.slow
+def test_pbt_exploit_of_a_trial_whose_save_is_in_flight_does_not_end_it(ray_local, tmp_path, monkeypatch, caplog):
+    """Ray 2.60 caches a STOP for a trial it pauses to exploit while that trial's pause-save is in
+    flight, and executes it at the restarted trial's first save: the trial ended after one more
+    epoch, its search unfinished (1 full run in 8). Made certain here from the driver: the objective
+    is lr/weights (the trial with w_lr 0.01 is the one exploited), its pause-save at epoch 2 takes 8 s
+    on its actor, and the other trial's epoch 2 starts 3 s late, so it reports inside that save."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    schedule = TuneController._schedule_trial_task
+
+    def delayed(self, trial, method_name, args=None, kwargs=None, **kw):
+        epoch, lr = (trial.last_result or {}).get("done_epochs"), trial.config["optim.w_lr"]
+        if method_name == "save" and epoch == 2 and lr == 0.01:
+            method_name, args = "execute", (_slowed(8, "save"),)
+        elif method_name == "train" and epoch == 1 and lr == 0.05:
+            method_name, args = "execute", (_slowed(3, "train"),)
+        return schedule(self, trial, method_name, args, kwargs, **kw)
+
+    monkeypatch.setattr(TuneController, "_schedule_trial_task", delayed)
+    epochs = 4
+    f = experiment(
+        tmp_path / "exp.yaml",
+        epochs=epochs,
+        search_alg="random",
+        scheduler="pbt",
+        metric="lr/weights",
+        mode="max",
+        num_samples=1,
+        quantile_fraction=0.5,
+        perturbation_interval=2,
+        synch=True,
+        params={"optim.w_lr": {"grid": [0.01, 0.05]}},
+        points_to_evaluate=None,
+    )
+    caplog.set_level("INFO", logger="distsearch.distributed.tuner")
+    assert main(["run", "--config", f, "--storage", str(tmp_path / "runs"), "--name", "pbt"]) == 0
+    assert "PBT: dropped the STOP Tune cached" in caplog.text  # the race happened
+    for store in trials(tmp_path / "runs" / "pbt").values():
+        starts = json.loads((store / "trial_starts.json").read_text())
+        assert starts[-1].get("returned_at_epoch") == epochs, starts  # each search ran to its end
+        assert json.loads((store / "result.json").read_text())["epochs"] == epochs
+
+
 @pytest.mark.slow
 def test_killed_driver_then_resume(ray_local, tmp_path):
     # 5 epochs of ~0.75 s: the kill must land after the second trial's first checkpoint is 1.5 s old
