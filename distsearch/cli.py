@@ -259,22 +259,23 @@ RESUME_HINT = {  # how each long command continues after an interruption
 OWN_LOOP = ("search", "train")  # commands whose loop runs in this process (Ray runs the others' trials)
 
 
-def _holds_run(where: str | None) -> bool:
-    """Whether `where` holds a run's config.json; True when the store cannot be asked."""
+def _holds_run(where: str | None) -> bool | None:
+    """Whether `where` holds a run's config.json; None when the store cannot be asked."""
     if not where:
         return False
     from .storage import Store
 
     try:
         return Store(where).exists("config.json")
-    except Exception:  # noqa: BLE001 - unreachable, no credentials: the usual hint
-        return True
+    except Exception:  # noqa: BLE001 - unreachable, no credentials
+        return None
 
 
 def _hint(args: argparse.Namespace, default: str) -> str:
     """How to continue `args.command` at its store (`args.store_uri`, set once the command knows it)."""
     where = getattr(args, "store_uri", None) or getattr(args, "out", None) or getattr(args, "uri", None)
-    if args.command in OWN_LOOP and not _holds_run(where):
+    holds = _holds_run(where) if args.command in OWN_LOOP else True
+    if holds is False:
         return "rerun the same command (nothing was saved yet)"
     allow = " --allow-changes" if getattr(args, "allow_changes", False) else ""
     # the values given again: a resume stopped before it wrote them (config.json, a checkpoint) would
@@ -282,7 +283,8 @@ def _hint(args: argparse.Namespace, default: str) -> str:
     sets = f" --epochs {args.epochs}" if args.command == "train" and getattr(args, "epochs", None) else ""
     sets += "".join(f" --set {shlex.quote(s)}" for s in getattr(args, "overrides", None) or [])
     hint = RESUME_HINT.get(args.command, default).replace("{out}", where or "<storage>/<name>")
-    return hint.replace("{allow}", allow).replace("{sets}", sets)
+    hint = hint.replace("{allow}", allow).replace("{sets}", sets)
+    return hint if holds else f"rerun the same command, or if it had saved a checkpoint, {hint}"  # unreachable store
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,19 +20,33 @@ ATTACK_EPS = {"linf": 0.1, "l2": 1.0}  # `attack`'s default budget per norm, for
 RUN_THREADS = "the run's config threads"
 
 
+def check_out(args: argparse.Namespace, sub: str) -> None:
+    """Before any work: an --out that is a run's or an experiment's own folder is refused (the
+    tables would land among its files; <URI>/<sub>, the default, is where they belong)."""
+    if not args.out:
+        return
+    from .distributed.trainable import EXPERIMENT_FILE  # a constant: no ray imported
+    from .storage import Store
+
+    store = Store(args.out, field="--out")
+    if store.exists("config.json") or store.exists(EXPERIMENT_FILE):
+        raise UsageError(f"--out: {args.out} is a run's own folder; choose another (default: <URI>/{sub})")
+
+
 def _outputs(args: argparse.Namespace, sub: str, write: Callable[[str], None]) -> str:
-    """Run `write(folder)` into --out, or into a temp folder copied to <uri>/<sub>."""
-    if args.out:
+    """Run `write(folder)` into a local --out, or into a temp folder copied to a storage URI --out
+    (s3://, gs://, file://) or, without --out, to <uri>/<sub>."""
+    from .storage import Store
+
+    if args.out and "://" not in args.out:
         os.makedirs(args.out, exist_ok=True)
         write(args.out)
         return args.out
-    from .storage import Store
-
-    store = Store(args.uri, field="URI")
+    store = Store(args.out, field="--out") if args.out else Store(args.uri, field="URI")
     with tempfile.TemporaryDirectory() as tmp:
         write(tmp)
-        store.upload_dir(tmp, sub)
-    return f"{store.uri.rstrip('/')}/{sub}"
+        store.upload_dir(tmp, "" if args.out else sub)
+    return args.out or f"{store.uri.rstrip('/')}/{sub}"
 
 
 def _eval_set(data: Any, n: int) -> tuple[Any, Any]:
@@ -51,6 +65,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from .runner import resolve_device
     from .train import load_model
 
+    check_out(args, args.command if args.command != "evaluate" else "eval")
     try:
         model, data, info = load_model(
             args.uri, device=resolve_device(args.device), setup=True, threads=args.threads, data_at=args.data
@@ -273,7 +288,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="seed of the attacks' random starts and square's draws (default: %(default)s)",
     )
-    p.add_argument("--out", type=out_folder, help="local folder for the table and plot (default: <uri>/eval)")
+    p.add_argument("--out", type=out_folder, help="folder or storage URI for the table and plot (default: <uri>/eval)")
     add_threads_arg(p, RUN_THREADS)
     add_load_args(p)
     p.set_defaults(func=cmd_evaluate)
@@ -315,7 +330,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="seed of the random starts (pgd, apgd, apgd-t) and of square's draws; fab and fab-t are deterministic "
         "(default: %(default)s)",
     )
-    p.add_argument("--out", type=out_folder, help="local folder (default: <uri>/attack)")
+    p.add_argument("--out", type=out_folder, help="folder or storage URI (default: <uri>/attack)")
     add_threads_arg(p, RUN_THREADS)
     add_load_args(p)
     p.set_defaults(func=cmd_attack)
@@ -342,7 +357,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "logit scale (bounds are not rounded outward; an example counts when its bound exceeds 100 machine "
         "epsilons of its largest logit)",
     )
-    p.add_argument("--out", type=out_folder, help="local folder (default: <uri>/certify)")
+    p.add_argument("--out", type=out_folder, help="folder or storage URI (default: <uri>/certify)")
     add_threads_arg(p, RUN_THREADS)
     add_load_args(p)
     p.set_defaults(func=cmd_certify)

@@ -37,12 +37,12 @@ def default_train_out(cfg: Any) -> str:
     return f"runs/train_{source}_{cfg.strategy.strategy}"
 
 
-def _search_data(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str] | None]:
-    """`raw` completed with the data set and seed of the search its model.genotype comes from, so a
-    genotype is retrained on what it was searched on (and tested on the search's test split), not on
-    the default mnist5k. The file's or --set's own data keys and seed win; a data.name of another data
-    set takes nothing. Returns the completed raw and the data keys given that differ from the
-    search's (None: nothing taken)."""
+def _search_data(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str] | None, str]:
+    """`raw` completed with the data set and seed of the search (or training run) its model.genotype
+    comes from, so a genotype is retrained on what it was searched on (and tested on the search's
+    test split), not on the default mnist5k. The file's or --set's own data keys and seed win; a
+    data.name of another data set takes nothing. Returns the completed raw, the data keys given that
+    differ from the run's (None: nothing taken) and the run's kind ('search' or 'training')."""
     from .config import local_path
     from .train import search_data
 
@@ -50,19 +50,20 @@ def _search_data(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str] | None]
     found = search_data(genotype) if isinstance(genotype, str) else None
     own = raw.get("data") or {}
     if found is None or own.get("name", found["data"]["name"]) != found["data"]["name"]:
-        return raw, None
+        return raw, None, ""
 
     def same(key: str, a: Any, b: Any) -> bool:
         return local_path(a) == local_path(b) if key in ("root", "path") and a and b else a == b
 
     changed = [f"data.{k}" for k, v in own.items() if k in found["data"] and not same(k, v, found["data"][k])]
     changed += ["seed"] if raw.get("seed", found["seed"]) != found["seed"] else []
-    return {"seed": found["seed"], **raw, "data": {**found["data"], **own}}, changed
+    kind = "training" if found["kind"] == "train" else "search"
+    return {"seed": found["seed"], **raw, "data": {**found["data"], **own}}, changed, kind
 
 
-def _note_search_data(cfg: Any, changed: list[str]) -> None:
+def _note_search_data(cfg: Any, changed: list[str], kind: str) -> None:
     what = f"{located(cfg.data.name, cfg.data.root, cfg.data.path)}, seed {cfg.seed}"
-    how = f"the search's, with your {', '.join(changed)}" if changed else "as the search ran on"
+    how = f"the {kind}'s, with your {', '.join(changed)}" if changed else f"as the {kind} ran on"
     print(f"note: data: {what} ({how}; --set data.name=... trains on another)", file=sys.stderr)
 
 
@@ -89,20 +90,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         if value is not None:
             sets.append(f"{key}={value}")
     sets += args.overrides
-    changed = None
+    changed, kind = None, ""
     if args.config:
         raw = read_yaml(args.config)
         check_kind(raw, TrainConfig, args.config)
-        raw, changed = _search_data(apply_overrides(raw, sets))
+        raw, changed, kind = _search_data(apply_overrides(raw, sets))
     elif args.resume and args.out and (Store(args.out).exists("config.json") or not (args.model or args.genotype)):
         raw = stored_config(args.out, "train", sets)  # continue the run as it ran, with the flags given
     elif args.model or args.genotype:
-        raw, changed = _search_data(apply_overrides({}, sets))
+        raw, changed, kind = _search_data(apply_overrides({}, sets))
     else:
         raise UsageError("--model or --genotype: one is required (or --out URI --resume, to continue a run)")
     cfg = parse_config(raw, TrainConfig)
     if changed is not None:
-        _note_search_data(cfg, changed)
+        _note_search_data(cfg, changed, kind)
     if cfg.strategy.strategy == "standard" and cfg.strategy.eps is not None:  # standard has no budget to use
         if args.eps is not None:
             raise UsageError(

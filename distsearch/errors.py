@@ -23,7 +23,7 @@ def out_uri(text: str) -> str:
 
 
 def out_folder(text: str) -> str:
-    """--out of a command's tables and pictures: a local folder (made if missing), not a file."""
+    """--out of a command's tables and pictures: a folder (made if missing) or storage URI, not a file."""
     out_uri(text)
     if os.path.exists(text) and not os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a file; give a folder")

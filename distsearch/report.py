@@ -256,9 +256,10 @@ def _changed_since(config: dict[str, Any], latest: Latest) -> bool:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .cli_robust import _outputs
+    from .cli_robust import _outputs, check_out
 
     runs = _stores(args.uri)  # a bad URI fails here, before anything is written
+    check_out(args, "report")
     where = _outputs(args, "report", lambda folder: build_report(args.uri, folder, runs))
     print(f"report of {len(runs)} run(s): {where}/report.md")
     return 0
@@ -267,5 +268,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="a Markdown report with plots of a run or an experiment at URI")
     p.add_argument("uri", help="a search / training store, or an experiment root (<storage>/<name>)")
-    p.add_argument("--out", type=out_folder, help="local folder for report.md and its images (default: <URI>/report)")
+    p.add_argument(
+        "--out", type=out_folder, help="folder or storage URI for report.md and its images (default: <URI>/report)"
+    )
     p.set_defaults(func=cmd_report)

@@ -61,9 +61,10 @@ INHERITED_DATA = ("name", "root", "path", "download", "test_fraction", "syntheti
 
 
 def search_data(ref: str) -> dict[str, Any] | None:
-    """What the search that `ref` (--genotype) comes from ran on: {"data": its data set (INHERITED_DATA
+    """What the run that `ref` (--genotype) comes from ran on: {"data": its data set (INHERITED_DATA
     of its config.json, or of the folder of its genotype.json), "seed": its seed (the held-out test
-    split of mnist5k, digits, synthetic and x/y .npz files depends on it)}; None when `ref` is no search's."""
+    split of mnist5k, digits, synthetic and x/y .npz files depends on it), "kind": search or train
+    (a training run of a genotype, trained again)}; None when `ref` is no run's."""
     import fsspec
 
     from .config_file import run_command
@@ -83,10 +84,10 @@ def search_data(ref: str) -> dict[str, Any] | None:
     else:  # deleted by hand: the newest valid checkpoint's record
         latest = store.load_latest() if store.list_checkpoints() else None
         raw = (latest[2].get("run") or {}).get("config") if latest else None
-    if not raw or run_command(raw) != "search":
+    if not raw:
         return None
     data = {k: v for k, v in raw.get("data", {}).items() if k in INHERITED_DATA}
-    return {"data": {"name": "mnist5k", **data}, "seed": raw.get("seed", 0)}
+    return {"data": {"name": "mnist5k", **data}, "seed": raw.get("seed", 0), "kind": run_command(raw)}
 
 
 def run_genotype(cfg: TrainConfig, store: Store, latest: Latest = None) -> Genotype | None:

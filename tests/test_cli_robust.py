@@ -382,3 +382,27 @@ def test_the_robust_package_names_its_public_surface_and_imports_it_on_use():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "PGD", out.stderr
+
+
+def test_out_takes_a_storage_uri_and_refuses_a_runs_own_folder(trained, tmp_path, monkeypatch, capsys):
+    """--out of evaluate / attack / certify / report: a storage URI gets the files (they went to a
+    local folder named 's3:' before, with a success message); a run's own folder is refused
+    before any work, and nothing is written there."""
+    import fsspec
+
+    monkeypatch.chdir(tmp_path)
+    mem = fsspec.filesystem("memory")
+    for argv, files in (
+        (["evaluate", str(trained), "--attacks", "fgsm", "--eps-linf", "0.1", "--n", "4"], {"robustness.csv"}),
+        (["certify", str(trained), "--eps", "0.01", "--n", "4", "--method", "ibp"], {"certified.csv"}),
+        (["attack", str(trained), "--attack", "fgsm", "--n", "4"], {"adversarial.pt", "before_after.png"}),
+        (["report", str(trained)], {"report.md"}),
+    ):
+        uri = f"memory://outs/{argv[0]}"
+        assert main([*argv, "--out", uri]) == 0
+        assert files <= {p.rsplit("/", 1)[-1] for p in mem.find(f"/outs/{argv[0]}")}, argv[0]
+        before = sorted(p.name for p in trained.iterdir())
+        assert main([*argv, "--out", str(trained)]) == 2
+        assert "is a run's own folder; choose another" in capsys.readouterr().err
+        assert sorted(p.name for p in trained.iterdir()) == before
+    assert list(tmp_path.iterdir()) == []  # no local 'memory:' folder

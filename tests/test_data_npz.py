@@ -428,6 +428,9 @@ def test_retraining_takes_the_searchs_data_and_evaluation_checks_it(tmp_path, ca
     assert "note: data" not in capsys.readouterr().err
     cfg = json.loads((own / "config.json").read_text())
     assert cfg["data"]["name"] == "digits" and cfg["data"]["path"] is None and cfg["seed"] == 0
+    # a training run of the genotype, trained again: its data (not mnist5k without a word)
+    assert main(["train", "--genotype", str(out), "--out", str(tmp_path / "again"), *common]) == 0
+    assert f"note: data: npz at {tmp_path / 'rgb.npz'}, seed 3 (as the training ran on;" in capsys.readouterr().err
 
     table = ["evaluate", str(out), "--attacks", "fgsm", "--eps-linf", "0.1", "--n", "8", "--device", "cpu"]
     assert main([*table, "--data", str(tmp_path / "gray.npz"), "--out", str(tmp_path / "e1")]) == 2
