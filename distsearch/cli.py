@@ -205,6 +205,11 @@ def cmd_derive(args: argparse.Namespace) -> int:
     store = Store(args.uri, field="URI")
     latest = store.load_latest()
     if latest is None:
+        if store.exists("config.json"):  # a search stopped before its first checkpoint, or none verifies
+            raise UsageError(
+                f"URI: {args.uri!r} holds a run without a valid checkpoint yet; continue it "
+                f"(`distsearch search --out {args.uri} --resume`), then derive"
+            )
         raise UsageError(f"URI: no valid checkpoint under {args.uri!r}; point it at a search's --out folder")
     name, _, meta = latest
     if "genotype" not in meta:

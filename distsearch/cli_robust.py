@@ -212,6 +212,14 @@ def cmd_certify(args: argparse.Namespace) -> int:
     print(to_markdown(rows))
     print(f"table and plot in {_outputs(args, 'certify', write)}")
     _note_n(args.n, len(x))
+    if rows[0]["clean_acc"] > 0 and not any(r["certified_acc"] for r in rows):
+        print(
+            f"note: nothing certified at any eps (mean certified radius {rows[0]['mean_certified_radius']:.3g}): "
+            "the bounds of deep networks trained without certification in mind are loose; try a smaller --eps"
+            + (", --method crown" if args.method == "ibp" else "")
+            + ", or a network searched or trained for it (DSRNA certified)",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -74,6 +74,8 @@ def test_bad_config_exits_2_naming_the_field_and_writes_nothing(tmp_path, capsys
         (["search", "--config", "{cfg}", "--out", "{cfg}"], "is a file; give a folder"),
         (["run", "--config", "{root}/launch/experiments/quickstart.yaml", "--storage", "/proc/x"], "--storage: cannot"),
         (["derive", "{tmp}/empty"], "no valid checkpoint"),
+        (["derive", "{tmp}/damaged"], "holds a run without a valid checkpoint yet; continue it"),
+        (["status", "{tmp}/nothing"], "holds no run (no config.json or checkpoint) and no experiment"),
         (["frobnicate"], "invalid choice"),
         # a config file of another kind: the command that reads it
         (["search", "--config", "{root}/launch/configs/transfer_mnist.yaml"], "use `distsearch transfer --config"),

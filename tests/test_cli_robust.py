@@ -132,6 +132,12 @@ def test_evaluate_attack_certify_write_tables_and_pictures(trained, tmp_path, ca
     assert main([*argv, "--out", str(tmp_path / "f64")]) == 0
     double = (tmp_path / "f64" / "certified.csv").read_text()
     assert double.splitlines()[0] == single.splitlines()[0] and len(double.splitlines()) == 3
+    capsys.readouterr()
+    assert (
+        main(["certify", str(trained), "--eps", "100", "--n", "8", "--method", "ibp", "--out", str(tmp_path / "c")])
+        == 0
+    )
+    assert "note: nothing certified at any eps (mean certified radius " in capsys.readouterr().err  # not 0 % silently
 
 
 @pytest.mark.parametrize(

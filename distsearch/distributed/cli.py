@@ -135,6 +135,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     for run in (uri, posixpath.join(uri, SEARCH_DIR)):  # one run (or a trial's folder): no Ray
         if holds_run(Store(run)):
             return run_status(run)
+    if not Store(uri).exists(T.EXPERIMENT_FILE):
+        raise UsageError(
+            f"URI: {args.uri!r} holds no run (no config.json or checkpoint) and no experiment (no "
+            f"{T.EXPERIMENT_FILE}); give a search's or training's --out, or <storage>/<name> of a `distsearch run`"
+        )
     _need_ray()
     rows = print_table(T.load_spec(args.uri)["root"])
     return 0 if rows else 1
