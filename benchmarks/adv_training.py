@@ -94,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"  {name}: {wall:.1f} s", file=sys.stderr, flush=True)
     ref = next((r for r in rows if r["strategy"] == "pgd"), None)
-    for r in rows:
+    for r in rows if ref else []:
         for key in ("wall_s", "forward", "backward"):
-            r[f"{key}/pgd7"] = r[key] / ref[key] if ref else float("nan")
+            r[f"{key}/pgd7"] = r[key] / ref[key]
+    if ref is None:
+        print("note: no pgd in --strategies, so no ratios against PGD-7", file=sys.stderr)
     print(
         f"mnist5k: {a.n_train} train / {a.n_test} test, {a.model}, {a.epochs} epochs, batch {a.batch_size}, "
         f"eps_linf={a.eps}, eps_l2={a.eps_l2}, {a.threads} thread(s), accuracies in %"

@@ -59,6 +59,8 @@ def main() -> None:
     p.add_argument("--dtype", nargs="+", default=["float64", "float32"], choices=["float64", "float32"])
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.layers < 3:  # cells layers//3 and 2*layers//3 reduce: with fewer, alpha_normal is unused
+        p.error("--layers: at least 3 (with fewer every cell is a reduction cell and alpha_normal gets no gradient)")
     torch.manual_seed(args.seed)
     model = Supernet(3, 10, C=args.C, layers=args.layers, nodes=args.nodes).double()
     shape = (args.batch, 3, args.size, args.size)

@@ -158,7 +158,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     from .cli import refuse_unfit_out
     from .config_file import load_config
     from .config_transfer import TransferConfig
-    from .monitor import Monitor
+    from .monitor import TB_DIR, Monitor
     from .robust.attacks import make_attack
     from .robust.tables import to_markdown, write_csv, write_markdown
     from .robust.training import make_strategy
@@ -222,6 +222,9 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         print(f"trained {m.label} ({m.name}, {'half ' + str(m.half) if m.half is not None else 'all data'})")
     x, y = data.x_test[: cfg.n].to(device), data.y_test[: cfg.n].to(device)
     rows = transfer_table(models, x, y, attack, seed=cfg.seed)
+    if store.exists(TB_DIR):  # a rerun replaces the tables; its event files too (TensorBoard mixed both)
+        store.fs.rm(store.path(TB_DIR), recursive=True)
+        print(f"note: replacing the transfer results in {store.uri}", file=sys.stderr)
     monitor = Monitor(store, cfg.monitor.tensorboard)
 
     def write(folder: str) -> None:

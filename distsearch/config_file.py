@@ -26,7 +26,7 @@ def format_validation_error(err: ValidationError, prefix: str = "config") -> str
     if e["type"] == "extra_forbidden":
         msg = "unknown key (remove it or check its spelling)"
     elif e["type"] == "union_tag_invalid":
-        msg = "must be one of 'darts', 'lease', 'dsrna'"
+        msg, loc = "must be one of 'darts', 'lease', 'dsrna'", f"{loc}.name" if loc else "name"
     elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
         msg = f"{msg} (got {e['input']!r})"
     extra = f" ({len(err.errors()) - 1} more error(s))" if len(err.errors()) > 1 else ""

@@ -29,7 +29,7 @@ def _write(tmp_path, raw, name="c.yaml"):
     "over,field",
     [
         ({"space.C": -1}, "space.C"),
-        ({"algorithm.name": "nas"}, "algorithm"),
+        ({"algorithm.name": "nas"}, "algorithm.name: must be one of"),
         ({"data.name": "imagenet"}, "data.name"),
         ({"optim.w_lr": "fast"}, "optim.w_lr"),
         ({"data.train_portion": 1.5}, "data.train_portion"),
@@ -76,6 +76,8 @@ def test_bad_config_exits_2_naming_the_field_and_writes_nothing(tmp_path, capsys
         (["derive", "{tmp}/empty"], "no valid checkpoint"),
         (["derive", "{tmp}/damaged"], "holds a run without a valid checkpoint yet; continue it"),
         (["status", "{tmp}/nothing"], "holds no run (no config.json or checkpoint) and no experiment"),
+        (["tensorboard", "{cfg}"], "is a file; give a run's --out"),
+        (["tensorboard", "{tmp}/damaged"], "no TensorBoard event files under"),
         (["frobnicate"], "invalid choice"),
         # a config file of another kind: the command that reads it
         (["search", "--config", "{root}/launch/configs/transfer_mnist.yaml"], "use `distsearch transfer --config"),

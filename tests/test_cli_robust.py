@@ -257,6 +257,10 @@ def test_transfer_command(tmp_path, capsys):
     names = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"transfer.csv", "transfer.md", "transfer.png", "units_a_direction.png"} <= names
     assert "noise(a)" in capsys.readouterr().out
+    assert len(list((tmp_path / "out" / "tb").glob("events.out.tfevents.*"))) == 1
+    assert main(["transfer", "--config", str(path), "--out", str(tmp_path / "out")]) == 0  # a rerun replaces
+    assert "note: replacing the transfer results" in capsys.readouterr().err
+    assert len(list((tmp_path / "out" / "tb").glob("events.out.tfevents.*"))) == 1  # TensorBoard shows one run
     for bad, needle in (("units.layer=nope", "units.layer"), ("units.k=65", "units.k")):  # before any training
         out = tmp_path / "bad"
         assert main(["transfer", "--config", str(path), "--out", str(out), "--set", bad]) == 2

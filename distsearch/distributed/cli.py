@@ -212,15 +212,21 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
     store = Store(spec_root, field="URI")
     if not store.exists():
         raise UsageError(f"URI: nothing at {args.uri!r}")
+    if store.fs.isfile(store.root):
+        raise UsageError(f"URI: {args.uri!r} is a file; give a run's --out or an experiment root")
+    events = [p for p in store.fs.find(store.root) if "tfevents" in p.rsplit("/", 1)[-1]]
+    if not events:  # not an empty board
+        raise UsageError(
+            f"URI: no TensorBoard event files under {args.uri!r}; give a run's --out or an experiment root"
+        )
     logdir, copy = store.local_root, None
     try:
         if logdir is None:  # remote: copy the event files to a local folder first
             logdir = copy = tempfile.mkdtemp(prefix="distsearch-tb-")
-            for path in store.fs.find(store.root):
-                if "tfevents" in path.rsplit("/", 1)[-1]:
-                    rel = path[len(store.root) :].lstrip("/")
-                    os.makedirs(os.path.dirname(os.path.join(logdir, rel)), exist_ok=True)
-                    store.fs.get(path, os.path.join(logdir, rel))
+            for path in events:
+                rel = path[len(store.root) :].lstrip("/")
+                os.makedirs(os.path.dirname(os.path.join(logdir, rel)), exist_ok=True)
+                store.fs.get(path, os.path.join(logdir, rel))
             print(f"copied event files from {args.uri} to {logdir} (deleted when TensorBoard ends)")
         cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", args.host]
         cmd += ["--port", str(args.port)]
