@@ -15,6 +15,7 @@ import logging
 import shlex
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from search_spaces import GenotypeError
 
@@ -120,6 +121,30 @@ def refuse_unfit_out(uri: str, flag: str = "--out", runs_here: bool = True) -> N
         path, parent = parent, posixpath.dirname(parent)
 
 
+def _check_data_here(cfg: Any, search: bool) -> None:
+    """validate: the data set read as the run reads it and its batch streams built (batch size
+    against the splits, cutout against npz images). Where the run would stop on this machine only
+    (torchvision files missing, no GPU for device cuda): a note, the config may be for another."""
+    import torch
+
+    from .data import TORCHVISION_SETS, BatchStream, bilevel_split
+    from .runner import build_data
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        print("note: device: cuda, and no GPU is visible here", file=sys.stderr)
+    try:  # never a download from validate
+        data = build_data(cfg.model_copy(update={"data": cfg.data.model_copy(update={"download": False})}))
+    except DataError as e:
+        if cfg.data.name not in TORCHVISION_SETS:
+            raise
+        fetch = f"no {cfg.data.name} files under {cfg.data.root} yet; data.download fetches them when the run starts"
+        print(f"note: {fetch if cfg.data.download else f'{e} (a run on this machine stops there)'}", file=sys.stderr)
+        return
+    n = len(data.x_train)
+    for idx in bilevel_split(n, cfg.data.train_portion) if search else (torch.arange(n),):
+        BatchStream(data.x_train, data.y_train, idx, cfg.data.batch_size, 0, "cpu", cutout=cfg.data.cutout)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     import posixpath
 
@@ -139,6 +164,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     check_protocol(cfg.storage.uri, "storage.uri")
     if schema is SearchConfig and cfg.tune is not None:
         check_protocol(cfg.tune.storage, "tune.storage")
+    if schema is not TransferConfig:
+        _check_data_here(cfg, search=schema is SearchConfig)
     if schema is not SearchConfig:
         uri = cfg.storage.uri
         if schema is TrainConfig and "uri" not in cfg.storage.model_fields_set:

@@ -99,6 +99,7 @@ def test_bad_config_exits_2_naming_the_field_and_writes_nothing(tmp_path, capsys
         # validate refuses what search would, without opening the store or reading the data
         (["validate", "--config", "{cfg}", "--set", "storage.uri=nosuchproto://x/y"], "storage.uri: cannot open"),
         (["validate", "--config", "{cfg}", "--set", "data.cutout=99"], "data.cutout: 99 is larger than"),
+        (["validate", "--config", "{cfg}", "--set", "data.batch_size=5000"], "data.batch_size: 5000 is larger than"),
     ],
 )
 def test_bad_flags_exit_2(tmp_path, capsys, argv, needle):
@@ -132,6 +133,21 @@ def test_unreachable_storage_is_one_line(tmp_path, capsys, monkeypatch):
     assert main(["derive", "s3://nobucket/run"]) == 2
     err = capsys.readouterr().err.strip()
     assert "storage: EndpointConnectionError" in err and len(err.splitlines()) == 1, err
+
+
+def test_validate_notes_what_only_this_machine_lacks(tmp_path, capsys):
+    """Torchvision files missing here, or no GPU for device cuda: ok with a note (the config may be
+    for a machine that has them), and never a download from validate."""
+    cfg = _write(tmp_path, tiny_raw(str(tmp_path / "o")))
+    sets = ["--set", "data.name=mnist", "--set", f"data.root={tmp_path / 'd'}", "--set", "device=cuda"]
+    assert main(["validate", "--config", cfg, *sets]) == 0
+    err = capsys.readouterr().err
+    assert f"note: data.root: no mnist files under '{tmp_path / 'd'}'" in err
+    assert "(a run on this machine stops there)" in err
+    assert ("no GPU is visible here" in err) != __import__("torch").cuda.is_available()
+    assert main(["validate", "--config", cfg, *sets, "--set", "data.download=true"]) == 0
+    assert "data.download fetches them when the run starts" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "launch").rglob("*.yaml")))

@@ -470,7 +470,7 @@ def test_validate_and_paths(tmp_path, monkeypatch, capsys):
     assert d.path == str(tmp_path / "sub" / "x.npz") and d.root == str(tmp_path / "data")
     assert DataConfig(root="~/d").root == os.path.expanduser("~/d")
     assert DataConfig(name="npz", path="s3://bucket/x.npz").path == "s3://bucket/x.npz"
-    raw = tiny_raw("runs/v", data={"name": "npz", "path": "x.npz"})
+    raw = tiny_raw("runs/v", data={"name": "npz", "path": "x.npz", "batch_size": 8})
     (tmp_path / "v.yaml").write_text(__import__("yaml").safe_dump(raw))
     assert main(["validate", "--config", "v.yaml"]) == 2
     assert capsys.readouterr().err.strip() == (
