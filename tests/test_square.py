@@ -208,7 +208,7 @@ def test_evaluate_names_apgd_t_and_square(cnn, test_set, monkeypatch) -> None:
 
     assert {"apgd-t", "square"} <= set(EVAL_ATTACKS) and set(DEFAULT_ATTACKS) <= set(EVAL_ATTACKS)
     assert "apgd-t" in DEFAULT_ATTACKS and "square" not in DEFAULT_ATTACKS
-    assert tuple(build_parser().parse_args(["evaluate", "run"]).attacks) == DEFAULT_ATTACKS
+    assert build_parser().parse_args(["evaluate", "run"]).attacks is None  # cmd_evaluate: DEFAULT_ATTACKS
     assert isinstance(EVAL_ATTACKS["apgd-t"](0.1, "l2"), APGDT) and EVAL_ATTACKS["apgd-t"](0.1, "l2").norm == "l2"
     full = EVAL_ATTACKS["square"](0.1, "l2")
     assert isinstance(full, Square) and (full.norm, full.n_queries, full.p_init) == ("l2", 5000, 0.8)

@@ -135,6 +135,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for run in (uri, posixpath.join(uri, SEARCH_DIR)):  # one run (or a trial's folder): no Ray
         if holds_run(Store(run)):
             return run_status(run)
+    L.check_gcs_emulator(uri, "URI")  # an experiment's: one emulator variable without the other
     if not Store(uri).exists(T.EXPERIMENT_FILE):
         raise UsageError(
             f"URI: {args.uri!r} holds no run (no config.json or checkpoint) and no experiment (no "
