@@ -233,29 +233,22 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def _count(limit: int) -> Callable[[str], int]:
-    """An argparse type: a whole number from 1 to `limit` (an attack of 10**12 steps never ends)."""
+def _whole(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `lo` to `hi` (an attack of 10**12 steps never ends)."""
 
     def parse(text: str) -> int:
         try:
             v = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if not 1 <= v <= limit:
-            raise argparse.ArgumentTypeError(f"must be from 1 to {limit}, got {v}")
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be from {lo} to {hi}, got {v}")
         return v
 
     return parse
 
 
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= v < 2**32:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {v}")
-    return v
+_seed = _whole(0, 2**32 - 1)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -286,7 +279,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--n",
-        type=_count(10**7),
+        type=_whole(1, 10**7),
         default=200,
         help="first test images used (default: %(default)s; more than there are: all)",
     )
@@ -317,17 +310,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--norm", choices=["linf", "l2"], help="(default: l2 for fgm and cw, else linf)")
     p.add_argument(
-        "--steps", type=_count(10**5), default=20, help="iterations of the iterative attacks (default: %(default)s)"
+        "--steps", type=_whole(1, 10**5), default=20, help="iterations of the iterative attacks (default: %(default)s)"
     )
     p.add_argument(
         "--queries",
-        type=_count(10**6),
+        type=_whole(1, 10**6),
         default=5000,
         help="queries per image of the square attack (default: %(default)s)",
     )
     p.add_argument(
         "--n",
-        type=_count(10**7),
+        type=_whole(1, 10**7),
         default=64,
         help="first test images attacked (default: %(default)s; more than there are: all)",
     )
@@ -354,7 +347,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--n",
-        type=_count(10**7),
+        type=_whole(1, 10**7),
         default=100,
         help="first test images certified (default: %(default)s; more than there are: all)",
     )
