@@ -166,6 +166,35 @@ def test_pgd_restarts_only_add_successes(cnn, test_set) -> None:
     assert (s3 | ~s1).all() and s3.sum() >= s1.sum()
 
 
+class _ReadsPixel(nn.Module):
+    """Logits from the first pixel: class round(4 x), so a candidate image says what it fools."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 5.0 * F.one_hot((x[:, 0, 0, 0] * 4).round().long(), 5).float()
+
+
+@pytest.mark.parametrize("cls", [PGD, APGD])
+def test_restarts_keep_each_examples_successful_run(cls, monkeypatch) -> None:
+    """Three runs that fool examples {0, 1}, then {2}, then none: the result fools {0, 1, 2} (per
+    example a run that succeeded, whichever restart it was), not the last run's nothing."""
+    model, x, y = _ReadsPixel(), torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)
+
+    def candidate(fooled: list[int]) -> torch.Tensor:
+        c = x.clone()
+        c[fooled, 0, 0, 0] = 0.25  # class 1
+        return c
+
+    runs = iter([candidate([0, 1]), candidate([2]), candidate([])])
+
+    def run(self, model, x, y, *rest):
+        c = next(runs)
+        return (c, model(c).argmax(1) != y) if cls is APGD else c
+
+    monkeypatch.setattr(cls, "_run", run)
+    out = cls(0.3, steps=2, restarts=3).perturb(model, x, y)
+    assert (model(out).argmax(1) != y).tolist() == [True, True, True, False]
+
+
 def test_targeted_attacks_reach_the_target(cnn, test_set) -> None:
     x, y = correct_subset(cnn, *test_set, 40)
     target = (y + 1) % 10

@@ -41,7 +41,7 @@ def test_search_with_weight_at_runs_and_derives_a_genotype(tmp_path, name):
 
 @pytest.mark.parametrize("name", [n for n in STRATEGIES if n not in ("standard", "yopo")])
 def test_weight_step_with_a_strategy_never_changes_alpha(tmp_path, name):
-    cfg = _cfg(str(tmp_path / "s"), name)
+    cfg = _cfg(str(tmp_path / "s"), name, **{"optim.w_weight_decay": 0.0})  # weights move by gradients only
     data = build_data(cfg)
     model = build_supernet(cfg, data)
     searcher = build_searcher(cfg, model, data)

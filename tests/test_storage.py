@@ -66,21 +66,27 @@ def test_folders_not_named_as_checkpoints_are_left_alone(store):
     assert store.exists("checkpoints/ckpt-old/state.pt") and store.exists("checkpoints/ckpt-backup-3/state.pt")
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
-def test_corrupt_or_truncated_checkpoint_falls_back_to_previous(store, damage, caplog):
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "same_size_edit"])
+@pytest.mark.parametrize("file", ["state.pt", "meta.json"])
+def test_corrupt_or_truncated_checkpoint_falls_back_to_previous(store, file, damage, caplog):
+    """Every file of a checkpoint is verified: a meta.json edited to the same size (its step, its
+    genotype) counts as corrupt like a damaged state.pt."""
     store.save_checkpoint(1, {"w": torch.ones(100)}, {"step": 1})
     store.save_checkpoint(2, {"w": torch.ones(100) * 2}, {"step": 2})
-    path = store.path("checkpoints/ckpt-0000000002/state.pt")
+    path = store.path(f"checkpoints/ckpt-0000000002/{file}")
     data = store.fs.cat_file(path)
     if damage == "flip":
         data = data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:]
         store.fs.pipe_file(path, data)
     elif damage == "truncate":
         store.fs.pipe_file(path, data[: len(data) // 2])
+    elif damage == "same_size_edit":  # meta.json {"step": 2} -> {"step": 9}; a byte of state.pt's tensor
+        i = data.rindex(b"2") if file == "meta.json" else len(data) // 2
+        store.fs.pipe_file(path, data[:i] + (b"9" if file == "meta.json" else bytes([data[i] ^ 1])) + data[i + 1 :])
     else:
         store.fs.rm(path)
-    name, state, _ = store.load_latest()
-    assert name == "ckpt-0000000001" and torch.equal(state["w"], torch.ones(100))
+    name, state, meta = store.load_latest()
+    assert name == "ckpt-0000000001" and torch.equal(state["w"], torch.ones(100)) and meta["step"] == 1
     assert store.latest() == "ckpt-0000000001"
     assert "ckpt-0000000002" in caplog.text
 
