@@ -100,8 +100,6 @@ def refuse_unfit_out(uri: str, flag: str = "--out", runs_here: bool = True) -> N
     there would hide the experiment's trials from `report`), a folder inside a run (its
     checkpoints/, tb/, a sub-folder: `status`, `report` and TensorBoard would mix the two), and
     for a command that writes no run there (`runs_here` False: transfer) a run's own folder."""
-    import posixpath
-
     from .distributed.tuner import EXPERIMENT_FILE  # a constant: no ray imported
     from .storage import Store
 
@@ -111,20 +109,28 @@ def refuse_unfit_out(uri: str, flag: str = "--out", runs_here: bool = True) -> N
             f"{flag}: {uri} is the root of a `distsearch run` experiment (it holds {EXPERIMENT_FILE}); "
             "choose another folder"
         )
-    path, fs = store.root.rstrip("/"), store.fs
-    if not runs_here and fs.exists(posixpath.join(path, "config.json")):
+    if not runs_here and store.exists("config.json"):
         raise UsageError(f"{flag}: {uri} holds a search or training run; choose another folder")
+    refuse_inside_run(store, flag)
+
+
+def refuse_inside_run(store: Any, flag: str) -> None:
+    """A folder inside a search's or training's (its checkpoints/, tb/, a sub-folder) is refused."""
+    import posixpath
+
+    path, fs = store.root.rstrip("/"), store.fs
     parent = posixpath.dirname(path)
     while parent and parent != path:  # up to the file system's or the bucket's root
         if fs.exists(posixpath.join(parent, "config.json")) and fs.exists(posixpath.join(parent, "checkpoints")):
-            raise UsageError(f"{flag}: {uri} lies inside the run at {parent}; choose a folder outside it")
+            raise UsageError(f"{flag}: {store.uri} lies inside the run at {parent}; choose a folder outside it")
         path, parent = parent, posixpath.dirname(parent)
 
 
-def _check_data_here(cfg: Any, search: bool) -> None:
-    """validate: the data set read as the run reads it and its batch streams built (batch size
-    against the splits, cutout against npz images). Where the run would stop on this machine only
-    (torchvision files missing, no GPU for device cuda): a note, the config may be for another."""
+def check_data_here(cfg: Any, search: bool, strict: bool = False) -> None:
+    """validate, and `run` before Ray starts: the data set read as the run reads it and its batch
+    streams built (batch size against the splits, cutout against npz images). Where the run would
+    stop on this machine only (torchvision files missing, no GPU for device cuda): a note, the
+    config may be for another; with `strict` (trials on this machine) the error."""
     import torch
 
     from .data import TORCHVISION_SETS, BatchStream, bilevel_split
@@ -135,7 +141,7 @@ def _check_data_here(cfg: Any, search: bool) -> None:
     try:  # never a download from validate
         data = build_data(cfg.model_copy(update={"data": cfg.data.model_copy(update={"download": False})}))
     except DataError as e:
-        if cfg.data.name not in TORCHVISION_SETS:
+        if strict or cfg.data.name not in TORCHVISION_SETS:
             raise
         fetch = f"no {cfg.data.name} files under {cfg.data.root} yet; data.download fetches them when the run starts"
         print(f"note: {fetch if cfg.data.download else f'{e} (a run on this machine stops there)'}", file=sys.stderr)
@@ -165,7 +171,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if schema is SearchConfig and cfg.tune is not None:
         check_protocol(cfg.tune.storage, "tune.storage")
     if schema is not TransferConfig:
-        _check_data_here(cfg, search=schema is SearchConfig)
+        check_data_here(cfg, search=schema is SearchConfig)
     if schema is not SearchConfig:
         uri = cfg.storage.uri
         if schema is TrainConfig and "uri" not in cfg.storage.model_fields_set:

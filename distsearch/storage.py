@@ -189,9 +189,9 @@ class Store:
             parent = self.root
             while not os.path.exists(parent):
                 parent = os.path.dirname(parent) or "."
+            if not os.path.isdir(parent):  # a file where a folder on the way should be
+                raise UsageError(f"{self.field}: {parent} is a file; give a folder (for {self.uri})")
             try:  # a real write (os.access says yes to root, and to read-only or special file systems)
-                if not os.path.isdir(parent):
-                    raise NotADirectoryError(parent)
                 fd, probe = tempfile.mkstemp(prefix=".probe-", dir=parent)
                 os.close(fd)
                 os.remove(probe)

@@ -77,6 +77,21 @@ def test_bad_config_exits_2_naming_the_field_and_writes_nothing(tmp_path, capsys
         (["derive", "{tmp}/damaged"], "holds a run without a valid checkpoint yet; continue it"),
         (["status", "{tmp}/nothing"], "holds no run (no config.json or checkpoint) and no experiment"),
         (["tensorboard", "{cfg}"], "is a file; give a run's --out"),
+        # run: refused before Ray starts
+        (["run", "--config", "{root}/launch/experiments/quickstart.yaml", "--storage", "{cfg}"], "is a file; give a"),
+        (
+            ["run", "--config", "{root}/launch/experiments/quickstart.yaml", "--storage", "{tmp}/exproot"],
+            "experiment's root",
+        ),
+        (
+            ["run", "--config", "{root}/launch/experiments/quickstart.yaml", "--storage", "{tmp}/run"],
+            "lies inside the run",
+        ),
+        (
+            ["run", "--config", "{root}/launch/experiments/quickstart.yaml", "--storage", "{tmp}/x"]
+            + ["--set", "data.name=mnist", "--set", "data.root={tmp}/nodata"],
+            "data.root: no mnist files",
+        ),
         (["tensorboard", "{tmp}/damaged"], "no TensorBoard event files under"),
         (["frobnicate"], "invalid choice"),
         # a config file of another kind: the command that reads it
@@ -107,6 +122,10 @@ def test_bad_flags_exit_2(tmp_path, capsys, argv, needle):
     (tmp_path / "latin1.yaml").write_bytes(b"name: caf\xe9\n")
     (tmp_path / "twice.yaml").write_text("epochs: 2\nseed: 1\nepochs: 3\n")
     (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    (tmp_path / "exproot").mkdir()
+    (tmp_path / "exproot" / "distsearch_experiment.json").write_text("{}")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text("{}")
     (tmp_path / "damaged").mkdir()
     (tmp_path / "damaged" / "config.json").write_text("garbage{")
     argv = [a.format(cfg=cfg, tmp=tmp_path, root=ROOT) for a in argv]

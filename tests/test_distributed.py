@@ -399,10 +399,12 @@ def test_random_search_is_seeded_and_tries_its_points_first():
             "search_alg": "random",
             "params": {"optim.arch_lr": {"uniform": [0.001, 0.01]}},
             "points_to_evaluate": [{"optim.arch_lr": 0.005}],
+            "max_concurrent_trials": 1,
         }
     )
     alg = T.search_algorithm(t, seed=7)
     assert alg._points_to_evaluate == [{"optim.arch_lr": 0.005}]
+    assert alg.max_concurrent == 1  # Tune ignores TuneConfig.max_concurrent_trials for this generator
 
 
 @pytest.mark.parametrize(

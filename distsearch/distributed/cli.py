@@ -24,7 +24,7 @@ import tempfile
 import time
 from typing import Any
 
-from ..cli import add_config_args
+from ..cli import add_config_args, check_data_here, refuse_inside_run
 from ..driver_lease import LEASE_DIR, DriverLease
 from ..errors import UsageError
 from ..storage import Store
@@ -74,10 +74,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     spec = T.experiment_spec(cfg, args.storage, args.name)
-    L.check_storage(spec["root"], "--storage" if args.storage else "tune.storage")
+    field = "--storage" if args.storage else "tune.storage"
+    L.check_storage(spec["root"], field)
+    if Store(spec["storage"], field=field).exists(T.EXPERIMENT_FILE):
+        raise UsageError(f"{field}: {spec['storage']} is an experiment's root; give the folder that holds experiments")
+    refuse_inside_run(Store(spec["root"], field=field), field)
     from ..data_npz import check_files
 
     check_files(cfg)  # before Ray starts, not in every trial
+    check_data_here(cfg, search=True, strict=args.address is None)  # a local Ray's trials read it here
     _need_ray()
     args.out = spec["root"]  # for the interruption hint
     # a second `run` of this name (or a `resume`) is refused first, naming the live driver; a

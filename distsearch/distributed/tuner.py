@@ -51,7 +51,8 @@ def search_algorithm(t: TuneConfig, seed: int) -> Any:
     if t.search_alg == "random":  # Tune's BasicVariantGenerator: random sampling and grids, seeded
         from ray.tune.search import BasicVariantGenerator
 
-        return BasicVariantGenerator(points_to_evaluate=t.points_to_evaluate, random_state=seed)
+        limit = t.max_concurrent_trials or 0  # its own: Tune ignores TuneConfig's limit for this one
+        return BasicVariantGenerator(points_to_evaluate=t.points_to_evaluate, max_concurrent=limit, random_state=seed)
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -104,9 +105,8 @@ def _pbt_class() -> type:
     whose save is still in flight (synch mode: it reported first and is being paused) makes
     TuneController._schedule_trial_stop cache a STOP for it; the save's future goes with the actor,
     so nothing consumes that STOP until the restarted trial's first checkpoint, which then ends the
-    trial ("completed" after one more epoch, with its function still running). Seen 2 runs in 9 of
-    tests/test_distributed.py's PBT test on 2 busy cores; the restarted trial never holds a
-    decision of its previous actor, so it is dropped here."""
+    trial ("completed" after one more epoch, its function still running; 2 runs in 9 of the PBT test
+    on 2 busy cores). A restarted trial never holds a decision of its previous actor: dropped."""
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 
@@ -200,7 +200,7 @@ def build_tuner(spec: dict[str, Any], verbose: int = 1) -> Any:
         search_alg=search_algorithm(t, seed),
         scheduler=scheduler(t, spec["base"]["epochs"]),
         num_samples=t.num_samples,
-        max_concurrent_trials=t.max_concurrent_trials,
+        max_concurrent_trials=None if t.search_alg == "random" else t.max_concurrent_trials,
         trial_dirname_creator=trial_dirname,
         trial_name_creator=trial_dirname,
         # reusing a finished trial's worker saves a second torch import; not under PBT, whose pauses
