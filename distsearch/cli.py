@@ -12,6 +12,7 @@ import errno
 import importlib
 import json
 import logging
+import posixpath
 import shlex
 import sys
 from collections.abc import Sequence
@@ -116,8 +117,6 @@ def refuse_unfit_out(uri: str, flag: str = "--out", runs_here: bool = True) -> N
 
 def refuse_inside_run(store: Any, flag: str) -> None:
     """A folder inside a search's or training's (its checkpoints/, tb/, a sub-folder) is refused."""
-    import posixpath
-
     path, fs = store.root.rstrip("/"), store.fs
     parent = posixpath.dirname(path)
     while parent and parent != path:  # up to the file system's or the bucket's root
@@ -152,8 +151,6 @@ def check_data_here(cfg: Any, search: bool, strict: bool = False) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    import posixpath
-
     from .config import SearchConfig, TrainConfig
     from .config_file import apply_overrides, config_kind, parse_config, read_yaml
     from .config_transfer import TransferConfig
@@ -236,6 +233,8 @@ def cmd_derive(args: argparse.Namespace) -> int:
     from .storage import Store
 
     store = Store(args.uri, field="URI")
+    if not store.list_checkpoints() and (trial := Store(posixpath.join(store.uri, "search"))).list_checkpoints():
+        store = trial  # an experiment's trial folder: its search
     latest = store.load_latest()
     if latest is None:
         if store.exists("config.json"):  # a search stopped before its first checkpoint, or none verifies

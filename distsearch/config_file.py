@@ -51,6 +51,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         parts = key.strip().split(".")
         if not all(parts):
             raise UsageError(f"--set {item!r}: {key.strip()!r} is not a key; expected key.sub=value, e.g. epochs=3")
+        if parts[:2] == ["tune", "params"] and len(parts) > 3:  # the sampled keys are dotted themselves
+            kind = parts[-1:] if parts[-1] in ("choice", "grid", "uniform", "loguniform") else []
+            parts = [*parts[:2], ".".join(parts[2 : len(parts) - len(kind)]), *kind]
         for p in parts[:-1]:
             if not isinstance(node.get(p, {}), dict):
                 raise UsageError(f"--set {key}: {p!r} is not a section")

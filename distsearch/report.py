@@ -29,8 +29,9 @@ def holds_run(store: Store) -> bool:
 def _stores(uri: str) -> list[tuple[str, Store]]:
     """(label, store) for a run at `uri`, or for every trial under an experiment root."""
     store = Store(uri, field="URI")
-    if holds_run(store):
-        return [(posixpath.basename(store.root), store)]
+    for run in (store, Store(posixpath.join(store.uri, "search"))):  # a run, or an experiment's trial folder
+        if holds_run(run):
+            return [(posixpath.basename(store.root), run)]
     found = {posixpath.dirname(p) for p in store.fs.glob(store.path("*", "search", "config.json"))}
     found |= {posixpath.dirname(p) for p in store.fs.glob(store.path("*", "search", CKPT_DIR))}
     if not found:

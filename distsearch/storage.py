@@ -87,7 +87,7 @@ class Store:
         self.field = field
         try:
             self.fs, self.root = fsspec.core.url_to_fs(uri, **storage_options)
-        except (ValueError, ImportError) as e:
+        except (ValueError, ImportError, OSError) as e:  # OSError: a file system that connects at once (ftp)
             raise _cannot_open(uri, field, e) from None
         self.uri = uri
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]

@@ -71,6 +71,7 @@ def test_bad_config_exits_2_naming_the_field_and_writes_nothing(tmp_path, capsys
         (["search", "--config", "{cfg}", "--set", "storage.uri=nosuchproto://x/y"], "storage.uri: cannot open"),
         (["train", "--model", "mlp", "--set", "data.name=digits", "--out", "/proc/nope"], "--out: cannot write"),
         (["derive", "nosuchproto://x/y"], "URI: cannot open"),
+        (["derive", "ftp://127.0.0.1:9/x"], "URI: cannot open 'ftp://127.0.0.1:9/x' ([Errno 111] Connection refused)"),
         (["search", "--config", "{cfg}", "--out", "{cfg}"], "is a file; give a folder"),
         (["run", "--config", "{root}/launch/experiments/quickstart.yaml", "--storage", "/proc/x"], "--storage: cannot"),
         (["derive", "{tmp}/empty"], "no valid checkpoint"),
@@ -624,3 +625,37 @@ def test_a_new_run_on_an_out_holding_one_says_which_command_continues_it(tmp_pat
     assert f"holds a train run (continue it: distsearch train --out {train} --resume)" in err, err
     assert main([*argv, "--out", str(search)]) == 2
     assert f"holds a search run (continue it: distsearch search --out {search} --resume)" in capsys.readouterr().err
+
+
+def test_a_trials_folder_is_read_as_its_search(tmp_path, tiny_config, capsys):
+    """<experiment>/<trial> (what `status` lists) works where its search folder does: derive,
+    report; resume names the experiment to resume instead of the trial's search."""
+    from distsearch.runner import run_search
+    from distsearch.storage import Store
+
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "distsearch_experiment.json").write_text("{}")
+    store = Store(str(tmp_path / "exp" / "t1" / "search"))
+    result = run_search(tiny_config(store.uri, epochs=1), store)
+    trial = str(tmp_path / "exp" / "t1")
+    capsys.readouterr()
+    assert main(["derive", trial]) == 0
+    assert json.loads(capsys.readouterr().out) == result.genotype.to_dict()
+    assert main(["report", trial, "--out", str(tmp_path / "rep")]) == 0
+    assert "## t1" in (tmp_path / "rep" / "report.md").read_text()
+    for uri in (trial, store.uri):
+        assert main(["resume", uri]) == 2
+        assert f"resume the experiment: `distsearch resume {tmp_path / 'exp'}`" in capsys.readouterr().err
+
+
+def test_set_reaches_a_sampled_keys_spec():
+    """tune.params' keys are dotted config keys: --set tune.params.weight_at.strategy.choice=[...]
+    sets that key's choice (it made a nested weight_at section, 'unknown key')."""
+    from distsearch.config_file import apply_overrides
+
+    raw = {"tune": {"params": {"weight_at.strategy": {"choice": ["standard"]}}}}
+    sets = ["tune.params.weight_at.strategy.choice=[standard, fgsm]", "tune.params.optim.w_lr={uniform: [0.1, 0.2]}"]
+    assert apply_overrides(raw, sets)["tune"]["params"] == {
+        "weight_at.strategy": {"choice": ["standard", "fgsm"]},
+        "optim.w_lr": {"uniform": [0.1, 0.2]},
+    }

@@ -31,7 +31,7 @@ from ..storage import Store
 from . import locations as L
 from . import tuner as T
 from .status import INTERRUPTED, OPEN, print_table
-from .trainable import SEARCH_DIR, trial_uri
+from .trainable import SEARCH_DIR, experiment_of, trial_uri
 
 
 def _need_ray() -> None:
@@ -119,6 +119,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from ..config_file import run_command
 
     store = Store(L.normalize_storage(args.uri), field="URI")
+    trial = next((s for s in (store, Store(posixpath.join(store.uri, SEARCH_DIR))) if s.exists("config.json")), None)
+    if trial is not None and (experiment := experiment_of(trial)) is not None:
+        raise UsageError(
+            f"URI: {args.uri} is a trial of an experiment; resume the experiment: `distsearch resume {experiment.uri}`"
+        )
     if store.exists("config.json"):  # one run, not an experiment
         command = run_command(store.read_config())
         raise UsageError(
