@@ -645,6 +645,39 @@ def test_pbt_exploit_of_a_trial_whose_save_is_in_flight_does_not_end_it(ray_loca
 
 
 @pytest.mark.slow
+def test_sigterm_to_run_stops_like_ctrl_c_and_resume_finishes(ray_local, tmp_path):
+    """A cluster preempting `distsearch run` (SIGTERM): Tune stops as on Ctrl-C, its state saved,
+    exit 143 with the command that continues it (Ray's own handler dumped a stack, exit 1), and
+    `resume` finishes every trial."""
+    epochs = 6  # seconds left after the first checkpoint, whatever the load
+    f = experiment(tmp_path / "exp.yaml", epochs=epochs, scheduler="fifo")
+    root = tmp_path / "runs" / "term"
+    cmd = [sys.executable, "-m", "distsearch.cli", "run", "--config", f, "--storage", str(tmp_path / "runs")]
+    log = open(tmp_path / "driver.log", "w")
+    driver = start_session([*cmd, "--name", "term", "--address", ray_local], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while (
+            time.time() < deadline
+            and driver.poll() is None
+            and not list(root.glob("*/search/checkpoints/*/MANIFEST.json"))
+        ):
+            time.sleep(0.3)
+        assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=120) == 143, (tmp_path / "driver.log").read_text()[-3000:]
+    finally:
+        end_pids(in_session(driver.pid))
+    text = (tmp_path / "driver.log").read_text()
+    assert f"trial(s) unfinished; continue: distsearch resume {root}" in text, text[-3000:]
+    assert "terminated (SIGTERM) with " in text
+    assert "SIGTERM received" not in text
+    assert main(["resume", str(root), "--address", ray_local]) == 0
+    for store in trials(root).values():
+        assert json.loads((store / "result.json").read_text())["epochs"] == epochs
+
+
+@pytest.mark.slow
 def test_killed_driver_then_resume(ray_local, tmp_path):
     # 5 epochs of ~0.75 s: the kill must land after the second trial's first checkpoint is 1.5 s old
     # and before it ends (with 3 epochs that window was ~0.1 s on an idle machine, and was missed)

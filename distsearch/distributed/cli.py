@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -42,7 +43,7 @@ def _need_ray() -> None:
         raise UsageError("Ray is not installed: pip install -e '.[ray]'") from None
 
 
-def _finish(uri: str) -> int:
+def _finish(uri: str, terminated: bool = False) -> int:
     rows = print_table(uri)
     local = "://" not in uri
     print(f"trial folders: {uri}/<trial>/{SEARCH_DIR}/ (genotype.json, checkpoints/, tb/)")
@@ -52,9 +53,10 @@ def _finish(uri: str) -> int:
         print(f"{len(bad)} trial(s) errored ({', '.join(bad)}); continue: distsearch resume {uri}", file=sys.stderr)
         return 1
     open_ = [r["trial"] for r in rows if r["state"] in (*OPEN, INTERRUPTED)]
-    if open_:  # Tune returns normally after Ctrl-C, leaving these
-        print(f"interrupted with {len(open_)} trial(s) unfinished; continue: distsearch resume {uri}", file=sys.stderr)
-        return 130
+    if open_:  # Tune returns normally after Ctrl-C (and SIGTERM, _drive), leaving these
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"{what} with {len(open_)} trial(s) unfinished; continue: distsearch resume {uri}", file=sys.stderr)
+        return 143 if terminated else 130
     return 0
 
 
@@ -89,8 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # refusal below leaves no folder
     with DriverLease(Store(spec["root"]), "run", "--name", _leased_trials(spec["root"])):
         _refuse_existing(spec)
-        _drive(spec, args.address, lambda: T.build_tuner(spec))
-    return _finish(spec["root"])
+        terminated = _drive(spec, args.address, lambda: T.build_tuner(spec))
+    return _finish(spec["root"], terminated)
 
 
 def _leased_trials(root: str) -> tuple[Store, ...]:
@@ -100,19 +102,32 @@ def _leased_trials(root: str) -> tuple[Store, ...]:
     return tuple(Store(trial_uri(root, posixpath.basename(posixpath.dirname(posixpath.dirname(p))))) for p in found)
 
 
-def _drive(spec: dict[str, Any], address: str | None, tuner: Any) -> None:
+def _drive(spec: dict[str, Any], address: str | None, tuner: Any) -> bool:
     """Start or join Ray (an unreachable cluster or too few resources: refused, nothing written),
-    save the experiment file on a first run, run `tuner()` to the end, and shut a local Ray down."""
+    save the experiment file on a first run, run `tuner()` to the end, and shut a local Ray down.
+    A SIGTERM (a cluster's preemption) stops Tune as Ctrl-C does, its state saved (Ray's own
+    handler dumped a stack and exited 1); returns whether one came."""
     started = T.start_ray(spec, address)
+    terminated: list[int] = []
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        terminated.append(signum)
+        signal.raise_signal(signal.SIGINT)  # Tune's graceful stop
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    kept = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         if not Store(spec["root"]).exists(T.EXPERIMENT_FILE):
             T.save_spec(spec)
         tuner().fit()
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, kept if kept is not None else signal.SIG_DFL)
         if started:
             import ray
 
             ray.shutdown()
+    return bool(terminated)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -134,8 +149,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     spec = T.load_spec(args.uri)  # a clear error before Ray starts
     args.out = spec["root"]  # for the interruption hint
     with DriverLease(Store(spec["root"]), "resume", "URI", _leased_trials(spec["root"])):
-        _drive(spec, args.address, lambda: T.restore_tuner(args.uri)[0])
-    return _finish(spec["root"])
+        terminated = _drive(spec, args.address, lambda: T.restore_tuner(args.uri)[0])
+    return _finish(spec["root"], terminated)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
