@@ -179,7 +179,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return 0
     where = f"storage {cfg.storage.uri}"
     if cfg.tune is not None:  # the trials go under the experiment root, not storage.uri
-        root = posixpath.join(cfg.tune.storage.rstrip("/"), cfg.name)
+        from .distributed.tuner import experiment_spec  # no ray imported
+
+        root = experiment_spec(cfg)["root"]  # its name checked as `run` checks it
         where = f"experiment root {root} (one folder per trial; `distsearch run --storage/--name` move it)"
     print(
         f"ok: {cfg.name}: {cfg.algorithm.name} on {cfg.data.name}, {cfg.epochs} epochs, "

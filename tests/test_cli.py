@@ -550,7 +550,9 @@ def test_help_shows_real_defaults_and_where_configs_live(capsys):
 def test_validate_an_experiment_names_its_trial_root(capsys):
     assert main(["validate", "--config", str(ROOT / "launch/experiments/quickstart.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "experiment root runs/quickstart" in out and "runs/search" not in out
+    assert f"experiment root {os.path.abspath('runs/quickstart')} " in out and "runs/search" not in out
+    assert main(["validate", "--config", str(ROOT / "launch/experiments/quickstart.yaml"), "--set", "name=.."]) == 2
+    assert "name: '..' must be a plain folder name" in capsys.readouterr().err  # as `run` refuses it
 
 
 def test_single_search_configs_do_not_write_into_an_experiment_root():

@@ -163,10 +163,10 @@ def experiment_spec(cfg: SearchConfig, storage: str | None = None, name: str | N
     if cfg.tune is None:
         raise UsageError("tune: the experiment file has no `tune:` section (see launch/experiments/quickstart.yaml)")
     storage = normalize_storage(storage or cfg.tune.storage)
-    name = name or cfg.name
+    field, name = ("--name", name) if name else ("name", cfg.name)
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name or ""):
         raise UsageError(
-            f"--name: {name!r} must be a plain folder name (letters, digits, '_', '-', '.'; not starting with '.')"
+            f"{field}: {name!r} must be a plain folder name (letters, digits, '_', '-', '.'; not starting with '.')"
         )
     tune = cfg.tune.model_dump(mode="json")
     for key in ("data.root", "data.path"):  # the base's are absolute (DataConfig); sampled ones too
