@@ -136,7 +136,7 @@ class DriverLease:
         self.file = posixpath.join(LEASE_DIR, f"{self.token}.json")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._made_root = False
+        self._made: list[str] = []  # local folders the claim created (the run's, and parents)
         self.record = {
             "token": self.token,
             "host": socket.gethostname(),
@@ -156,7 +156,10 @@ class DriverLease:
                     raise
 
     def claim(self) -> DriverLease:
-        self._made_root = self.store.is_local and not os.path.exists(self.store.root)
+        folder = self.store.root if self.store.is_local else ""
+        while folder and not os.path.exists(folder):
+            self._made.append(folder)
+            folder = os.path.dirname(folder)
         try:
             self._write()
             return self._hold()
@@ -202,8 +205,8 @@ class DriverLease:
             self._thread.join()
             self._thread = None
         self._remove(self.file)
-        if self.store.is_local:  # leave no empty drivers/ folder, nor a run folder the claim made
-            for folder in [self.store.path(LEASE_DIR)] + [self.store.root] * self._made_root:
+        if self.store.is_local:  # leave no empty drivers/ folder, nor the folders the claim made
+            for folder in [self.store.path(LEASE_DIR), *self._made]:
                 try:
                     os.rmdir(folder)
                 except OSError:

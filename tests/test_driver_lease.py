@@ -120,7 +120,7 @@ def test_racing_claims_never_both_win(tmp_path):
 def test_release_removes_only_the_folders_the_claim_made(tmp_path):
     fresh = Store(str(tmp_path / "new" / "run"))
     DriverLease(fresh, "search").claim().release()
-    assert not (tmp_path / "new" / "run").exists()  # a refused run leaves no empty folder
+    assert not (tmp_path / "new").exists()  # a refused run leaves no empty folder, nor its new parents
     (tmp_path / "old").mkdir()
     DriverLease(Store(str(tmp_path / "old")), "search").claim().release()
     assert (tmp_path / "old").is_dir()
