@@ -13,6 +13,7 @@ the event files of all trials (from a temporary local copy when remote, deleted 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import posixpath
 import shlex
@@ -102,6 +103,10 @@ def _leased_trials(root: str) -> tuple[Store, ...]:
     return tuple(Store(trial_uri(root, posixpath.basename(posixpath.dirname(posixpath.dirname(p))))) for p in found)
 
 
+def _not_tunes_resume_hint(record: logging.LogRecord) -> bool:
+    return "Resume experiment with:" not in record.getMessage()
+
+
 def _drive(spec: dict[str, Any], address: str | None, tuner: Any) -> bool:
     """Start or join Ray (an unreachable cluster or too few resources: refused, nothing written),
     save the experiment file on a first run, run `tuner()` to the end, and shut a local Ray down.
@@ -116,11 +121,14 @@ def _drive(spec: dict[str, Any], address: str | None, tuner: Any) -> bool:
 
     main_thread = threading.current_thread() is threading.main_thread()
     kept = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    tune_log = logging.getLogger("ray.tune.tune")  # its "Resume experiment with: Tuner.restore(...)": ours names
+    tune_log.addFilter(_not_tunes_resume_hint)  # `distsearch resume`, which also re-reads our spec
     try:
         if not Store(spec["root"]).exists(T.EXPERIMENT_FILE):
             T.save_spec(spec)
         tuner().fit()
     finally:
+        tune_log.removeFilter(_not_tunes_resume_hint)
         if main_thread:
             signal.signal(signal.SIGTERM, kept if kept is not None else signal.SIG_DFL)
         if started:
