@@ -15,6 +15,7 @@ import os
 import posixpath
 from typing import Any
 
+from .distributed.trainable import SEARCH_DIR  # layout only: no ray imported
 from .errors import UsageError, out_folder
 from .storage import CKPT_DIR, Latest, Store
 
@@ -29,11 +30,11 @@ def holds_run(store: Store) -> bool:
 def _stores(uri: str) -> list[tuple[str, Store]]:
     """(label, store) for a run at `uri`, or for every trial under an experiment root."""
     store = Store(uri, field="URI")
-    for run in (store, Store(posixpath.join(store.uri, "search"))):  # a run, or an experiment's trial folder
+    for run in (store, Store(posixpath.join(store.uri, SEARCH_DIR))):  # a run, or an experiment's trial folder
         if holds_run(run):
             return [(posixpath.basename(store.root), run)]
-    found = {posixpath.dirname(p) for p in store.fs.glob(store.path("*", "search", "config.json"))}
-    found |= {posixpath.dirname(p) for p in store.fs.glob(store.path("*", "search", CKPT_DIR))}
+    found = {posixpath.dirname(p) for p in store.fs.glob(store.path("*", SEARCH_DIR, "config.json"))}
+    found |= {posixpath.dirname(p) for p in store.fs.glob(store.path("*", SEARCH_DIR, CKPT_DIR))}
     if not found:
         raise UsageError(f"URI: {uri!r} holds no run (no config.json) and no experiment trials (*/search/)")
     runs = []
