@@ -231,6 +231,7 @@ def stored_config(uri: str, command: str, overrides: list[str]) -> dict[str, Any
     --out URI --resume` without --config; one line when there is no such run, it is another
     command's, it names no epochs (a hand edit: the default would set the run's length), or this
     version of distsearch cannot read it."""
+    from .runner import recorded_config
     from .storage import Store
 
     store = Store(uri, field="--out")
@@ -240,7 +241,7 @@ def stored_config(uri: str, command: str, overrides: list[str]) -> dict[str, Any
         if store.exists("distsearch_experiment.json"):
             raise UsageError(f"--out: {uri} is an experiment root; continue it with `distsearch resume {uri}`")
         latest = store.load_latest() if store.list_checkpoints() else None
-        raw = (latest[2].get("run") or {}).get("config") if latest else None
+        raw = recorded_config(latest)
         if raw is None:
             fix = "give --config FILE --resume to continue its checkpoints" if latest else "give --config to start one"
             raise UsageError(f"--out: {uri} holds no run to resume (no config.json); {fix}")

@@ -59,11 +59,13 @@ def _read(store: Store) -> Read:
     """A run's config (config.json, or when that was deleted its newest valid checkpoint's record),
     its result.json once it finished, that checkpoint, and stopped.json when an experiment's
     scheduler ended it early (distributed/tuner.stop_marker)."""
+    from .runner import recorded_config
+
     latest = store.load_latest()
     if store.exists("config.json"):
         config = store.read_config()
     else:
-        config = (latest[2].get("run") or {}).get("config") if latest else None
+        config = recorded_config(latest)
         if config is None:
             raise UsageError(f"URI: {store.uri} holds no config.json and no valid checkpoint that records its config")
     return config, store.read_json("result.json", None), latest, store.read_json("stopped.json", None)
@@ -245,8 +247,9 @@ def _changed_since(config: dict[str, Any], latest: Latest) -> bool:
     with --allow-changes stopped before its first checkpoint): a plain --resume is then refused."""
     from .config import SearchConfig, TrainConfig
     from .config_file import resume_changes, run_command
+    from .runner import recorded_config
 
-    recorded = (latest[2].get("run") or {}).get("config") if latest else None
+    recorded = recorded_config(latest)
     if not recorded or recorded == config:
         return False
     try:

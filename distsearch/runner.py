@@ -174,6 +174,11 @@ def same_shapes(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return (a["train"][1:], a["classes"]) == (b["train"][1:], b["classes"])
 
 
+def recorded_config(latest: Latest) -> dict[str, Any] | None:
+    """The config a checkpoint (Store.load_latest's) records; None without one, or before the record."""
+    return (latest[2].get("run") or {}).get("config") if latest else None
+
+
 def recorded_run(store: Store, meta: dict[str, Any]) -> dict[str, Any]:
     """What the checkpoint with `meta` ran with: its record (config, data, a training's genotype);
     for a checkpoint older than the record, config.json (None when gone), data.json and, for a

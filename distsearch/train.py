@@ -23,6 +23,7 @@ from .runner import (
     build_data,
     build_supernet,
     evaluate,
+    recorded_config,
     recorded_run,
     resume_and_record,
     robust_accuracy,
@@ -83,7 +84,7 @@ def search_data(ref: str) -> dict[str, Any] | None:
         raw = store.read_config()
     else:  # deleted by hand: the newest valid checkpoint's record
         latest = store.load_latest() if store.list_checkpoints() else None
-        raw = (latest[2].get("run") or {}).get("config") if latest else None
+        raw = recorded_config(latest)
     if not raw:
         return None
     data = {k: v for k, v in raw.get("data", {}).items() if k in INHERITED_DATA}
