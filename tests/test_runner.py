@@ -30,12 +30,6 @@ def _assert_same(a, b, where: str) -> None:
         assert a == b, (where, a, b)
 
 
-def _assert_same_model(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
 @pytest.mark.parametrize(
     "order,stop_at,extra",
     [("first", 3, {}), ("second", 6, {}), ("first", 3, {"precision": "bf16", "channels_last": True})],
@@ -57,7 +51,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_config, or
 
     assert r1.genotype == r2.genotype and r1.steps == r2.steps
     a, b = straight.load_latest()[1]["searcher"], resumed.load_latest()[1]["searcher"]
-    _assert_same_model(a["model"], b["model"])
+    _assert_same(a["model"], b["model"], "model")
     for key in ("scheduler", "a_optimizer", "w_optimizer"):
         _assert_same(a[key], b[key], key)
     untimed = lambda h: [{k: v for k, v in r.items() if k != "time/epoch_s"} for r in h]  # noqa: E731
@@ -90,7 +84,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path, tiny_config):
     data = store.fs.cat_file(newest)
     store.fs.pipe_file(newest, data[: len(data) - 7])  # truncated
     run_search(cfg, store)  # resumes from step 4 and redoes epoch 2
-    _assert_same_model(_final_state(straight), _final_state(store))
+    _assert_same(_final_state(straight), _final_state(store), "model")
 
 
 def test_resume_refuses_a_store_with_another_config(tmp_path, tiny_config):
