@@ -232,12 +232,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_derive(args: argparse.Namespace) -> int:
-    from .distributed.trainable import SEARCH_DIR  # layout only: no ray imported
+    from .report import run_at
     from .storage import Store
 
     store = Store(args.uri, field="URI")
-    if not store.list_checkpoints() and (trial := Store(posixpath.join(store.uri, SEARCH_DIR))).list_checkpoints():
-        store = trial  # an experiment's trial folder: its search
+    store = run_at(store) or store  # an experiment's trial folder: its search
     latest = store.load_latest()
     if latest is None:
         if store.exists("config.json"):  # a search stopped before its first checkpoint, or none verifies

@@ -249,6 +249,7 @@ def _whole(lo: int, hi: int) -> Callable[[str], int]:
 
 
 _seed = _whole(0, 2**32 - 1)
+_images = _whole(1, 10**7)  # --n: more than the test set has means all of it
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -279,7 +280,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--n",
-        type=_whole(1, 10**7),
+        type=_images,
         default=200,
         help="first test images used (default: %(default)s; more than there are: all)",
     )
@@ -320,7 +321,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--n",
-        type=_whole(1, 10**7),
+        type=_images,
         default=64,
         help="first test images attacked (default: %(default)s; more than there are: all)",
     )
@@ -347,7 +348,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--n",
-        type=_whole(1, 10**7),
+        type=_images,
         default=100,
         help="first test images certified (default: %(default)s; more than there are: all)",
     )

@@ -27,12 +27,18 @@ def holds_run(store: Store) -> bool:
     return store.exists("config.json") or bool(store.list_checkpoints())
 
 
+def run_at(store: Store) -> Store | None:
+    """The run at `store`, or at its search/ when it is an experiment's trial folder; None if neither."""
+    return next(
+        (s for s in (store, Store(posixpath.join(store.uri, SEARCH_DIR), field=store.field)) if holds_run(s)), None
+    )
+
+
 def _stores(uri: str) -> list[tuple[str, Store]]:
     """(label, store) for a run at `uri`, or for every trial under an experiment root."""
     store = Store(uri, field="URI")
-    for run in (store, Store(posixpath.join(store.uri, SEARCH_DIR))):  # a run, or an experiment's trial folder
-        if holds_run(run):
-            return [(posixpath.basename(store.root), run)]
+    if (run := run_at(store)) is not None:
+        return [(posixpath.basename(store.root), run)]
     found = {posixpath.dirname(p) for p in store.fs.glob(store.path("*", SEARCH_DIR, "config.json"))}
     found |= {posixpath.dirname(p) for p in store.fs.glob(store.path("*", SEARCH_DIR, CKPT_DIR))}
     if not found:

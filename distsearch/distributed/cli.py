@@ -140,9 +140,10 @@ def _drive(spec: dict[str, Any], address: str | None, tuner: Any) -> bool:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from ..config_file import run_command
+    from ..report import run_at
 
     store = Store(L.normalize_storage(args.uri), field="URI")
-    trial = next((s for s in (store, Store(posixpath.join(store.uri, SEARCH_DIR))) if s.exists("config.json")), None)
+    trial = run_at(store)
     if trial is not None and (experiment := experiment_of(trial)) is not None:
         raise UsageError(
             f"URI: {args.uri} is a trial of an experiment; resume the experiment: `distsearch resume {experiment.uri}`"
@@ -163,11 +164,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     uri = L.normalize_storage(args.uri)
-    from ..report import holds_run, run_status
+    from ..report import run_at, run_status
 
-    for run in (uri, posixpath.join(uri, SEARCH_DIR)):  # one run (or a trial's folder): no Ray
-        if holds_run(Store(run)):
-            return run_status(run)
+    if (run := run_at(Store(uri))) is not None:  # one run (or a trial's folder): no Ray
+        return run_status(run.uri)
     L.check_gcs_emulator(uri, "URI")  # an experiment's: one emulator variable without the other
     if not Store(uri).exists(T.EXPERIMENT_FILE):
         raise UsageError(
