@@ -5,6 +5,7 @@ way of asking for a graph on a CPU is refused with one clear message and nothing
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -126,3 +127,47 @@ def test_a_capturable_checkpoint_resumes_on_the_cpu():
     fresh.load_state_dict(state)
     assert not any(g["capturable"] for g in fresh.a_optimizer.param_groups)
     fresh.step(*batches)
+
+
+class _PoolRule:
+    """PyTorch's rule for a shared graph pool (c10 CUDACachingAllocator, create_or_incref_pool):
+    each live graph holds the pool once; a pool whose graphs are all destroyed stays listed
+    while it caches blocks, and capturing into it then fails an internal assert."""
+
+    def __init__(self):
+        self.count: dict[object, int] = {}
+
+    def graph_class(rule):  # noqa: N805
+        class Graph:
+            def __init__(self):
+                self.pool = None
+
+            def replay(self):
+                pass
+
+            def __del__(self):
+                if self.pool is not None:
+                    rule.count[self.pool] -= 1
+
+        return Graph
+
+    def capture(self, graph, pool):
+        if self.count.get(pool, 1) <= 0:
+            raise RuntimeError("it->second->use_count > 0 INTERNAL ASSERT FAILED")
+        self.count[pool] = self.count.get(pool, 0) + 1
+        graph.pool = pool
+        return contextlib.nullcontext()
+
+
+def test_a_recapture_never_captures_into_a_pool_no_graph_holds(monkeypatch):
+    rule = _PoolRule()
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", rule.graph_class())
+    monkeypatch.setattr(torch.cuda, "graph", rule.capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    searcher, batches = tiny_searcher()
+    step = GraphedStep(searcher, warmup=1, capture=False)
+    step.capture, step.pool = True, "shared"  # the CUDA path, on a CPU searcher
+    for _ in range(3):
+        step(*batches)
+        searcher.end_epoch()  # the lr changes: the next call captures again
+    assert step.captures == 3 and rule.count["shared"] == 1

@@ -19,14 +19,15 @@ so it is recorded once and replayed:
   delta: `graph_safe = False`), and CPU devices.
 `capture=False` runs the same warm-up, staging and re-capture logic eagerly (each "replay" is
 a plain step on the staged inputs): tests/test_graphed.py checks on the CPU that it equals
-plain steps bitwise. Status: the CUDA capture itself was written without a GPU at hand;
-benchmarks/gpu_check.sh compares it with the eager step (docs/NOTES.md says whether it ran).
+plain steps bitwise. On a GPU, benchmarks/gpu_check.sh times it and runs graphed searches
+through the runner beside eager ones (docs/NOTES.md, sixteenth session: an H200).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -97,7 +98,8 @@ class GraphedStep:
         side = torch.cuda.Stream(self.device) if cuda else None
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "This instance was constructed with capturable=True")  # eager, by design
             for _ in range(self.warmup):
                 shadow.step(*batches)
         if side is not None:
@@ -111,7 +113,11 @@ class GraphedStep:
         self._warmed = True
 
     def _capture(self, batches: tuple[Batch, Batch]) -> None:
-        self.graph, self._replay, self.outputs = None, None, {}
+        # The previous graph lives until the new one is captured: destroying it first drops the
+        # shared pool's use count to 0 while its cached blocks keep it listed, and capturing into
+        # such a pool fails PyTorch's `use_count > 0` allocator assert (seen on an H200 at the
+        # first lr change, torch 2.11; docs/NOTES.md, sixteenth session).
+        previous, self._replay, self.outputs = self.graph, None, {}
         for opt in self.searcher._optimisers().values():
             opt.zero_grad(set_to_none=True)  # drop gradients that live in the previous graph's pool
         self.inputs = [t.clone() for batch in batches for t in batch]
@@ -125,6 +131,7 @@ class GraphedStep:
             self.graph, self._replay = graph, graph.replay
         else:
             self._replay = lambda: self.outputs.update(run())
+        del previous
         self.key = self._lr_key()
         self.captures += 1
 
