@@ -102,12 +102,12 @@ def bench(algo: str, args: argparse.Namespace, device: torch.device, graph: bool
     if args.bf16:  # autocast's weight cache would hold tensors of a finished capture
         amp = torch.autocast(device.type, torch.bfloat16, cache_enabled=not graph)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":  # from the first warm-up on: a graph's pool is allocated at its capture
+        torch.cuda.reset_peak_memory_stats(device)
     with amp:
         for _ in range(args.warmup):
             step(*batches)
         sync()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(args.steps):
             metrics = step(*batches)
