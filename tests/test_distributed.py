@@ -645,10 +645,10 @@ def test_pbt_exploit_of_a_trial_whose_save_is_in_flight_does_not_end_it(ray_loca
 
 
 @pytest.mark.slow
-def test_sigterm_to_run_stops_like_ctrl_c_and_resume_finishes(ray_local, tmp_path):
+def test_sigterm_to_run_stops_like_ctrl_c_and_resume_finishes(ray_local, tmp_path, monkeypatch, capsys):
     """A cluster preempting `distsearch run` (SIGTERM): Tune stops as on Ctrl-C, its state saved,
     exit 143 with the command that continues it (Ray's own handler dumped a stack, exit 1), and
-    `resume` finishes every trial."""
+    `resume` finishes every trial; a `resume` after that prints the table without Ray."""
     epochs = 6  # seconds left after the first checkpoint, whatever the load
     f = experiment(tmp_path / "exp.yaml", epochs=epochs, scheduler="fifo")
     root = tmp_path / "runs" / "term"
@@ -672,9 +672,20 @@ def test_sigterm_to_run_stops_like_ctrl_c_and_resume_finishes(ray_local, tmp_pat
     assert f"trial(s) unfinished; continue: distsearch resume {root}" in text, text[-3000:]
     assert "terminated (SIGTERM) with " in text
     assert "SIGTERM received" not in text and "Tuner.restore" not in text  # ours is the only resume hint
+    assert not (root / "finished.json").exists()
     assert main(["resume", str(root), "--address", ray_local]) == 0
     for store in trials(root).values():
         assert json.loads((store / "result.json").read_text())["epochs"] == epochs
+    assert (root / "finished.json").exists()
+    capsys.readouterr()
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started for a finished experiment")
+
+    monkeypatch.setattr("distsearch.distributed.tuner.start_ray", no_ray)
+    assert main(["resume", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "every trial has finished; nothing to resume" in out and out.count("TERMINATED") == len(trials(root))
 
 
 @pytest.mark.slow

@@ -32,8 +32,10 @@ from ..errors import UsageError
 from ..storage import Store
 from . import locations as L
 from . import tuner as T
-from .status import INTERRUPTED, OPEN, print_table
+from .status import INTERRUPTED, OPEN, STOPPED, print_table, trial_rows
 from .trainable import SEARCH_DIR, experiment_of, trial_uri
+
+FINISHED_FILE = "finished.json"  # written by the driver that saw every trial finish
 
 
 def _need_ray() -> None:
@@ -58,7 +60,19 @@ def _finish(uri: str, terminated: bool = False) -> int:
         what = "terminated (SIGTERM)" if terminated else "interrupted"
         print(f"{what} with {len(open_)} trial(s) unfinished; continue: distsearch resume {uri}", file=sys.stderr)
         return 143 if terminated else 130
+    if rows:  # a later `resume` prints this table without starting Ray
+        Store(uri).write_json(FINISHED_FILE, {"time": time.time(), "trials": len(rows)})
     return 0
+
+
+def _finished(root: str) -> bool:
+    """Whether a driver saw every trial of the experiment finish (FINISHED_FILE) and every trial's
+    store still says so: Tune's trial count alone cannot tell a finished experiment from one
+    whose driver died before it created its last trials."""
+    if not Store(root).exists(FINISHED_FILE):
+        return False
+    rows = trial_rows(root)
+    return bool(rows) and all(r["state"] in ("TERMINATED", STOPPED) for r in rows)
 
 
 def _refuse_existing(spec: dict[str, Any]) -> None:
@@ -158,6 +172,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
     spec = T.load_spec(args.uri)  # a clear error before Ray starts
     args.out = spec["root"]  # for the interruption hint
     with DriverLease(Store(spec["root"]), "resume", "URI", _leased_trials(spec["root"])):
+        if _finished(spec["root"]):
+            print(f"{spec['root']}: every trial has finished; nothing to resume (Ray not started)")
+            return _finish(spec["root"])
         terminated = _drive(spec, args.address, lambda: T.restore_tuner(args.uri)[0])
     return _finish(spec["root"], terminated)
 
