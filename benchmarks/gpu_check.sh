@@ -2,7 +2,7 @@
 # The GPU checks, as one prepared script for a lent H100/H200: a CUDA smoke search through
 # the whole runner for each algorithm, then benchmarks/search_step.py at the DARTS paper size
 # (B=64, C=16, 8 cells, 3x32x32), each algorithm beside its own DARTS baseline in the same
-# process (about 3 min on an H200; run it with timeout_s=600). Arguments pick sections (default
+# process (about 4 min on an H200; run it with timeout_s=600). Arguments pick sections (default
 # all): darts lease dsrna layout smoke. Needs pydantic where it runs (wheels in .whl/, installed to
 # /tmp/site). Output in $OUT (more than 8 files: pack them into one, the device returns 8).
 # The wheels, fetched once on the dev machine (.whl/ is in .git/info/exclude; carry it):
@@ -41,7 +41,7 @@ step dsrna_cb 40 --algorithm dsrna-certified --bound ibp --steps 3 --warmup 1
 fi
 if want layout; then  # cuDNN's NCHW<->NHWC transposes were 40 % of a DARTS step's CUDA time (H200)
 step nchw 60 --algorithm darts dsrna-jacobian-fd-quarter --projections 1 --steps 10 --warmup 3 --cuda-graph
-step nhwc 90 --algorithm darts dsrna-jacobian-fd-quarter --projections 1 --steps 10 --warmup 3 --cuda-graph --channels-last --profile
+step nhwc 150 --algorithm darts dsrna-jacobian-fd-quarter --projections 1 --steps 10 --warmup 3 --cuda-graph --channels-last --profile
 grep -E "Name|^ *[a-z_].*%" "$OUT/step_nhwc.err" | head -8
 step nhwc_bf16 60 --algorithm darts --steps 10 --warmup 3 --cuda-graph --channels-last --bf16
 fi
@@ -55,20 +55,22 @@ raw = {"epochs": 3, "device": "cuda", "data": {"name": "synthetic", "batch_size"
        "synthetic": {"n": 384, "channels": 3, "image_size": 16, "num_classes": 4}},
        "space": {"C": 8, "layers": 3, "nodes": 3}, "monitor": {"progress": False, "tensorboard": False}}
 goal = {"name": "dsrna", "variant": "jacobian", "projections": 1, "jacobian_fd_step": 1.0, "robust_batch": 8}
-runs = [({"name": "darts"}, False), ({"name": "darts"}, True), ({"name": "darts", "order": "second"}, False),
-        ({"name": "darts", "order": "second"}, True), (goal, False), (goal, True), ({"name": "lease"}, False),
-        ({"name": "dsrna", "variant": "combined", "projections": 1, "jacobian_fd_step": 1.0}, False),
-        ({"name": "dsrna", "variant": "jacobian", "projections": 1}, False)]  # double backward: double_backward.py on CUDA
-for algo, graph in runs:  # graphed vs eager: same data and seed, so close val/loss (not bitwise); 3 epochs, 3 captures
+fast = {"precision": "bf16", "channels_last": True}  # the fastest DARTS step measured (README, Benchmarks)
+runs = [({"name": "darts"}, False, {}), ({"name": "darts"}, True, {}), ({"name": "darts"}, True, fast),
+        ({"name": "darts", "order": "second"}, False, {}), ({"name": "darts", "order": "second"}, True, {}),
+        (goal, False, {}), (goal, True, {}), ({"name": "lease"}, False, {}),
+        ({"name": "dsrna", "variant": "combined", "projections": 1, "jacobian_fd_step": 1.0}, False, {}),
+        ({"name": "dsrna", "variant": "jacobian", "projections": 1}, False, {})]  # double backward: double_backward.py
+for algo, graph, extra in runs:  # graphed vs eager: same data and seed, so close val/loss (not bitwise); 3 captures
     d = tempfile.mkdtemp()
-    cfg = parse_config({**raw, "algorithm": algo, "cuda_graph": graph, "storage": {"uri": d}})
+    cfg = parse_config({**raw, **extra, "algorithm": algo, "cuda_graph": graph, "storage": {"uri": d}})
     t = time.time()
     try:
         r = run_search(cfg, Store(d))
     except Exception as e:  # report and go on with the next run
-        print("smoke", algo, "graph" if graph else "eager", "FAILED", type(e).__name__, str(e)[:300])
+        print("smoke", algo, "graph" if graph else "eager", extra or "", "FAILED", type(e).__name__, str(e)[:300])
         continue
     m = r.metrics
-    print("smoke", algo, "graph" if graph else "eager", f"{time.time() - t:.1f}s", "val/loss", round(m["val/loss"], 4),
+    print("smoke", algo, "graph" if graph else "eager", extra or "", f"{time.time() - t:.1f}s", "val/loss", round(m["val/loss"], 4),
           "val/acc", round(m["val/acc"], 3), "genotype", r.genotype.normal[:2])
 PY

@@ -59,10 +59,10 @@ def test_the_gpu_scripts_smoke_configs_load() -> None:
 
     body = next(v for k, v in _sources().items() if "gpu_check.sh" in k)
     ns: dict = {}
-    exec(body.split("for algo, graph in runs:")[0], ns)  # imports, raw and runs: no run starts
+    exec(body.split("for algo, graph, extra in runs:")[0], ns)  # imports, raw and runs: no run starts
     assert ns["runs"]
-    for algo, graph in ns["runs"]:
-        parse_config({**ns["raw"], "algorithm": algo, "cuda_graph": graph, "storage": {"uri": "unused"}})
+    for algo, graph, extra in ns["runs"]:
+        parse_config({**ns["raw"], **extra, "algorithm": algo, "cuda_graph": graph, "storage": {"uri": "unused"}})
 
 
 def test_search_step_builds_every_algorithm() -> None:
