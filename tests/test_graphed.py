@@ -136,20 +136,19 @@ class _PoolRule:
 
     def __init__(self):
         self.count: dict[object, int] = {}
+        count = self.count
 
-    def graph_class(rule):  # noqa: N805
         class Graph:
-            def __init__(self):
-                self.pool = None
+            pool = None
 
             def replay(self):
                 pass
 
             def __del__(self):
                 if self.pool is not None:
-                    rule.count[self.pool] -= 1
+                    count[self.pool] -= 1
 
-        return Graph
+        self.Graph = Graph
 
     def capture(self, graph, pool):
         if self.count.get(pool, 1) <= 0:
@@ -161,7 +160,7 @@ class _PoolRule:
 
 def test_a_recapture_never_captures_into_a_pool_no_graph_holds(monkeypatch):
     rule = _PoolRule()
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", rule.graph_class())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", rule.Graph)
     monkeypatch.setattr(torch.cuda, "graph", rule.capture)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     searcher, batches = tiny_searcher()
