@@ -62,15 +62,15 @@ runs = [({"name": "darts"}, False, {}), ({"name": "darts"}, True, {}), ({"name":
         ({"name": "dsrna", "variant": "combined", "projections": 1, "jacobian_fd_step": 1.0}, False, {}),
         ({"name": "dsrna", "variant": "jacobian", "projections": 1}, False, {})]  # double backward: double_backward.py
 for algo, graph, extra in runs:  # graphed vs eager: same data and seed, so close val/loss (not bitwise); 3 captures
-    d = tempfile.mkdtemp()
+    d, tag = tempfile.mkdtemp(), ("smoke", algo, "graph" if graph else "eager", extra or "")
     cfg = parse_config({**raw, **extra, "algorithm": algo, "cuda_graph": graph, "storage": {"uri": d}})
     t = time.time()
     try:
         r = run_search(cfg, Store(d))
     except Exception as e:  # report and go on with the next run
-        print("smoke", algo, "graph" if graph else "eager", extra or "", "FAILED", type(e).__name__, str(e)[:300])
+        print(*tag, "FAILED", type(e).__name__, str(e)[:300])
         continue
     m = r.metrics
-    print("smoke", algo, "graph" if graph else "eager", extra or "", f"{time.time() - t:.1f}s", "val/loss", round(m["val/loss"], 4),
-          "val/acc", round(m["val/acc"], 3), "genotype", r.genotype.normal[:2])
+    print(*tag, f"{time.time() - t:.1f}s", "val/loss", round(m["val/loss"], 4), "val/acc", round(m["val/acc"], 3),
+          "genotype", r.genotype.normal[:2])
 PY

@@ -46,8 +46,8 @@ def _need_ray() -> None:
         raise UsageError("Ray is not installed: pip install -e '.[ray]'") from None
 
 
-def _finish(uri: str, terminated: bool = False) -> int:
-    rows = print_table(uri)
+def _finish(uri: str, terminated: bool = False, rows: list[dict[str, Any]] | None = None) -> int:
+    rows = print_table(uri, rows)
     local = "://" not in uri
     print(f"trial folders: {uri}/<trial>/{SEARCH_DIR}/ (genotype.json, checkpoints/, tb/)")
     print(f"TensorBoard: {'tensorboard --logdir ' + uri if local else 'distsearch tensorboard ' + uri}")
@@ -60,19 +60,19 @@ def _finish(uri: str, terminated: bool = False) -> int:
         what = "terminated (SIGTERM)" if terminated else "interrupted"
         print(f"{what} with {len(open_)} trial(s) unfinished; continue: distsearch resume {uri}", file=sys.stderr)
         return 143 if terminated else 130
-    if rows:  # a later `resume` prints this table without starting Ray
+    if rows and not Store(uri).exists(FINISHED_FILE):  # a later `resume` prints this table without Ray
         Store(uri).write_json(FINISHED_FILE, {"time": time.time(), "trials": len(rows)})
     return 0
 
 
-def _finished(root: str) -> bool:
-    """Whether a driver saw every trial of the experiment finish (FINISHED_FILE) and every trial's
-    store still says so: Tune's trial count alone cannot tell a finished experiment from one
-    whose driver died before it created its last trials."""
+def _finished_rows(root: str) -> list[dict[str, Any]] | None:
+    """The trial rows when a driver saw every trial of the experiment finish (FINISHED_FILE) and every
+    trial's store still says so, else None: Tune's trial count alone cannot tell a finished
+    experiment from one whose driver died before it created its last trials."""
     if not Store(root).exists(FINISHED_FILE):
-        return False
+        return None
     rows = trial_rows(root)
-    return bool(rows) and all(r["state"] in ("TERMINATED", STOPPED) for r in rows)
+    return rows if rows and all(r["state"] in ("TERMINATED", STOPPED) for r in rows) else None
 
 
 def _refuse_existing(spec: dict[str, Any]) -> None:
@@ -172,9 +172,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
     spec = T.load_spec(args.uri)  # a clear error before Ray starts
     args.out = spec["root"]  # for the interruption hint
     with DriverLease(Store(spec["root"]), "resume", "URI", _leased_trials(spec["root"])):
-        if _finished(spec["root"]):
+        if (rows := _finished_rows(spec["root"])) is not None:
             print(f"{spec['root']}: every trial has finished; nothing to resume (Ray not started)")
-            return _finish(spec["root"])
+            return _finish(spec["root"], rows=rows)
         terminated = _drive(spec, args.address, lambda: T.restore_tuner(args.uri)[0])
     return _finish(spec["root"], terminated)
 

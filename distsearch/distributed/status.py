@@ -113,8 +113,9 @@ def trial_rows(uri: str) -> list[dict[str, Any]]:
     return rows
 
 
-def print_table(uri: str) -> list[dict[str, Any]]:
-    rows = trial_rows(uri)
+def print_table(uri: str, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Print the status table of the experiment at `uri` (its trial_rows, unless given) and return the rows."""
+    rows = trial_rows(uri) if rows is None else rows
     for lease in live_drivers(Store(uri)):
         print(f"running: {describe(lease)}")
     if not rows:
